@@ -1,0 +1,44 @@
+// Every fastdiff op's schema, in one place. Kernels register themselves per backend in
+// cpu/*.cpp and cuda/*.cpp; device-agnostic compositions live in composite.cpp. Autograd and fake
+// (meta) kernels are registered from Python (fastdiff/ops/_register.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastdiff, m) {
+  // --- forced weight normalization and MP conv / linear -------------------------------------
+  // Per-output-row factor 1 / (eps + ||w_o|| / sqrt(n)); float32 (float64 for float64 weights).
+  m.def("weight_norm_scale(Tensor w, float eps) -> Tensor");
+  // out[o, ...] = w[o, ...] * coef[o], written in `dtype` (default: w's dtype).
+  m.def("scale_rows(Tensor w, Tensor coef, ScalarType? dtype=None) -> Tensor");
+  // y[:, c, ...] *= coef[c], in place, any dense layout (dim 1 is the channel dim).
+  m.def("scale_channels_(Tensor(a!) y, Tensor coef) -> Tensor(a!)");
+  // Gradient of sum(G * N(w)) w.r.t. w, and per-row <G_o, N(w)_o> (float32/float64).
+  m.def("weight_norm_backward(Tensor grad, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("weight_norm(Tensor w, float eps) -> Tensor");
+  m.def("weight_norm_(Tensor(a!) w, float eps) -> Tensor(a!)");
+  // W_hat = gain * N(w) / sqrt(fan_in), in `dtype` (default: w's dtype).
+  m.def("mp_weight(Tensor w, Tensor gain, float eps, ScalarType? dtype=None) -> Tensor");
+  // conv2d(x, W_hat, padding=k//2) for a 4-D weight, x @ W_hat^T for a 2-D weight.
+  m.def("mp_conv(Tensor x, Tensor w, Tensor gain, float eps) -> Tensor");
+  m.def(
+      "mp_conv_backward(Tensor grad, Tensor x, Tensor w, Tensor gain, float eps, bool[3] output_mask)"
+      " -> (Tensor, Tensor, Tensor)");
+
+  // --- the MP elementwise chain ----------------------------------------------------------------
+  m.def("mp_silu(Tensor x) -> Tensor");
+  m.def("mp_silu_backward(Tensor grad, Tensor x) -> Tensor");
+  m.def("mp_sum(Tensor a, Tensor b, float t) -> Tensor");
+  m.def("mp_cat(Tensor a, Tensor b, float t) -> Tensor");
+  m.def("pixel_norm(Tensor x, float eps) -> Tensor");
+  m.def("pixel_norm_backward(Tensor grad, Tensor x, float eps) -> Tensor");
+  // mp_silu(y * (1 + c)) with c of shape [N, C] broadcast over the spatial dims of y.
+  m.def("mp_silu_modulate(Tensor y, Tensor c) -> Tensor");
+  m.def("mp_silu_modulate_backward(Tensor grad, Tensor y, Tensor c) -> (Tensor, Tensor)");
+  m.def("clip(Tensor x, float limit) -> Tensor");
+  m.def("clip_backward(Tensor grad, Tensor x, float limit) -> Tensor");
+}
+
+// The extension is loaded as a Python module (fastdiff._C) only for its side effect of running the
+// registrations above; it exposes no Python functions of its own.
+static struct PyModuleDef fastdiff_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastdiff_module); }

@@ -1,0 +1,46 @@
+"""The ``fastdiff`` command line.
+
+Each subcommand lives next to the code it drives, in a module that defines
+``add_arguments(parser)`` and ``main(args) -> int``; this file only routes to them, importing a
+subcommand's module when it is used so that ``fastdiff --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). A module listed here must exist.
+SUBCOMMANDS = {
+    "info": ("fastdiff.ops.info", "show the compiled kernels and a quick self-check"),
+    "metrics": ("fastdiff.metrics.cli", "FID / FD_DINOv2 / precision-recall / KID"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}; expected one of: {', '.join(SUBCOMMANDS)}")
+        parser.print_help()
+        return 0
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"fastdiff {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

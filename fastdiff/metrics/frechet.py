@@ -1,0 +1,78 @@
+"""Frechet distance between two Gaussians (the FID / FD_DINOv2 formula).
+
+    FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2))
+
+computed in float64. ``Tr sqrtm(S1 S2)`` is the sum of the square roots of the eigenvalues of
+``S1 S2``, which has the same eigenvalues as the symmetric PSD matrix ``sqrt(S1) S2 sqrt(S1)``; the
+default route therefore uses two symmetric eigendecompositions and needs no regularising offset,
+even for singular covariances (fewer samples than feature dimensions). The classic route through
+``scipy.linalg.sqrtm`` of the product (with a small diagonal offset when the product is singular)
+is available as ``method="sqrtm"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from fastdiff.metrics._util import to_numpy64
+
+__all__ = ["frechet_distance", "trace_sqrt_product"]
+
+
+def _check_gaussian(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
+    mu = to_numpy64(mu, f"mu{which}")
+    sigma = to_numpy64(sigma, f"sigma{which}")
+    if mu.ndim != 1:
+        raise ValueError(f"mu{which} must be a vector [D], got shape {mu.shape}")
+    if sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(
+            f"sigma{which} must be a square matrix [D, D] matching mu{which} (D={mu.shape[0]}), "
+            f"got shape {sigma.shape}"
+        )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"mu{which} / sigma{which} contain NaN or Inf values")
+    return mu, sigma
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues -> 0)."""
+    w, v = np.linalg.eigh((sigma + sigma.T) * 0.5)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "eigh") -> float:
+    """``Tr sqrtm(sigma1 @ sigma2)`` for symmetric PSD float64 matrices (real part)."""
+    if method == "eigh":
+        root1 = _psd_sqrt(sigma1)
+        m = root1 @ sigma2 @ root1
+        ev = np.linalg.eigvalsh((m + m.T) * 0.5)
+        return float(np.sqrt(np.clip(ev, 0.0, None)).sum())
+    if method == "sqrtm":
+        import scipy.linalg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns about singular products; handled below
+            covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+            if not np.isfinite(covmean).all():
+                offset = np.eye(sigma1.shape[0]) * 1e-6
+                covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        return float(np.trace(covmean).real)
+    raise ValueError(f"unknown method {method!r}; expected 'eigh' or 'sqrtm'")
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, method: str = "eigh") -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as a Python float.
+
+    Arguments may be numpy arrays or tensors; everything is computed in float64. ``method`` picks
+    how ``Tr sqrtm(S1 S2)`` is computed (``"eigh"``, default, or ``"sqrtm"``). Tiny negative values
+    from round-off are clamped to 0.
+    """
+    mu1, sigma1 = _check_gaussian(mu1, sigma1, "1")
+    mu2, sigma2 = _check_gaussian(mu2, sigma2, "2")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+    diff = mu1 - mu2
+    fd = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2, method)
+    return max(float(fd), 0.0)

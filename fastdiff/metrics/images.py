@@ -1,0 +1,90 @@
+"""Reading image folders and ``.zip`` archives as uint8 NCHW batches (for the metrics CLI)."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "iterate_image_batches"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _is_image(name: str) -> bool:
+    base = os.path.basename(name)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not base.startswith(".") and "__MACOSX" not in name
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of a folder (recursive) or a ``.zip``, in sorted order, as uint8 RGB [3, H, W]."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            self.is_zip = False
+            names = []
+            for folder, dirs, files in os.walk(self.path):
+                dirs.sort()
+                names += [os.path.relpath(os.path.join(folder, f), self.path) for f in files if _is_image(f)]
+        elif os.path.isfile(self.path) and zipfile.is_zipfile(self.path):
+            self.is_zip = True
+            with zipfile.ZipFile(self.path) as z:
+                names = [n for n in z.namelist() if not n.endswith("/") and _is_image(n)]
+        elif os.path.exists(self.path):
+            raise ValueError(f"{self.path} is neither a folder nor a .zip archive of images")
+        else:
+            raise FileNotFoundError(f"image folder or .zip not found: {self.path}")
+        self.names = sorted(names)
+        if not self.names:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.path}")
+        self._zip = None
+        self._zip_pid = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _read(self, name: str) -> bytes:
+        if not self.is_zip:
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        if self._zip is None or self._zip_pid != os.getpid():  # one handle per (worker) process
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip.read(name)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import PIL.Image
+
+        name = self.names[index]
+        try:
+            with PIL.Image.open(io.BytesIO(self._read(name))) as img:
+                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except Exception as e:
+            raise ValueError(f"could not read image {name!r} in {self.path}: {e}") from e
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def __getstate__(self):  # zip handles do not pickle (DataLoader workers)
+        state = dict(self.__dict__)
+        state["_zip"] = state["_zip_pid"] = None
+        return state
+
+
+def _collate_same_size(items: list[torch.Tensor]) -> torch.Tensor:
+    sizes = {tuple(x.shape[1:]) for x in items}
+    if len(sizes) > 1:
+        raise ValueError(f"images of different sizes in one batch ({sorted(sizes)}); the metrics expect a set of "
+                         "equally sized images (resize them first)")
+    return torch.stack(items)
+
+
+def iterate_image_batches(files: ImageFiles, indices: Sequence[int], batch_size: int,
+                          num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """Yield uint8 [n, 3, H, W] batches of ``files[i] for i in indices``, in order."""
+    subset = torch.utils.data.Subset(files, list(indices))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=_collate_same_size, prefetch_factor=2 if num_workers else None)
+    yield from loader

@@ -1,0 +1,226 @@
+"""Streaming feature statistics and reference ``.npz`` files.
+
+``FeatureStats`` accumulates, in float64, the count, the sum and the sum of outer products of the
+features it is fed, so that any number of images can be summarised in O(D^2) memory::
+
+    mu    = sum f / n
+    Sigma = (sum f f^T - n mu mu^T) / (n - 1)
+
+It can also keep a uniform random subset of the raw features (reservoir sampling, capped by
+``max_features``) for the metrics that need samples rather than moments (precision/recall, KID).
+
+A reference file (``ReferenceStats.save`` / ``load``) is a plain ``.npz`` holding ``mu``, ``sigma``,
+``num_images``, ``detector`` (name of the feature network) and optionally ``features``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import torch
+
+from fastdiff.metrics._util import atomic_write, check_features
+
+__all__ = ["FeatureStats", "ReferenceStats", "save_reference", "load_reference"]
+
+REF_FORMAT_VERSION = 1
+_REQUIRED_KEYS = ("mu", "sigma", "num_images", "detector")
+
+
+def _dist_world() -> tuple[int, int]:
+    """(rank, world_size) of the default torch.distributed group, (0, 1) when not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class FeatureStats:
+    """Streaming float64 mean / covariance of feature vectors, optionally keeping raw features.
+
+    Args:
+        max_features: keep a uniform random subset of at most this many raw features (0: keep none).
+        seed: seed of the subset selection.
+    """
+
+    def __init__(self, max_features: int = 0, seed: int = 0):
+        if max_features < 0:
+            raise ValueError(f"max_features must be >= 0, got {max_features}")
+        self.max_features = int(max_features)
+        self.feature_dim: int | None = None
+        self._n = 0
+        self._sum: torch.Tensor | None = None  # [D] float64
+        self._outer: torch.Tensor | None = None  # [D, D] float64
+        self._kept: np.ndarray | None = None  # [max_features, D] float32 reservoir
+        self._rng = np.random.default_rng(seed)
+        self._reduced = False
+
+    @property
+    def count(self) -> int:
+        return self._n
+
+    def update(self, features) -> None:
+        """Add a batch of features [N, D] (tensor on any device, or numpy array)."""
+        f = check_features(features, "features", self.feature_dim)
+        if self._sum is None:
+            self.feature_dim = f.shape[1]
+            self._sum = torch.zeros(self.feature_dim, dtype=torch.float64, device=f.device)
+            self._outer = torch.zeros(self.feature_dim, self.feature_dim, dtype=torch.float64, device=f.device)
+        f64 = f.to(self._sum.device, torch.float64)
+        self._sum += f64.sum(0)
+        self._outer += f64.T @ f64
+        if self.max_features:
+            self._keep(f.detach().to("cpu", torch.float32).numpy())
+        self._n += f.shape[0]
+
+    def _keep(self, f: np.ndarray) -> None:
+        """Reservoir sampling: after n items each one is kept with probability max_features / n."""
+        if self._kept is None:
+            self._kept = np.empty((0, f.shape[1]), np.float32)
+        room = self.max_features - len(self._kept)
+        if room > 0:
+            self._kept = np.concatenate([self._kept, f[:room]])
+        seen = self._n + max(room, 0)
+        for row in f[max(room, 0):]:
+            seen += 1
+            j = self._rng.integers(seen)
+            if j < self.max_features:
+                self._kept[j] = row
+
+    def all_reduce(self) -> None:
+        """Combine the statistics of all ranks of torch.distributed (a no-op when not initialised).
+
+        Every rank must call it once, after its last ``update``; afterwards each rank holds the
+        totals. Kept features are gathered and, when more than ``max_features``, subsampled.
+        """
+        rank, world = _dist_world()
+        if world == 1:
+            return
+        if self._reduced:
+            raise RuntimeError("FeatureStats.all_reduce() was already called")
+        dist = torch.distributed
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        dims = [None] * world
+        dist.all_gather_object(dims, self.feature_dim)
+        dims = {d for d in dims if d is not None}
+        if len(dims) != 1:
+            raise RuntimeError(f"ranks disagree on the feature dimension (or none has data): {sorted(dims)}")
+        dim = dims.pop()
+        if self._sum is None:
+            self.feature_dim = dim
+            self._sum = torch.zeros(dim, dtype=torch.float64)
+            self._outer = torch.zeros(dim, dim, dtype=torch.float64)
+        home = self._sum.device
+        packed = torch.cat([torch.tensor([float(self._n)], dtype=torch.float64, device=home),
+                            self._sum, self._outer.flatten()]).to(device)
+        dist.all_reduce(packed)
+        packed = packed.to(home)
+        self._n = int(round(packed[0].item()))
+        self._sum = packed[1:dim + 1].clone()
+        self._outer = packed[dim + 1:].reshape(dim, dim).clone()
+        if self.max_features:
+            parts = [None] * world
+            dist.all_gather_object(parts, self._kept)
+            kept = np.concatenate([p for p in parts if p is not None] or [np.empty((0, dim), np.float32)])
+            if len(kept) > self.max_features:
+                kept = kept[np.sort(self._rng.choice(len(kept), self.max_features, replace=False))]
+            self._kept = kept
+        self._reduced = True
+
+    def _require(self, n: int) -> None:
+        if self._n < n:
+            raise ValueError(f"need at least {n} feature vectors, have {self._n}")
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean feature vector [D], float64."""
+        self._require(1)
+        return (self._sum / self._n).cpu().numpy()
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance [D, D], float64: (sum f f^T - n mu mu^T) / (n - 1)."""
+        self._require(2)
+        mu = self._sum / self._n
+        cov = (self._outer - self._n * torch.outer(mu, mu)) / (self._n - 1)
+        return cov.cpu().numpy()
+
+    @property
+    def features(self) -> np.ndarray | None:
+        """The kept raw features [K, D] float32 (K <= max_features), or None when none are kept."""
+        return None if self._kept is None else self._kept.copy()
+
+    def to_reference(self, detector: str) -> "ReferenceStats":
+        return ReferenceStats(mu=self.mean, sigma=self.cov, num_images=self._n, detector=detector,
+                              features=self.features)
+
+
+@dataclasses.dataclass
+class ReferenceStats:
+    """Statistics of a reference set: what ``fastdiff metrics ref`` writes and ``calc`` reads."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int
+    detector: str
+    features: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.mu = np.asarray(self.mu, np.float64)
+        self.sigma = np.asarray(self.sigma, np.float64)
+        self.num_images = int(self.num_images)
+        self.detector = str(self.detector)
+        d = self.mu.shape[0] if self.mu.ndim == 1 else None
+        if d is None or self.sigma.shape != (d, d):
+            raise ValueError(f"reference statistics need mu [D] and sigma [D, D], got {self.mu.shape} and "
+                             f"{self.sigma.shape}")
+        if self.features is not None:
+            self.features = np.asarray(self.features, np.float32)
+            if self.features.ndim != 2 or self.features.shape[1] != d:
+                raise ValueError(f"reference features must have shape [K, {d}], got {self.features.shape}")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.mu.shape[0]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an ``.npz`` atomically (temporary file, then ``os.replace``)."""
+        arrays = dict(mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images),
+                      detector=np.str_(self.detector), format_version=np.int64(REF_FORMAT_VERSION))
+        if self.features is not None:
+            arrays["features"] = self.features
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReferenceStats":
+        """Read a file written by ``save``, with clear errors for missing or malformed content."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"reference statistics file not found: {path} "
+                                    f"(create one with `fastdiff metrics ref --data DIR --dest {path}`)")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as e:  # zipfile / numpy raise many different types for a corrupt file
+            raise ValueError(f"{path} is not a readable .npz reference file: {e}") from e
+        missing = [k for k in _REQUIRED_KEYS if k not in arrays]
+        if missing:
+            raise ValueError(f"{path} is not a fastdiff reference file: missing key(s) {missing} "
+                             f"(found {sorted(arrays)}; expected {list(_REQUIRED_KEYS)} and optionally 'features')")
+        try:
+            return cls(mu=arrays["mu"], sigma=arrays["sigma"], num_images=arrays["num_images"].item(),
+                       detector=arrays["detector"].item(), features=arrays.get("features"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+def save_reference(path: str | os.PathLike, ref: ReferenceStats) -> None:
+    """Write ``ref`` to ``path`` (see ``ReferenceStats.save``)."""
+    ref.save(path)
+
+
+def load_reference(path: str | os.PathLike) -> ReferenceStats:
+    """Read a reference file (see ``ReferenceStats.load``)."""
+    return ReferenceStats.load(path)

@@ -1,0 +1,150 @@
+"""fastdiff's fused ops: the one Python module that touches ``torch.ops.fastdiff``.
+
+Each public function runs the compiled kernel when one fits the input (extension built, kernel for the
+tensor's device, a float16/bfloat16/float32/float64 dtype) and the plain-PyTorch reference of
+``fastdiff.ops.reference`` otherwise, so everything above works the same either way. Kernels are real
+torch custom ops with autograd and fake kernels, so autograd, ``torch.compile`` and export see them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import torch
+
+from fastdiff.ops import _ext, reference
+from fastdiff.ops import _register  # noqa: F401  (autograd + fake kernels)
+from fastdiff.ops._ext import LOADED as HAS_EXTENSION
+from fastdiff.ops._ext import kernels
+
+EPS = reference.EPS
+CLIP_LIMIT = reference.CLIP_LIMIT
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_local = threading.local()
+
+__all__ = [
+    "HAS_EXTENSION", "kernels", "use_reference", "uses_kernel", "weight_norm", "weight_norm_", "mp_weight",
+    "mp_conv", "mp_linear", "mp_silu", "mp_sum", "mp_cat", "pixel_norm", "mp_silu_modulate", "clip", "normalize",
+    "reference",
+]
+
+
+@contextlib.contextmanager
+def use_reference(enabled: bool = True):
+    """Within this block (this thread), run the plain-PyTorch reference ops instead of the kernels."""
+    old = getattr(_local, "force", False)
+    _local.force = enabled
+    try:
+        yield
+    finally:
+        _local.force = old
+
+
+def uses_kernel(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``op`` on these tensors would run the compiled kernel (else the reference)."""
+    if _ext.FORCE_REFERENCE or getattr(_local, "force", False):
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.dtype in _FLOATS for t in tensors):
+        return False
+    return _ext.has_kernel(op, tensors[0].device.type)
+
+
+def _gain_tensor(gain, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(gain, torch.Tensor):
+        return gain
+    return torch.full((), float(gain), dtype=torch.float32, device=like.device)
+
+
+# --- forced weight normalization and MP conv / linear -------------------------------------------
+
+
+def normalize(x: torch.Tensor, dim=None, eps: float = EPS) -> torch.Tensor:
+    """``N(x)`` over ``dim`` (the reference; the fused forms are ``weight_norm`` and ``pixel_norm``)."""
+    return reference.normalize(x, dim=dim, eps=eps)
+
+
+def weight_norm(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Forced weight normalization, functional: ``N(W)`` per output row (differentiable)."""
+    if uses_kernel("weight_norm", w):
+        return torch.ops.fastdiff.weight_norm(w, eps)
+    return reference.weight_norm(w, eps)
+
+
+def weight_norm_(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Forced weight normalization in place, ``W <- N(W)``, with no gradient through the write."""
+    with torch.no_grad():
+        if uses_kernel("weight_norm_", w):
+            return torch.ops.fastdiff.weight_norm_(w, eps)
+        return reference.weight_norm_(w, eps)
+
+
+def mp_weight(w: torch.Tensor, gain=1.0, eps: float = EPS, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The effective MP weight ``gain * N(W) / sqrt(fan_in)``, e.g. to cache in eval mode."""
+    if uses_kernel("mp_weight", w):
+        return torch.ops.fastdiff.mp_weight(w, _gain_tensor(gain, w), eps, dtype)
+    out = reference.mp_weight(w, gain, eps)
+    return out.to(dtype if dtype is not None else w.dtype)
+
+
+def mp_conv(x: torch.Tensor, w: torch.Tensor, gain=1.0, eps: float = EPS) -> torch.Tensor:
+    """MP convolution (4-D weight, 'same' padding) or MP linear (2-D weight), no bias."""
+    if uses_kernel("mp_conv", x, w):
+        return torch.ops.fastdiff.mp_conv(x, w, _gain_tensor(gain, w), eps)
+    return reference.mp_conv(x, w, gain, eps)
+
+
+def mp_linear(x: torch.Tensor, w: torch.Tensor, gain=1.0, eps: float = EPS) -> torch.Tensor:
+    if w.ndim != 2:
+        raise ValueError(f"fastdiff.mp_linear: expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    return mp_conv(x, w, gain, eps)
+
+
+# --- the MP elementwise chain ----------------------------------------------------------------------
+
+
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x) / 0.596``."""
+    if uses_kernel("mp_silu", x):
+        return torch.ops.fastdiff.mp_silu(x)
+    return reference.mp_silu(x)
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """``((1-t) a + t b) / sqrt((1-t)^2 + t^2)``."""
+    if uses_kernel("mp_sum", a, b) and a.shape == b.shape and a.dtype == b.dtype:
+        return torch.ops.fastdiff.mp_sum(a, b, float(t))
+    return reference.mp_sum(a, b, t)
+
+
+def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
+    """Magnitude-preserving concatenation along ``dim``."""
+    if dim in (1, 1 - a.ndim) and a.ndim >= 2 and uses_kernel("mp_cat", a, b):
+        return torch.ops.fastdiff.mp_cat(a, b, float(t))
+    return reference.mp_cat(a, b, dim=dim, t=t)
+
+
+def pixel_norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """``N(x)`` over the channel dim (1), per pixel."""
+    if uses_kernel("pixel_norm", x):
+        return torch.ops.fastdiff.pixel_norm(x, eps)
+    return reference.pixel_norm(x, eps)
+
+
+def mp_silu_modulate(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The block's chain ``mp_silu(y * (1 + c))``, ``c`` of shape ``[N, C]`` broadcast over space."""
+    if uses_kernel("mp_silu_modulate", y, c):
+        return torch.ops.fastdiff.mp_silu_modulate(y, c)
+    return reference.mp_silu_modulate(y, c)
+
+
+def clip(x: torch.Tensor, limit: float = CLIP_LIMIT) -> torch.Tensor:
+    """Clamp to ``[-limit, limit]``."""
+    if uses_kernel("clip", x):
+        return torch.ops.fastdiff.clip(x, float(limit))
+    return reference.clip(x, limit)
+
+
+def fan_in(w: torch.Tensor) -> int:
+    return math.prod(w.shape[1:])

@@ -1,0 +1,56 @@
+"""Loads the compiled extension ``fastdiff._C`` and answers which kernels it has.
+
+If the extension is missing (a source checkout that was never built, a failed build), fastdiff still
+works on the plain-PyTorch reference ops and says so once with a warning. Setting
+``FASTDIFF_REFERENCE=1`` selects the reference ops on purpose, without a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+FORCE_REFERENCE = os.environ.get("FASTDIFF_REFERENCE", "0") not in ("", "0")
+LOAD_ERROR: Exception | None = None
+
+try:
+    from fastdiff import _C  # noqa: F401  (registers torch.ops.fastdiff.*)
+
+    LOADED = True
+except ImportError as exc:  # pragma: no cover - exercised only in unbuilt checkouts
+    LOADED = False
+    LOAD_ERROR = exc
+    if not FORCE_REFERENCE:
+        warnings.warn(
+            f"fastdiff: the compiled extension fastdiff._C could not be loaded ({exc}); running on the "
+            "plain-PyTorch reference ops, which are correct but slower. Build it with "
+            "`pip install --no-build-isolation -e .` (see README.md).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+@functools.lru_cache(maxsize=None)
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``torch.ops.fastdiff.<op>`` has a kernel for ``device_type`` ('cpu', 'cuda', ...)."""
+    if not LOADED or device_type not in _KEYS:
+        return False
+    name = f"fastdiff::{op}"
+    if not torch._C._dispatch_has_kernel(name):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        name, _KEYS[device_type]
+    ) or torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
+
+
+def kernels() -> dict[str, list[str]]:
+    """Every fastdiff op and the devices it has kernels for."""
+    if not LOADED:
+        return {}
+    ops = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastdiff::"))
+    return {op: [d for d in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", _KEYS[d])] for op in ops}
