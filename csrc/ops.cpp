@@ -36,6 +36,12 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("mp_silu_modulate_backward(Tensor grad, Tensor y, Tensor c) -> (Tensor, Tensor)");
   m.def("clip(Tensor x, float limit) -> Tensor");
   m.def("clip_backward(Tensor grad, Tensor x, float limit) -> Tensor");
+
+  // --- cosine self-attention -------------------------------------------------------------------
+  // qkv [N, 3C, H, W] viewed as [N, heads, C/heads, 3, H*W]; returns y [N, C, H, W] and the per-row
+  // log-sum-exp of the scaled scores [N, heads, H*W] (float32) that the backward recomputes from.
+  m.def("cosine_attention(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
+  m.def("cosine_attention_backward(Tensor grad, Tensor qkv, Tensor y, Tensor lse, int num_heads) -> Tensor");
 }
 
 // The extension is loaded as a Python module (fastdiff._C) only for its side effect of running the

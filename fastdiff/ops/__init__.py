@@ -27,6 +27,7 @@ _local = threading.local()
 __all__ = [
     "HAS_EXTENSION", "kernels", "use_reference", "uses_kernel", "weight_norm", "weight_norm_", "mp_weight",
     "mp_conv", "mp_linear", "mp_silu", "mp_sum", "mp_cat", "pixel_norm", "mp_silu_modulate", "clip", "normalize",
+    "cosine_attention",
     "reference",
 ]
 
@@ -144,6 +145,23 @@ def clip(x: torch.Tensor, limit: float = CLIP_LIMIT) -> torch.Tensor:
     if uses_kernel("clip", x):
         return torch.ops.fastdiff.clip(x, float(limit))
     return reference.clip(x, limit)
+
+
+# --- cosine self-attention ---------------------------------------------------------------------------
+
+
+def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """EDM2 cosine self-attention on raw qkv ``[N, 3C, H, W]`` (official channel order) -> ``[N, C, H, W]``."""
+    if not isinstance(qkv, torch.Tensor) or qkv.ndim != 4:
+        raise ValueError(f"fastdiff.cosine_attention: expected qkv of shape [N, 3C, H, W], got {getattr(qkv, 'shape', qkv)}")
+    if num_heads < 1 or qkv.shape[1] % (3 * num_heads) != 0:
+        raise ValueError(
+            f"fastdiff.cosine_attention: expected the channel count ({qkv.shape[1]}) to be divisible by "
+            f"3 * num_heads = {3 * num_heads}"
+        )
+    if qkv.shape[1] // (3 * num_heads) == 64 and uses_kernel("cosine_attention", qkv):
+        return torch.ops.fastdiff.cosine_attention(qkv, num_heads)[0]
+    return reference.cosine_attention(qkv, num_heads)
 
 
 def fan_in(w: torch.Tensor) -> int:
