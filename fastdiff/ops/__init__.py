@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 
 import torch
 
@@ -22,7 +21,7 @@ from fastdiff.ops._ext import kernels
 EPS = reference.EPS
 CLIP_LIMIT = reference.CLIP_LIMIT
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_local = threading.local()
+_force = [False]  # set by use_reference(); a plain list so torch.compile can read it
 
 __all__ = [
     "HAS_EXTENSION", "kernels", "use_reference", "uses_kernel", "weight_norm", "weight_norm_", "mp_weight",
@@ -34,18 +33,18 @@ __all__ = [
 
 @contextlib.contextmanager
 def use_reference(enabled: bool = True):
-    """Within this block (this thread), run the plain-PyTorch reference ops instead of the kernels."""
-    old = getattr(_local, "force", False)
-    _local.force = enabled
+    """Within this block, run the plain-PyTorch reference ops instead of the kernels."""
+    old = _force[0]
+    _force[0] = enabled
     try:
         yield
     finally:
-        _local.force = old
+        _force[0] = old
 
 
 def uses_kernel(op: str, *tensors: torch.Tensor) -> bool:
     """Whether ``op`` on these tensors would run the compiled kernel (else the reference)."""
-    if _ext.FORCE_REFERENCE or getattr(_local, "force", False):
+    if _ext.FORCE_REFERENCE or _force[0]:
         return False
     if not all(isinstance(t, torch.Tensor) and t.dtype in _FLOATS for t in tensors):
         return False

@@ -7,7 +7,6 @@ works on the plain-PyTorch reference ops and says so once with a warning. Settin
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -35,17 +34,28 @@ except ImportError as exc:  # pragma: no cover - exercised only in unbuilt check
 _KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-@functools.lru_cache(maxsize=None)
+def _kernel_table() -> dict[tuple[str, str], bool]:
+    """(op, device type) -> whether a kernel exists; computed once, so lookups are plain dict reads
+    that torch.compile can trace."""
+    table: dict[tuple[str, str], bool] = {}
+    if not LOADED:
+        return table
+    for name in torch._C._dispatch_get_all_op_names():
+        if not name.startswith("fastdiff::"):
+            continue
+        composite = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
+        for device_type, key in _KEYS.items():
+            has = composite or torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+            table[(name.split("::", 1)[1], device_type)] = has
+    return table
+
+
+KERNELS = _kernel_table()
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``torch.ops.fastdiff.<op>`` has a kernel for ``device_type`` ('cpu', 'cuda', ...)."""
-    if not LOADED or device_type not in _KEYS:
-        return False
-    name = f"fastdiff::{op}"
-    if not torch._C._dispatch_has_kernel(name):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        name, _KEYS[device_type]
-    ) or torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
+    return KERNELS.get((op, device_type), False)
 
 
 def kernels() -> dict[str, list[str]]:

@@ -33,15 +33,27 @@ def _dense_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=_channels_last(x) or torch.contiguous_format)
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Non-overlapping and dense (some permutation of a contiguous layout), as ATen defines it."""
+    expected = 1
+    for d in sorted(range(x.ndim), key=lambda d: (x.stride(d), x.shape[d])):
+        if x.shape[d] == 1:
+            continue
+        if x.stride(d) != expected:
+            return False
+        expected *= x.shape[d]
+    return True
+
+
 def _flat_like(x: torch.Tensor) -> torch.Tensor:
     """Output layout of the flat elementwise kernels: keep a dense layout, else contiguous."""
-    if x.is_non_overlapping_and_dense():
+    if _dense(x):
         return torch.empty_like(x, memory_format=torch.preserve_format)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _flat_like2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.is_non_overlapping_and_dense() and b.is_non_overlapping_and_dense() and a.stride() == b.stride():
+    if _dense(a) and _dense(b) and a.stride() == b.stride():
         return torch.empty_like(a, memory_format=torch.preserve_format)
     return torch.empty_like(a, memory_format=torch.contiguous_format)
 
@@ -68,6 +80,26 @@ def _register_fakes() -> None:
     reg(lib + "pixel_norm_backward")(lambda grad, x, eps: _dense_like(x))
     reg(lib + "mp_silu_modulate")(lambda y, c: _dense_like(y))
     reg(lib + "mp_silu_modulate_backward")(lambda grad, y, c: (_dense_like(y), c.new_empty(c.shape)))
+
+    reg(lib + "mp_weight")(
+        lambda w, gain, eps, dtype=None: torch.empty(w.shape, dtype=dtype or w.dtype, device=w.device)
+    )
+
+    @reg(lib + "mp_conv")
+    def _(x, w, gain, eps):
+        if w.ndim == 2:
+            return x.new_empty((*x.shape[:-1], w.shape[0]))
+        out = x.new_empty((x.shape[0], w.shape[0], *x.shape[2:]))
+        return out.contiguous(memory_format=_channels_last(x) or torch.contiguous_format)
+
+    @reg(lib + "mp_conv_backward")
+    def _(grad, x, w, gain, eps, output_mask):
+        dx = (_dense_like(x) if w.ndim == 4 else torch.empty_like(x, memory_format=torch.contiguous_format))
+        return (
+            dx if output_mask[0] else None,
+            torch.empty(w.shape, dtype=w.dtype, device=w.device) if output_mask[1] else None,
+            torch.empty_like(gain) if output_mask[2] else None,
+        )
 
     @reg(lib + "mp_cat")
     def _(a, b, t):

@@ -1,0 +1,402 @@
+"""The fused MP ops vs their plain-PyTorch references: forward, backward, gradcheck, layouts, dtypes,
+bad input, and the torch.library contract (opcheck, fake kernels, torch.compile)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdiff
+from fastdiff import ops
+from fastdiff.ops import reference as R
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Tolerance relative to the output's magnitude, per dtype (fp16/bf16 store ~11/8 mantissa bits).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+CHANNELS = [1, 3, 7, 63, 65]
+SPATIAL = [(1, 1), (5, 5)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+requires_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="compiled extension fastdiff._C not built")
+
+
+def make(shape, dtype=torch.float32, layout="contiguous", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":  # a non-contiguous view: every other element of the last dim
+        big = torch.randn(*shape[:-1], shape[-1] * 2, generator=g, dtype=torch.float64) * scale
+        return big[..., ::2].to(dtype)
+    x = (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * scale).to(dtype)
+    if layout == "channels_last" and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "", same_dtype_ref=None):
+    """``got`` (computed in ``dtype``) must be within TOL of the float64 ``want``, or, where the problem is
+    ill-conditioned, no worse than 4x the error of the plain reference run in the same dtype."""
+    got, want = got.double(), want.double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+    allowed = TOL[dtype] * scale
+    if same_dtype_ref is not None:
+        allowed = max(allowed, 4 * max_err(same_dtype_ref, want))
+    err = max_err(got, want)
+    assert err <= allowed, f"{what}: max abs error {err:.3g} > {allowed:.3g} ({dtype})"
+
+
+def check_against_reference(fused, ref, inputs, dtype, what):
+    """Forward and every input gradient of ``fused`` vs ``ref`` (float64 and same-dtype runs)."""
+    out, g = grads(fused, inputs)
+    out64, g64 = grads(ref, [t.double() for t in inputs])
+    outlp, glp = grads(ref, inputs) if dtype != torch.float64 else (out64, g64)
+    assert out.dtype == outlp.dtype, f"{what}: output dtype {out.dtype}, expected {outlp.dtype}"
+    assert_close(out, out64, dtype, f"{what} forward", outlp)
+    for i, (a, b, c) in enumerate(zip(g, g64, glp)):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == c.dtype, f"{what}: grad {i} dtype {a.dtype}, expected {c.dtype}"
+        assert_close(a.reshape(b.shape), b, dtype, f"{what} grad {i}", c.reshape(b.shape))
+
+
+def ref64(fn, *tensors, **kw):
+    """The reference evaluated in float64 on the same (already rounded) inputs."""
+    return fn(*[t.double() for t in tensors], **kw)
+
+
+def grads(fn, inputs, grad_out_seed=7):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    g = make(out.shape, out.dtype, seed=grad_out_seed)
+    (out * g).sum().backward() if out.dtype == torch.float64 else out.backward(g)
+    return out, [t.grad for t in inputs]
+
+
+def test_extension_is_loaded_and_kernels_cover_every_op():
+    if os.environ.get("FASTDIFF_REFERENCE"):
+        pytest.skip("FASTDIFF_REFERENCE is set: testing the reference path on purpose")
+    assert ops.HAS_EXTENSION, "fastdiff._C is not built; run `pip install --no-build-isolation -e .`"
+    table = ops.kernels()
+    for op in ["weight_norm", "weight_norm_", "mp_silu", "mp_sum", "mp_cat", "pixel_norm", "mp_silu_modulate", "clip"]:
+        assert "cpu" in table[op], f"{op} has no CPU kernel"
+    for op in ["mp_conv", "mp_weight"]:
+        assert ops.uses_kernel(op, torch.zeros(1))
+
+
+# --- the references themselves, against the formulas of SPEC.md ------------------------------------
+
+
+def test_reference_matches_spec_formulas():
+    x = make((2, 5, 3, 3), torch.float64)
+    assert torch.allclose(R.mp_silu(x), x * torch.sigmoid(x) / 0.596)
+    a, b, t = x, make((2, 5, 3, 3), torch.float64, seed=1), 0.3
+    assert torch.allclose(R.mp_sum(a, b, t), ((1 - t) * a + t * b) / math.sqrt((1 - t) ** 2 + t**2))
+    y = R.pixel_norm(x * 10)
+    rms = y.pow(2).mean(dim=1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+    w = make((4, 3, 3, 3), torch.float64)
+    wn = R.weight_norm(w * 5)
+    assert torch.allclose(wn.flatten(1).pow(2).mean(1).sqrt(), torch.ones(4, dtype=torch.float64), atol=1e-4)
+    # mp_cat keeps unit-variance inputs at unit variance overall.
+    big_a, big_b = make((1, 3, 64, 64), torch.float64), make((1, 5, 64, 64), torch.float64, seed=2)
+    assert abs(R.mp_cat(big_a, big_b, t=0.3).var().item() - 1) < 0.05
+    # MP conv: per-row scale gain / sqrt(fan_in) on the normalized weight.
+    xi, wi = make((1, 3, 4, 4), torch.float64), make((2, 3, 3, 3), torch.float64)
+    want = F.conv2d(xi, R.normalize(wi) * (1.5 / math.sqrt(27)), padding=1)
+    assert torch.allclose(R.mp_conv(xi, wi, 1.5), want)
+
+
+# --- forward and backward parity ------------------------------------------------------------------
+
+
+ELEMENTWISE = {
+    "mp_silu": (ops.mp_silu, R.mp_silu, 1),
+    "clip": (lambda x: ops.clip(x, 1.5), lambda x: R.clip(x, 1.5), 1),
+    "mp_sum": (lambda a, b: ops.mp_sum(a, b, 0.3), lambda a, b: R.mp_sum(a, b, 0.3), 2),
+    "pixel_norm": (ops.pixel_norm, R.pixel_norm, 1),
+}
+
+
+@requires_ext
+@pytest.mark.parametrize("name", list(ELEMENTWISE))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("spatial", SPATIAL)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_elementwise_forward_backward(name, dtype, channels, spatial, layout):
+    fused, ref, arity = ELEMENTWISE[name]
+    inputs = [make((2, channels, *spatial), dtype, layout, seed=i) for i in range(arity)]
+    assert ops.uses_kernel(name, *inputs)
+    check_against_reference(fused, ref, inputs, dtype, name)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", CHANNELS)
+@pytest.mark.parametrize("spatial", SPATIAL)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mp_silu_modulate(dtype, channels, spatial, layout):
+    y = make((3, channels, *spatial), dtype, layout)
+    c = make((3, channels), torch.float32, seed=3)
+    check_against_reference(ops.mp_silu_modulate, R.mp_silu_modulate, [y, c], dtype, "mp_silu_modulate")
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ca,cb", [(1, 1), (3, 7), (63, 65)])
+@pytest.mark.parametrize("spatial", SPATIAL)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_mp_cat(dtype, ca, cb, spatial, layout):
+    a = make((2, ca, *spatial), dtype, layout)
+    b = make((2, cb, *spatial), dtype, layout, seed=1)
+    check_against_reference(
+        lambda a, b: ops.mp_cat(a, b, t=0.3), lambda a, b: R.mp_cat(a, b, t=0.3), [a, b], dtype, "mp_cat"
+    )
+
+
+def test_mp_cat_other_dims_fall_back_to_reference():
+    a, b = make((2, 3, 4)), make((2, 3, 5), seed=1)
+    assert torch.allclose(ops.mp_cat(a, b, dim=-1, t=0.4), R.mp_cat(a, b, dim=-1, t=0.4))
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (65, 63, 3, 3), (3, 1, 1, 1), (5, 2, 5, 5)])
+def test_weight_norm(dtype, shape):
+    w = make(shape, dtype, scale=3.0)
+    check_against_reference(ops.weight_norm, R.weight_norm, [w], dtype, "weight_norm")
+    w2 = w.clone()
+    assert ops.weight_norm_(w2) is w2
+    assert_close(w2, R.weight_norm(w.double()), dtype, "in place", R.weight_norm_(w.clone()))
+
+
+@requires_ext
+def test_weight_norm_in_place_on_non_contiguous_weight_and_no_grad():
+    base = make((6, 8, 3, 3), scale=4.0)
+    w = base.transpose(0, 1)  # [8, 6, 3, 3] view, not contiguous
+    want = R.weight_norm(w.clone())
+    p = torch.nn.Parameter(base.clone())
+    ops.weight_norm_(p.data.transpose(0, 1))
+    assert torch.allclose(p.data.transpose(0, 1), want, atol=1e-6)
+    assert p.grad is None
+    ops.weight_norm_(w)
+    assert torch.allclose(w, want, atol=1e-6)
+
+
+CONV_CASES = [
+    # (x shape, w shape)
+    ((2, 3, 5, 5), (7, 3, 3, 3)),
+    ((1, 65, 1, 1), (63, 65, 1, 1)),
+    ((3, 7, 6, 5), (1, 7, 3, 3)),
+    ((2, 1, 5, 5), (65, 1, 1, 1)),
+    ((4, 63), (7, 63)),
+    ((2, 3, 5), (65, 5)),  # linear on a 3-D input
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("xs,ws", CONV_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("gain", [1.0, 0.0, "param"])
+def test_mp_conv(dtype, xs, ws, layout, gain):
+    x = make(xs, dtype, layout)
+    w = make(ws, torch.float32, seed=1, scale=2.0)
+    g = torch.tensor(0.7) if gain == "param" else torch.tensor(gain)
+    check_against_reference(
+        lambda x, w, g: ops.mp_conv(x, w, g), lambda x, w, g: R.mp_conv(x, w, g), [x, w, g], dtype, "mp_conv"
+    )
+
+
+@requires_ext
+def test_mp_conv_python_float_gain_and_both_scaling_paths():
+    # Batch 1 on a small map scales the output; a large batch scales the weight: same answer.
+    w = make((16, 8, 3, 3), seed=1)
+    for n in (1, 64):
+        x = make((n, 8, 4, 4))
+        assert_close(ops.mp_conv(x, w, 1.3), R.mp_conv(x.double(), w.double(), 1.3), torch.float32, f"batch {n}")
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mp_weight(dtype):
+    w = make((9, 4, 3, 3), seed=1, scale=2.0)
+    g = torch.tensor(1.7)
+    out, (gw, gg) = grads(lambda w, g: ops.mp_weight(w, g, dtype=dtype), [w, g])
+    out_ref, (gw_ref, gg_ref) = grads(lambda w, g: R.mp_weight(w, g), [w.double(), g.double()])
+    assert out.dtype == dtype
+    assert_close(out, out_ref, dtype, "forward")
+    assert_close(gw, gw_ref, dtype, "grad w")
+    assert_close(gg, gg_ref, dtype, "grad gain")
+
+
+# --- gradcheck in float64 -------------------------------------------------------------------------
+
+
+def _d(shape, seed=0, layout="contiguous"):
+    return make(shape, torch.float64, layout, seed).requires_grad_(True)
+
+
+GRADCHECK = {
+    "mp_silu": lambda: (ops.mp_silu, (_d((2, 3, 3, 3)),)),
+    "clip": lambda: (lambda x: ops.clip(x, 0.8), (_d((2, 3, 3, 3)),)),
+    "mp_sum": lambda: (lambda a, b: ops.mp_sum(a, b, 0.3), (_d((2, 3, 3)), _d((2, 3, 3), 1))),
+    "mp_cat": lambda: (lambda a, b: ops.mp_cat(a, b, t=0.3), (_d((2, 3, 2, 2)), _d((2, 2, 2, 2), 1))),
+    "pixel_norm": lambda: (ops.pixel_norm, (_d((2, 5, 3, 3)),)),
+    "pixel_norm_cl": lambda: (ops.pixel_norm, (_d((2, 5, 3, 3), layout="channels_last"),)),
+    "mp_silu_modulate": lambda: (ops.mp_silu_modulate, (_d((2, 3, 3, 3)), _d((2, 3), 1))),
+    "mp_silu_modulate_cl": lambda: (ops.mp_silu_modulate, (_d((2, 3, 3, 3), layout="channels_last"), _d((2, 3), 1))),
+    "weight_norm": lambda: (ops.weight_norm, (_d((4, 3, 3, 3)),)),
+    "mp_weight": lambda: (lambda w, g: ops.mp_weight(w, g), (_d((4, 3, 3, 3)), _d(()))),
+    "mp_conv": lambda: (lambda x, w, g: ops.mp_conv(x, w, g), (_d((2, 3, 4, 4)), _d((4, 3, 3, 3), 1), _d((), 2))),
+    "mp_conv_big_batch": lambda: (lambda x, w, g: ops.mp_conv(x, w, g), (_d((9, 2, 2, 2)), _d((2, 2, 1, 1), 1), _d((), 2))),
+    "mp_linear": lambda: (lambda x, w, g: ops.mp_conv(x, w, g), (_d((3, 5)), _d((4, 5), 1), _d((), 2))),
+}
+
+
+@requires_ext
+@pytest.mark.parametrize("name", list(GRADCHECK))
+def test_gradcheck_float64(name):
+    fn, inputs = GRADCHECK[name]()
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+# --- the torch.library contract: schema, fake kernels, autograd registration, torch.compile -------
+
+
+OPCHECK = {
+    "mp_silu": lambda: (make((2, 3, 4, 4)),),
+    "mp_sum": lambda: (make((2, 3, 4, 4)), make((2, 3, 4, 4), seed=1), 0.3),
+    "mp_cat": lambda: (make((2, 3, 4, 4), layout="channels_last"), make((2, 2, 4, 4), layout="channels_last"), 0.5),
+    "pixel_norm": lambda: (make((2, 3, 4, 4), layout="channels_last"), 1e-4),
+    "mp_silu_modulate": lambda: (make((2, 3, 4, 4)), make((2, 3), seed=1)),
+    "clip": lambda: (make((2, 3, 4, 4)) * 3, 1.0),
+    "weight_norm": lambda: (make((4, 3, 3, 3)), 1e-4),
+    "mp_weight": lambda: (make((4, 3, 3, 3)), torch.tensor(1.5), 1e-4, None),
+    "mp_conv": lambda: (make((2, 3, 5, 5)), make((4, 3, 3, 3), seed=1), torch.tensor(1.5), 1e-4),
+}
+
+
+@requires_ext
+@pytest.mark.parametrize("name", list(OPCHECK))
+def test_opcheck(name):
+    args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) else a for a in OPCHECK[name]())
+    torch.library.opcheck(getattr(torch.ops.fastdiff, name).default, args)
+
+
+@requires_ext
+def test_torch_compile_traces_through_the_ops():
+    def block(x, w, g, c):
+        y = ops.mp_conv(ops.mp_silu(x), w, g)
+        y = ops.mp_silu_modulate(y, c)
+        return ops.clip(ops.mp_sum(ops.pixel_norm(x), y, 0.3))
+
+    x, w, g, c = make((2, 4, 6, 6)), make((4, 4, 3, 3), seed=1), torch.tensor(1.2), make((2, 4), seed=2)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(x, w, g, c), block(x, w, g, c), atol=1e-6)
+
+
+# --- reference fallback, bad input ----------------------------------------------------------------
+
+
+def test_use_reference_context_switches_to_reference():
+    x = make((2, 3, 4, 4))
+    with ops.use_reference():
+        assert not ops.uses_kernel("mp_silu", x)
+        assert torch.equal(ops.mp_silu(x), R.mp_silu(x))
+    assert ops.uses_kernel("mp_silu", x) == ops.HAS_EXTENSION
+
+
+def test_float64_and_integer_inputs_choose_the_right_path():
+    assert not ops.uses_kernel("mp_silu", torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(RuntimeError):
+        ops.mp_silu(torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("env", ["reference", "missing"])
+def test_import_without_extension_falls_back_with_one_warning(env):
+    code = (
+        "import sys, warnings\n"
+        + ("sys.modules['fastdiff._C'] = None\n" if env == "missing" else "")
+        + "with warnings.catch_warnings(record=True) as rec:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, fastdiff\n"
+        "    from fastdiff import ops\n"
+        "    x = torch.randn(2, 3, 4, 4)\n"
+        "    y = ops.mp_conv(ops.mp_silu(x), torch.randn(5, 3, 3, 3))\n"
+        "msgs = [str(r.message) for r in rec if 'fastdiff' in str(r.message)]\n"
+        "print(len(msgs), ops.HAS_EXTENSION, tuple(y.shape))\n"
+    )
+    env_vars = dict(os.environ, FASTDIFF_REFERENCE="1" if env == "reference" else "0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_vars, check=True)
+    n_warn, loaded, shape = out.stdout.split(maxsplit=2)
+    assert shape.strip() == "(2, 5, 4, 4)"
+    if env == "missing":
+        assert (n_warn, loaded) == ("1", "False"), out.stdout + out.stderr
+    else:
+        assert n_warn == "0"
+
+
+@requires_ext
+def test_bad_input_gives_clear_errors():
+    fd = torch.ops.fastdiff
+    x = make((2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="same shape"):
+        fd.mp_sum(x, make((2, 3, 4, 5)), 0.5)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        fd.mp_sum(x, x.double(), 0.5)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        fd.mp_silu(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="at least 2 dims"):
+        fd.pixel_norm(torch.randn(5), 1e-4)
+    with pytest.raises(RuntimeError, match=r"c of shape \[N, C\]"):
+        fd.mp_silu_modulate(x, torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="match in every dim but 1"):
+        fd.mp_cat(x, make((2, 3, 5, 4)), 0.5)
+    with pytest.raises(RuntimeError, match="non-empty weight"):
+        ops.weight_norm(torch.zeros(0, 3))
+    with pytest.raises(RuntimeError, match="expected x of shape"):
+        ops.mp_conv(x, make((5, 4, 3, 3)))
+    with pytest.raises(RuntimeError, match="2-D .* or 4-D"):
+        ops.mp_conv(x, make((5, 3, 3)))
+    with pytest.raises(RuntimeError, match="scalar gain"):
+        ops.mp_conv(x, make((5, 3, 3, 3)), torch.ones(2))
+    with pytest.raises(RuntimeError, match="odd kernel"):
+        ops.mp_conv(x, make((5, 3, 2, 2)))
+    with pytest.raises(ValueError, match="2-D weight"):
+        ops.mp_linear(x, make((5, 3, 3, 3)))
+    with pytest.raises(RuntimeError, match="non-negative limit"):
+        ops.clip(x, -1.0)
+
+
+@requires_ext
+def test_empty_activations_give_empty_outputs():
+    e = torch.zeros(0, 3, 4, 4)
+    for fn in (ops.mp_silu, ops.pixel_norm, ops.clip, lambda t: ops.mp_sum(t, t)):
+        assert fn(e).shape == e.shape
+    assert ops.mp_silu_modulate(e, torch.zeros(0, 3)).shape == e.shape
+    assert ops.mp_conv(e, make((5, 3, 3, 3))).shape == (0, 5, 4, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_ext
+def test_mixed_devices_are_rejected():
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.fastdiff.mp_sum(torch.randn(4), torch.randn(4, device="cuda"), 0.5)
+
+
+def test_info_command_self_check_passes():
+    from fastdiff.cli import main
+
+    assert main(["info"]) == 0
+    assert fastdiff.__version__
