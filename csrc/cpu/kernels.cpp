@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -16,15 +17,22 @@ namespace {
 
 constexpr float kSiluDiv = 0.596f;
 
-// exp for float that the compiler can vectorize: Cody-Waite range reduction x = k ln2 + r,
-// a degree-6 polynomial for e^r on [-ln2/2, ln2/2] (Cephes coefficients), 2^k built in the exponent
-// bits. Relative error about 2e-7 over the clamped range.
-inline float exp_f(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float kf = x * 1.44269504088896341f;
-  int k = static_cast<int>(kf + (kf >= 0.0f ? 0.5f : -0.5f));
-  float fk = static_cast<float>(k);
-  float r = x - fk * 0.693359375f + fk * 2.12194440e-4f;
+#define FD_INLINE __attribute__((always_inline)) inline
+
+// exp for float that the compiler can vectorize (no branches, no libm call): range reduction
+// x = k ln2 + r with k rounded by the 1.5*2^23 shifter trick, Cody-Waite split of ln2, a degree-6
+// polynomial for e^r on [-ln2/2, ln2/2] (Cephes coefficients), and 2^k built in the exponent bits.
+// Relative error about 2e-7 on the clamped range [-87, 88].
+FD_INLINE float exp_f(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float shifter = 12582912.0f;
+  const float t = x * 1.44269504088896341f + shifter;
+  const float fk = t - shifter;
+  int32_t k;
+  std::memcpy(&k, &t, sizeof(k));
+  k -= 0x4B400000;  // the bits of the shifter: what remains is round(x / ln2)
+  const float r = x - fk * 0.693359375f + fk * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -32,19 +40,19 @@ inline float exp_f(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int bits = (k + 127) << 23;
+  const int32_t bits = (k + 127) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(two_k));
   return p * two_k;
 }
-inline double exp_f(double x) { return std::exp(x); }
+FD_INLINE double exp_f(double x) { return std::exp(x); }
 
-template <typename A> inline A sigmoid(A x) { return A(1) / (A(1) + exp_f(-x)); }
-template <typename A> inline A silu_grad(A x) {
+template <typename A> FD_INLINE A sigmoid(A x) { return A(1) / (A(1) + exp_f(-x)); }
+template <typename A> FD_INLINE A silu_grad(A x) {
   A s = sigmoid(x);
   return s * (A(1) + x * (A(1) - s));
 }
-template <typename T> inline acc_t<T> ld(T v) { return static_cast<acc_t<T>>(v); }
+template <typename T> FD_INLINE acc_t<T> ld(T v) { return static_cast<acc_t<T>>(v); }
 
 }  // namespace
 
