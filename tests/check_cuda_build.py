@@ -1,0 +1,56 @@
+"""Checks that a CUDA build of fastdiff registered a CUDA kernel for every op that has a CPU kernel.
+
+Run after building the extension with CUDA (no GPU needed: it only asks the dispatcher):
+
+    python tests/check_cuda_build.py
+
+Prints the op table and exits 0 when every op with a CPU kernel also has a CUDA kernel, 1 otherwise
+(also when the extension is missing or torch has no CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+try:  # run from a source checkout without installing: use the checkout's package
+    import fastdiff  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> int:
+    import fastdiff  # noqa: F401
+    from fastdiff import ops
+    from fastdiff.ops import _ext
+
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), GPU available: {torch.cuda.is_available()}")
+    if not ops.HAS_EXTENSION:
+        print(f"FAILED: the extension fastdiff._C is not loaded ({_ext.LOAD_ERROR})")
+        return 1
+    if torch.version.cuda is None:
+        print("FAILED: this torch has no CUDA, so no CUDA kernels can be registered")
+        return 1
+    table = ops.kernels()
+    missing = []
+    print(f"{'op':30s} {'CPU':5s} {'CUDA':5s}")
+    for op, devices in sorted(table.items()):
+        cpu, cuda = "cpu" in devices, "cuda" in devices
+        flag = ""
+        if cpu and not cuda:
+            missing.append(op)
+            flag = "  <- missing CUDA kernel"
+        elif not cpu and not cuda:
+            flag = "  (composite / none)"
+        print(f"{op:30s} {'yes' if cpu else '-':5s} {'yes' if cuda else '-':5s}{flag}")
+    if missing:
+        print(f"FAILED: {len(missing)} op(s) with a CPU kernel but no CUDA kernel: {', '.join(missing)}")
+        return 1
+    print(f"OK: every op with a CPU kernel has a CUDA kernel ({sum('cuda' in d for d in table.values())} CUDA kernels)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
