@@ -15,7 +15,7 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr float kSiluDiv = 0.596f;
+constexpr double kSiluDiv = 0.596;  // A(kSiluDiv) is exact to each compute type
 
 #define FD_INLINE __attribute__((always_inline)) inline
 
@@ -72,12 +72,12 @@ template <typename T> FD_CLONES void mp_silu_bwd(const T* g, const T* x, T* dx, 
 }
 
 template <typename T>
-FD_CLONES void axpby(const T* a, const T* b, T* y, int64_t n, float wa, float wb) {
+FD_CLONES void axpby(const T* a, const T* b, T* y, int64_t n, double wa, double wb) {
   using A = acc_t<T>;
   for (int64_t i = 0; i < n; i++) y[i] = static_cast<T>(A(wa) * ld(a[i]) + A(wb) * ld(b[i]));
 }
 
-template <typename T> FD_CLONES void scale(const T* x, T* y, int64_t n, float w) {
+template <typename T> FD_CLONES void scale(const T* x, T* y, int64_t n, double w) {
   using A = acc_t<T>;
   for (int64_t i = 0; i < n; i++) y[i] = static_cast<T>(A(w) * ld(x[i]));
 }
@@ -197,8 +197,8 @@ FD_CLONES void norm_bwd(const T* g, const T* x, const acc_t<T>* s, const acc_t<T
 #define FD_INSTANTIATE(T)                                                                        \
   template void mp_silu<T>(const T*, T*, int64_t);                                               \
   template void mp_silu_bwd<T>(const T*, const T*, T*, int64_t);                                 \
-  template void axpby<T>(const T*, const T*, T*, int64_t, float, float);                        \
-  template void scale<T>(const T*, T*, int64_t, float);                                          \
+  template void axpby<T>(const T*, const T*, T*, int64_t, double, double);                        \
+  template void scale<T>(const T*, T*, int64_t, double);                                          \
   template void scale_by<T>(const T*, const acc_t<T>*, int64_t, T*, int64_t);                    \
   template void clip<T>(const T*, T*, int64_t, float);                                           \
   template void clip_bwd<T>(const T*, const T*, T*, int64_t, float);                             \

@@ -16,9 +16,9 @@ using acc_t = typename std::conditional<std::is_same<T, double>::value, double, 
 template <typename T> void mp_silu(const T* x, T* y, int64_t n);
 template <typename T> void mp_silu_bwd(const T* g, const T* x, T* dx, int64_t n);
 // y = wa * a + wb * b.
-template <typename T> void axpby(const T* a, const T* b, T* y, int64_t n, float wa, float wb);
+template <typename T> void axpby(const T* a, const T* b, T* y, int64_t n, double wa, double wb);
 // y = w * x (y may alias x).
-template <typename T> void scale(const T* x, T* y, int64_t n, float w);
+template <typename T> void scale(const T* x, T* y, int64_t n, double w);
 // y[i] = x[i] * s[i * s_step] with a float32 (float64 for double) factor array.
 template <typename T> void scale_by(const T* x, const acc_t<T>* s, int64_t s_step, T* y, int64_t n);
 template <typename T> void clip(const T* x, T* y, int64_t n, float limit);

@@ -202,7 +202,7 @@ std::pair<double, double> mp_sum_weights(double t) {
 
 at::Tensor mp_sum_cpu(const at::Tensor& a, const at::Tensor& b, double t) {
   auto [wa, wb] = mp_sum_weights(t);
-  return binary_flat(a, b, "mp_sum", "a", "b", [wa = float(wa), wb = float(wb)](auto* ap, auto* bp, auto* yp, int64_t n) {
+  return binary_flat(a, b, "mp_sum", "a", "b", [wa = wa, wb = wb](auto* ap, auto* bp, auto* yp, int64_t n) {
     cpu::axpby(ap, bp, yp, n, wa, wb);
   });
 }
@@ -240,7 +240,7 @@ at::Tensor mp_cat_cpu(const at::Tensor& a_in, const at::Tensor& b_in, double t) 
   at::Tensor y = at::empty(shape, a.options());
   if (cl) y = y.contiguous(a.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
   const double k = std::sqrt(double(C) / ((1 - t) * (1 - t) + t * t));
-  const float wa = float(k / std::sqrt(double(Ca)) * (1 - t)), wb = float(k / std::sqrt(double(Cb)) * t);
+  const double wa = k / std::sqrt(double(Ca)) * (1 - t), wb = k / std::sqrt(double(Cb)) * t;
   FD_DISPATCH(a.scalar_type(), "mp_cat", [&] {
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.const_data_ptr<scalar_t>();

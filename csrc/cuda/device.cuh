@@ -49,8 +49,8 @@ inline bool aligned(const void* p, int64_t bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
 }
 
-// The MP activation. The divisor is the float constant 0.596f, as in the CPU kernels.
-template <typename A> __device__ __forceinline__ A silu_inv() { return A(1) / A(0.596f); }
+// The MP activation's divisor 0.596, exact in each compute type (as in the CPU kernels).
+template <typename A> __device__ __forceinline__ A silu_inv() { return A(1) / A(0.596); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 template <typename A> __device__ __forceinline__ A silu_grad(A x) {

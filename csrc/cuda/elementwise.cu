@@ -29,8 +29,8 @@ template <typename A> struct SiluBwdOp {  // (grad, x)
 };
 template <typename A> struct AxpbyOp {
   static constexpr bool kBinary = true;
-  float wa, wb;
-  __device__ __forceinline__ A operator()(A a, A b) const { return A(wa) * a + A(wb) * b; }
+  A wa, wb;
+  __device__ __forceinline__ A operator()(A a, A b) const { return wa * a + wb * b; }
 };
 template <typename A> struct ClipOp {
   static constexpr bool kBinary = false;
@@ -211,8 +211,8 @@ void mp_silu_bwd(DType t, const void* g, const void* x, void* dx, int64_t n, cud
   FD_CUDA_DISPATCH(t, launch_ew<T>(g, x, dx, n, SiluBwdOp<acc_t<T>>{}, stream));
 }
 
-void axpby(DType t, const void* a, const void* b, void* y, int64_t n, float wa, float wb, cudaStream_t stream) {
-  FD_CUDA_DISPATCH(t, launch_ew<T>(a, b, y, n, AxpbyOp<acc_t<T>>{wa, wb}, stream));
+void axpby(DType t, const void* a, const void* b, void* y, int64_t n, double wa, double wb, cudaStream_t stream) {
+  FD_CUDA_DISPATCH(t, launch_ew<T>(a, b, y, n, AxpbyOp<acc_t<T>>{acc_t<T>(wa), acc_t<T>(wb)}, stream));
 }
 
 void clip(DType t, const void* x, void* y, int64_t n, float limit, cudaStream_t stream) {
@@ -244,7 +244,7 @@ void modulate(DType t, const void* y, const void* m, void* out, int64_t N, int64
 }
 
 void mp_cat(DType t, const void* a, const void* b, void* y, int64_t N, int64_t Ca, int64_t Cb, int64_t S,
-            bool channels_last, float wa, float wb, cudaStream_t stream) {
+            bool channels_last, double wa, double wb, cudaStream_t stream) {
   const int64_t total = N * (Ca + Cb) * S;
   if (total <= 0) return;
   // Channels-first: one chunk per sample (Ca*S then Cb*S); channels-last: one chunk per pixel.

@@ -18,7 +18,7 @@ enum class DType : int { Double = 0, Float = 1, Half = 2, BFloat16 = 3 };
 void mp_silu(DType t, const void* x, void* y, int64_t n, cudaStream_t stream);
 void mp_silu_bwd(DType t, const void* g, const void* x, void* dx, int64_t n, cudaStream_t stream);
 // y = wa * a + wb * b.
-void axpby(DType t, const void* a, const void* b, void* y, int64_t n, float wa, float wb, cudaStream_t stream);
+void axpby(DType t, const void* a, const void* b, void* y, int64_t n, double wa, double wb, cudaStream_t stream);
 // y = clamp(x, -limit, limit) (NaN passes through); dx = g where -limit <= x <= limit, else 0.
 void clip(DType t, const void* x, void* y, int64_t n, float limit, cudaStream_t stream);
 void clip_bwd(DType t, const void* g, const void* x, void* dx, int64_t n, float limit, cudaStream_t stream);
@@ -34,7 +34,7 @@ void modulate(DType t, const void* y, const void* m, void* out, int64_t N, int64
               bool channels_last, cudaStream_t stream);
 // y = cat([wa * a, wb * b], dim=1) with a N x Ca x S, b N x Cb x S, y N x (Ca+Cb) x S, one layout.
 void mp_cat(DType t, const void* a, const void* b, void* y, int64_t N, int64_t Ca, int64_t Cb, int64_t S,
-            bool channels_last, float wa, float wb, cudaStream_t stream);
+            bool channels_last, double wa, double wb, cudaStream_t stream);
 
 // --- reductions ------------------------------------------------------------------------------------
 // Per row r of a contiguous rows x n matrix: s_r = 1 / (eps + ||x_r|| / sqrt(n)); writes scale[r] = s_r

@@ -197,7 +197,7 @@ at::Tensor mp_silu_backward_cuda(const at::Tensor& grad, const at::Tensor& x) {
 
 at::Tensor mp_sum_cuda(const at::Tensor& a, const at::Tensor& b, double t) {
   const double d = std::sqrt((1 - t) * (1 - t) + t * t);
-  const float wa = float((1 - t) / d), wb = float(t / d);
+  const double wa = (1 - t) / d, wb = t / d;
   return binary_flat(a, b, "mp_sum", "a", "b", [wa, wb](DType dt, const void* ap, const void* bp, void* yp, int64_t n) {
     cuda::axpby(dt, ap, bp, yp, n, wa, wb, stream());
   });
@@ -245,7 +245,7 @@ at::Tensor mp_cat_cuda(const at::Tensor& a_in, const at::Tensor& b_in, double t)
   at::Tensor y = at::empty(shape, a.options());
   if (cl) y = y.contiguous(a.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
   const double k = std::sqrt(double(C) / ((1 - t) * (1 - t) + t * t));
-  const float wa = float(k / std::sqrt(double(Ca)) * (1 - t)), wb = float(k / std::sqrt(double(Cb)) * t);
+  const double wa = k / std::sqrt(double(Ca)) * (1 - t), wb = k / std::sqrt(double(Cb)) * t;
   cuda::mp_cat(dtype_of(a, "mp_cat"), cptr(a), cptr(b), mptr(y), N, Ca, Cb, S, cl, wa, wb, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
