@@ -1,6 +1,6 @@
 // CUDA glue of fastdiff::solver_step: checks and layouts (csrc/solver.h), then the kernel in solver.cu.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> solver_step_cuda(
   a.n = s.n;
   a.m = s.m;
   const cudaError_t err =
-      cuda::launch_solver_step(a, solver_dtype(s.x.scalar_type()), at::cuda::getCurrentCUDAStream());
+      cuda::launch_solver_step(a, solver_dtype(s.x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "fastdiff.solver_step: CUDA kernel launch failed: ", cudaGetErrorString(err));
   return {s.x_next, s.d, s.denoised};
 }
