@@ -103,7 +103,7 @@ class TestCPU:
     def test_scalar_w_and_sigma_via_wrapper(self):
         a = _inputs((3, 2, 4, 4), torch.float32, self.device, guided=True, per_sample_w=False)
         a["sigma_cur"], a["sigma_next"] = 2.0, 1.5
-        assert ops.uses_kernel("solver_step", a["x"])
+        assert ops.uses_kernel("solver_step", a["x"]) or _ext.FORCE_REFERENCE
         _compare(ops.solver_step(**a), solver_step_reference(**a), torch.float32)
 
     def test_empty_batch(self):

@@ -36,7 +36,10 @@ def _per_sample(v, n: int, like: torch.Tensor, name: str) -> torch.Tensor:
         if v.ndim == 0 or (v.ndim == 1 and v.numel() == 1):
             return v.reshape(()).to(device=like.device, dtype=acc).expand(n).contiguous()
         if v.ndim != 1 or v.shape[0] != n:
-            raise ValueError(f"fastdiff.solver_step: expected '{name}' as a number or a tensor of shape [N] = [{n}], got {tuple(v.shape)}")
+            raise ValueError(
+                f"fastdiff.solver_step: expected '{name}' as a number or a tensor of shape [N] = [{n}], "
+                f"got {tuple(v.shape)}"
+            )
         return v.to(device=like.device, dtype=acc)
     return torch.full((n,), float(v), dtype=acc, device=like.device)
 
@@ -91,7 +94,10 @@ def solver_step(x, d1, d0=None, w=1.0, sigma_cur=None, sigma_next=None, d_prev=N
     images = [t for t in (x, d1, d0, d_prev, x_base) if t is not None]
     fits = (
         x.ndim >= 1
-        and all(isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device for t in images)
+        and all(
+            isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
+            for t in images
+        )
         and ops.uses_kernel("solver_step", *images)
     )
     if not fits:

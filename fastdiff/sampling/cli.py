@@ -137,7 +137,8 @@ def run(args, net, gnet=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batches = generate_images(
         net, seeds, gnet=gnet, guidance=args.guidance, interval=interval, sampler=args.sampler, steps=args.steps,
-        class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank, world_size=world,
+        class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
+        world_size=world,
         S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
     )
     progress = None

@@ -99,7 +99,9 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
         if label_dim == 0:
             raise ValueError("class_idx given but the network is unconditional (label_dim = 0)")
         if not 0 <= int(class_idx) < label_dim:
-            raise ValueError(f"class {class_idx} out of range: the network has {label_dim} classes [0, {label_dim - 1}]")
+            raise ValueError(
+                f"class {class_idx} out of range: the network has {label_dim} classes [0, {label_dim - 1}]"
+            )
     if guidance_obj is None:
         guidance_obj = make_guidance(gnet, float(guidance), interval)
     if rank is None or world_size is None:
@@ -126,7 +128,8 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
         noise = torch.stack(noise_rows).to(device)
         labels = None
         if label_dim:
-            labels = torch.nn.functional.one_hot(torch.tensor(label_rows), label_dim).to(device=device, dtype=torch.float32)
+            labels = torch.nn.functional.one_hot(torch.tensor(label_rows), label_dim)
+            labels = labels.to(device=device, dtype=torch.float32)
         x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance_obj, labels=labels, generators=gens,
                    dtype=dtype, **sample_kwargs)
         images = decoder(x) if decoder is not None else to_uint8(x)

@@ -140,7 +140,8 @@ class Guidance:
         return Guided(ctx.call(net, x, sigma, labels))
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not callable(v) and not isinstance(v, torch.nn.Module))
+        shown = {k: v for k, v in vars(self).items() if not callable(v) and not isinstance(v, torch.nn.Module)}
+        fields = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}({fields})"
 
 
@@ -165,7 +166,9 @@ class CFG(Guidance):
         if self.uncond is not None:
             return ctx.call(net, x, sigma, labels), ctx.call(self.uncond, x, sigma, None)
         if labels is None:
-            raise ValueError("CFG with a null label needs class labels; pass labels=, or an unconditional network as uncond=")
+            raise ValueError(
+                "CFG with a null label needs class labels; pass labels=, or an unconditional network as uncond="
+            )
         return _pair(ctx, net, x, sigma, labels, self._null(labels))
 
     def evaluate(self, net, x, sigma, labels, ctx) -> Guided:

@@ -158,7 +158,8 @@ def sample(denoiser: Callable, noise: torch.Tensor, sampler: str = "heun", steps
         t_steps = edm_sigma_steps(steps, sigma_min, sigma_max, rho, dtype=torch.float64, device=device).to(dtype)
     else:
         t_steps = torch.as_tensor(sigmas, device=device).to(dtype)
-        if t_steps.ndim != 1 or len(t_steps) < 2 or float(t_steps[-1]) != 0 or bool((t_steps[1:] >= t_steps[:-1]).any()):
+        bad = t_steps.ndim != 1 or len(t_steps) < 2
+        if bad or float(t_steps[-1]) != 0 or bool((t_steps[1:] >= t_steps[:-1]).any()):
             raise ValueError("sigmas must be a decreasing 1-D sequence of at least 2 values ending with 0")
         sigma_min, sigma_max = float(t_steps[-2]), float(t_steps[0])
     return _run(denoiser, noise, sampler, t_steps, guidance, labels, generators, sigma_min, sigma_max, rho,
