@@ -42,6 +42,22 @@ TORCH_LIBRARY(fastdiff, m) {
   // log-sum-exp of the scaled scores [N, heads, H*W] (float32) that the backward recomputes from.
   m.def("cosine_attention(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
   m.def("cosine_attention_backward(Tensor grad, Tensor qkv, Tensor y, Tensor lse, int num_heads) -> Tensor");
+
+  // --- batched solver step ---------------------------------------------------------------------
+  // One sampler step for a whole batch in one pass. x, d1 (main network's D), d0 (guiding network's
+  // D, optional), d_prev, x_base: same shape [N, ...] and dtype; w, sigma_cur, sigma_next: [N], one
+  // value per sample (computed in float32, float64 for float64 images). Per sample n:
+  //   D = d0 + w (d1 - d0)   (D = d1 when d0 is None)
+  //   Euler (d_prev, x_base None): x is at sigma_cur;  d = (x - D) / sigma_cur;
+  //                                x_next = x + (sigma_next - sigma_cur) d
+  //   Heun correction:             x is at sigma_next (the Euler result), x_base the point at
+  //                                sigma_cur the step started from, d_prev its derivative;
+  //                                d = (x - D) / sigma_next;
+  //                                x_next = x_base + (sigma_next - sigma_cur) (d_prev/2 + d/2)
+  // Returns (x_next, d, D), laid out like x. Not differentiable (sampling runs under no_grad).
+  m.def(
+      "solver_step(Tensor x, Tensor d1, Tensor? d0, Tensor w, Tensor sigma_cur, Tensor sigma_next,"
+      " Tensor? d_prev=None, Tensor? x_base=None) -> (Tensor, Tensor, Tensor)");
 }
 
 // The extension is loaded as a Python module (fastdiff._C) only for its side effect of running the

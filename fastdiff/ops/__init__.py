@@ -165,3 +165,6 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def fan_in(w: torch.Tensor) -> int:
     return math.prod(w.shape[1:])
+
+
+from fastdiff.ops._solver import solver_step, solver_step_reference  # noqa: E402,F401  (batched solver step)

@@ -1,1 +1,17 @@
+"""Samplers and guidance for EDM-family diffusion models.
 
+``sample(denoiser, noise, sampler='heun', steps=32, guidance=None, labels=None, generators=None, ...)``
+draws samples with any ``denoiser(x, sigma, labels) -> D``; ``edm_sampler`` is a drop-in for the
+official EDM2 function; guidance objects (CFG, Autoguidance, Interval, APG, ICG, TSG, CADS) compose
+with every sampler; ``generate_images`` turns seeds into uint8 images.
+"""
+
+from fastdiff.sampling import guidance, rng
+from fastdiff.sampling.generate import generate_images
+from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Guided, Interval
+from fastdiff.sampling.samplers import SAMPLERS, edm_sampler, edm_sigma_steps, sample
+
+__all__ = [
+    "sample", "edm_sampler", "edm_sigma_steps", "SAMPLERS", "generate_images", "guidance", "rng",
+    "Guidance", "Guided", "CFG", "Autoguidance", "Interval", "APG", "ICG", "TSG", "CADS",
+]

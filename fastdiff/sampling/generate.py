@@ -1,0 +1,136 @@
+"""Image generation from a trained network: seeds in, uint8 images out, batch by batch.
+
+Each seed owns a generator that draws, in order, the sample's initial noise, its class label (when the
+network is conditional and no class is fixed) and then any noise the sampler or the guidance needs,
+so an image depends on its seed only (not on the batch size or which other seeds share its batch).
+Generators live on the CPU, so a seed gives the same noise on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from fastdiff.sampling import rng
+from fastdiff.sampling.guidance import Autoguidance, Guidance, Interval
+from fastdiff.sampling.samplers import SAMPLERS, sample
+
+__all__ = ["generate_images", "to_uint8", "split_batches", "MAX_SEED"]
+
+MAX_SEED = 2**32 - 1
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 [0, 255] (``x * 127.5 + 128``, clipped), on the CPU."""
+    return (x.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int,)) and not (isinstance(s, torch.Tensor) and s.ndim == 0):
+            raise ValueError(f"seeds must be integers, got {s!r}")
+        s = int(s)
+        if not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seed {s} out of range: seeds must lie in [0, {MAX_SEED}]")
+        out.append(s)
+    if not out:
+        raise ValueError("no seeds given")
+    return out
+
+
+def split_batches(seeds: Sequence[int], batch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's batches: the seeds cut into ``world_size * ceil(len / (batch * world_size))`` nearly
+    equal consecutive chunks, dealt round-robin to the ranks (so every rank has the same number of
+    batches, each at most ``batch`` seeds)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world size {world_size}")
+    seeds = list(seeds)
+    num = max(math.ceil(len(seeds) / (batch * world_size)), 1) * world_size
+    q, r = divmod(len(seeds), num)
+    chunks, start = [], 0
+    for i in range(num):
+        size = q + (1 if i < r else 0)
+        chunks.append(seeds[start:start + size])
+        start += size
+    return chunks[rank::world_size]
+
+
+def make_guidance(gnet, guidance: float, interval: tuple[float, float] | None) -> Guidance | None:
+    """The official semantics: ``guidance == 1`` is unguided; otherwise autoguidance by ``gnet`` (CFG
+    when ``gnet`` is unconditional), optionally limited to the sigma interval ``(lo, hi]``."""
+    if guidance == 1:
+        return None
+    if gnet is None:
+        raise ValueError(f"guidance={guidance} needs a guiding network (--gnet); guidance=1 means no guidance")
+    g: Guidance = Autoguidance(gnet, guidance)
+    if interval is not None:
+        g = Interval(g, sigma=interval)
+    return g
+
+
+def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0, sampler: str = "heun", steps: int = 32,
+                    class_idx: int | None = None, batch: int = 32, device=None, dtype: torch.dtype = torch.float32,
+                    interval: tuple[float, float] | None = None, guidance_obj: Guidance | None = None,
+                    rank: int | None = None, world_size: int | None = None, decoder: Callable | None = None,
+                    **sample_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yields ``(batch_seeds, images)`` with ``images`` uint8 ``[n, C, H, W]`` on the CPU.
+
+    ``net`` (and ``gnet``) are Precond-like: ``net(x, sigma, class_labels)`` with attributes
+    ``img_resolution``, ``img_channels``, ``label_dim``. ``guidance``/``interval`` build autoguidance
+    as in the official tool; ``guidance_obj`` instead uses any guidance object. ``class_idx`` fixes the
+    class (else a random class per seed). Under ``torch.distributed`` (or with explicit
+    ``rank``/``world_size``) only this rank's share of the seeds is generated. ``decoder`` turns the
+    sampler's output into uint8 images (e.g. a VAE for latent networks); default: pixels in [-1, 1].
+    Remaining keyword arguments go to :func:`fastdiff.sampling.sample` (``S_churn``, ``sigma_min``...).
+    """
+    seeds = check_seeds(seeds)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    for attr in ("img_resolution", "img_channels", "label_dim"):
+        if not hasattr(net, attr):
+            raise ValueError(f"net must be Precond-like with attribute {attr!r}")
+    label_dim = int(net.label_dim or 0)
+    if class_idx is not None:
+        if label_dim == 0:
+            raise ValueError("class_idx given but the network is unconditional (label_dim = 0)")
+        if not 0 <= int(class_idx) < label_dim:
+            raise ValueError(
+                f"class {class_idx} out of range: the network has {label_dim} classes [0, {label_dim - 1}]"
+            )
+    if guidance_obj is None:
+        guidance_obj = make_guidance(gnet, float(guidance), interval)
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world_size = 0, 1
+    if device is None:
+        device = next((p.device for p in getattr(net, "parameters", lambda: iter(()))()), torch.device("cpu"))
+    device = torch.device(device)
+    shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+
+    for batch_seeds in split_batches(seeds, batch, rank, world_size):
+        if not batch_seeds:
+            continue
+        gens = rng.seed_generators(batch_seeds)
+        noise_rows, label_rows = [], []
+        for g in gens:  # per sample: noise, then label
+            noise_rows.append(torch.randn(shape, generator=g, dtype=torch.float32))
+            if label_dim:
+                idx = int(class_idx) if class_idx is not None else int(torch.randint(label_dim, (1,), generator=g))
+                label_rows.append(idx)
+        noise = torch.stack(noise_rows).to(device)
+        labels = None
+        if label_dim:
+            labels = torch.nn.functional.one_hot(torch.tensor(label_rows), label_dim)
+            labels = labels.to(device=device, dtype=torch.float32)
+        x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance_obj, labels=labels, generators=gens,
+                   dtype=dtype, **sample_kwargs)
+        images = decoder(x) if decoder is not None else to_uint8(x)
+        yield batch_seeds, images.cpu()
