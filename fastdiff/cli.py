@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help). A module listed here must exist.
 SUBCOMMANDS = {
     "info": ("fastdiff.ops.info", "show the compiled kernels and a quick self-check"),
+    "generate": ("fastdiff.sampling.cli", "generate images from a trained network (EDM2 samplers and guidance)"),
     "metrics": ("fastdiff.metrics.cli", "FID / FD_DINOv2 / precision-recall / KID"),
 }
 

@@ -26,7 +26,7 @@ _force = [False]  # set by use_reference(); a plain list so torch.compile can re
 __all__ = [
     "HAS_EXTENSION", "kernels", "use_reference", "uses_kernel", "weight_norm", "weight_norm_", "mp_weight",
     "mp_conv", "mp_linear", "mp_silu", "mp_sum", "mp_cat", "pixel_norm", "mp_silu_modulate", "clip", "normalize",
-    "cosine_attention",
+    "cosine_attention", "solver_step",
     "reference",
 ]
 

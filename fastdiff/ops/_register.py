@@ -34,14 +34,12 @@ def _dense_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _dense(x: torch.Tensor) -> bool:
-    """Non-overlapping and dense (some permutation of a contiguous layout), as ATen defines it."""
+    """Non-overlapping and dense (as ATen's ``is_non_overlapping_and_dense``, which Python lacks)."""
     expected = 1
-    for d in sorted(range(x.ndim), key=lambda d: (x.stride(d), x.shape[d])):
-        if x.shape[d] == 1:
-            continue
-        if x.stride(d) != expected:
+    for stride, size in sorted((x.stride(i), x.size(i)) for i in range(x.ndim) if x.size(i) != 1):
+        if stride != expected:
             return False
-        expected *= x.shape[d]
+        expected *= size
     return True
 
 

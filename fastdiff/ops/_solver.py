@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff.ops import _ext
+from fastdiff.ops._register import _dense
 
 __all__ = ["solver_step", "solver_step_reference"]
 
@@ -107,16 +108,6 @@ def solver_step(x, d1, d0=None, w=1.0, sigma_cur=None, sigma_next=None, d_prev=N
         x, d1, d0, _per_sample(w, n, x, "w"), _per_sample(sigma_cur, n, x, "sigma_cur"),
         _per_sample(sigma_next, n, x, "sigma_next"), d_prev, x_base,
     )
-
-
-def _dense(x: torch.Tensor) -> bool:
-    """Non-overlapping and dense (as ATen's ``is_non_overlapping_and_dense``, which Python lacks)."""
-    expected = 1
-    for stride, size in sorted((x.stride(i), x.size(i)) for i in range(x.ndim) if x.size(i) != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _out_like(x: torch.Tensor) -> torch.Tensor:
