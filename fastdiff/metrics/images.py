@@ -24,6 +24,10 @@ class ImageFiles(torch.utils.data.Dataset):
     """The images of a folder (recursive) or a ``.zip``, in sorted order, as uint8 RGB [3, H, W]."""
 
     def __init__(self, path: str | os.PathLike):
+        try:
+            import PIL.Image  # noqa: F401
+        except ImportError as e:
+            raise ImportError("reading image files needs Pillow: pip install pillow") from e
         self.path = os.fspath(path)
         if os.path.isdir(self.path):
             self.is_zip = False

@@ -42,7 +42,7 @@ def _fraction_inside(queries: torch.Tensor, support: torch.Tensor, radii: torch.
     inside = 0
     for q in queries.split(chunk_size):
         hit = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-        for s, r in zip(support.split(chunk_size), radii.split(chunk_size)):
+        for s, r in zip(support.split(chunk_size), radii.split(chunk_size), strict=True):
             hit |= (_sq_dists(q, s) <= r[None]).any(dim=1)
         inside += int(hit.sum())
     return inside / queries.shape[0]
