@@ -97,3 +97,34 @@ def tiny(**overrides):
     return {"net": net, "loss": StandinLoss(),
             "training": {"lr": 0.01, "lr_decay": 0, "batch": 16, "duration": 256, "rampup_mimg": 0,
                          "P_mean": -0.8, "P_std": 1.6}}
+
+
+def _main(argv=None):
+    """Under torchrun: ``python -m torch.distributed.run --nproc_per_node 2 tests/_standin.py OUTDIR DURATION BATCH
+    BATCH_GPU``; trains the tiny stand-in and saves every rank's final weights as ``rank<r>.safetensors``."""
+    import sys
+
+    from safetensors.torch import save_file
+
+    from fastdiff.data import open_dataset
+    from fastdiff.training import TrainConfig, training_loop
+    from fastdiff.training import distributed as D
+
+    outdir, duration, batch, batch_gpu = (sys.argv[1:] if argv is None else argv)[:4]
+    info = D.init_distributed("cpu")
+    made = tiny()
+    net = made["net"]
+    if info.rank == 1:  # a different initialization: DDP must broadcast rank 0's
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+    ds = open_dataset("builtin:shapes?n=48&seed=2", resolution=8, channels=3)
+    cfg = TrainConfig(batch=int(batch), batch_gpu=int(batch_gpu), duration=int(duration), status=32, snapshot=32,
+                      checkpoint=0, lr=0.01, lr_decay=0, rampup_mimg=0, seed=1, workers=0, progress=False)
+    training_loop(net, made["loss"], ds, outdir, cfg)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f"{outdir}/rank{info.rank}.safetensors")
+    D.shutdown_distributed(info)
+
+
+if __name__ == "__main__":
+    _main()
