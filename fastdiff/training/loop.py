@@ -56,8 +56,8 @@ class TrainConfig:
     batch_gpu: int = 0                # images per forward per process (0: batch / processes, no accumulation)
     duration: int = 1 << 27           # train until this many images
     status: int = 128 << 10           # status line / stats record every this many images
-    snapshot: int = 8 << 20           # EMA snapshots every this many images (0: only at the end)
-    checkpoint: int = 128 << 20       # checkpoint every this many images (0: only at the end)
+    snapshot: int = 8 << 20           # EMA snapshots every this many images (0: only at the end; < 0: never)
+    checkpoint: int = 128 << 20       # checkpoint every this many images (0: only at the end; < 0: never)
     lr: float = 0.0100                # alpha_ref
     lr_decay: float = 70000           # t_ref in steps (0: no decay)
     rampup_mimg: float = 10.0         # warm-up length in millions of images (0: none)
@@ -293,9 +293,9 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
             if first or done or crossed(cfg.status):
                 if not (first and interval["steps"] == 0 and cur_nimg > 0):
                     report(done)
-            if cur_nimg != start_nimg and ((done and not stopped) or crossed(cfg.snapshot)):
+            if cur_nimg != start_nimg and ((done and not stopped and cfg.snapshot >= 0) or crossed(cfg.snapshot)):
                 write_snapshots()
-            if cur_nimg != start_nimg and (done or crossed(cfg.checkpoint)):
+            if cur_nimg != start_nimg and ((done and cfg.checkpoint >= 0) or crossed(cfg.checkpoint)):
                 write_checkpoint()
             if done:
                 break
