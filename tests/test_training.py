@@ -235,3 +235,46 @@ def test_sigkill_then_resume_loses_only_the_steps_since_the_checkpoint(tmp_path)
         if not k.startswith("rng."):
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     assert max(progress) >= killed_at
+
+
+def test_sigterm_stops_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli_cmd(run, 100000, extra=("--checkpoint", "100000")), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run / "stats.jsonl").exists():
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped at" in err
+    nimg = find_checkpoints(run)[0][0]
+    assert nimg > 0 and nimg % 16 == 0
+    assert not list_snapshots(run) or max(s.nimg for s in list_snapshots(run)) <= nimg
+
+
+def test_cli_with_a_fastdiff_preset(tmp_path):
+    fnn = pytest.importorskip("fastdiff.nn")
+    if not hasattr(fnn, "build"):
+        pytest.skip("fastdiff.nn has no presets yet (branch nn not merged)")
+    import argparse
+
+    from fastdiff.training import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny-16", "--data", "builtin:shapes?n=16", "--outdir", str(tmp_path),
+                              "--duration", "8", "--batch", "4", "--workers", "0", "--no-progress",
+                              "--device", "cpu"])
+    assert cli.main(args) == 0
+    from fastdiff.io import load_network
+
+    net = load_network(str(tmp_path / "network-snapshot-0000000008-0.100.safetensors"))
+    assert net.img_resolution == 16
+    assert find_checkpoints(tmp_path)[0][0] == 8
