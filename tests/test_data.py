@@ -52,7 +52,7 @@ def test_folder_and_zip_read_the_same(tmp_path):
         (xa, la), (xb, lb) = a[i], b[i]
         assert xa.dtype == torch.uint8 and xa.shape == (3, 8, 8)
         assert torch.equal(xa, xb) and la.item() == lb.item() == i % 3
-    expected = np.asarray(Image.open(tmp_path / "ds" / "00000" / "img00000002.png")).transpose(2, 0, 1)
+    expected = np.asarray(Image.open(tmp_path / "ds" / "00000" / "img00000002.png")).transpose(2, 0, 1).copy()
     assert torch.equal(a[2][0], torch.from_numpy(expected))
     x = to_model_input(a[0][0][None])
     assert x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1

@@ -74,7 +74,10 @@ class Dataset(torch.utils.data.Dataset):
         arr = self._load_raw(raw)
         if idx >= self.raw_len:
             arr = arr[:, :, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(arr)), torch.tensor(self._raw_label(raw), dtype=torch.int64)
+        arr = np.ascontiguousarray(arr)
+        if not arr.flags.writeable:  # e.g. a view of Pillow's buffer: torch wants writable memory
+            arr = arr.copy()
+        return torch.from_numpy(arr), torch.tensor(self._raw_label(raw), dtype=torch.int64)
 
     def labels_onehot(self, labels: torch.Tensor, label_dim: int | None = None) -> torch.Tensor:
         dim = self.label_dim if label_dim is None else int(label_dim)
