@@ -382,8 +382,8 @@ def _gather_state(net, optimizer, ema) -> tuple[dict, dict]:
             else:
                 raise TypeError(f"unexpected non-tensor optimizer state {k!r}")
     state = {"optimizer": {"param_groups": opt["param_groups"]}, "ema_stds": ema_stds}
-    # Safetensors refuses tensors that share memory: copy.
-    tensors = {k: v.detach().clone() for k, v in tensors.items()}
+    # Copies on the CPU (safetensors refuses tensors that share memory; no extra GPU memory at checkpoint time).
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
     return tensors, state
 
 
