@@ -14,6 +14,9 @@ import sys
 # name -> (module, one-line help). A module listed here must exist.
 SUBCOMMANDS = {
     "info": ("fastdiff.ops.info", "show the compiled kernels and a quick self-check"),
+    "train": ("fastdiff.training.cli", "train an EDM2 network (one process, or many under torchrun)"),
+    "phema": ("fastdiff.training.phema_cli", "post-hoc EMA: reconstruct EMA weights from training snapshots"),
+    "dataset": ("fastdiff.data.cli", "prepare training data (convert an image folder, inspect a dataset)"),
     "generate": ("fastdiff.sampling.cli", "generate images from a trained network (EDM2 samplers and guidance)"),
     "metrics": ("fastdiff.metrics.cli", "FID / FD_DINOv2 / precision-recall / KID"),
 }
