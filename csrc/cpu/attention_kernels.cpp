@@ -53,28 +53,77 @@ template <typename V> FD_INLINE V loadu(const void* p) {
 }
 template <typename V> FD_INLINE void storeu(void* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
 
-// exp(x) for float that vectorizes: x = k ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r,
-// 2^k assembled in the exponent bits. Inputs here are in [-100, 0]; clamped so 2^k stays normal.
-FD_INLINE float fexp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float t = x * 1.4426950408889634f;
-  const float kf = t >= 0.0f ? static_cast<float>(static_cast<int>(t + 0.5f))
-                             : static_cast<float>(static_cast<int>(t - 0.5f));
-  const float r = (x - kf * 0.693359375f) + kf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+
+// Softmax rows: for jj < n (n <= np, np a multiple of 16) row[jj] = exp(row[jj] - shift), zero on
+// [n, np); returns the row's sum. The float version runs vexp on 8 lanes at once.
+FD_INLINE double exp_row(double* row, int64_t n, int64_t np, double shift) {
+  double sum = 0;
+  for (int64_t jj = 0; jj < n; jj++) {
+    row[jj] = std::exp(row[jj] - shift);
+    sum += row[jj];
+  }
+  for (int64_t jj = n; jj < np; jj++) row[jj] = 0;
+  return sum;
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+// exp on 8 floats: x = k ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r (Cephes
+// coefficients), 2^k assembled in the exponent bits. Relative error ~2e-7; x clamped so 2^k stays normal.
+
+FD_INLINE v8f vexp(v8f x) {
+  const v8f lo = v8f{} - 87.0f, hi = v8f{} + 88.0f, half = v8f{} + 0.5f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v8f t = x * 1.4426950408889634f;
+  const v8i k = __builtin_convertvector(t + (t >= v8f{} ? half : -half), v8i);
+  const v8f kf = __builtin_convertvector(k, v8f);
+  const v8f r = (x - kf * 0.693359375f) + kf * 2.12194440e-4f;
+  v8f p = v8f{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int bits = (static_cast<int>(kf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * (v8f)((k + 127) << 23);
 }
-FD_INLINE double fexp(double x) { return std::exp(x); }
+
+FD_INLINE v8f lane_mask(int64_t jj, int64_t n) {  // 1.0 on lanes jj + l < n, else 0
+  const v8i idx = v8i{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<int>(jj);
+  return (idx < static_cast<int>(n)) ? v8f{} + 1.0f : v8f{};
+}
+
+FD_INLINE float exp_row(float* row, int64_t n, int64_t np, float shift) {
+  v8f acc = v8f{};
+  for (int64_t jj = 0; jj < np; jj += 8) {
+    v8f v = loadu<v8f>(row + jj);
+    v = vexp(v - shift);
+    if (jj + 8 > n) v *= lane_mask(jj, n);
+    storeu(row + jj, v);
+    acc += v;
+  }
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// Backward rows: p = exp(s - l) (zero for jj >= n), ds = p (dp - d), on [0, np).
+FD_INLINE void dsoftmax_row(double* p, double* ds, int64_t n, int64_t np, double l, double d) {
+  for (int64_t jj = 0; jj < n; jj++) {
+    p[jj] = std::exp(p[jj] - l);
+    ds[jj] = p[jj] * (ds[jj] - d);
+  }
+  for (int64_t jj = n; jj < np; jj++) p[jj] = ds[jj] = 0;
+}
+
+FD_INLINE void dsoftmax_row(float* p, float* ds, int64_t n, int64_t np, float l, float d) {
+  for (int64_t jj = 0; jj < np; jj += 8) {
+    v8f v = vexp(loadu<v8f>(p + jj) - l);
+    if (jj + 8 > n) v *= lane_mask(jj, n);
+    storeu(p + jj, v);
+    storeu(ds + jj, v * (loadu<v8f>(ds + jj) - d));
+  }
+}
 
 template <typename T> FD_INLINE attn_acc_t<T> ld(T v) { return static_cast<attn_acc_t<T>>(v); }
 
@@ -190,17 +239,7 @@ FD_INLINE void bwd_block(int64_t q0, int64_t nq, int64_t k0, int64_t nk, const A
   const int64_t nkp = attn_pad(nk);
   gemm<A>(nq, nkp, D, qs + q0 * D, D, 1, kt + k0, ldk, p, BK, false);
   gemm<A>(nq, nkp, D, dy + q0 * D, D, 1, vt + k0, ldk, ds, BK, false);
-  for (int64_t i = 0; i < nq; i++) {
-    A* pr = p + i * BK;
-    A* dr = ds + i * BK;
-    const A l = lse[q0 + i], di = Dv[q0 + i];
-    for (int64_t jj = 0; jj < nk; jj++) {
-      const A pv = fexp(pr[jj] - l);
-      pr[jj] = pv;
-      dr[jj] = pv * (dr[jj] - di);
-    }
-    for (int64_t jj = nk; jj < nkp; jj++) pr[jj] = dr[jj] = A(0);
-  }
+  for (int64_t i = 0; i < nq; i++) dsoftmax_row(p + i * BK, ds + i * BK, nk, nkp, lse[q0 + i], Dv[q0 + i]);
 }
 
 template <typename T>
@@ -248,16 +287,7 @@ FD_INLINE void impl_fwd_tile(const T* xh, int64_t HW, int64_t q0, int64_t nq,
   for (int64_t k0 = 0; k0 < HW; k0 += BK) {
     const int64_t nk = HW - k0 < BK ? HW - k0 : BK;
     gemm<A>(nq, attn_pad(nk), D, qs, D, 1, kt + k0, ldk, s, BK, false);
-    for (int64_t i = 0; i < nq; i++) {
-      A* row = s + i * BK;
-      A sum = A(0);
-      for (int64_t jj = 0; jj < nk; jj++) {
-        const A pv = fexp(row[jj] - A(kShift));
-        row[jj] = pv;
-        sum += pv;
-      }
-      l[i] += sum;
-    }
+    for (int64_t i = 0; i < nq; i++) l[i] += exp_row(s + i * BK, nk, attn_pad(nk), A(kShift));
     gemm<A>(nq, D, nk, s, BK, 1, v + k0 * D, D, o, D, true);
   }
 
