@@ -170,6 +170,20 @@ class TestBackward:
         qkv = make_qkv(1, 2, 12, 13)
         assert torch.equal(grads(fused, qkv, 2), grads(fused, qkv, 2))
 
+    def test_same_bits_for_any_thread_count(self):
+        # 3 heads: with 1 thread the backward runs one task per head (both passes fused), with 2 threads
+        # separate key-tile and query-tile tasks; the accumulation order, hence every bit, is the same.
+        qkv = make_qkv(1, 3, 13, 17)
+        old = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = grads(fused, qkv, 3)
+            torch.set_num_threads(2)
+            two = grads(fused, qkv, 3)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(one, two)
+
 
 @requires_ext
 class TestContract:

@@ -4,8 +4,10 @@
 // Forward:  phase 1 normalizes k and v of every (n, head) once into float scratch (O(HW * 64) per head);
 //           phase 2 runs query tiles against all key tiles (scores tile by tile, never HW x HW).
 // Backward: phase 1 normalizes q, k, v again and converts dY; a key-tile pass accumulates dK, dV over
-//           all queries and a query-tile pass accumulates dQ over all keys, each tile owned by one task,
-//           so the result is deterministic and independent of the thread count.
+//           all queries and a query-tile pass accumulates dQ over all keys, each tile owned by one task.
+//           With many heads, one task runs both passes of a head at once (no recomputation of the
+//           scores); it accumulates in the same order, so the result is bitwise the same either way:
+//           deterministic and independent of the thread count.
 // Heads are processed in groups so the scratch stays bounded (about 64 MiB) for any batch size.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -164,7 +166,20 @@ at::Tensor cosine_attention_backward_cpu(const at::Tensor& grad_in, const at::Te
                                        dy + gi * pm, Dv + gi * HW);
         }
       });
-      // One task list: the key tiles (dK, dV) then the query tiles (dQ) of every head in the group.
+      if (gn >= 2 * at::get_num_threads()) {
+        // Enough heads for every thread: one task per head, both passes fused (no recomputation).
+        at::parallel_for(0, gn, grain_for(HW * HW * kAttnDim * 10), [&](int64_t b, int64_t e) {
+          std::vector<A> work(cpu::kAttnBwdWork), dq(pm);
+          for (int64_t gi = b; gi < e; gi++) {
+            const int64_t bh = g0 + gi;
+            cpu::attn_bwd_head<scalar_t>(xp + bh * 3 * kAttnDim * HW, HW, qs + gi * pm, kn + gi * pm,
+                                         kt + gi * cm, vt + gi * cm, ldk, dy + gi * pm, Dv + gi * HW,
+                                         lp + bh * HW, op + bh * 3 * kAttnDim * HW, dq.data(), work.data());
+          }
+        });
+        continue;
+      }
+      // Few heads: one task list of the key tiles (dK, dV) then the query tiles (dQ) of every head.
       const int64_t per_head = nkt + nqt;
       const int64_t tile_grain = grain_for(std::min(HW, kAttnBQ) * HW * kAttnDim * 8);
       at::parallel_for(0, gn * per_head, tile_grain, [&](int64_t b, int64_t e) {

@@ -392,6 +392,42 @@ FD_INLINE void impl_bwd_q_tile(const T* xh, int64_t HW, int64_t q0, int64_t nq,
   norm_backward(xh, HW, 0, q0, nq, dq, A(kRsqrtD), gxh, t0, t1, t2);
 }
 
+// Backward of one whole head in one task: the key-tile pass with the dQ accumulation folded in
+// (dq: [HW][D] scratch). The per-tile arithmetic and the order of every accumulation are those of the
+// two split passes above, so the result is bitwise the same.
+template <typename T>
+FD_INLINE void impl_bwd_head(const T* xh, int64_t HW, const attn_acc_t<T>* qs, const attn_acc_t<T>* kn,
+                             const attn_acc_t<T>* kt, const attn_acc_t<T>* vt, int64_t ldk,
+                             const attn_acc_t<T>* dy, const attn_acc_t<T>* Dv, const attn_acc_t<T>* lse,
+                             T* gxh, attn_acc_t<T>* dq, attn_acc_t<T>* work) {
+  using A = attn_acc_t<T>;
+  A* p = work;
+  A* ds = p + BQ * BK;
+  A* dk = ds + BQ * BK;
+  A* dv = dk + BK * D;
+  A* t0 = dv + BK * D;
+  A* t1 = t0 + BK;
+  A* t2 = t1 + BK;
+  for (int64_t i = 0; i < HW * D; i++) dq[i] = A(0);
+  for (int64_t k0 = 0; k0 < HW; k0 += BK) {
+    const int64_t nk = HW - k0 < BK ? HW - k0 : BK;
+    for (int64_t i = 0; i < nk * D; i++) dk[i] = dv[i] = A(0);
+    for (int64_t q0 = 0; q0 < HW; q0 += BQ) {
+      const int64_t nq = HW - q0 < BQ ? HW - q0 : BQ;
+      bwd_block<A>(q0, nq, k0, nk, qs, kt, vt, ldk, dy, Dv, lse, p, ds);
+      gemm<A>(nk, D, nq, p, 1, BK, dy + q0 * D, D, dv, D, true);
+      gemm<A>(nk, D, nq, ds, 1, BK, qs + q0 * D, D, dk, D, true);
+      gemm<A>(nq, D, nk, ds, BK, 1, kn + k0 * D, D, dq + q0 * D, D, true);
+    }
+    norm_backward(xh, HW, 1, k0, nk, dk, A(1), gxh, t0, t1, t2);
+    norm_backward(xh, HW, 2, k0, nk, dv, A(1), gxh, t0, t1, t2);
+  }
+  for (int64_t q0 = 0; q0 < HW; q0 += BQ) {
+    const int64_t nq = HW - q0 < BQ ? HW - q0 : BQ;
+    norm_backward(xh, HW, 0, q0, nq, dq + q0 * D, A(kRsqrtD), gxh, t0, t1, t2);
+  }
+}
+
 #if FD_ATTN_X86
 bool cpu_has_avx2_fma() {
   __builtin_cpu_init();
@@ -441,6 +477,10 @@ FD_ATTN_VARIANTS(bwd_q_tile,
                  (const T* xh, int64_t HW, int64_t q0, int64_t nq, const A_* qs, const A_* kn, const A_* kt,
                   const A_* vt, int64_t ldk, const A_* dy, const A_* Dv, const A_* lse, T* gxh, A_* work),
                  (xh, HW, q0, nq, qs, kn, kt, vt, ldk, dy, Dv, lse, gxh, work))
+FD_ATTN_VARIANTS(bwd_head,
+                 (const T* xh, int64_t HW, const A_* qs, const A_* kn, const A_* kt, const A_* vt, int64_t ldk,
+                  const A_* dy, const A_* Dv, const A_* lse, T* gxh, A_* dq, A_* work),
+                 (xh, HW, qs, kn, kt, vt, ldk, dy, Dv, lse, gxh, dq, work))
 #undef A_
 
 #define FD_ATTN_INSTANTIATE(T)                                                                          \
@@ -458,7 +498,11 @@ FD_ATTN_VARIANTS(bwd_q_tile,
   template void attn_bwd_q_tile<T>(const T*, int64_t, int64_t, int64_t, const attn_acc_t<T>*,          \
                                    const attn_acc_t<T>*, const attn_acc_t<T>*, const attn_acc_t<T>*,    \
                                    int64_t, const attn_acc_t<T>*, const attn_acc_t<T>*,                 \
-                                   const attn_acc_t<T>*, T*, attn_acc_t<T>*);
+                                   const attn_acc_t<T>*, T*, attn_acc_t<T>*);                           \
+  template void attn_bwd_head<T>(const T*, int64_t, const attn_acc_t<T>*, const attn_acc_t<T>*,        \
+                                 const attn_acc_t<T>*, const attn_acc_t<T>*, int64_t,                   \
+                                 const attn_acc_t<T>*, const attn_acc_t<T>*, const attn_acc_t<T>*, T*,  \
+                                 attn_acc_t<T>*, attn_acc_t<T>*);
 
 FD_ATTN_INSTANTIATE(double)
 FD_ATTN_INSTANTIATE(float)

@@ -67,5 +67,13 @@ void attn_bwd_q_tile(const T* xh, int64_t HW, int64_t q0, int64_t nq, const attn
                      int64_t ldk, const attn_acc_t<T>* dy, const attn_acc_t<T>* D,
                      const attn_acc_t<T>* lse, T* gxh, attn_acc_t<T>* work);
 
+// Backward of a whole head in one call (both passes fused; dq: HW * 64 elements of scratch). Bitwise
+// the same result as the two tile passes; used when there are enough heads to keep every thread busy.
+template <typename T>
+void attn_bwd_head(const T* xh, int64_t HW, const attn_acc_t<T>* qs, const attn_acc_t<T>* kn,
+                   const attn_acc_t<T>* kt, const attn_acc_t<T>* vt, int64_t ldk, const attn_acc_t<T>* dy,
+                   const attn_acc_t<T>* D, const attn_acc_t<T>* lse, T* gxh, attn_acc_t<T>* dq,
+                   attn_acc_t<T>* work);
+
 }  // namespace cpu
 }  // namespace fastdiff
