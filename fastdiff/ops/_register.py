@@ -218,3 +218,4 @@ def _register_autograd() -> None:
 if _ext.LOADED:
     _register_fakes()
     _register_autograd()
+from fastdiff.ops import _attention  # noqa: E402,F401  (cosine attention: autograd + fake kernels)
