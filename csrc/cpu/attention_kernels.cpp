@@ -4,6 +4,7 @@
 // baseline clone on e.g. AMD Zen; __builtin_cpu_supports checks the features themselves.) The small GEMM
 // micro-kernel and the exp below are force-inlined into each variant. Only light headers here.
 #include "attention_kernels.h"
+#include "isa.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,15 +15,7 @@
 // Vector-typed helpers are always inlined, so the ABI note about passing AVX vectors does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-// Helpers are force-inlined so that they are compiled for each variant's instruction set.
-#define FD_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FD_ATTN_X86 1
-#define FD_ATTN_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define FD_ATTN_X86 0
-#define FD_ATTN_AVX2
-#endif
+// Helpers are force-inlined (FD_INLINE) so that they are compiled for each variant's instruction set.
 
 namespace fastdiff {
 namespace cpu {
@@ -428,56 +421,30 @@ FD_INLINE void impl_bwd_head(const T* xh, int64_t HW, const attn_acc_t<T>* qs, c
   }
 }
 
-#if FD_ATTN_X86
-bool cpu_has_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-const bool kAvx2 = cpu_has_avx2_fma();
-#else
-constexpr bool kAvx2 = false;
-#endif
-
 }  // namespace
 
-// Each exported function: one body (impl_*), compiled for AVX2+FMA and for the baseline.
-#define FD_ATTN_VARIANTS(NAME, PARAMS, ARGS)                                        \
-  namespace {                                                                        \
-  template <typename T> FD_ATTN_AVX2 __attribute__((noinline)) void NAME##_avx2 PARAMS { \
-    impl_##NAME<T> ARGS;                                                             \
-  }                                                                                  \
-  template <typename T> __attribute__((noinline)) void NAME##_base PARAMS {          \
-    impl_##NAME<T> ARGS;                                                             \
-  }                                                                                  \
-  }                                                                                  \
-  template <typename T> void attn_##NAME PARAMS {                                    \
-    if (kAvx2)                                                                       \
-      NAME##_avx2<T> ARGS;                                                           \
-    else                                                                             \
-      NAME##_base<T> ARGS;                                                           \
-  }
-
+// Each exported function: one body (impl_*), built for AVX2+FMA and for the baseline (isa.h).
 #define A_ attn_acc_t<T>
-FD_ATTN_VARIANTS(fwd_prep,
+FD_MULTIVERSION(void, attn_fwd_prep, impl_fwd_prep,
                  (const T* xh, int64_t HW, int64_t p0, int64_t p1, A_* kt, int64_t ldk, A_* v),
                  (xh, HW, p0, p1, kt, ldk, v))
-FD_ATTN_VARIANTS(fwd_tile,
+FD_MULTIVERSION(void, attn_fwd_tile, impl_fwd_tile,
                  (const T* xh, int64_t HW, int64_t q0, int64_t nq, const A_* kt, int64_t ldk, const A_* v,
                   T* yh, A_* lse, A_* work),
                  (xh, HW, q0, nq, kt, ldk, v, yh, lse, work))
-FD_ATTN_VARIANTS(bwd_prep,
+FD_MULTIVERSION(void, attn_bwd_prep, impl_bwd_prep,
                  (const T* xh, const T* gh, const T* yh, int64_t HW, int64_t p0, int64_t p1, A_* qs, A_* kn,
                   A_* kt, A_* vt, int64_t ldk, A_* dy, A_* Dv),
                  (xh, gh, yh, HW, p0, p1, qs, kn, kt, vt, ldk, dy, Dv))
-FD_ATTN_VARIANTS(bwd_kv_tile,
+FD_MULTIVERSION(void, attn_bwd_kv_tile, impl_bwd_kv_tile,
                  (const T* xh, int64_t HW, int64_t k0, int64_t nk, const A_* qs, const A_* kt, const A_* vt,
                   int64_t ldk, const A_* dy, const A_* Dv, const A_* lse, T* gxh, A_* work),
                  (xh, HW, k0, nk, qs, kt, vt, ldk, dy, Dv, lse, gxh, work))
-FD_ATTN_VARIANTS(bwd_q_tile,
+FD_MULTIVERSION(void, attn_bwd_q_tile, impl_bwd_q_tile,
                  (const T* xh, int64_t HW, int64_t q0, int64_t nq, const A_* qs, const A_* kn, const A_* kt,
                   const A_* vt, int64_t ldk, const A_* dy, const A_* Dv, const A_* lse, T* gxh, A_* work),
                  (xh, HW, q0, nq, qs, kn, kt, vt, ldk, dy, Dv, lse, gxh, work))
-FD_ATTN_VARIANTS(bwd_head,
+FD_MULTIVERSION(void, attn_bwd_head, impl_bwd_head,
                  (const T* xh, int64_t HW, const A_* qs, const A_* kn, const A_* kt, const A_* vt, int64_t ldk,
                   const A_* dy, const A_* Dv, const A_* lse, T* gxh, A_* dq, A_* work),
                  (xh, HW, qs, kn, kt, vt, ldk, dy, Dv, lse, gxh, dq, work))

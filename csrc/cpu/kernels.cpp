@@ -1,6 +1,7 @@
 // Definitions of the raw CPU loops declared in kernels.h. Only light headers here: this file is the
 // hot code, compiled once per instruction set by target_clones.
 #include "kernels.h"
+#include "isa.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -9,15 +10,12 @@
 #include <cmath>
 #include <cstring>
 
-#define FD_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
 
 namespace fastdiff {
 namespace cpu {
 namespace {
 
 constexpr double kSiluDiv = 0.596;  // A(kSiluDiv) is exact to each compute type
-
-#define FD_INLINE __attribute__((always_inline)) inline
 
 // exp for float that the compiler can vectorize (no branches, no libm call): range reduction
 // x = k ln2 + r with k rounded by the 1.5*2^23 shifter trick, Cody-Waite split of ln2, a degree-6
@@ -56,7 +54,7 @@ template <typename T> FD_INLINE acc_t<T> ld(T v) { return static_cast<acc_t<T>>(
 
 }  // namespace
 
-template <typename T> FD_CLONES void mp_silu(const T* x, T* y, int64_t n) {
+template <typename T> FD_INLINE void impl_mp_silu(const T* x, T* y, int64_t n) {
   using A = acc_t<T>;
   const A inv = A(1) / A(kSiluDiv);
   for (int64_t i = 0; i < n; i++) {
@@ -65,25 +63,23 @@ template <typename T> FD_CLONES void mp_silu(const T* x, T* y, int64_t n) {
   }
 }
 
-template <typename T> FD_CLONES void mp_silu_bwd(const T* g, const T* x, T* dx, int64_t n) {
+template <typename T> FD_INLINE void impl_mp_silu_bwd(const T* g, const T* x, T* dx, int64_t n) {
   using A = acc_t<T>;
   const A inv = A(1) / A(kSiluDiv);
   for (int64_t i = 0; i < n; i++) dx[i] = static_cast<T>(ld(g[i]) * silu_grad(ld(x[i])) * inv);
 }
 
-template <typename T>
-FD_CLONES void axpby(const T* a, const T* b, T* y, int64_t n, double wa, double wb) {
+template <typename T> FD_INLINE void impl_axpby(const T* a, const T* b, T* y, int64_t n, double wa, double wb) {
   using A = acc_t<T>;
   for (int64_t i = 0; i < n; i++) y[i] = static_cast<T>(A(wa) * ld(a[i]) + A(wb) * ld(b[i]));
 }
 
-template <typename T> FD_CLONES void scale(const T* x, T* y, int64_t n, double w) {
+template <typename T> FD_INLINE void impl_scale(const T* x, T* y, int64_t n, double w) {
   using A = acc_t<T>;
   for (int64_t i = 0; i < n; i++) y[i] = static_cast<T>(A(w) * ld(x[i]));
 }
 
-template <typename T>
-FD_CLONES void scale_by(const T* x, const acc_t<T>* s, int64_t s_step, T* y, int64_t n) {
+template <typename T> FD_INLINE void impl_scale_by(const T* x, const acc_t<T>* s, int64_t s_step, T* y, int64_t n) {
   if (s_step == 0) {
     const acc_t<T> w = s[0];
     for (int64_t i = 0; i < n; i++) y[i] = static_cast<T>(w * ld(x[i]));
@@ -92,7 +88,7 @@ FD_CLONES void scale_by(const T* x, const acc_t<T>* s, int64_t s_step, T* y, int
   }
 }
 
-template <typename T> FD_CLONES void clip(const T* x, T* y, int64_t n, float limit) {
+template <typename T> FD_INLINE void impl_clip(const T* x, T* y, int64_t n, float limit) {
   using A = acc_t<T>;
   const A lo = -A(limit), hi = A(limit);
   for (int64_t i = 0; i < n; i++) {
@@ -103,7 +99,7 @@ template <typename T> FD_CLONES void clip(const T* x, T* y, int64_t n, float lim
   }
 }
 
-template <typename T> FD_CLONES void clip_bwd(const T* g, const T* x, T* dx, int64_t n, float limit) {
+template <typename T> FD_INLINE void impl_clip_bwd(const T* g, const T* x, T* dx, int64_t n, float limit) {
   using A = acc_t<T>;
   const A lim = A(limit);
   for (int64_t i = 0; i < n; i++) {
@@ -112,8 +108,7 @@ template <typename T> FD_CLONES void clip_bwd(const T* g, const T* x, T* dx, int
   }
 }
 
-template <typename T>
-FD_CLONES void modulate(const T* y, const acc_t<T>* m, int64_t m_step, T* out, int64_t n) {
+template <typename T> FD_INLINE void impl_modulate(const T* y, const acc_t<T>* m, int64_t m_step, T* out, int64_t n) {
   using A = acc_t<T>;
   const A inv = A(1) / A(kSiluDiv);
   if (m_step == 0) {
@@ -130,9 +125,7 @@ FD_CLONES void modulate(const T* y, const acc_t<T>* m, int64_t m_step, T* out, i
   }
 }
 
-template <typename T>
-FD_CLONES acc_t<T> modulate_bwd(const T* g, const T* y, const acc_t<T>* m, int64_t m_step, T* dy,
-                                acc_t<T>* dm, int64_t n) {
+template <typename T> FD_INLINE acc_t<T> impl_modulate_bwd(const T* g, const T* y, const acc_t<T>* m, int64_t m_step, T* dy, acc_t<T>* dm, int64_t n) {
   using A = acc_t<T>;
   const A inv = A(1) / A(kSiluDiv);
   A total = 0;
@@ -155,15 +148,14 @@ FD_CLONES acc_t<T> modulate_bwd(const T* g, const T* y, const acc_t<T>* m, int64
   return total;
 }
 
-template <typename T> FD_CLONES acc_t<T> sumsq(const T* x, int64_t n) {
+template <typename T> FD_INLINE acc_t<T> impl_sumsq(const T* x, int64_t n) {
   acc_t<T> s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; i++) s += ld(x[i]) * ld(x[i]);
   return s;
 }
 
-template <typename T>
-FD_CLONES void sumsq_dot(const T* g, const T* x, int64_t n, acc_t<T>* ss, acc_t<T>* gx) {
+template <typename T> FD_INLINE void impl_sumsq_dot(const T* g, const T* x, int64_t n, acc_t<T>* ss, acc_t<T>* gx) {
   acc_t<T> a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t i = 0; i < n; i++) {
@@ -175,17 +167,15 @@ FD_CLONES void sumsq_dot(const T* g, const T* x, int64_t n, acc_t<T>* ss, acc_t<
   *gx = b;
 }
 
-template <typename T> FD_CLONES void sumsq_acc(const T* x, acc_t<T>* acc, int64_t n) {
+template <typename T> FD_INLINE void impl_sumsq_acc(const T* x, acc_t<T>* acc, int64_t n) {
   for (int64_t i = 0; i < n; i++) acc[i] += ld(x[i]) * ld(x[i]);
 }
 
-template <typename T> FD_CLONES void dot_acc(const T* g, const T* x, acc_t<T>* acc, int64_t n) {
+template <typename T> FD_INLINE void impl_dot_acc(const T* g, const T* x, acc_t<T>* acc, int64_t n) {
   for (int64_t i = 0; i < n; i++) acc[i] += ld(g[i]) * ld(x[i]);
 }
 
-template <typename T>
-FD_CLONES void norm_bwd(const T* g, const T* x, const acc_t<T>* s, const acc_t<T>* k, int64_t step,
-                        T* dx, int64_t n) {
+template <typename T> FD_INLINE void impl_norm_bwd(const T* g, const T* x, const acc_t<T>* s, const acc_t<T>* k, int64_t step, T* dx, int64_t n) {
   if (step == 0) {
     const acc_t<T> s0 = s[0], k0 = k[0];
     for (int64_t i = 0; i < n; i++) dx[i] = static_cast<T>(s0 * ld(g[i]) - k0 * ld(x[i]));
@@ -193,6 +183,21 @@ FD_CLONES void norm_bwd(const T* g, const T* x, const acc_t<T>* s, const acc_t<T
     for (int64_t i = 0; i < n; i++) dx[i] = static_cast<T>(s[i] * ld(g[i]) - k[i] * ld(x[i]));
   }
 }
+
+FD_MULTIVERSION(void, mp_silu, impl_mp_silu, (const T* x, T* y, int64_t n), (x, y, n))
+FD_MULTIVERSION(void, mp_silu_bwd, impl_mp_silu_bwd, (const T* g, const T* x, T* dx, int64_t n), (g, x, dx, n))
+FD_MULTIVERSION(void, axpby, impl_axpby, (const T* a, const T* b, T* y, int64_t n, double wa, double wb), (a, b, y, n, wa, wb))
+FD_MULTIVERSION(void, scale, impl_scale, (const T* x, T* y, int64_t n, double w), (x, y, n, w))
+FD_MULTIVERSION(void, scale_by, impl_scale_by, (const T* x, const acc_t<T>* s, int64_t s_step, T* y, int64_t n), (x, s, s_step, y, n))
+FD_MULTIVERSION(void, clip, impl_clip, (const T* x, T* y, int64_t n, float limit), (x, y, n, limit))
+FD_MULTIVERSION(void, clip_bwd, impl_clip_bwd, (const T* g, const T* x, T* dx, int64_t n, float limit), (g, x, dx, n, limit))
+FD_MULTIVERSION(void, modulate, impl_modulate, (const T* y, const acc_t<T>* m, int64_t m_step, T* out, int64_t n), (y, m, m_step, out, n))
+FD_MULTIVERSION(acc_t<T>, modulate_bwd, impl_modulate_bwd, (const T* g, const T* y, const acc_t<T>* m, int64_t m_step, T* dy, acc_t<T>* dm, int64_t n), (g, y, m, m_step, dy, dm, n))
+FD_MULTIVERSION(acc_t<T>, sumsq, impl_sumsq, (const T* x, int64_t n), (x, n))
+FD_MULTIVERSION(void, sumsq_dot, impl_sumsq_dot, (const T* g, const T* x, int64_t n, acc_t<T>* ss, acc_t<T>* gx), (g, x, n, ss, gx))
+FD_MULTIVERSION(void, sumsq_acc, impl_sumsq_acc, (const T* x, acc_t<T>* acc, int64_t n), (x, acc, n))
+FD_MULTIVERSION(void, dot_acc, impl_dot_acc, (const T* g, const T* x, acc_t<T>* acc, int64_t n), (g, x, acc, n))
+FD_MULTIVERSION(void, norm_bwd, impl_norm_bwd, (const T* g, const T* x, const acc_t<T>* s, const acc_t<T>* k, int64_t step, T* dx, int64_t n), (g, x, s, k, step, dx, n))
 
 #define FD_INSTANTIATE(T)                                                                        \
   template void mp_silu<T>(const T*, T*, int64_t);                                               \

@@ -1,7 +1,7 @@
 // Raw CPU inner loops on plain pointers, templated on the storage type T (double, float, c10::Half,
 // c10::BFloat16) and computing in acc_t<T> (double for double, float otherwise). They know nothing of
-// tensors; cpu/ops_cpu.cpp splits work across threads and calls them on contiguous runs. Each is built
-// for several instruction sets and picked at load time (GCC target_clones), so no global -march.
+// tensors; cpu/ops_cpu.cpp splits work across threads and calls them on contiguous runs. Each is built for
+// AVX2+FMA and for the baseline and picked at run time from the CPU's features (isa.h); no global -march.
 #pragma once
 #include <cstdint>
 #include <type_traits>
