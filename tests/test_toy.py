@@ -177,7 +177,7 @@ def test_toy_cli_fast_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "autoguidance w=2.5" in report and "CFG w=2.5" in report and "| no guidance |" in report
     results = json.loads((out / "results.json").read_text())
-    assert results["sampler_steps"] == 16 and results["fast"] is True
+    assert results["sampler_steps"] == 16 and results["fast"] is True and results["plot"] == "toy.png"
     exact = results["settings"]["exact denoiser"]
     assert exact["in_hdr90"] > 0.8 and exact["outside_hdr99"] < 0.05
     for m in results["settings"].values():

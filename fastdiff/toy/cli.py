@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the toy's tensors are tiny; "
                         "one thread avoids threading overhead)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plot", action="store_true", help="skip toy.png (matplotlib is optional)")
 
 
 def _atomic_write_bytes(path: str, write) -> None:
@@ -188,9 +189,14 @@ def run_toy(outdir: str = "toy-out", seed: int = 0, guidance: float = 3.0, steps
         "torch_threads": torch.get_num_threads(),
     }
     os.makedirs(outdir, exist_ok=True)
+    results["plot"] = None
     if plot:
         t = time.perf_counter()
-        _plot(os.path.join(outdir, "toy.png"), mixture, settings, labels, metrics, preset["grid"])
+        try:
+            _plot(os.path.join(outdir, "toy.png"), mixture, settings, labels, metrics, preset["grid"])
+            results["plot"] = "toy.png"
+        except ImportError as e:  # matplotlib is an optional dependency (pip install fastdiff[plot])
+            results["plot_error"] = f"no plot: {e}; install matplotlib (pip install 'fastdiff[plot]')"
         timings["plot_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     results["timings"] = timings
@@ -241,10 +247,9 @@ Time: train main {tm['train_main_s']:.1f} s, guide {tm['train_guide_s']:.1f} s, 
 
 
 def _plot(path, mixture, settings, labels, metrics, grid):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # The Agg canvas directly, not pyplot: no global backend switch in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     lo, hi = -1.6, 1.6
     xs = torch.linspace(lo, hi, grid, dtype=torch.float64)
@@ -254,7 +259,9 @@ def _plot(path, mixture, settings, labels, metrics, grid):
     cls = labels.argmax(1).numpy()
     colors = ["tab:orange", "tab:blue"]
     names = list(settings)
-    fig, axes = plt.subplots(2, 4, figsize=(16, 8.4), constrained_layout=True)
+    fig = Figure(figsize=(16, 8.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 4)
     panels = [("ground-truth density", None)] + [(k, settings[k]) for k in names]
     for ax, (title, x) in zip(axes.flat, panels):
         ax.imshow(logp, origin="lower", extent=(lo, hi, lo, hi), cmap="Greys", alpha=0.9 if x is None else 0.35,
@@ -275,7 +282,6 @@ def _plot(path, mixture, settings, labels, metrics, grid):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     _atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -284,13 +290,16 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         results = run_toy(outdir=args.outdir, seed=args.seed, guidance=args.guidance, steps=args.steps,
-                          fast=args.fast, samples=args.samples, train_steps=args.train_steps, quiet=args.quiet)
+                          fast=args.fast, samples=args.samples, train_steps=args.train_steps, quiet=args.quiet,
+                          plot=not args.no_plot)
     finally:
         torch.set_num_threads(old_threads)
     print(_table(results))
     tm = results["timings"]
-    print(f"\nwrote {os.path.join(args.outdir, 'toy.png')}, report.md, results.json "
-          f"(total {tm['total_s']:.1f} s)")
+    if results.get("plot_error"):
+        print(results["plot_error"])
+    written = ", ".join(f for f in (results["plot"], "report.md", "results.json") if f)
+    print(f"\nwrote {written} in {args.outdir} (total {tm['total_s']:.1f} s)")
     return 0
 
 
