@@ -9,9 +9,11 @@ with every sampler; ``generate_images`` turns seeds into uint8 images.
 from fastdiff.sampling import guidance, rng
 from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Guided, Interval
+from fastdiff.sampling.kdiffusion import KDiffusionDenoiser, as_kdiffusion
 from fastdiff.sampling.samplers import SAMPLERS, edm_sampler, edm_sigma_steps, sample
 
 __all__ = [
     "sample", "edm_sampler", "edm_sigma_steps", "SAMPLERS", "generate_images", "guidance", "rng",
     "Guidance", "Guided", "CFG", "Autoguidance", "Interval", "APG", "ICG", "TSG", "CADS",
+    "KDiffusionDenoiser", "as_kdiffusion",
 ]
