@@ -445,3 +445,21 @@ def test_torch_compile_tiny():
         compiled = torch.compile(net)
         out = compiled(x, sigma, lab)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.slow
+def test_torch_compile_training_mechanism():
+    """Compiled training: forced normalization written back and gradients taken at N(W), as in eager mode.
+
+    Checked with the aot_eager backend (the graph AOTAutograd builds). With the inductor backend on torch
+    2.13 the forward matches but some gradients do not (see BENCHMARKS.md / the issue note)."""
+    net, ref = tiny().train(), tiny().train()
+    x, sigma, lab = _inputs(net, n=2)
+    out, u = torch.compile(net, backend="aot_eager")(x, sigma, lab, return_logvar=True)
+    (out.square().sum() + u.sum()).backward()
+    out2, u2 = ref(x, sigma, lab, return_logvar=True)
+    (out2.square().sum() + u2.sum()).backward()
+    assert rel_err(out, out2) < 1e-5 and rel_err(u, u2) < 1e-5
+    for (k, p), (_, p2) in zip(net.named_parameters(), ref.named_parameters()):
+        assert rel_err(p, p2) < 1e-5, k  # the in-place normalization reached the parameters
+        assert rel_err(p.grad, p2.grad) < 1e-4, k

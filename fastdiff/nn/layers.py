@@ -118,7 +118,12 @@ class MPConv(torch.nn.Module):
             return self._apply_weight(x, self.effective_weight(gain, x.dtype))
         if _is_compiling():
             # Under torch.compile: the reference MP weight and a plain conv, which the compiler sees through.
-            return self._apply_weight(x, ops.reference.mp_weight(self.weight, gain).to(x.dtype))
+            w = self.weight
+            if self.training:
+                # The value N(W) (what the forced normalization wrote) with the gradient taken there, as in
+                # eager mode, whether or not the compiled graph sees the in-place write.
+                w = ops.reference.normalize(w.detach()) + (w - w.detach())
+            return self._apply_weight(x, ops.reference.mp_weight(w, gain).to(x.dtype))
         return ops.mp_conv(x, self.weight, gain)
 
     @staticmethod
