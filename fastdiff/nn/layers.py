@@ -88,12 +88,9 @@ class MPConv(torch.nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             g = gain.detach().clone() if isinstance(gain, torch.Tensor) else gain
             w_hat = ops.mp_weight(w.detach(), g, dtype=dtype)
-            if w_hat.ndim == 4 and self._channels_last:
-                w_hat = w_hat.contiguous(memory_format=torch.channels_last)
         self._cache = (key, w_hat)
         return w_hat
 
-    _channels_last = False
     _normalized_by_parent = False  # set by UNet / Precond, which normalize all their layers at once
 
     def _use_cache(self, gain) -> bool:
