@@ -1,8 +1,8 @@
 """The 2-D toy: exact mixture denoiser, exact-score sampling, guidance on the toy, the CLI end to end."""
 
+import importlib.util
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -169,15 +169,16 @@ def test_toy_cli_fast_end_to_end(tmp_path):
     out = tmp_path / "toy"
     args = parser.parse_args(["--fast", "--quiet", "--outdir", str(out), "--seed", "1", "--steps", "16",
                               "--guidance", "2.5"])
-    t = time.perf_counter()
     assert toy_cli.main(args) == 0
-    assert time.perf_counter() - t < 30
-    png = (out / "toy.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+    results = json.loads((out / "results.json").read_text())
+    if importlib.util.find_spec("matplotlib") is None:
+        assert results["plot"] is None and not (out / "toy.png").exists()
+    else:
+        png = (out / "toy.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
     report = (out / "report.md").read_text()
     assert "autoguidance w=2.5" in report and "CFG w=2.5" in report and "| no guidance |" in report
-    results = json.loads((out / "results.json").read_text())
-    assert results["sampler_steps"] == 16 and results["fast"] is True and results["plot"] == "toy.png"
+    assert results["sampler_steps"] == 16 and results["fast"] is True
     exact = results["settings"]["exact denoiser"]
     assert exact["in_hdr90"] > 0.8 and exact["outside_hdr99"] < 0.05
     for m in results["settings"].values():
