@@ -1,0 +1,190 @@
+"""Magnitude-preserving layers: ``MPConv`` (conv / linear with forced weight normalization), ``MPFourier``
+and the 2x resampling of the EDM2 blocks (SPEC.md section 1), built on ``fastdiff.ops``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff import ops
+
+__all__ = ["MPConv", "MPFourier", "resample", "clear_weight_caches", "force_normalize_"]
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def _ops():
+    """The op set to call: the fused ops in eager mode; under ``torch.compile`` the plain-PyTorch reference
+    ops, which the compiler traces and fuses itself (the fused custom ops would be opaque to it)."""
+    return ops.reference if _is_compiling() else ops
+
+
+@torch.compiler.disable
+def force_normalize_(weights) -> None:
+    """Forced weight normalization ``W <- N(W)`` of each weight, in place, always run eagerly.
+
+    Under ``torch.compile`` an in-place write to a parameter inside the compiled graph is not reliably
+    written back (and the gradient would be taken at the un-normalized weight), so compiled training
+    normalizes here, outside the graph, before the compiled forward reads the weights.
+    """
+    with torch.no_grad():
+        for w in weights:
+            ops.weight_norm_(w)
+
+
+class MPConv(torch.nn.Module):
+    """Magnitude-preserving convolution (``kernel=(kh, kw)``) or linear layer (``kernel=()``), no bias.
+
+    ``W_hat = gain * N(W) / sqrt(fan_in)``. In training mode every forward first normalizes the stored
+    weight in place (forced weight normalization, no gradient through the write) and then uses ``N(W)``
+    in the graph, so gradients flow through the normalization. In eval mode, when no gradient w.r.t. the
+    weight or the gain is needed, the effective weight is computed once and cached (keyed on the
+    weight's and gain's version counters, the dtype and the device), then plain ``F.conv2d`` /
+    ``F.linear`` run on it; any in-place change of the weight (optimizer step, ``load_state_dict``)
+    invalidates the cache.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel=()):
+        super().__init__()
+        kernel = tuple(int(k) for k in kernel)
+        if len(kernel) not in (0, 2):
+            raise ValueError(f"MPConv: expected kernel=() (linear) or a 2-tuple (conv), got {kernel}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel = kernel
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self._cache = None  # (key, effective weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel={self.kernel}"
+
+    # --- the eval-mode weight cache -----------------------------------------------------------------
+
+    def clear_weight_cache(self) -> None:
+        self._cache = None
+
+    def _gain_key(self, gain):
+        if isinstance(gain, torch.Tensor):
+            return ("t", id(gain), gain._version, gain.device, gain.dtype)
+        return ("f", float(gain))
+
+    def effective_weight(self, gain=1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The cached ``gain * N(W) / sqrt(fan_in)`` in ``dtype`` (no gradient); recomputed when stale."""
+        w = self.weight
+        dtype = dtype or w.dtype
+        key = (w._version, w.data_ptr(), w.device, dtype, self._gain_key(gain))
+        cache = self._cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        # Plain (non-inference) tensor even under torch.inference_mode, so it can be reused anywhere.
+        with torch.inference_mode(False), torch.no_grad():
+            g = gain.detach().clone() if isinstance(gain, torch.Tensor) else gain
+            w_hat = ops.mp_weight(w.detach(), g, dtype=dtype)
+            if w_hat.ndim == 4 and self._channels_last:
+                w_hat = w_hat.contiguous(memory_format=torch.channels_last)
+        self._cache = (key, w_hat)
+        return w_hat
+
+    _channels_last = False
+    _normalized_by_parent = False  # set by UNet / Precond, which normalize all their layers at once
+
+    def _use_cache(self, gain) -> bool:
+        if self.training or _is_compiling():
+            return False
+        if torch.is_grad_enabled():
+            if self.weight.requires_grad or (isinstance(gain, torch.Tensor) and gain.requires_grad):
+                return False
+        return True
+
+    # --- forward ------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
+        if self.training:
+            # Forced weight normalization (no grad through the write). Compiled, it is done eagerly: by the
+            # enclosing UNet / Precond for all its layers at once, else here (one graph break per layer).
+            if not _is_compiling():
+                ops.weight_norm_(self.weight)
+            elif not self._normalized_by_parent:
+                force_normalize_([self.weight])
+        elif self._use_cache(gain):
+            return self._apply_weight(x, self.effective_weight(gain, x.dtype))
+        if _is_compiling():
+            # Under torch.compile: the reference MP weight and a plain conv, which the compiler sees through.
+            w = self.weight
+            if self.training:
+                # The value N(W) (what the forced normalization wrote) with the gradient taken there, as in
+                # eager mode, whether or not the compiled graph sees the in-place write.
+                w = ops.reference.normalize(w.detach()) + (w - w.detach())
+            return self._apply_weight(x, ops.reference.mp_weight(w, gain).to(x.dtype))
+        return ops.mp_conv(x, self.weight, gain)
+
+    @staticmethod
+    def _apply_weight(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+        if w_hat.ndim == 2:
+            return F.linear(x, w_hat)
+        return F.conv2d(x, w_hat, padding=(w_hat.shape[-2] // 2, w_hat.shape[-1] // 2))
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_cache"] = None
+        return state
+
+    def __deepcopy__(self, memo):
+        # Copy everything but the cache (an EMA copy or a checkpoint must not drag stale weights along).
+        cls = self.__class__
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        import copy
+
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = None if k == "_cache" else copy.deepcopy(v, memo)
+        return new
+
+
+def clear_weight_caches(module: torch.nn.Module) -> None:
+    """Drop every cached effective weight under ``module`` (frees the memory they hold)."""
+    for m in module.modules():
+        if isinstance(m, MPConv):
+            m.clear_weight_cache()
+
+
+class MPFourier(torch.nn.Module):
+    """Magnitude-preserving Fourier features ``sqrt(2) cos(outer(c, f) + phi)`` with fixed random buffers."""
+
+    def __init__(self, num_channels: int, bandwidth: float = 1.0):
+        super().__init__()
+        self.num_channels = int(num_channels)
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.outer(x.to(torch.float32).reshape(-1), self.freqs.to(torch.float32))
+        y = torch.cos(y + self.phases.to(torch.float32)) * math.sqrt(2)
+        return y.to(x.dtype)
+
+
+def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
+    """EDM2 2x resampling with the ``[1, 1]`` filter.
+
+    ``down``: depthwise 2x2 box average with stride 2 (== ``avg_pool2d(x, 2)``). ``up``: depthwise transposed
+    conv with the same filter times 4 and stride 2, i.e. every pixel copied to a 2x2 patch (== nearest
+    upsampling). Both are computed with the cheap equivalent; tests check them against the filter form.
+    """
+    if mode == "keep":
+        return x
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    raise ValueError(f"resample: expected mode 'keep', 'down' or 'up', got {mode!r}")
