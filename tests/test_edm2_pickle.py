@@ -164,7 +164,7 @@ def find(record, path):
 
 
 def write_official(path, net, dtype=torch.float16, src="# training/networks_edm2.py (stand-in)\n", edit=None,
-                   extra=None):
+                   extra=None, protocol=None):
     """An official-format snapshot pickle for ``net``; ``edit(ema_record)`` may tamper with the tree."""
     with official_globals() as g:
         ema = official_tree(net, dtype, src)
@@ -185,7 +185,7 @@ def write_official(path, net, dtype=torch.float16, src="# training/networks_edm2
         if extra:
             data.update(extra)
         with open(path, "wb") as f:
-            pickle.dump(data, f)
+            pickle.dump(data, f, protocol=protocol)
     assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
     return path
 
@@ -247,6 +247,12 @@ def test_import_reproduces_network(tmp_path, dtype, labels):
     assert all(p.dtype == torch.float32 for p in got.parameters())
     # The names match one to one.
     assert list(got.state_dict()) == list(net.state_dict())
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 5])
+def test_other_pickle_protocols(tmp_path, net, protocol):
+    got = load_edm2_pickle(write_official(tmp_path / "p.pkl", net, protocol=protocol), keys=["ema"])["ema"]
+    assert torch.equal(outputs(got)[0], outputs(rounded(net, torch.float16))[0])
 
 
 def test_non_network_entries_are_plain_data(official):

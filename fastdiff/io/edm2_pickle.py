@@ -261,6 +261,13 @@ def _load_from_bytes(blob):
     return obj
 
 
+def _latin1_bytes(text, encoding="latin1"):
+    """``_codecs.encode``: how protocol-2 pickles spell ``bytes`` (a latin-1 string); nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
 # --- numpy ---------------------------------------------------------------------------------------------------
 
 
@@ -326,6 +333,23 @@ def _np_reconstruct(subtype, shape, typecode):
     return _NpArray()
 
 
+def _np_frombuffer(buf, dtype, shape, order="C"):
+    """``numpy.core.numeric._frombuffer``: how protocol-5 pickles store arrays."""
+    import numpy as np
+
+    if isinstance(buf, pickle.PickleBuffer):
+        buf = bytes(buf.raw())
+    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, _NpDtype) or order not in ("C", "F"):
+        raise UnsafePickleError("refusing a numpy array that is not raw numeric data")
+    shape = _check_ints(shape, "numpy shape")
+    arr = np.frombuffer(bytes(buf), dtype=dtype.resolve()).copy()
+    if arr.size != math.prod(shape):
+        raise EDM2ImportError(f"malformed numpy array: {arr.size} values for shape {shape}")
+    out = _NpArray()
+    out.array = arr.reshape(shape, order=order)
+    return out
+
+
 def _np_scalar(dtype, raw=None):
     import numpy as np
 
@@ -374,6 +398,7 @@ def _allowed_globals() -> dict:
         ("torch._utils", "_rebuild_parameter_with_state"): _Callable(
             "torch._utils._rebuild_parameter_with_state", _rebuild_parameter),
         ("torch.storage", "_load_from_bytes"): _Callable("torch.storage._load_from_bytes", _load_from_bytes),
+        ("_codecs", "encode"): _Callable("_codecs.encode", _latin1_bytes),
         ("collections", "OrderedDict"): OrderedDict,
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
@@ -386,6 +411,8 @@ def _allowed_globals() -> dict:
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         table[(mod, "_reconstruct")] = _Callable(f"{mod}._reconstruct", _np_reconstruct)
         table[(mod, "scalar")] = _Callable(f"{mod}.scalar", _np_scalar)
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        table[(mod, "_frombuffer")] = _Callable(f"{mod}._frombuffer", _np_frombuffer)
     for name, dtype in _STORAGE_DTYPES.items():
         mod = "torch.storage" if name == "UntypedStorage" else "torch"
         table[(mod, name)] = _Marker(f"{mod}.{name}", dtype)
