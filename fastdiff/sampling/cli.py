@@ -59,7 +59,7 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--net", required=True, help="main network checkpoint (fastdiff.io.load_network)")
+    parser.add_argument("--net", required=True, help="main network: fastdiff .safetensors or official EDM2 .pkl")
     parser.add_argument("--gnet", default=None, help="guiding network: autoguidance, or CFG with an unconditional net")
     parser.add_argument("--guidance", type=float, default=1.0, help="guidance weight (1 = none) [default: 1]")
     parser.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI]")
@@ -194,7 +194,8 @@ def main(args) -> int:
         return 2
     started, args.device = _init_distributed(args.device)
     try:
-        from fastdiff.io import load_network  # written alongside fastdiff.nn; imported only when used
+        # fastdiff .safetensors, or an official EDM2 .pkl / torch.save file read safely (no code from it runs)
+        from fastdiff.io import load_any_network as load_network
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         net = load_network(args.net, device=device)

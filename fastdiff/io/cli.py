@@ -1,0 +1,90 @@
+"""``fastdiff convert``: an official EDM2 network pickle (or a ``torch.save`` file) -> a fastdiff network file.
+
+    fastdiff convert edm2-img512-xs-2147483-0.135.pkl xs.safetensors
+    fastdiff convert snapshot.pkl net.safetensors --key ema
+    fastdiff convert snapshot.pkl --list
+
+The file is read without running any code from it (``fastdiff.io.edm2_pickle``); the output is written
+atomically with ``fastdiff.io.save_network`` and loads with ``fastdiff.io.load_network``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="official EDM2 .pkl, or a torch.save file (.pt/.pth) with a Precond state dict")
+    parser.add_argument("dst", nargs="?", default=None, help="output fastdiff network file (.safetensors)")
+    parser.add_argument("--key", default=None,
+                        help="which entry of the file holds the network [default: 'ema' for .pkl files]")
+    parser.add_argument("--list", action="store_true", help="only list the file's entries, convert nothing")
+
+
+def _jsonable(value, depth=0):
+    """A JSON-safe copy of plain data (small arrays/tensors become lists; anything else is dropped)."""
+    if depth > 8:
+        return None
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            v = _jsonable(v, depth + 1)
+            if isinstance(k, str) and v is not None:
+                out[k] = v
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in value]
+    tolist = getattr(value, "tolist", None)
+    size = getattr(value, "size", None)
+    numel = size if isinstance(size, int) else getattr(value, "numel", lambda: None)()
+    if callable(tolist) and isinstance(numel, int) and numel <= 64:
+        return tolist()
+    return None
+
+
+def _list_entries(path) -> int:
+    from fastdiff.io.edm2_pickle import PersistentObject, _plain_tree
+
+    raw = _plain_tree(path)
+    entries = raw.items() if isinstance(raw, dict) else [("<root>", raw)]
+    for key, value in entries:
+        if isinstance(value, PersistentObject):
+            kind = f"{value.class_name}({', '.join(f'{k}={v!r}' for k, v in value.init_kwargs.items())})"
+        else:
+            kind = type(value).__name__
+        print(f"{key}: {kind}")
+    return 0
+
+
+def main(args) -> int:
+    from fastdiff.io.checkpoint import save_network
+    from fastdiff.io.edm2_pickle import load_network_and_info
+
+    try:
+        if args.list:
+            return _list_entries(args.src)
+        if args.dst is None:
+            raise ValueError("give the output file (DST), or --list")
+        if os.path.abspath(args.src) == os.path.abspath(args.dst):
+            raise ValueError("the output file must differ from the input file")
+        net, info = load_network_and_info(args.src, device="cpu", key=args.key)
+        extra = {"converted_from": os.path.basename(args.src)}
+        if args.key is not None:
+            extra["key"] = args.key
+        # The official pickles also carry the loss, the encoder and the dataset settings: keep what is plain.
+        others = _jsonable(info)
+        if others:
+            extra["source_entries"] = others
+        save_network(net, args.dst, extra=extra)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fastdiff convert: error: {exc}", file=sys.stderr)
+        return 2
+    n = sum(p.numel() for p in net.parameters())
+    print(f"wrote {args.dst}: {type(net).__name__} with {n:,} parameters, "
+          f"{json.dumps(getattr(net, 'init_kwargs', {}))}")
+    return 0
