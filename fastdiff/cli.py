@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "phema": ("fastdiff.training.phema_cli", "post-hoc EMA: reconstruct EMA weights from training snapshots"),
     "dataset": ("fastdiff.data.cli", "prepare training data (convert an image folder, inspect a dataset)"),
     "generate": ("fastdiff.sampling.cli", "generate images from a trained network (EDM2 samplers and guidance)"),
+    "convert": ("fastdiff.io.cli", "convert an official EDM2 .pkl (read safely, no code run) or a torch.save state dict to a fastdiff network file"),
     "toy": ("fastdiff.toy.cli", "the 2-D toy of the autoguidance paper: CFG vs autoguidance, exact scores"),
     "metrics": ("fastdiff.metrics.cli", "FID / FD_DINOv2 / precision-recall / KID"),
 }
