@@ -136,7 +136,7 @@ def memory_table(shapes=((1, 2, 64), (32, 12, 8), (32, 9, 16))) -> str:
 
 if __name__ == "__main__":
     if "--memory" in sys.argv:
-        print(f"input qkv sizes: " + ", ".join(
+        print("input qkv sizes: " + ", ".join(
             f"{_id(s)} {math.prod(make(s).shape) * 4 / 2**20:.1f} MiB" for s in ((1, 2, 64), (32, 12, 8), (32, 9, 16))
         ))
         print(memory_table())

@@ -9,34 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
+
+from fastdiff._atomic import atomic_write
 
 __all__ = ["save_network", "load_network", "read_network_config", "FORMAT", "atomic_write"]
 
 FORMAT = "fastdiff.network/1"
 _META_KEY = "fastdiff"
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _config_of(net) -> dict:

@@ -2,35 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from typing import IO, Iterator
 
 import numpy as np
 import torch
 
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
-
-    A reader never sees a half-written file, and a failure leaves the old file (if any) untouched.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+from fastdiff._atomic import atomic_open as atomic_write  # noqa: F401  (used as `with atomic_write(path) as f`)
 
 
 def to_numpy64(x, name: str) -> np.ndarray:

@@ -24,14 +24,14 @@ Register in ``fastdiff/cli.py`` with::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 
 import torch
+
+from fastdiff._atomic import atomic_open
 
 from fastdiff.sampling import CFG, Autoguidance, sample
 from fastdiff.toy.mixture import GaussianMixture, tree_mixture
@@ -62,19 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _atomic_write_bytes(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        write(f)
 
 
 def _frechet_2d(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,37 +12,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 import torch
+
+from fastdiff._atomic import atomic_write
 
 __all__ = ["atomic_write", "save_snapshot", "read_snapshot_meta", "load_snapshot_tensors", "list_snapshots",
            "SnapshotInfo", "snapshot_name"]
 
 FORMAT = "fastdiff.network/1"
 META_KEY = "fastdiff"
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, flush it to disk, rename it over
-    ``path``. A crash leaves either the old file or the new one, never a partial file under ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def network_config(net: torch.nn.Module) -> dict:
