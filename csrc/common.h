@@ -4,6 +4,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <utility>
+#include <vector>
+
 namespace fastdiff {
 
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
@@ -54,6 +58,69 @@ inline at::Tensor like_layout(const at::Tensor& x, const ChannelView& ref) {
 // Flat dense view for purely elementwise ops: returns tensors that share one dense layout.
 inline at::Tensor dense(const at::Tensor& x) {
   return x.is_non_overlapping_and_dense() ? x : x.contiguous();
+}
+
+// Accumulation type of the kernels: double for double, float for everything else.
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_weight(const at::Tensor& w, const char* op) {
+  check_float(w, op, "w");
+  TORCH_CHECK(w.dim() >= 1 && w.size(0) > 0 && w.numel() > 0, "fastdiff.", op,
+              ": expected a non-empty weight [out_channels, ...], got shape ", w.sizes());
+}
+
+// mp_sum's weights on a and b: (1-t, t) / sqrt((1-t)^2 + t^2).
+inline std::pair<double, double> mp_sum_weights(double t) {
+  const double d = std::sqrt((1 - t) * (1 - t) + t * t);
+  return {(1 - t) / d, t / d};
+}
+
+// Everything mp_cat needs before its kernel runs: checked inputs in one shared layout, the output
+// (channels-last when both inputs are), the N x C x S sizes and the two weights.
+struct CatPlan {
+  at::Tensor a, b, y;
+  int64_t n, ca, cb, s;
+  bool channels_last;
+  double wa, wb;
+};
+
+inline CatPlan plan_mp_cat(const at::Tensor& a_in, const at::Tensor& b_in, double t) {
+  check_float(a_in, "mp_cat", "a");
+  check_float(b_in, "mp_cat", "b");
+  check_same(a_in, b_in, "mp_cat", "a", "b", /*same_shape=*/false);
+  TORCH_CHECK(a_in.dim() >= 2 && a_in.dim() == b_in.dim(),
+              "fastdiff.mp_cat: expected a and b of the same rank >= 2, got shapes ", a_in.sizes(), " and ",
+              b_in.sizes());
+  for (int64_t d = 0; d < a_in.dim(); d++)
+    TORCH_CHECK(d == 1 || a_in.size(d) == b_in.size(d),
+                "fastdiff.mp_cat: expected a and b to match in every dim but 1, got shapes ", a_in.sizes(), " and ",
+                b_in.sizes());
+  ChannelView va = channel_view(a_in, "mp_cat", "a");
+  ChannelView vb = channel_view(b_in, "mp_cat", "b");
+  CatPlan p;
+  p.channels_last = va.channels_last && vb.channels_last && a_in.dim() > 2;
+  p.a = p.channels_last ? va.t : a_in.contiguous();
+  p.b = p.channels_last ? vb.t : b_in.contiguous();
+  p.n = va.n, p.ca = va.c, p.cb = vb.c, p.s = va.s;
+  std::vector<int64_t> shape = p.a.sizes().vec();
+  shape[1] = p.ca + p.cb;
+  p.y = at::empty(shape, p.a.options());
+  if (p.channels_last)
+    p.y = p.y.contiguous(p.a.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+  const double k = std::sqrt(double(p.ca + p.cb) / ((1 - t) * (1 - t) + t * t));
+  p.wa = k / std::sqrt(double(p.ca)) * (1 - t);
+  p.wb = k / std::sqrt(double(p.cb)) * t;
+  return p;
+}
+
+// The per-(sample, channel) factor 1 + c of mp_silu_modulate, checked, in the accumulation type.
+inline at::Tensor modulation_factor(const at::Tensor& y, const at::Tensor& c, const char* op) {
+  check_float(c, op, "c");
+  TORCH_CHECK(c.device() == y.device(), "fastdiff.", op, ": expected y and c on the same device, got ", y.device(),
+              " and ", c.device());
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == y.size(0) && c.size(1) == y.size(1), "fastdiff.", op,
+              ": expected c of shape [N, C] = [", y.size(0), ", ", y.size(1), "], got ", c.sizes());
+  return (c.to(acc_type(y.scalar_type())) + 1).contiguous();
 }
 
 }  // namespace fastdiff

@@ -19,10 +19,6 @@ constexpr int64_t kGrain = 16384;  // elements per task for elementwise loops
 #define FD_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Runs f(begin, end) over a flat range of n elements in parallel.
 template <typename F> void parallel_flat(int64_t n, F f) {
   if (n > 0) at::parallel_for(0, n, kGrain, f);
@@ -30,12 +26,6 @@ template <typename F> void parallel_flat(int64_t n, F f) {
 
 // Grain (in rows) so that each task touches about kGrain elements.
 int64_t row_grain(int64_t row_len) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(row_len, 1)); }
-
-void check_weight(const at::Tensor& w, const char* op) {
-  check_float(w, op, "w");
-  TORCH_CHECK(w.dim() >= 1 && w.size(0) > 0 && w.numel() > 0, "fastdiff.", op,
-              ": expected a non-empty weight [out_channels, ...], got shape ", w.sizes());
-}
 
 // ---------------------------------------------------------------------------------------------
 // Weight normalization.
@@ -195,11 +185,6 @@ at::Tensor mp_silu_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
                      [](auto* gp, auto* xp, auto* yp, int64_t n) { cpu::mp_silu_bwd(gp, xp, yp, n); });
 }
 
-std::pair<double, double> mp_sum_weights(double t) {
-  const double d = std::sqrt((1 - t) * (1 - t) + t * t);
-  return {(1 - t) / d, t / d};
-}
-
 at::Tensor mp_sum_cpu(const at::Tensor& a, const at::Tensor& b, double t) {
   auto [wa, wb] = mp_sum_weights(t);
   return binary_flat(a, b, "mp_sum", "a", "b", [wa = wa, wb = wb](auto* ap, auto* bp, auto* yp, int64_t n) {
@@ -222,25 +207,12 @@ at::Tensor clip_backward_cpu(const at::Tensor& grad, const at::Tensor& x, double
 // mp_cat along dim 1.
 
 at::Tensor mp_cat_cpu(const at::Tensor& a_in, const at::Tensor& b_in, double t) {
-  check_float(a_in, "mp_cat", "a");
-  check_float(b_in, "mp_cat", "b");
-  check_same(a_in, b_in, "mp_cat", "a", "b", /*same_shape=*/false);
-  TORCH_CHECK(a_in.dim() >= 2 && a_in.dim() == b_in.dim(), "fastdiff.mp_cat: expected a and b of the same rank >= 2, got shapes ",
-              a_in.sizes(), " and ", b_in.sizes());
-  for (int64_t d = 0; d < a_in.dim(); d++)
-    TORCH_CHECK(d == 1 || a_in.size(d) == b_in.size(d), "fastdiff.mp_cat: expected a and b to match in every dim but 1, got shapes ",
-                a_in.sizes(), " and ", b_in.sizes());
-  ChannelView va = channel_view(a_in, "mp_cat", "a");
-  ChannelView vb = channel_view(b_in, "mp_cat", "b");
-  const bool cl = va.channels_last && vb.channels_last && a_in.dim() > 2;
-  at::Tensor a = cl ? va.t : a_in.contiguous(), b = cl ? vb.t : b_in.contiguous();
-  const int64_t N = va.n, Ca = va.c, Cb = vb.c, S = va.s, C = Ca + Cb;
-  std::vector<int64_t> shape = a.sizes().vec();
-  shape[1] = C;
-  at::Tensor y = at::empty(shape, a.options());
-  if (cl) y = y.contiguous(a.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
-  const double k = std::sqrt(double(C) / ((1 - t) * (1 - t) + t * t));
-  const double wa = k / std::sqrt(double(Ca)) * (1 - t), wb = k / std::sqrt(double(Cb)) * t;
+  CatPlan p = plan_mp_cat(a_in, b_in, t);
+  const at::Tensor &a = p.a, &b = p.b;
+  at::Tensor& y = p.y;
+  const bool cl = p.channels_last;
+  const int64_t N = p.n, Ca = p.ca, Cb = p.cb, S = p.s, C = Ca + Cb;
+  const double wa = p.wa, wb = p.wb;
   FD_DISPATCH(a.scalar_type(), "mp_cat", [&] {
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
@@ -366,15 +338,6 @@ at::Tensor pixel_norm_backward_cpu(const at::Tensor& grad_in, const at::Tensor& 
 
 // ---------------------------------------------------------------------------------------------
 // The block's chain mp_silu(y * (1 + c)).
-
-at::Tensor modulation_factor(const at::Tensor& y, const at::Tensor& c, const char* op) {
-  check_float(c, op, "c");
-  TORCH_CHECK(c.device() == y.device(), "fastdiff.", op, ": expected y and c on the same device, got ", y.device(),
-              " and ", c.device());
-  TORCH_CHECK(c.dim() == 2 && c.size(0) == y.size(0) && c.size(1) == y.size(1), "fastdiff.", op,
-              ": expected c of shape [N, C] = [", y.size(0), ", ", y.size(1), "], got ", c.sizes());
-  return (c.to(acc_type(y.scalar_type())) + 1).contiguous();
-}
 
 at::Tensor mp_silu_modulate_cpu(const at::Tensor& y_in, const at::Tensor& c) {
   check_float(y_in, "mp_silu_modulate", "y");

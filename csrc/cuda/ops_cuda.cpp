@@ -17,8 +17,6 @@ namespace {
 
 using cuda::DType;
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 DType dtype_of(const at::Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case at::kDouble: return DType::Double;
@@ -43,11 +41,9 @@ void check_on(const at::Tensor& t, const at::Tensor& ref, const char* op, const 
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-void check_weight(const at::Tensor& w, const char* op) {
-  check_float(w, op, "w");
+void check_weight_cuda(const at::Tensor& w, const char* op) {
+  check_weight(w, op);
   check_cuda(w, op, "w");
-  TORCH_CHECK(w.dim() >= 1 && w.size(0) > 0 && w.numel() > 0, "fastdiff.", op,
-              ": expected a non-empty weight [out_channels, ...], got shape ", w.sizes());
 }
 
 template <typename T> const void* cptr(const T& t) { return t.const_data_ptr(); }
@@ -57,7 +53,7 @@ void* mptr(at::Tensor& t) { return t.mutable_data_ptr(); }
 // Weight normalization.
 
 at::Tensor weight_norm_scale_cuda(const at::Tensor& w_in, double eps) {
-  check_weight(w_in, "weight_norm_scale");
+  check_weight_cuda(w_in, "weight_norm_scale");
   c10::cuda::CUDAGuard guard(w_in.device());
   at::Tensor w = w_in.contiguous();
   const int64_t rows = w.size(0), n = w.numel() / rows;
@@ -68,7 +64,7 @@ at::Tensor weight_norm_scale_cuda(const at::Tensor& w_in, double eps) {
 }
 
 at::Tensor scale_rows_cuda(const at::Tensor& w_in, const at::Tensor& coef_in, std::optional<at::ScalarType> dtype) {
-  check_weight(w_in, "scale_rows");
+  check_weight_cuda(w_in, "scale_rows");
   check_float(coef_in, "scale_rows", "coef");
   check_on(coef_in, w_in, "scale_rows", "coef", "w");
   TORCH_CHECK(coef_in.dim() == 1 && coef_in.size(0) == w_in.size(0), "fastdiff.scale_rows: expected coef of shape [",
@@ -91,7 +87,7 @@ at::Tensor scale_rows_cuda(const at::Tensor& w_in, const at::Tensor& coef_in, st
 }
 
 at::Tensor weight_norm_cuda(const at::Tensor& w_in, double eps) {
-  check_weight(w_in, "weight_norm");
+  check_weight_cuda(w_in, "weight_norm");
   c10::cuda::CUDAGuard guard(w_in.device());
   at::Tensor w = w_in.contiguous();
   const int64_t rows = w.size(0), n = w.numel() / rows;
@@ -102,7 +98,7 @@ at::Tensor weight_norm_cuda(const at::Tensor& w_in, double eps) {
 }
 
 at::Tensor& weight_norm_inplace_cuda(at::Tensor& w, double eps) {
-  check_weight(w, "weight_norm_");
+  check_weight_cuda(w, "weight_norm_");
   c10::cuda::CUDAGuard guard(w.device());
   if (!w.is_contiguous()) {
     w.copy_(weight_norm_cuda(w, eps));
@@ -116,7 +112,7 @@ at::Tensor& weight_norm_inplace_cuda(at::Tensor& w, double eps) {
 
 std::tuple<at::Tensor, at::Tensor> weight_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor& w_in,
                                                              double eps) {
-  check_weight(w_in, "weight_norm_backward");
+  check_weight_cuda(w_in, "weight_norm_backward");
   check_same(grad_in, w_in, "weight_norm_backward", "grad", "w");
   c10::cuda::CUDAGuard guard(w_in.device());
   at::Tensor w = w_in.contiguous(), g = grad_in.contiguous();
@@ -196,9 +192,8 @@ at::Tensor mp_silu_backward_cuda(const at::Tensor& grad, const at::Tensor& x) {
 }
 
 at::Tensor mp_sum_cuda(const at::Tensor& a, const at::Tensor& b, double t) {
-  const double d = std::sqrt((1 - t) * (1 - t) + t * t);
-  const double wa = (1 - t) / d, wb = t / d;
-  return binary_flat(a, b, "mp_sum", "a", "b", [wa, wb](DType dt, const void* ap, const void* bp, void* yp, int64_t n) {
+  const auto [wa, wb] = mp_sum_weights(t);
+  return binary_flat(a, b, "mp_sum", "a", "b", [wa = wa, wb = wb](DType dt, const void* ap, const void* bp, void* yp, int64_t n) {
     cuda::axpby(dt, ap, bp, yp, n, wa, wb, stream());
   });
 }
@@ -223,29 +218,14 @@ at::Tensor clip_backward_cuda(const at::Tensor& grad, const at::Tensor& x, doubl
 // mp_cat along dim 1.
 
 at::Tensor mp_cat_cuda(const at::Tensor& a_in, const at::Tensor& b_in, double t) {
-  check_float(a_in, "mp_cat", "a");
-  check_float(b_in, "mp_cat", "b");
   check_cuda(a_in, "mp_cat", "a");
-  check_same(a_in, b_in, "mp_cat", "a", "b", /*same_shape=*/false);
-  TORCH_CHECK(a_in.dim() >= 2 && a_in.dim() == b_in.dim(),
-              "fastdiff.mp_cat: expected a and b of the same rank >= 2, got shapes ", a_in.sizes(), " and ",
-              b_in.sizes());
-  for (int64_t d = 0; d < a_in.dim(); d++)
-    TORCH_CHECK(d == 1 || a_in.size(d) == b_in.size(d),
-                "fastdiff.mp_cat: expected a and b to match in every dim but 1, got shapes ", a_in.sizes(), " and ",
-                b_in.sizes());
   c10::cuda::CUDAGuard guard(a_in.device());
-  ChannelView va = channel_view(a_in, "mp_cat", "a");
-  ChannelView vb = channel_view(b_in, "mp_cat", "b");
-  const bool cl = va.channels_last && vb.channels_last && a_in.dim() > 2;
-  at::Tensor a = cl ? va.t : a_in.contiguous(), b = cl ? vb.t : b_in.contiguous();
-  const int64_t N = va.n, Ca = va.c, Cb = vb.c, S = va.s, C = Ca + Cb;
-  std::vector<int64_t> shape = a.sizes().vec();
-  shape[1] = C;
-  at::Tensor y = at::empty(shape, a.options());
-  if (cl) y = y.contiguous(a.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
-  const double k = std::sqrt(double(C) / ((1 - t) * (1 - t) + t * t));
-  const double wa = k / std::sqrt(double(Ca)) * (1 - t), wb = k / std::sqrt(double(Cb)) * t;
+  CatPlan p = plan_mp_cat(a_in, b_in, t);
+  const at::Tensor &a = p.a, &b = p.b;
+  at::Tensor& y = p.y;
+  const bool cl = p.channels_last;
+  const int64_t N = p.n, Ca = p.ca, Cb = p.cb, S = p.s;
+  const double wa = p.wa, wb = p.wb;
   cuda::mp_cat(dtype_of(a, "mp_cat"), cptr(a), cptr(b), mptr(y), N, Ca, Cb, S, cl, wa, wb, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
@@ -288,15 +268,6 @@ at::Tensor pixel_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
 
 // ---------------------------------------------------------------------------------------------
 // The block's chain mp_silu(y * (1 + c)).
-
-at::Tensor modulation_factor(const at::Tensor& y, const at::Tensor& c, const char* op) {
-  check_float(c, op, "c");
-  TORCH_CHECK(c.device() == y.device(), "fastdiff.", op, ": expected y and c on the same device, got ", y.device(),
-              " and ", c.device());
-  TORCH_CHECK(c.dim() == 2 && c.size(0) == y.size(0) && c.size(1) == y.size(1), "fastdiff.", op,
-              ": expected c of shape [N, C] = [", y.size(0), ", ", y.size(1), "], got ", c.sizes());
-  return (c.to(acc_type(y.scalar_type())) + 1).contiguous();
-}
 
 at::Tensor mp_silu_modulate_cuda(const at::Tensor& y_in, const at::Tensor& c) {
   check_float(y_in, "mp_silu_modulate", "y");
