@@ -292,6 +292,21 @@ def _save_png(array: np.ndarray, path: str) -> None:
     _atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
 
 
+def _save_overview(grid: np.ndarray, names: list[str], path: str) -> None:
+    """The overview grid (one row per setting) with the settings' names in a left margin."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(grid, "L" if grid.ndim == 2 else "RGB").convert("RGB")
+    margin = 8 + 7 * max(len(n) for n in names)
+    canvas = Image.new("RGB", (img.width + margin, img.height), (255, 255, 255))
+    canvas.paste(img, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = (img.height - 1) / len(names)
+    for i, name in enumerate(names):
+        draw.text((4, int(i * row_h + row_h / 2 - 5)), name, fill=(0, 0, 0))
+    _atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
+
+
 def _grid(images: torch.Tensor, cols: int, scale: int, pad: int = 1, fill: int = 64) -> np.ndarray:
     """uint8 [N, C, H, W] -> a padded grid [rows*(H+pad)+pad, ...] (nearest-neighbour upscaled)."""
     n, c, h, w = images.shape
@@ -341,7 +356,13 @@ def _train(spec: str, dataset, rundir: str, *, kimg: float, batch: int, label_dr
         extra=dict(preset=spec, data=dataset.name, label_dropout=label_dropout, demo=True),
     )
     t = time.perf_counter()
-    result = training_loop(net, loss, dataset, rundir, cfg, device=device)
+    try:
+        result = training_loop(net, loss, dataset, rundir, cfg, device=device)
+    except (RuntimeError, KeyError) as exc:
+        if not os.path.isdir(rundir) or not any(f.startswith("training-state") for f in os.listdir(rundir)):
+            raise
+        raise ValueError(f"{rundir} holds a training run this one cannot resume (other --preset, --batch or --ema?): "
+                         f"{exc}. Use another --outdir, or delete {rundir}") from exc
     seconds = time.perf_counter() - t
     if ema > 0:
         net = load_network(os.path.join(rundir, snapshot_name(result["nimg"], ema)), device=device)
@@ -531,9 +552,11 @@ def run_demo(args) -> dict:
                                    fid_ref)
 
     # ---- outputs -----------------------------------------------------------------------------------------------
-    _save_png(_grid(torch.cat(overview_rows), overview_n, scale), os.path.join(outdir, "overview.png"))
+    _save_overview(_grid(torch.cat(overview_rows), overview_n, scale), [r["key"] for r in rows],
+                   os.path.join(outdir, "overview.png"))
     results = dict(
         command="fastdiff demo" + (" --fast" if args.fast else ""), fast=bool(args.fast), seed=args.seed,
+        options=dict(opts, label_dropout=args.label_dropout, ema=args.ema, fid=args.fid, device=str(device)),
         data=dict(name=dataset.name, images=len(real), channels=channels, resolution=res, classes=label_dim),
         main=main_info, guide=guide_info,
         sampler=dict(name="heun", steps=steps, evaluations_per_network=2 * steps - 1, seeds=f"0-{num - 1}",
