@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "generate": ("fastdiff.sampling.cli", "generate images from a trained network (EDM2 samplers and guidance)"),
     "toy": ("fastdiff.toy.cli", "the 2-D toy of the autoguidance paper: CFG vs autoguidance, exact scores"),
     "metrics": ("fastdiff.metrics.cli", "FID / FD_DINOv2 / precision-recall / KID"),
+    "demo": ("fastdiff.demo", "train a small EDM2 model on offline digits; compare CFG and autoguidance"),
 }
 
 
