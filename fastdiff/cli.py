@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "convert": ("fastdiff.io.cli", "convert an official EDM2 .pkl (read safely, no code run) or a torch.save state dict to a fastdiff network file"),
     "toy": ("fastdiff.toy.cli", "the 2-D toy of the autoguidance paper: CFG vs autoguidance, exact scores"),
     "metrics": ("fastdiff.metrics.cli", "FID / FD_DINOv2 / precision-recall / KID"),
+    "demo": ("fastdiff.demo", "train a small EDM2 model on offline digits; compare CFG and autoguidance"),
 }
 
 

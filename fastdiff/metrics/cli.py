@@ -2,7 +2,8 @@
 
     fastdiff metrics ref  --data DIR_OR_ZIP --dest ref.npz [--detector inception] [--metrics fd,pr,kid]
     fastdiff metrics calc --images DIR_OR_ZIP --ref ref.npz [--metrics fid,pr,kid] [--out results.json]
-    fastdiff metrics gen  ...   (metrics of a network's samples; arrives with the sampler)
+    fastdiff metrics gen  --net net.safetensors --ref ref.npz [--gnet guide.safetensors --guidance 2]
+                          [--interval LO,HI] [--steps 32] [--seeds 0-49999] [--out results.json]
 
 The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless
 ``--num`` is lowered explicitly. ``--num all`` uses every image (e.g. a whole training set as reference).
@@ -78,10 +79,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, metavar="DIR_OR_ZIP", help="folder (recursive) or .zip of PNG/JPG")
     p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics from `fastdiff metrics ref`")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
-    p = sub.add_parser("gen", parents=[common], help="metrics of a network's samples (not yet available)",
-                       description="Generate images with a network and compute metrics on the fly.")
+    # Its own copy of the common options: set_defaults below changes the shared actions' defaults otherwise.
+    p = sub.add_parser("gen", parents=[_common_options()], help="metrics of a network's samples, generated on the fly",
+                       description="Generate images with a network (fastdiff.sampling.generate_images) and compute "
+                                   "metrics on the fly, without writing images. --batch is both the sampling and the "
+                                   "detector batch. --num defaults to the number of --seeds (else 50,000 seeds "
+                                   "0..49999).")
     p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
+    p.add_argument("--net", required=True, help="network file (fastdiff.io.load_network)")
+    p.add_argument("--gnet", default=None, help="guiding network: autoguidance, or CFG with an unconditional net")
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance weight (1 = none) [default: 1]")
+    p.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI]")
+    p.add_argument("--sampler", default="heun", help="heun, euler, euler_ancestral, dpmpp_2m [default: heun]")
+    p.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
+    p.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 or 1,5,10-12 [default: 0..num-1]")
+    p.add_argument("--class", dest="class_idx", type=int, default=None, help="class label [default: random]")
+    p.set_defaults(num=None)
 
 
 def _format_table(results: dict[str, float]) -> str:
@@ -118,10 +132,48 @@ def _run_calc(args) -> int:
 
 
 def _run_gen(args) -> int:
-    raise NotImplementedError(
-        "`fastdiff metrics gen` (metrics of freshly generated samples) arrives with the sampler "
-        "(fastdiff.sampling). Until then, save samples to a folder and run `fastdiff metrics calc --images DIR "
-        "--ref REF.npz`, or call fastdiff.metrics.calc_from_generator(batches, ref) from Python.")
+    from fastdiff.io import load_network
+    from fastdiff.metrics.evaluate import calc_from_generator
+    from fastdiff.sampling.cli import parse_interval, parse_seeds
+    from fastdiff.sampling.generate import generate_images
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    interval = parse_interval(args.interval)
+    if args.guidance != 1 and args.gnet is None:
+        raise ValueError(f"--guidance={args.guidance} needs a guiding network (--gnet); --guidance=1 means no guidance")
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
+        num = len(seeds) if args.num is None else args.num
+        if num > len(seeds):
+            raise ValueError(f"--num {num} but only {len(seeds)} seeds given; the standard protocol uses "
+                             f"{DEFAULT_NUM:,} images (--seeds 0-{DEFAULT_NUM - 1})")
+    else:
+        num = DEFAULT_NUM if args.num is None else args.num
+        seeds = list(range(num))
+    ref = load_reference(args.ref)
+    _, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
+    net = load_network(args.net, device=args.device).requires_grad_(False)
+    gnet = load_network(args.gnet, device=args.device).requires_grad_(False) if args.gnet is not None else None
+    images = generate_images(net, seeds[:num], gnet=gnet, guidance=args.guidance, interval=interval,
+                             sampler=args.sampler, steps=args.steps, class_idx=args.class_idx, batch=args.batch,
+                             device=args.device)
+    with torch.inference_mode():
+        results = calc_from_generator((batch for _seeds, batch in images), ref, metrics=args.metrics,
+                                      detector=detector, num=num, device=args.device, batch_size=args.batch,
+                                      weights=args.weights, max_features=args.max_features, seed=args.seed,
+                                      progress=args.progress)
+    print(_format_table(results))
+    if args.out:
+        record = dict(net=args.net, gnet=args.gnet, guidance=args.guidance, interval=interval, sampler=args.sampler,
+                      steps=args.steps, class_idx=args.class_idx, num=num, seeds=args.seeds or f"0-{num - 1}",
+                      ref=args.ref, detector=detector, results=results)
+        with atomic_write(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:

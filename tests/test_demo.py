@@ -1,0 +1,178 @@
+"""``fastdiff demo`` end to end (--fast), its pieces, and ``fastdiff metrics gen`` on a tiny network file."""
+
+import argparse
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from fastdiff import demo
+from fastdiff.metrics import ModuleDetector, compute_feature_stats, register_detector, unregister_detector
+from fastdiff.metrics import cli as metrics_cli
+
+
+def _demo_args(*argv):
+    parser = argparse.ArgumentParser(prog="fastdiff demo")
+    demo.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_demo_fast_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    t = time.perf_counter()
+    assert demo.main(_demo_args("--fast", "--outdir", str(out), "--no-progress", "--data", "builtin:digits")) == 0
+    elapsed = time.perf_counter() - t
+    results = json.loads((out / "results.json").read_text())
+    keys = [s["key"] for s in results["settings"]]
+    assert keys == ["none", "cfg-w2", "autoguidance-w2", "autoguidance-interval-w2"]
+    for s in results["settings"]:
+        assert (out / s["grid"]).is_file()
+        assert s["fd_classifier"] >= 0 and 0 <= s["accuracy"] <= 1
+        assert "fid" not in s  # --fid auto on the CPU: not computed, and said so
+    assert results["metric"]["fid_note"]
+    assert results["real"]["num_images"] == results["sampler"]["num_images"] == 48
+    assert results["main"]["label_dropout"] == 0.1 and results["guide"]["params"] < results["main"]["params"]
+    assert (out / "overview.png").is_file()
+    report = (out / "report.md").read_text()
+    assert "FD (classifier features)" in report and "not FID" in report and "autoguidance + interval" in report
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert results["plot"] is None and "matplotlib" in results["plot_error"]
+    else:
+        assert results["plot"] == "metrics.png" and (out / "metrics.png").is_file()
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # atomic writes leave no temporaries
+    printed = capsys.readouterr().out
+    assert "| no guidance | 1 |" in printed and "wrote" in printed
+    # The budget is 60 s on a quiet 2-core machine; allow for a loaded test machine.
+    assert elapsed < 240, f"demo --fast took {elapsed:.0f} s"
+
+    # A rerun resumes the finished training runs instead of training again.
+    assert demo.main(_demo_args("--fast", "--outdir", str(out), "--no-progress", "--no-plot",
+                                "--data", "builtin:digits")) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["main"]["resumed_from"] and again["settings"][0]["fd_classifier"] == pytest.approx(
+        results["settings"][0]["fd_classifier"], rel=1e-6)
+
+
+def test_demo_registered_in_cli():
+    from fastdiff import cli
+
+    assert cli.SUBCOMMANDS["demo"][0] == "fastdiff.demo"
+
+
+def test_labels_for_seeds_match_generate_images():
+    """The demo scores each sample against the class generate_images drew for its seed."""
+    from fastdiff.sampling import generate_images
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        img_resolution, img_channels, label_dim = 4, 1, 7
+
+        def forward(self, x, sigma, labels):
+            seen.append(labels.argmax(1))
+            return torch.zeros_like(x)
+
+    seeds = [3, 0, 11, 200, 5]
+    for _ in generate_images(Recorder(), seeds, steps=1, batch=2):
+        pass
+    drawn = torch.cat(seen[::1])  # steps=1: one evaluation per batch
+    assert drawn.tolist() == demo.labels_for_seeds(seeds, (1, 4, 4), 7).tolist()
+
+
+def test_label_dropout_zeroes_some_labels():
+    got = []
+
+    def loss(net, images, labels=None, generator=None):
+        got.append(labels)
+        return images
+
+    wrapped = demo.LabelDropout(loss, 0.5)
+    labels = torch.nn.functional.one_hot(torch.arange(1000) % 10, 10).float()
+    wrapped(None, torch.zeros(1000, 1), labels, generator=torch.Generator().manual_seed(0))
+    kept = got[0].sum(1)
+    assert set(kept.tolist()) <= {0.0, 1.0} and 400 < int((kept == 0).sum()) < 600
+    assert "p=0.5" in repr(wrapped)
+    with pytest.raises(ValueError):
+        demo.LabelDropout(loss, 1.0)
+
+
+def test_parse_preset():
+    assert demo.parse_preset("tiny-16") == ("tiny-16", {})
+    assert demo.parse_preset("tiny-16?model_channels=16&channel_mult=1,2&dropout=0.1") == (
+        "tiny-16", {"model_channels": 16, "channel_mult": [1, 2], "dropout": 0.1})
+    with pytest.raises(ValueError):
+        demo.parse_preset("tiny-16?model_channels")
+
+
+# ------------------------------------------------------------------------------------------------ metrics gen
+
+
+class Pool(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+@pytest.fixture
+def pooldet():
+    def factory(weights=None, device="cpu", batch_size=64):
+        return ModuleDetector(Pool(), "pool", 12, device=device, batch_size=batch_size)
+
+    register_detector("pool", factory, overwrite=True)
+    yield factory
+    unregister_detector("pool")
+
+
+def _metrics_cli(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="fastdiff metrics")
+    metrics_cli.add_arguments(parser)
+    return metrics_cli.main(parser.parse_args(list(argv)))
+
+
+def test_metrics_gen(tmp_path, pooldet, capsys):
+    import fastdiff.nn as fnn
+    from fastdiff.io import save_network
+
+    torch.manual_seed(0)
+    small = dict(model_channels=8, logvar_channels=8, use_fp16=False)
+    save_network(fnn.build("tiny-16", **small), tmp_path / "net.safetensors")
+    save_network(fnn.build("tiny-16", **small), tmp_path / "gnet.safetensors")
+    real = (torch.rand(40, 3, 16, 16) * 255).to(torch.uint8)
+    stats = compute_feature_stats([real], pooldet(), num=None, progress=False)
+    stats.to_reference("pool").save(tmp_path / "ref.npz")
+    common = ["--ref", str(tmp_path / "ref.npz"), "--net", str(tmp_path / "net.safetensors"), "--steps", "2",
+              "--batch", "8", "--device", "cpu", "--no-progress"]
+
+    out = tmp_path / "gen.json"
+    assert _metrics_cli("gen", *common, "--seeds", "0-11", "--out", str(out)) == 0
+    record = json.loads(out.read_text())
+    assert record["num"] == 12 and record["detector"] == "pool" and record["results"]["fd_pool"] > 0
+    assert "fd_pool" in capsys.readouterr().out
+
+    # the same seeds through the Python API give the same value (the CLI feeds calc_from_generator)
+    from fastdiff.io import load_network
+    from fastdiff.metrics import calc_from_generator
+    from fastdiff.sampling import generate_images
+
+    net = load_network(tmp_path / "net.safetensors")
+    direct = calc_from_generator((b for _, b in generate_images(net, range(12), steps=2, batch=8)),
+                                 str(tmp_path / "ref.npz"), num=12, progress=False)
+    assert direct["fd_pool"] == pytest.approx(record["results"]["fd_pool"], rel=1e-5)
+
+    # autoguidance with an interval, fewer images than seeds
+    assert _metrics_cli("gen", *common, "--gnet", str(tmp_path / "gnet.safetensors"), "--guidance", "2",
+                        "--interval", "0.5,10", "--seeds", "0-11", "--num", "6", "--out", str(out)) == 0
+    record = json.loads(out.read_text())
+    assert record["num"] == 6 and record["guidance"] == 2 and record["interval"] == [0.5, 10]
+
+    # errors: guidance without a guide, more images than seeds, a missing network file
+    assert _metrics_cli("gen", *common, "--guidance", "2", "--seeds", "0-3") == 1
+    assert "needs a guiding network" in capsys.readouterr().err
+    assert _metrics_cli("gen", *common, "--seeds", "0-3", "--num", "10") == 1
+    assert "only 4 seeds" in capsys.readouterr().err
+    assert _metrics_cli("gen", "--ref", str(tmp_path / "ref.npz"), "--net", str(tmp_path / "none.safetensors"),
+                        "--seeds", "0-3", "--no-progress") == 1
+    assert "no such file" in capsys.readouterr().err
