@@ -18,14 +18,16 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 1e-9:.3g} ns"
 
 
-def table(data: dict, fast: str = "fastdiff") -> str:
+def table(data: dict, fast: str | None = None) -> str:
     groups: "OrderedDict[str, dict[str, dict]]" = OrderedDict()
     for b in data["benchmarks"]:
-        impl = b.get("extra_info", {}).get("impl", b["name"])
+        impl = b.get("extra_info", {}).get("impl", b["name"].split("[")[0].removeprefix("test_"))
         groups.setdefault(b.get("group") or b["name"], {})[impl] = b
     impls = []
     for g in groups.values():
         impls += [i for i in g if i not in impls]
+    if fast is None:  # the implementation named fastdiff (or fused), else the first one
+        fast = next((i for i in impls if "fastdiff" in i or "fused" in i), impls[0])
     others = [i for i in impls if i != fast]
     head = ["case"] + [f"{i} (median)" for i in impls] + [f"{fast} vs {o}" for o in others]
     extra_keys = sorted({k for g in groups.values() for b in g.values() for k in b.get("extra_info", {}) if k != "impl"})
@@ -48,7 +50,8 @@ def table(data: dict, fast: str = "fastdiff") -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json_file")
-    p.add_argument("--fast", default="fastdiff", help="the implementation whose speed-up is reported")
+    p.add_argument("--fast", default=None, help="the implementation whose speed-up is reported "
+                   "(default: the one named fastdiff or fused)")
     args = p.parse_args()
     with open(args.json_file) as f:
         data = json.load(f)
