@@ -76,8 +76,21 @@ at::Tensor weight_norm_cpu(const at::Tensor& w, double eps) {
 }
 
 at::Tensor& weight_norm_inplace_cpu(at::Tensor& w, double eps) {
-  at::Tensor out = weight_norm_cpu(w, eps);
-  w.copy_(out);
+  if (!w.is_contiguous()) {  // rare (a transposed view): normalize a copy, write it back
+    w.copy_(weight_norm_cpu(w, eps));
+    return w;
+  }
+  // Two passes over the weight: the row norms, then each row scaled in place.
+  at::Tensor coef = weight_norm_scale_cpu(w, eps);
+  const int64_t rows = w.size(0), n = w.numel() / rows;
+  FD_DISPATCH(w.scalar_type(), "weight_norm_", [&] {
+    using A = cpu::acc_t<scalar_t>;
+    scalar_t* wp = w.mutable_data_ptr<scalar_t>();
+    const A* cp = coef.const_data_ptr<A>();
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; r++) cpu::scale_by(wp + r * n, cp + r, 0, wp + r * n, n);
+    });
+  });
   return w;
 }
 
