@@ -6,8 +6,10 @@ Side by side in one run:
   - fastdiff (reference ops): fastdiff.sampling with the fused op replaced by its PyTorch reference;
   - fastdiff: fastdiff.sampling with the fused solver step and interval skipping.
 
-The network is a STAND-IN (EDM-preconditioned conv denoiser: 3x3 convs, 64 channels at 32x32 for the
-main network, 32 channels for the guide), until the fastdiff.nn presets are merged.
+Networks: the `tiny-16` preset (main; 16x16, 32 channels) and the same preset at half width (the guide,
+as in autoguidance: a smaller model), with non-zero gains so every branch does real work. fastdiff runs
+them as `fastdiff.nn.Precond` (cached weights, fused ops); the plain loop runs the same weights through
+the plain-PyTorch EDM2 of tests/plain_edm2.py (weights normalized on every call, no fused ops).
 
     PYTHONPATH=. python benchmarks/bench_sampling.py                 # table
     PYTHONPATH=. pytest benchmarks/bench_sampling.py --benchmark-enable   # pytest-benchmark, one group
@@ -24,43 +26,31 @@ import torch
 from fastdiff import ops
 from fastdiff.sampling import Autoguidance, Interval, edm_sigma_steps, sample
 
-BATCH, STEPS, RES, W = 8, 32, 32, 2.0
+BATCH, STEPS, W = 8, 32, 2.0
 INTERVAL = (0.28, 2.9)
+MAIN, GUIDE = ("tiny-16", {}), ("tiny-16", dict(model_channels=16, logvar_channels=16))
 
 
-class StandInDenoiser(torch.nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), F a small conv net (stand-in for EDM2)."""
+def _build(preset, overrides, seed):
+    from fastdiff import nn as fnn
 
-    def __init__(self, channels=64, depth=4, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        chans = [4] + [channels] * (depth - 1) + [3]
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:]))
-        with torch.no_grad():
-            for c in self.convs:
-                c.weight.copy_(torch.randn(c.weight.shape, generator=g) / (c.weight[0].numel() ** 0.5))
-                c.bias.zero_()
-
-    def forward(self, x, sigma, labels=None):
-        s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
-        sd = 0.5
-        c_skip, c_out, c_in = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), 1 / (s**2 + sd**2).sqrt()
-        h = torch.cat([c_in * x, (s.log() / 4).expand(-1, 1, *x.shape[2:])], dim=1)
-        for k, conv in enumerate(self.convs):
-            h = conv(h)
-            if k < len(self.convs) - 1:
-                h = torch.nn.functional.silu(h)
-        return c_skip * x + c_out * h
+    torch.manual_seed(seed)
+    net = fnn.build(preset, **overrides)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+    return net
 
 
-def plain_loop(net, gnet, noise, w=W, interval=INTERVAL, num_steps=STEPS):
+def plain_loop(net, gnet, noise, labels=None, w=W, interval=INTERVAL, num_steps=STEPS):
     """The loop in plain PyTorch, no fused ops, guide evaluated at every step."""
     t = edm_sigma_steps(num_steps, dtype=torch.float32, device=noise.device)
     lo, hi = interval
 
     def denoise(x, s):
         sig = s.expand(x.shape[0])
-        d1, d0 = net(x, sig), gnet(x, sig)
+        d1, d0 = net(x, sig, labels), gnet(x, sig, labels)
         guided = d0 + w * (d1 - d0)
         return guided if lo < float(s) <= hi else d1
 
@@ -76,17 +66,29 @@ def plain_loop(net, gnet, noise, w=W, interval=INTERVAL, num_steps=STEPS):
     return x
 
 
-def fastdiff_loop(net, gnet, noise, reference=False):
+def fastdiff_loop(net, gnet, noise, labels=None, reference=False):
     g = Interval(Autoguidance(gnet, W), sigma=INTERVAL)
     with ops.use_reference(reference):
-        return sample(net, noise, "heun", steps=STEPS, guidance=g)
+        return sample(net, noise, "heun", steps=STEPS, guidance=g, labels=labels)
 
 
 def setup(device="cpu"):
-    net = StandInDenoiser(64, seed=0).to(device).eval().requires_grad_(False)
-    gnet = StandInDenoiser(32, seed=1).to(device).eval().requires_grad_(False)
-    noise = torch.randn(BATCH, 3, RES, RES, generator=torch.Generator().manual_seed(0)).to(device)
-    return net, gnet, noise
+    """(fastdiff main, fastdiff guide, plain main, plain guide, noise, labels) with shared weights."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import plain_edm2 as plain
+
+    net = _build(*MAIN, seed=0).to(device).eval().requires_grad_(False)
+    gnet = _build(*GUIDE, seed=1).to(device).eval().requires_grad_(False)
+    pnet = plain.PlainEDM2.from_module(dict(net.init_kwargs), net)
+    pgnet = plain.PlainEDM2.from_module(dict(gnet.init_kwargs), gnet)
+    g = torch.Generator().manual_seed(0)
+    r, c = net.img_resolution, net.img_channels
+    noise = torch.randn(BATCH, c, r, r, generator=g).to(device)
+    labels = torch.nn.functional.one_hot(torch.randint(0, net.label_dim, (BATCH,), generator=g), net.label_dim)
+    return net, gnet, pnet, pgnet, noise, labels.float().to(device)
 
 
 def _time(fn, repeats, device):
@@ -108,14 +110,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    net, gnet, noise = setup(args.device)
-    with torch.no_grad():
-        a, b = plain_loop(net, gnet, noise), fastdiff_loop(net, gnet, noise)  # warm-up and agreement check
+    net, gnet, pnet, pgnet, noise, labels = setup(args.device)
+    with torch.no_grad():  # warm-up and agreement check
+        a, b = plain_loop(pnet, pgnet, noise, labels), fastdiff_loop(net, gnet, noise, labels)
     diff = float((a - b).abs().max())
     rows = [
-        ("plain PyTorch (no fused ops, guide at every step)", lambda: plain_loop(net, gnet, noise)),
-        ("fastdiff.sampling, reference ops", lambda: fastdiff_loop(net, gnet, noise, reference=True)),
-        ("fastdiff.sampling, fused solver step", lambda: fastdiff_loop(net, gnet, noise)),
+        ("plain PyTorch (plain EDM2, no fused ops, guide at every step)", lambda: plain_loop(pnet, pgnet, noise, labels)),
+        ("fastdiff.sampling, reference ops", lambda: fastdiff_loop(net, gnet, noise, labels, reference=True)),
+        ("fastdiff.sampling, fused ops", lambda: fastdiff_loop(net, gnet, noise, labels)),
     ]
     # Interleave the rows so that load changes on a shared machine hit them alike.
     times = {name: [] for name, _ in rows}
@@ -124,8 +126,8 @@ def main(argv=None) -> int:
             times[name] += _time(fn, 1, args.device)
     step_rows = step_benchmark(args.device)
     base = statistics.median(times[rows[0][0]])
-    print(f"32-step Heun, autoguidance w={W}, interval sigma in {INTERVAL}, batch {BATCH}, 3x{RES}x{RES}, "
-          f"stand-in conv denoiser (64 ch main / 32 ch guide), device {args.device}, torch {torch.__version__}, "
+    print(f"32-step Heun, autoguidance w={W}, interval sigma in {INTERVAL}, batch {BATCH}, "
+          f"main {MAIN}, guide {GUIDE}, device {args.device}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; median of {args.repeats}; max |plain - fastdiff| = {diff:.2e}")
     print("| loop | median s | min s | speed-up |")
     print("|---|---|---|---|")
@@ -182,15 +184,17 @@ try:
 
     @pytest.mark.benchmark(group="sampling-heun32-autoguidance-interval")
     def test_plain_pytorch_loop(benchmark, _models):
-        net, gnet, noise = _models
+        net, gnet, pnet, pgnet, noise, labels = _models
+        benchmark.extra_info["impl"] = "plain"
         with torch.no_grad():
-            benchmark.pedantic(plain_loop, args=(net, gnet, noise), rounds=3, iterations=1, warmup_rounds=1)
+            benchmark.pedantic(plain_loop, args=(pnet, pgnet, noise, labels), rounds=3, iterations=1, warmup_rounds=1)
 
     @pytest.mark.benchmark(group="sampling-heun32-autoguidance-interval")
     def test_fastdiff_loop(benchmark, _models):
-        net, gnet, noise = _models
+        net, gnet, pnet, pgnet, noise, labels = _models
+        benchmark.extra_info["impl"] = "fastdiff"
         with torch.no_grad():
-            benchmark.pedantic(fastdiff_loop, args=(net, gnet, noise), rounds=3, iterations=1, warmup_rounds=1)
+            benchmark.pedantic(fastdiff_loop, args=(net, gnet, noise, labels), rounds=3, iterations=1, warmup_rounds=1)
 except ImportError:  # pragma: no cover
     pass
 
