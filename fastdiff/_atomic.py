@@ -49,3 +49,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[IO], object], mode: str = "wb") -> None:
+    """``write(f)`` on an open file object (e.g. ``img.save(f, format="PNG")``), atomically."""
+    with atomic_open(path, mode) as f:
+        write(f)

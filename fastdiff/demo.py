@@ -30,17 +30,17 @@ Register in ``fastdiff/cli.py`` with::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
+
+from fastdiff._atomic import atomic_write_with
 
 __all__ = ["add_arguments", "main", "run_demo", "LabelDropout", "DigitClassifier", "labels_for_seeds",
            "parse_preset", "DEFAULTS", "FAST"]
@@ -268,28 +268,12 @@ def labels_for_seeds(seeds, shape, label_dim: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
-def _atomic_write_bytes(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def _save_png(array: np.ndarray, path: str) -> None:
     """uint8 [H, W] or [H, W, 3] -> PNG, atomically."""
     from PIL import Image
 
     img = Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
-    _atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))
+    atomic_write_with(path, lambda f: img.save(f, format="PNG"))
 
 
 def _save_overview(grid: np.ndarray, names: list[str], path: str) -> None:
@@ -304,7 +288,7 @@ def _save_overview(grid: np.ndarray, names: list[str], path: str) -> None:
     row_h = (img.height - 1) / len(names)
     for i, name in enumerate(names):
         draw.text((4, int(i * row_h + row_h / 2 - 5)), name, fill=(0, 0, 0))
-    _atomic_write_bytes(path, lambda f: canvas.save(f, format="PNG"))
+    atomic_write_with(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def _grid(images: torch.Tensor, cols: int, scale: int, pad: int = 1, fill: int = 64) -> np.ndarray:
@@ -584,9 +568,9 @@ def run_demo(args) -> dict:
     timings["total_s"] = time.perf_counter() - t_start
     results["timings"] = {k: round(v, 2) for k, v in timings.items()}
     results["machine"]["load_average_end"] = _load_average()
-    _atomic_write_bytes(os.path.join(outdir, "results.json"),
+    atomic_write_with(os.path.join(outdir, "results.json"),
                         lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
-    _atomic_write_bytes(os.path.join(outdir, "report.md"), lambda f: f.write(_report(results).encode()))
+    atomic_write_with(os.path.join(outdir, "report.md"), lambda f: f.write(_report(results).encode()))
     return results
 
 
@@ -695,7 +679,7 @@ def _plot(path: str, results: dict) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    _atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from fastdiff._atomic import atomic_open
+from fastdiff._atomic import atomic_write_with
 
 from fastdiff.sampling import CFG, Autoguidance, sample
 from fastdiff.toy.mixture import GaussianMixture, tree_mixture
@@ -59,11 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "one thread avoids threading overhead)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--no-plot", action="store_true", help="skip toy.png (matplotlib is optional)")
-
-
-def _atomic_write_bytes(path: str, write) -> None:
-    with atomic_open(path, "wb") as f:
-        write(f)
 
 
 def _frechet_2d(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -189,9 +184,9 @@ def run_toy(outdir: str = "toy-out", seed: int = 0, guidance: float = 3.0, steps
         timings["plot_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     results["timings"] = timings
-    _atomic_write_bytes(os.path.join(outdir, "results.json"),
+    atomic_write_with(os.path.join(outdir, "results.json"),
                         lambda f: f.write(json.dumps(results, indent=2).encode()))
-    _atomic_write_bytes(os.path.join(outdir, "report.md"), lambda f: f.write(_report(results).encode()))
+    atomic_write_with(os.path.join(outdir, "report.md"), lambda f: f.write(_report(results).encode()))
     return results
 
 
@@ -272,7 +267,7 @@ def _plot(path, mixture, settings, labels, metrics, grid):
         ax.set_yticks([])
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    _atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
 def main(args: argparse.Namespace) -> int:
