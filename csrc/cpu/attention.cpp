@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../attention_checks.h"
 #include "../common.h"
 #include "attention_kernels.h"
 
@@ -39,24 +40,6 @@ int64_t grain_for(int64_t flops_per_task) {
   return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(flops_per_task, 1));
 }
 
-struct AttnShape {
-  int64_t n, heads, hw, c;
-};
-
-AttnShape check_qkv(const at::Tensor& qkv, int64_t num_heads, const char* op) {
-  check_float(qkv, op, "qkv");
-  TORCH_CHECK(qkv.dim() == 4, "fastdiff.", op, ": expected qkv of shape [N, 3C, H, W], got shape ",
-              qkv.sizes());
-  TORCH_CHECK(num_heads >= 1, "fastdiff.", op, ": expected num_heads >= 1, got ", num_heads);
-  TORCH_CHECK(qkv.size(1) == 3 * kAttnDim * num_heads, "fastdiff.", op,
-              ": the fused kernel needs 64 channels per head, i.e. qkv with 3 * 64 * num_heads = ",
-              3 * kAttnDim * num_heads, " channels, got ", qkv.size(1),
-              " (use fastdiff.ops.cosine_attention, which falls back to the reference for other head dims)");
-  return {qkv.size(0), num_heads, qkv.size(2) * qkv.size(3), kAttnDim * num_heads};
-}
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Number of heads (over the whole batch) processed at once, so that `per_head` bytes of scratch per
 // head stay within kScratchBytes (at least one head).
 int64_t head_group(int64_t per_head, int64_t total) {
@@ -64,7 +47,7 @@ int64_t head_group(int64_t per_head, int64_t total) {
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads) {
-  const AttnShape sh = check_qkv(qkv_in, num_heads, "cosine_attention");
+  const AttnShape sh = check_attention_qkv(qkv_in, num_heads, "cosine_attention");
   at::Tensor qkv = qkv_in.contiguous();
   const at::ScalarType st = qkv.scalar_type();
   at::Tensor y = at::empty({sh.n, sh.c, qkv.size(2), qkv.size(3)}, qkv.options());
@@ -113,21 +96,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_attention_cpu(const at::Tensor& qkv_in
 at::Tensor cosine_attention_backward_cpu(const at::Tensor& grad_in, const at::Tensor& qkv_in,
                                          const at::Tensor& y_in, const at::Tensor& lse_in,
                                          int64_t num_heads) {
-  const char* op = "cosine_attention_backward";
-  const AttnShape sh = check_qkv(qkv_in, num_heads, op);
-  check_float(grad_in, op, "grad");
-  check_float(y_in, op, "y");
-  check_same(grad_in, y_in, op, "grad", "y");
-  TORCH_CHECK(y_in.scalar_type() == qkv_in.scalar_type() && y_in.device() == qkv_in.device(), "fastdiff.",
-              op, ": expected y with qkv's dtype and device, got ", y_in.scalar_type(), " on ", y_in.device());
-  const std::vector<int64_t> yshape = {sh.n, sh.c, qkv_in.size(2), qkv_in.size(3)};
-  TORCH_CHECK(y_in.sizes() == at::IntArrayRef(yshape), "fastdiff.", op, ": expected y of shape ",
-              at::IntArrayRef(yshape), ", got ", y_in.sizes());
+  const AttnShape sh = check_attention_backward(grad_in, qkv_in, y_in, lse_in, num_heads);
   const at::ScalarType st = qkv_in.scalar_type();
-  TORCH_CHECK(lse_in.scalar_type() == acc_type(st) && lse_in.device() == qkv_in.device(), "fastdiff.", op,
-              ": expected lse of dtype ", acc_type(st), " on ", qkv_in.device(), ", got ", lse_in.scalar_type());
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({sh.n, sh.heads, sh.hw}), "fastdiff.", op,
-              ": expected lse of shape [", sh.n, ", ", sh.heads, ", ", sh.hw, "], got ", lse_in.sizes());
 
   at::Tensor qkv = qkv_in.contiguous(), g = grad_in.contiguous(), y = y_in.contiguous(),
              lse = lse_in.contiguous();

@@ -9,13 +9,12 @@
 #include <tuple>
 #include <vector>
 
+#include "../attention_checks.h"
 #include "../common.h"
 #include "attention_cuda.h"
 
 namespace fastdiff {
 namespace {
-
-constexpr int64_t kDim = 64;
 
 int attn_dtype(at::ScalarType t) {
   switch (t) {
@@ -28,26 +27,17 @@ int attn_dtype(at::ScalarType t) {
   return -1;
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_qkv(const at::Tensor& qkv, int64_t num_heads, const char* op) {
-  check_float(qkv, op, "qkv");
+void check_cuda_qkv(const at::Tensor& qkv, const char* op) {
   TORCH_CHECK(qkv.is_cuda(), "fastdiff.", op, ": expected a CUDA tensor, got ", qkv.device());
-  TORCH_CHECK(qkv.dim() == 4, "fastdiff.", op, ": expected qkv of shape [N, 3C, H, W], got shape ",
-              qkv.sizes());
-  TORCH_CHECK(num_heads >= 1, "fastdiff.", op, ": expected num_heads >= 1, got ", num_heads);
-  TORCH_CHECK(qkv.size(1) == 3 * kDim * num_heads, "fastdiff.", op,
-              ": the fused kernel needs 64 channels per head, i.e. qkv with 3 * 64 * num_heads = ",
-              3 * kDim * num_heads, " channels, got ", qkv.size(1),
-              " (use fastdiff.ops.cosine_attention, which falls back to the reference for other head dims)");
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
-  check_qkv(qkv_in, num_heads, "cosine_attention");
+  const AttnShape sh = check_attention_qkv(qkv_in, num_heads, "cosine_attention");
+  check_cuda_qkv(qkv_in, "cosine_attention");
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   at::Tensor qkv = qkv_in.contiguous();
-  const int64_t n = qkv.size(0), hw = qkv.size(2) * qkv.size(3);
-  at::Tensor y = at::empty({n, kDim * num_heads, qkv.size(2), qkv.size(3)}, qkv.options());
+  const int64_t n = sh.n, hw = sh.hw;
+  at::Tensor y = at::empty({n, sh.c, qkv.size(2), qkv.size(3)}, qkv.options());
   at::Tensor lse = at::empty({n, num_heads, hw}, qkv.options().dtype(acc_type(qkv.scalar_type())));
   if (y.numel() == 0) return {y, lse};
   cuda::attn_forward(attn_dtype(qkv.scalar_type()), qkv.const_data_ptr(), y.mutable_data_ptr(),
@@ -58,22 +48,10 @@ std::tuple<at::Tensor, at::Tensor> cosine_attention_cuda(const at::Tensor& qkv_i
 
 at::Tensor cosine_attention_backward_cuda(const at::Tensor& grad_in, const at::Tensor& qkv_in,
                                           const at::Tensor& y_in, const at::Tensor& lse_in, int64_t num_heads) {
-  const char* op = "cosine_attention_backward";
-  check_qkv(qkv_in, num_heads, op);
-  check_float(grad_in, op, "grad");
-  check_same(grad_in, y_in, op, "grad", "y");
-  TORCH_CHECK(y_in.scalar_type() == qkv_in.scalar_type() && y_in.device() == qkv_in.device(), "fastdiff.", op,
-              ": expected y with qkv's dtype and device, got ", y_in.scalar_type(), " on ", y_in.device());
-  const int64_t n = qkv_in.size(0), hw = qkv_in.size(2) * qkv_in.size(3);
-  const std::vector<int64_t> yshape = {n, kDim * num_heads, qkv_in.size(2), qkv_in.size(3)};
-  TORCH_CHECK(y_in.sizes() == at::IntArrayRef(yshape), "fastdiff.", op, ": expected y of shape ",
-              at::IntArrayRef(yshape), ", got ", y_in.sizes());
+  const AttnShape sh = check_attention_backward(grad_in, qkv_in, y_in, lse_in, num_heads);
+  check_cuda_qkv(qkv_in, "cosine_attention_backward");
+  const int64_t n = sh.n, hw = sh.hw;
   const at::ScalarType acc = acc_type(qkv_in.scalar_type());
-  TORCH_CHECK(lse_in.scalar_type() == acc && lse_in.device() == qkv_in.device(), "fastdiff.", op,
-              ": expected lse of dtype ", acc, " on ", qkv_in.device(), ", got ", lse_in.scalar_type(), " on ",
-              lse_in.device());
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({n, num_heads, hw}), "fastdiff.", op, ": expected lse of shape [",
-              n, ", ", num_heads, ", ", hw, "], got ", lse_in.sizes());
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   at::Tensor qkv = qkv_in.contiguous(), g = grad_in.contiguous(), y = y_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor gx = at::empty(qkv.sizes(), qkv.options());
