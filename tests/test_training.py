@@ -234,7 +234,9 @@ def test_sigkill_then_resume_loses_only_the_steps_since_the_checkpoint(tmp_path)
     for k in a:
         if not k.startswith("rng."):
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert max(progress) >= killed_at
+    # The stats log (every 64 images) reached the last status point at or before the newest checkpoint
+    # (checkpoints come every 32, so the kill can fall between a checkpoint and the next status line).
+    assert max(progress) >= killed_at // 64 * 64
 
 
 def test_sigterm_stops_with_a_checkpoint(tmp_path):
