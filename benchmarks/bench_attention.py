@@ -18,8 +18,8 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from fastdiff.bench.suites import sdpa_cosine_attention
 from fastdiff.ops import reference as R
 
 # (batch, heads, resolution)
@@ -37,12 +37,7 @@ def fused(qkv, heads):
     return torch.ops.fastdiff.cosine_attention(qkv, heads)[0]
 
 
-def sdpa(qkv, heads):
-    n, c3, h, w = qkv.shape
-    x = R.normalize(qkv.reshape(n, heads, 64, 3, h * w), dim=2)
-    q, k, v = (t.transpose(-1, -2) for t in x.unbind(3))  # [n, heads, HW, 64]
-    y = F.scaled_dot_product_attention(q, k, v)
-    return y.transpose(-1, -2).reshape(n, c3 // 3, h, w)
+sdpa = sdpa_cosine_attention
 
 
 FNS = {"fused": fused, "reference": R.cosine_attention, "sdpa": sdpa}

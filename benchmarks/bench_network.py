@@ -1,4 +1,4 @@
-"""The EDM2 network: fastdiff.nn vs a plain-PyTorch implementation of SPEC.md (tests/plain_edm2.py, which
+"""The EDM2 network: fastdiff.nn vs a plain-PyTorch implementation of SPEC.md (fastdiff/bench/plain_edm2.py, which
 normalizes every weight on every call, like the official code), side by side in one run.
 
 Cases: eval forward (``torch.no_grad``) at batch 1 and 8 on ``small-32`` and at batch 1 on ``edm2-img64-xs``;
@@ -14,15 +14,12 @@ most repeatable; set it to the core count on a dedicated machine).
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-import plain_edm2 as plain  # noqa: E402
-
-from fastdiff import nn as fnn  # noqa: E402
+from fastdiff import nn as fnn
+from fastdiff.bench import plain_edm2 as plain
 
 torch.set_num_threads(int(os.environ.get("FASTDIFF_BENCH_THREADS", "1")))
 

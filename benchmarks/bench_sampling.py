@@ -9,7 +9,7 @@ Side by side in one run:
 Networks: the `tiny-16` preset (main; 16x16, 32 channels) and the same preset at half width (the guide,
 as in autoguidance: a smaller model), with non-zero gains so every branch does real work. fastdiff runs
 them as `fastdiff.nn.Precond` (cached weights, fused ops); the plain loop runs the same weights through
-the plain-PyTorch EDM2 of tests/plain_edm2.py (weights normalized on every call, no fused ops).
+the plain-PyTorch EDM2 of fastdiff/bench/plain_edm2.py (weights normalized on every call, no fused ops).
 
     PYTHONPATH=. python benchmarks/bench_sampling.py                 # table
     PYTHONPATH=. pytest benchmarks/bench_sampling.py --benchmark-enable   # pytest-benchmark, one group
@@ -24,10 +24,10 @@ import time
 import torch
 
 from fastdiff import ops
-from fastdiff.sampling import Autoguidance, Interval, edm_sigma_steps, sample
+from fastdiff.bench.suites import GUIDE_W as W
+from fastdiff.bench.suites import INTERVAL, fastdiff_heun_loop, plain_heun_loop
 
-BATCH, STEPS, W = 8, 32, 2.0
-INTERVAL = (0.28, 2.9)
+BATCH, STEPS = 8, 32
 MAIN, GUIDE = ("tiny-16", {}), ("tiny-16", dict(model_channels=16, logvar_channels=16))
 
 
@@ -45,40 +45,17 @@ def _build(preset, overrides, seed):
 
 def plain_loop(net, gnet, noise, labels=None, w=W, interval=INTERVAL, num_steps=STEPS):
     """The loop in plain PyTorch, no fused ops, guide evaluated at every step."""
-    t = edm_sigma_steps(num_steps, dtype=torch.float32, device=noise.device)
-    lo, hi = interval
-
-    def denoise(x, s):
-        sig = s.expand(x.shape[0])
-        d1, d0 = net(x, sig, labels), gnet(x, sig, labels)
-        guided = d0 + w * (d1 - d0)
-        return guided if lo < float(s) <= hi else d1
-
-    x = noise * t[0]
-    for i in range(num_steps):
-        tc, tn = t[i], t[i + 1]
-        d = (x - denoise(x, tc)) / tc
-        x_next = x + (tn - tc) * d
-        if i < num_steps - 1:
-            d2 = (x_next - denoise(x_next, tn)) / tn
-            x_next = x + (tn - tc) * (0.5 * d + 0.5 * d2)
-        x = x_next
-    return x
+    return plain_heun_loop(net, gnet, noise, labels, w, interval, num_steps)
 
 
 def fastdiff_loop(net, gnet, noise, labels=None, reference=False):
-    g = Interval(Autoguidance(gnet, W), sigma=INTERVAL)
     with ops.use_reference(reference):
-        return sample(net, noise, "heun", steps=STEPS, guidance=g, labels=labels)
+        return fastdiff_heun_loop(net, gnet, noise, labels, W, INTERVAL, STEPS)
 
 
 def setup(device="cpu"):
     """(fastdiff main, fastdiff guide, plain main, plain guide, noise, labels) with shared weights."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    import plain_edm2 as plain
+    from fastdiff.bench import plain_edm2 as plain
 
     net = _build(*MAIN, seed=0).to(device).eval().requires_grad_(False)
     gnet = _build(*GUIDE, seed=1).to(device).eval().requires_grad_(False)

@@ -1,5 +1,5 @@
 """Training throughput (images/s) at batch 32: fastdiff's network and training loop vs a plain-PyTorch EDM2
-(``tests/plain_edm2.py``, normalizing every weight on every forward like the official code) in a plain loop.
+(``fastdiff/bench/plain_edm2.py``, normalizing every weight on every forward like the official code) in a plain loop.
 
 Both sides do the same work per step: EDM2 loss with learned uncertainty (fresh noise), backward, non-finite
 gradients zeroed, Adam (0.9, 0.99, 1e-8), two power-function EMAs (0.05, 0.10). fastdiff runs its real
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 try:
     import fastdiff.nn as fnn
@@ -31,8 +29,7 @@ try:
     fnn.build, fnn.get_preset  # noqa: B018
 except (ImportError, AttributeError) as exc:  # before branch nn is merged
     pytest.skip(f"bench_training needs fastdiff.nn and fastdiff.diffusion.EDM2Loss ({exc})", allow_module_level=True)
-plain_edm2 = pytest.importorskip("plain_edm2", reason="bench_training needs tests/plain_edm2.py (branch nn)")
-
+from fastdiff.bench import plain_edm2  # noqa: E402
 from fastdiff.data import open_dataset, to_model_input  # noqa: E402
 from fastdiff.training import TrainConfig, std_to_exp, training_loop  # noqa: E402
 

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "toy": ("fastdiff.toy.cli", "the 2-D toy of the autoguidance paper: CFG vs autoguidance, exact scores"),
     "metrics": ("fastdiff.metrics.cli", "FID / FD_DINOv2 / precision-recall / KID"),
     "demo": ("fastdiff.demo", "train a small EDM2 model on offline digits; compare CFG and autoguidance"),
+    "bench": ("fastdiff.bench.cli", "benchmark fastdiff against plain PyTorch on this machine (ops, attention, network, sampling, training)"),
 }
 
 

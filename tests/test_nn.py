@@ -1,24 +1,21 @@
 """fastdiff.nn: the EDM2 network against a plain-PyTorch implementation of SPEC.md written from the formulas
-(tests/plain_edm2.py), parameter counts and names, the eval weight cache, checkpoints, input checks, the loss."""
+(fastdiff/bench/plain_edm2.py), parameter counts and names, the eval weight cache, checkpoints, input checks, the loss."""
 
 from __future__ import annotations
 
 import copy
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-import plain_edm2 as plain  # noqa: E402
-
-from fastdiff import nn as fnn  # noqa: E402
-from fastdiff import ops  # noqa: E402
-from fastdiff.diffusion import EDM2Loss, loss_weight, precond_coefficients  # noqa: E402
-from fastdiff.io import load_network, save_network  # noqa: E402
+from fastdiff import nn as fnn
+from fastdiff import ops
+from fastdiff.bench import plain_edm2 as plain
+from fastdiff.diffusion import EDM2Loss, loss_weight, precond_coefficients
+from fastdiff.io import load_network, save_network
 
 torch.set_num_threads(1)  # 2 shared cores: one thread per test process behaves best
 

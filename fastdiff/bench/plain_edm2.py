@@ -1,9 +1,12 @@
-"""A straightforward plain-PyTorch EDM2 network written from SPEC.md sections 1-2, as a test oracle and a
-benchmark baseline. It imports nothing from fastdiff: it is a functional model over a flat state dict
-(the official parameter names), so the same weights can be fed to it and to ``fastdiff.nn.Precond``.
+"""A straightforward plain-PyTorch EDM2 network written from SPEC.md sections 1-2: the baseline of
+``fastdiff bench`` and of benchmarks/, and an independent oracle in the tests. It imports nothing from
+fastdiff: it is a functional model over a flat state dict (the official parameter names), so the same
+weights can be fed to it and to ``fastdiff.nn.Precond``.
 
-Like the official implementation it normalizes every weight on every forward (no caching) and, in
-training mode, first writes ``N(W)`` back into the parameter (forced weight normalization).
+Like the official implementation it normalizes every weight on every forward (no caching), in training
+mode first writes ``N(W)`` back into the parameter (forced weight normalization), and with a reduced
+``compute_dtype`` runs the U-Net in that dtype (weights cast per call) while the preconditioning stays in
+the input's dtype.
 """
 
 from __future__ import annotations
@@ -102,8 +105,9 @@ def structure(cfg):
 class PlainEDM2:
     """Functional EDM2 Precond over a dict of tensors ``params`` (official names)."""
 
-    def __init__(self, cfg, params, training=False):
+    def __init__(self, cfg, params, training=False, compute_dtype=None):
         self.cfg = dict(cfg)
+        self.compute_dtype = compute_dtype
         self.p = params
         self.training = training
         self.enc, self.dec = structure(self.cfg)
@@ -113,14 +117,14 @@ class PlainEDM2:
         self.dropout = self.cfg.get("dropout", 0.0)
 
     @classmethod
-    def from_module(cls, cfg, module, training=False, requires_grad=False, dtype=torch.float32):
+    def from_module(cls, cfg, module, training=False, requires_grad=False, dtype=torch.float32, compute_dtype=None):
         params = {}
         for k, v in module.state_dict().items():
             t = v.detach().clone().to(dtype)
             if requires_grad and not k.endswith(("freqs", "phases")):
                 t.requires_grad_(True)
             params[k] = t
-        return cls(cfg, params, training)
+        return cls(cfg, params, training, compute_dtype)
 
     def parameters(self):
         return [v for v in self.p.values() if v.requires_grad]
@@ -185,14 +189,15 @@ class PlainEDM2:
     def __call__(self, x, sigma, labels=None, return_logvar=False):
         dtype = x.dtype
         sigma = torch.as_tensor(sigma, dtype=dtype).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        unet_dtype = self.compute_dtype or dtype
         if self.label_dim:
-            labels = torch.zeros([1, self.label_dim], dtype=dtype) if labels is None else labels.to(dtype)
+            labels = (torch.zeros([1, self.label_dim], device=x.device) if labels is None else labels).to(unet_dtype)
         sd = self.sd
         c_skip = sd**2 / (sigma**2 + sd**2)
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sd**2 + sigma**2).sqrt()
         c_noise = sigma.log() / 4
-        f = self.unet(c_in * x, c_noise.flatten(), labels)
+        f = self.unet((c_in * x).to(unet_dtype), c_noise.flatten(), labels).to(dtype)
         d = c_skip * x + c_out * f
         if return_logvar:
             u = self.conv("logvar_linear", fourier(c_noise.flatten(), self.p["logvar_fourier.freqs"], self.p["logvar_fourier.phases"]).to(dtype))

@@ -1,0 +1,415 @@
+"""The cases of ``fastdiff bench``: each one a set of implementations of the same work, timed side by side.
+
+Suites (sizes are the defaults; ``Options.quick`` shrinks everything to a smoke test):
+
+- ``ops``: every fused elementwise op, forced weight normalization and the MP convolution vs the
+  plain-PyTorch reference (and its ``torch.compile`` with ``--compile``); achieved GB/s (the bytes an op must
+  read and write at least) or TFLOP/s. A device-to-device copy of the same size is the bandwidth yardstick.
+- ``attention``: fused cosine attention vs the einsum reference vs SDPA after a separate pixel norm, forward
+  and forward+backward at the EDM2-S attention shapes; TFLOP/s (4 N heads L^2 64 per forward, 3.5x that
+  for forward+backward, the usual flash-attention count).
+- ``network``: the preconditioned denoiser forward, fastdiff.nn vs the plain-PyTorch EDM2 of
+  ``fastdiff.bench.plain_edm2`` (weights normalized on every call, like the official code), in the chosen
+  dtype; images/s and model FLOP utilization (FLOPs per image counted by torch's FLOP counter on the plain
+  network).
+- ``sampling``: 32-step Heun with autoguidance and a guidance interval: fastdiff.sampling vs the same loop in
+  plain PyTorch (guide evaluated at every step, its result discarded outside the interval); images/s.
+- ``training``: one training step (EDM2 loss with learned uncertainty, backward, non-finite gradients
+  zeroed, Adam, two power-function EMAs) under autocast: fastdiff vs plain; images/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff import ops
+from fastdiff.bench import plain_edm2
+from fastdiff.ops import reference as R
+
+SUITES = ("ops", "attention", "network", "sampling", "training")
+GUIDE_W, INTERVAL = 2.0, (0.28, 2.9)  # autoguidance weight; guidance interval in sigma, (lo, hi]
+
+
+@dataclass
+class Options:
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    batch: int | None = None                 # overrides every suite's batch
+    presets: tuple[str, ...] | None = None   # network suite presets (default per device)
+    compile: str = "none"                    # none | default | max-autotune | reduce-overhead ...
+    quick: bool = False
+    steps: int = 32                          # sampler steps
+
+    @property
+    def cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
+
+@dataclass
+class Case:
+    """One piece of work and its implementations (the first is the baseline that speed-ups refer to)."""
+
+    suite: str
+    name: str
+    impls: dict[str, Callable]
+    unit: str                      # "GB/s", "TFLOP/s" or "img/s"
+    work: float                    # bytes, FLOPs or images per call, matching ``unit``
+    flops: float | None = None     # FLOPs per call, for utilization when the unit is img/s
+    memory: bool = False           # record peak memory per implementation (CUDA)
+    check: Callable[[], str] | None = None  # agreement of the implementations, as a short text
+    notes: list[str] = field(default_factory=list)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _compiled(fn: Callable, opt: Options) -> Callable:
+    return torch.compile(fn, mode=None if opt.compile == "default" else opt.compile, dynamic=False)
+
+
+def _with_compiled(impls: dict[str, Callable], baseline: str, opt: Options) -> dict[str, Callable]:
+    """Insert '<baseline> (torch.compile ...)' right after the baseline when --compile asks for it."""
+    if opt.compile == "none":
+        return impls
+    out = {}
+    for name, fn in impls.items():
+        out[name] = fn
+        if name == baseline:
+            out[f"{name} (torch.compile {opt.compile})"] = _compiled(fn, opt)
+    return out
+
+
+def _randn(shape, opt: Options, seed: int = 0, dtype=None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(opt.device, dtype or opt.dtype)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _agreement(fns: dict[str, Callable], ref: str) -> Callable[[], str]:
+    def check() -> str:
+        with torch.no_grad():
+            want = fns[ref]()
+            errs = [f"{n} {_rel_err(f(), want):.1e}" for n, f in fns.items() if n != ref]
+        return f"rel. error vs {ref}: " + ", ".join(errs)
+    return check
+
+
+# --- ops ---------------------------------------------------------------------------------------------------
+
+def _op_shapes(opt: Options) -> list[tuple[int, int, int, int]]:
+    if opt.quick:
+        return [(opt.batch or 2, 8, 8, 8)]
+    if opt.cuda:  # EDM2-S level 0 (64x64, C=192) and the bottom level (8x8, C=768), batch 64
+        return [(opt.batch or 64, 192, 64, 64), (opt.batch or 64, 768, 8, 8)]
+    return [(opt.batch or 4, 128, 32, 32), (opt.batch or 4, 256, 8, 8)]
+
+
+def ops_cases(opt: Options) -> Iterator[Case]:
+    es = torch.tensor([], dtype=opt.dtype).element_size()
+    for shape in _op_shapes(opt):
+        n, c, h, w = shape
+        numel = math.prod(shape)
+        tag = f"{'x'.join(map(str, shape))} {_dtype_name(opt.dtype)}"
+        x, b = _randn(shape, opt, 0), _randn(shape, opt, 1)
+        cmod = _randn((n, c), opt, 2)
+        yield Case("ops", f"copy (bandwidth yardstick) {tag}", {"torch clone": lambda x=x: x.clone()}, "GB/s",
+                   2 * numel * es)
+        elementwise = [
+            ("mp_silu", lambda f, x=x: f.mp_silu(x), 2),
+            ("mp_sum t=0.3", lambda f, x=x, b=b: f.mp_sum(x, b, 0.3), 3),
+            ("mp_cat t=0.5", lambda f, x=x, b=b: f.mp_cat(x, b, t=0.5), 4),
+            ("pixel_norm", lambda f, x=x: f.pixel_norm(x), 2),
+            ("mp_silu_modulate (block chain)", lambda f, x=x, cm=cmod: f.mp_silu_modulate(x, cm), 2),
+            ("clip(mp_sum) (block end)", lambda f, x=x, b=b: f.clip(f.mp_sum(x, b, 0.3)), 3),
+        ]
+        for name, call, passes in elementwise:
+            impls = {"reference": lambda call=call: call(R), "fastdiff": lambda call=call: call(ops)}
+            impls = _with_compiled(impls, "reference", opt)
+            yield Case("ops", f"{name} {tag}", impls, "GB/s", passes * numel * es, check=_agreement(impls, "reference"))
+        # The MP convolution at this level's width (3x3, C -> C), float32 master weight as in training.
+        wt = _randn((c, c, 3, 3), opt, 3, dtype=torch.float32)
+        gain = torch.tensor(1.0, device=opt.device)
+        conv = {"reference": lambda x=x, wt=wt: R.mp_conv(x, wt.to(x.dtype), gain),
+                "fastdiff": lambda x=x, wt=wt: ops.mp_conv(x, wt.to(x.dtype), gain)}
+        conv = _with_compiled(conv, "reference", opt)
+        yield Case("ops", f"mp_conv 3x3 {c}->{c} {tag}", conv, "TFLOP/s", 2 * n * c * c * 9 * h * w,
+                   check=_agreement(conv, "reference"))
+    # Forced weight normalization of the widest 3x3 weight of the network, in place, float32.
+    c = 8 if opt.quick else (768 if opt.cuda else 256)
+    wn = _randn((c, c, 3, 3), opt, 4, dtype=torch.float32)
+    impls = _with_compiled({"reference": lambda: R.weight_norm_(wn), "fastdiff": lambda: ops.weight_norm_(wn)},
+                           "reference", opt)
+    yield Case("ops", f"weight_norm_ (in place) {c}x{c}x3x3 float32", impls, "GB/s", 2 * wn.numel() * 4)
+
+
+# --- attention ---------------------------------------------------------------------------------------------
+
+def sdpa_cosine_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """The same maths through PyTorch's own fused attention: pixel norm of q, k, v, then SDPA."""
+    n, c3, h, w = qkv.shape
+    x = R.normalize(qkv.reshape(n, heads, 64, 3, h * w), dim=2)
+    q, k, v = (t.transpose(-1, -2) for t in x.unbind(3))  # [n, heads, HW, 64]
+    y = F.scaled_dot_product_attention(q, k, v)
+    return y.transpose(-1, -2).reshape(n, c3 // 3, h, w)
+
+
+def _attention_shapes(opt: Options) -> list[tuple[int, int, int]]:
+    """(batch, heads, resolution)."""
+    if opt.quick:
+        return [(opt.batch or 1, 1, 4)]
+    if opt.cuda:  # EDM2-S: 16x16 at 576 channels (9 heads), 8x8 at 768 (12 heads); one long sequence
+        return [(opt.batch or 64, 9, 16), (opt.batch or 64, 12, 8), (4, 4, 64)]
+    return [(opt.batch or 8, 9, 16), (opt.batch or 8, 12, 8)]
+
+
+def attention_cases(opt: Options) -> Iterator[Case]:
+    for n, heads, r in _attention_shapes(opt):
+        tag = f"b{n} h{heads} {r}x{r} {_dtype_name(opt.dtype)}"
+        qkv = _randn((n, 3 * 64 * heads, r, r), opt)
+        flops = 4.0 * n * heads * (r * r) ** 2 * 64
+        fns = {"reference": R.cosine_attention, "sdpa": sdpa_cosine_attention, "fastdiff": ops.cosine_attention}
+        fwd = {name: (lambda f=f: f(qkv, heads)) for name, f in fns.items()}
+        fwd = _with_compiled(fwd, "reference", opt)
+        yield Case("attention", f"forward {tag}", fwd, "TFLOP/s", flops, check=_agreement(fwd, "reference"),
+                   memory=True)
+        q = qkv.detach().clone().requires_grad_(True)
+        g = _randn((n, 64 * heads, r, r), opt, 5)
+
+        def fwd_bwd(f):
+            return lambda: torch.autograd.grad(f(q, heads), q, g)[0]
+
+        both = {name: fwd_bwd(f) for name, f in fns.items()}
+        yield Case("attention", f"forward+backward {tag}", both, "TFLOP/s", 3.5 * flops, memory=True)
+
+
+# --- networks ----------------------------------------------------------------------------------------------
+
+def _build(preset: str, opt: Options, seed: int = 0, **overrides):
+    """A fastdiff network on the device with every learned gain at 1 (so every branch does real work)."""
+    from fastdiff import nn as fnn
+
+    torch.manual_seed(seed)
+    kw = dict(use_fp16=False)
+    if opt.dtype != torch.float32:
+        kw["dtype"] = opt.dtype
+    net = fnn.build(preset, **kw, **overrides)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+    return net.to(opt.device)
+
+
+def _plain(net, opt: Options, training: bool = False):
+    compute = opt.dtype if opt.dtype != torch.float32 else None
+    return plain_edm2.PlainEDM2.from_module(dict(net.init_kwargs), net, training=training, requires_grad=training,
+                                            compute_dtype=compute)
+
+
+def _inputs(net, batch: int, opt: Options, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    r, c = net.img_resolution, net.img_channels
+    x = torch.randn(batch, c, r, r, generator=g).to(opt.device)
+    sigma = torch.exp(torch.randn(batch, generator=g)).to(opt.device)
+    labels = None
+    if net.label_dim:
+        idx = torch.randint(0, net.label_dim, (batch,), generator=g)
+        labels = F.one_hot(idx, net.label_dim).float().to(opt.device)
+    return x, sigma, labels
+
+
+def _network_presets(opt: Options) -> tuple[str, ...]:
+    if opt.presets:
+        return opt.presets
+    if opt.quick:
+        return ("tiny-16",)
+    return ("edm2-img64-s", "edm2-img512-s") if opt.cuda else ("small-32",)
+
+
+def _default_batch(opt: Options, cuda: int, cpu: int, quick: int) -> int:
+    return opt.batch or (quick if opt.quick else (cuda if opt.cuda else cpu))
+
+
+def network_cases(opt: Options) -> Iterator[Case]:
+    batch = _default_batch(opt, 64, 8, 2)
+    for preset in _network_presets(opt):
+        net = _build(preset, opt).eval().requires_grad_(False)
+        pnet = _plain(net, opt)
+        x, sigma, labels = _inputs(net, batch, opt)
+        impls = {"plain": lambda pnet=pnet, x=x, s=sigma, y=labels: pnet(x, s, y),
+                 "fastdiff": lambda net=net, x=x, s=sigma, y=labels: net(x, s, y)}
+        impls = {k: torch.no_grad()(f) for k, f in _with_compiled(impls, "plain", opt).items()}
+        with torch.no_grad():
+            flops = _count(impls["plain"])
+        yield Case("network", f"denoiser forward {preset} b{batch} {_dtype_name(opt.dtype)}", impls, "img/s", batch,
+                   flops=flops, memory=True, check=_agreement(impls, "plain"))
+
+
+def _count(fn: Callable) -> float | None:
+    from fastdiff.bench.timing import count_flops
+
+    try:
+        return count_flops(fn)
+    except Exception:  # a FLOP count is a nicety; never fail the benchmark for it
+        return None
+
+
+# --- sampling ----------------------------------------------------------------------------------------------
+
+def plain_heun_loop(net, gnet, noise, labels=None, w=GUIDE_W, interval=INTERVAL, num_steps=32):
+    """32-step EDM Heun with autoguidance in plain PyTorch: no fused ops, and the guide evaluated at every
+    step, its result thrown away outside the interval (what a straightforward implementation does)."""
+    from fastdiff.sampling import edm_sigma_steps
+
+    t = edm_sigma_steps(num_steps, dtype=torch.float32, device=noise.device)
+    lo, hi = interval
+
+    def denoise(x, s):
+        sig = s.expand(x.shape[0])
+        d1, d0 = net(x, sig, labels), gnet(x, sig, labels)
+        guided = d0 + w * (d1 - d0)
+        return guided if lo < float(s) <= hi else d1
+
+    x = noise * t[0]
+    for i in range(num_steps):
+        tc, tn = t[i], t[i + 1]
+        d = (x - denoise(x, tc)) / tc
+        x_next = x + (tn - tc) * d
+        if i < num_steps - 1:
+            d2 = (x_next - denoise(x_next, tn)) / tn
+            x_next = x + (tn - tc) * (0.5 * d + 0.5 * d2)
+        x = x_next
+    return x
+
+
+def fastdiff_heun_loop(net, gnet, noise, labels=None, w=GUIDE_W, interval=INTERVAL, num_steps=32):
+    """The same sampling with fastdiff.sampling: fused solver step, guide skipped outside the interval."""
+    from fastdiff.sampling import Autoguidance, Interval, sample
+
+    return sample(net, noise, "heun", steps=num_steps, guidance=Interval(Autoguidance(gnet, w), sigma=interval),
+                  labels=labels)
+
+
+def sampling_pair(opt: Options) -> tuple[str, str, dict]:
+    """(main preset, guide preset, guide overrides) of the sampling suite."""
+    if opt.presets:
+        return opt.presets[0], opt.presets[-1] if len(opt.presets) > 1 else opt.presets[0], (
+            {} if len(opt.presets) > 1 else dict(model_channels=16, logvar_channels=16))
+    if opt.cuda and not opt.quick:
+        return "edm2-img64-s", "edm2-img64-xs", {}
+    return "tiny-16", "tiny-16", dict(model_channels=16, logvar_channels=16)  # guide: the same at half width
+
+
+def sampling_cases(opt: Options) -> Iterator[Case]:
+    batch = _default_batch(opt, 64, 8, 2)
+    steps = 4 if opt.quick else opt.steps
+    main, guide, overrides = sampling_pair(opt)
+    net = _build(main, opt, 0).eval().requires_grad_(False)
+    gnet = _build(guide, opt, 1, **overrides).eval().requires_grad_(False)
+    pnet, pgnet = _plain(net, opt), _plain(gnet, opt)
+    noise, _, labels = _inputs(net, batch, opt, seed=2)
+    impls = {"plain": lambda: plain_heun_loop(pnet, pgnet, noise, labels, num_steps=steps),
+             "fastdiff": lambda: fastdiff_heun_loop(net, gnet, noise, labels, num_steps=steps)}
+    if opt.compile != "none":  # the plain loop with both plain networks compiled
+        cn, cg = _compiled(pnet, opt), _compiled(pgnet, opt)
+        impls = {"plain": impls["plain"],
+                 f"plain (torch.compile {opt.compile})": lambda: plain_heun_loop(cn, cg, noise, labels, num_steps=steps),
+                 "fastdiff": impls["fastdiff"]}
+    impls = {k: torch.no_grad()(f) for k, f in impls.items()}
+    name = (f"Heun {steps} steps, autoguidance w={GUIDE_W} + interval {INTERVAL}, main {main}, guide {guide}"
+            f"{' (half width)' if overrides else ''}, b{batch} {_dtype_name(opt.dtype)}")
+    yield Case("sampling", name, impls, "img/s", batch, memory=True, check=_agreement(impls, "plain"))
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+def _autocast(opt: Options):
+    return torch.autocast(torch.device(opt.device).type, dtype=opt.dtype, enabled=opt.dtype != torch.float32)
+
+
+def _plain_train_step(pnet, params, opt_state, emas, images, labels, P_mean, P_std, opt: Options, nimg):
+    sd, batch = 0.5, images.shape[0]
+    g = torch.Generator(device=images.device).manual_seed(nimg[0])
+    sigma = (torch.randn(batch, 1, 1, 1, generator=g, device=images.device) * P_std + P_mean).exp()
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    noise = torch.randn(images.shape, generator=g, device=images.device) * sigma
+    with _autocast(opt):
+        d, logvar = pnet(images + noise, sigma, labels, return_logvar=True)
+    loss = (weight / logvar.float().exp()) * (d.float() - images) ** 2 + logvar.float()
+    opt_state.zero_grad(set_to_none=True)
+    loss.sum().mul(1.0 / batch).backward()
+    for t in params:
+        if t.grad is not None:
+            torch.nan_to_num(t.grad, nan=0.0, posinf=0.0, neginf=0.0, out=t.grad)
+    opt_state.step()
+    nimg[0] += batch
+    from fastdiff.training import std_to_exp
+
+    with torch.no_grad():
+        for std, ema in emas:
+            beta = (1 - batch / nimg[0]) ** (std_to_exp(std) + 1)
+            torch._foreach_lerp_(ema, [t.detach() for t in params], 1 - beta)
+
+
+def training_cases(opt: Options) -> Iterator[Case]:
+    from fastdiff import nn as fnn
+    from fastdiff.diffusion import EDM2Loss
+    from fastdiff.training import PowerFunctionEMA
+
+    batch = _default_batch(opt, 256, 32, 2)
+    presets = opt.presets or (("tiny-16",) if opt.quick or not opt.cuda else ("edm2-img64-s",))
+    for preset in presets:
+        tr = fnn.get_preset(preset)["training"]
+        fopt = Options(**{**opt.__dict__, "dtype": torch.float32})  # float32 master weights on both sides
+        net = _build(preset, fopt)
+        pnet = _plain(net, fopt, training=True)
+        pnet.compute_dtype = None  # autocast decides, as for fastdiff
+        images, _, labels = _inputs(net, batch, opt, seed=3)
+        images = images.clamp(-1, 1)
+
+        net.train().requires_grad_(True)
+        params = [p for p in net.parameters() if p.requires_grad]
+        adam = torch.optim.Adam(params, lr=tr["lr"], betas=(0.9, 0.99), eps=1e-8)
+        loss_fn = EDM2Loss(tr["P_mean"], tr["P_std"])
+        ema = PowerFunctionEMA(net, stds=(0.05, 0.10))
+        state = {"nimg": 0}
+        gen = torch.Generator(device=opt.device)
+
+        def fastdiff_step():
+            gen.manual_seed(state["nimg"])
+            adam.zero_grad(set_to_none=True)
+            with _autocast(opt):
+                loss = loss_fn(net, images, labels, generator=gen)
+            loss.float().sum().mul(1.0 / batch).backward()
+            for p in params:
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0, out=p.grad)
+            adam.step()
+            state["nimg"] += batch
+            ema.update(cur_nimg=state["nimg"], batch_size=batch)
+
+        pparams = pnet.parameters()
+        padam = torch.optim.Adam(pparams, lr=tr["lr"], betas=(0.9, 0.99), eps=1e-8)
+        pemas = [(std, [t.detach().clone() for t in pparams]) for std in (0.05, 0.10)]
+        pn = [0]
+
+        def plain_step():
+            _plain_train_step(pnet, pparams, padam, pemas, images, labels, tr["P_mean"], tr["P_std"], opt, pn)
+
+        name = f"train step {preset} b{batch} {'autocast ' + _dtype_name(opt.dtype) if opt.dtype != torch.float32 else 'float32'}"
+        yield Case("training", name, {"plain": plain_step, "fastdiff": fastdiff_step}, "img/s", batch, memory=True,
+                   notes=["weights float32 (master), Adam (0.9, 0.99, 1e-8), EMAs 0.05 and 0.10"])
+
+
+CASES = {"ops": ops_cases, "attention": attention_cases, "network": network_cases, "sampling": sampling_cases,
+         "training": training_cases}
