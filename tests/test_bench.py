@@ -114,3 +114,24 @@ def test_cli_bad_input(capsys):
 
 def test_cases_are_registered_for_every_suite():
     assert set(CASES) == set(SUITES)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_tools_do_not_rot():
+    """tools/cuda_smoke.py (the compute-sanitizer driver) runs its calls on the CPU kernels here, and
+    tools/gpu_session.sh at least parses; on a GPU machine both run for real (issue 9)."""
+    import subprocess
+    import sys
+
+    from fastdiff import ops
+
+    if not ops.HAS_EXTENSION:
+        pytest.skip("needs the compiled extension")
+    env = dict(os.environ, FASTDIFF_SMOKE_DEVICE="cpu", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cuda_smoke.py")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK: every kernel ran" in out.stdout and "cosine_attention" in out.stdout
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "tools", "gpu_session.sh")]).returncode == 0
