@@ -10,8 +10,8 @@ same seeds, end to end on a 2-core CPU in a few minutes (no GPU, no internet).
    gives the class consistency of the samples (accuracy of the intended class). Its accuracy on the
    held-out 20% is reported.
 3. The main model: an EDM2 network (``--preset``, default ``tiny-16``) trained with fastdiff's real
-   training loop, with label dropout (10%: a zero label vector is the null label, so the main model
-   is also its own unconditional model for CFG). The guide (``--guide-preset``): the same
+   training loop, with label dropout (``TrainConfig.label_dropout``, 10%: a zero label vector is the
+   null label, so the main model is also its own unconditional model for CFG). The guide (``--guide-preset``): the same
    architecture with fewer channels, trained a quarter as long, as in the autoguidance paper
    ("a smaller, less-trained version of itself"). Sampling uses the final power-function EMA.
 4. The same seeds (and classes) sampled in every setting; per setting the Frechet distance to the
@@ -42,7 +42,7 @@ import torch
 
 from fastdiff._atomic import atomic_write_with
 
-__all__ = ["add_arguments", "main", "run_demo", "LabelDropout", "DigitClassifier", "labels_for_seeds",
+__all__ = ["add_arguments", "main", "run_demo", "DigitClassifier", "labels_for_seeds",
            "parse_preset", "DEFAULTS", "FAST"]
 
 # Default sizes; --fast swaps in FAST for every option the user did not give.
@@ -139,29 +139,6 @@ def _parse_weights(text: str) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-
-
-class LabelDropout:
-    """Wraps a loss ``loss(net, images, labels, generator=None)``: each sample's one-hot label is replaced
-    by the all-zero (null) label with probability ``p``, so that the network also learns the
-    unconditional denoiser that CFG's null-label branch evaluates (``fastdiff.sampling.CFG``).
-    The mask is drawn from the loss's generator, so training stays deterministic and resumable."""
-
-    def __init__(self, loss, p: float):
-        if not 0 <= p < 1:
-            raise ValueError(f"label dropout must lie in [0, 1), got {p}")
-        self.loss = loss
-        self.p = float(p)
-        self.sigma_data = getattr(loss, "sigma_data", 0.5)
-
-    def __repr__(self) -> str:
-        return f"LabelDropout({self.loss!r}, p={self.p})"
-
-    def __call__(self, net, images, labels=None, generator=None):
-        if labels is not None and self.p > 0:
-            keep = torch.rand((labels.shape[0], 1), device=labels.device, generator=generator) >= self.p
-            labels = labels * keep.to(labels.dtype)
-        return self.loss(net, images, labels, generator=generator)
 
 
 class DigitClassifier(torch.nn.Module):
@@ -329,15 +306,13 @@ def _train(spec: str, dataset, rundir: str, *, kimg: float, batch: int, label_dr
     duration = max(int(round(kimg * 1000 / batch)), 1) * batch
     loss = EDM2Loss(P_mean=training.get("P_mean", -0.8), P_std=training.get("P_std", 1.6),
                     sigma_data=getattr(net, "sigma_data", 0.5))
-    if label_dropout > 0:
-        loss = LabelDropout(loss, label_dropout)
     steps = duration // batch
     cfg = TrainConfig(
         batch=batch, duration=duration, status=max(steps // 8, 1) * batch, snapshot=0, checkpoint=0,
         lr=float(training.get("lr", 0.01)), lr_decay=float(training.get("lr_decay", 2000)),
-        rampup_mimg=duration / 10 / 1e6, ema_stds=(ema,) if ema > 0 else (), seed=seed, cond=True, workers=0,
-        progress=progress, resume=True,
-        extra=dict(preset=spec, data=dataset.name, label_dropout=label_dropout, demo=True),
+        rampup_mimg=duration / 10 / 1e6, ema_stds=(ema,) if ema > 0 else (), seed=seed, cond=True,
+        label_dropout=label_dropout, workers=0, progress=progress, resume=True,
+        extra=dict(preset=spec, data=dataset.name, demo=True),
     )
     t = time.perf_counter()
     try:
@@ -398,6 +373,8 @@ def run_demo(args) -> dict:
         raise ValueError(f"--num-images must be >= 2 (a covariance needs two images), got {num}")
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if not 0 <= args.label_dropout < 1:
+        raise ValueError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
     progress = not args.no_progress
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

@@ -101,7 +101,8 @@ def tiny(**overrides):
 
 def _main(argv=None):
     """Under torchrun: ``python -m torch.distributed.run --nproc_per_node 2 tests/_standin.py OUTDIR DURATION BATCH
-    BATCH_GPU``; trains the tiny stand-in and saves every rank's final weights as ``rank<r>.safetensors``."""
+    BATCH_GPU [LABEL_DROPOUT]``; trains the tiny stand-in and saves every rank's final weights as
+    ``rank<r>.safetensors``."""
     import sys
 
     from safetensors.torch import save_file
@@ -110,7 +111,9 @@ def _main(argv=None):
     from fastdiff.training import TrainConfig, training_loop
     from fastdiff.training import distributed as D
 
-    outdir, duration, batch, batch_gpu = (sys.argv[1:] if argv is None else argv)[:4]
+    argv = sys.argv[1:] if argv is None else argv
+    outdir, duration, batch, batch_gpu = argv[:4]
+    label_dropout = float(argv[4]) if len(argv) > 4 else 0.0
     info = D.init_distributed("cpu")
     made = tiny()
     net = made["net"]
@@ -120,7 +123,8 @@ def _main(argv=None):
                 p.add_(1.0)
     ds = open_dataset("builtin:shapes?n=48&seed=2", resolution=8, channels=3)
     cfg = TrainConfig(batch=int(batch), batch_gpu=int(batch_gpu), duration=int(duration), status=32, snapshot=32,
-                      checkpoint=0, lr=0.01, lr_decay=0, rampup_mimg=0, seed=1, workers=0, progress=False)
+                      checkpoint=0, lr=0.01, lr_decay=0, rampup_mimg=0, seed=1, workers=0, progress=False,
+                      label_dropout=label_dropout)
     training_loop(net, made["loss"], ds, outdir, cfg)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f"{outdir}/rank{info.rank}.safetensors")
     D.shutdown_distributed(info)

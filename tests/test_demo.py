@@ -34,6 +34,10 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert results["metric"]["fid_note"]
     assert results["real"]["num_images"] == results["sampler"]["num_images"] == 48
     assert results["main"]["label_dropout"] == 0.1 and results["guide"]["params"] < results["main"]["params"]
+    # The main model trains with the loop's label dropout (CFG's null label); the guide without.
+    for run, p in (("main", 0.1), ("guide", 0.0)):
+        options = json.loads((out / "train" / run / "training_options.json").read_text())
+        assert options["config"]["label_dropout"] == p and options["loss"].startswith("EDM2Loss"), options
     assert (out / "overview.png").is_file()
     report = (out / "report.md").read_text()
     assert "FD (classifier features)" in report and "not FID" in report and "autoguidance + interval" in report
@@ -83,21 +87,11 @@ def test_labels_for_seeds_match_generate_images():
     assert drawn.tolist() == demo.labels_for_seeds(seeds, (1, 4, 4), 7).tolist()
 
 
-def test_label_dropout_zeroes_some_labels():
-    got = []
-
-    def loss(net, images, labels=None, generator=None):
-        got.append(labels)
-        return images
-
-    wrapped = demo.LabelDropout(loss, 0.5)
-    labels = torch.nn.functional.one_hot(torch.arange(1000) % 10, 10).float()
-    wrapped(None, torch.zeros(1000, 1), labels, generator=torch.Generator().manual_seed(0))
-    kept = got[0].sum(1)
-    assert set(kept.tolist()) <= {0.0, 1.0} and 400 < int((kept == 0).sum()) < 600
-    assert "p=0.5" in repr(wrapped)
-    with pytest.raises(ValueError):
-        demo.LabelDropout(loss, 1.0)
+def test_demo_trains_the_main_model_with_label_dropout(tmp_path, capsys):
+    """Label dropout is the training loop's option (TrainConfig.label_dropout); a bad value fails at once."""
+    assert demo.main(_demo_args("--fast", "--outdir", str(tmp_path), "--label-dropout", "1")) == 1
+    assert "--label-dropout must lie in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "train").exists()
 
 
 def test_parse_preset():

@@ -172,6 +172,134 @@ def test_conditioning_and_mismatches(tmp_path):
     assert r["nimg"] == 16
 
 
+class _LabelRecorder(StandinLoss):
+    """The stand-in loss, keeping the labels it is given (after any label dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __call__(self, net, images, labels=None, generator=None):
+        self.seen.append(None if labels is None else labels.detach().clone())
+        return super().__call__(net, images, labels, generator)
+
+    def labels(self):
+        return torch.cat(self.seen)
+
+
+def _record_labels(outdir, **kw):
+    rec = _LabelRecorder()
+    kw = {"checkpoint": 0, "snapshot": -1, "ema_stds": (), **kw}
+    _train(outdir, loss=rec, **kw)
+    return rec.labels()
+
+
+def _expected_onehot(nimg, seed=1, batch=16):
+    """The one-hot labels of the first ``nimg`` training images, in the loop's order (without dropout)."""
+    from fastdiff.data import InfiniteSampler
+
+    ds = open_dataset(DATA, 8, 3)
+    sampler = InfiniteSampler(len(ds), batch, seed=seed)
+    labels = torch.tensor([ds[sampler.global_index(g)][1] for g in range(nimg)])
+    return torch.nn.functional.one_hot(labels, 10).to(torch.float32)
+
+
+def test_label_dropout_replaces_a_fraction_p_of_the_labels_by_the_null_label(tmp_path):
+    p, nimg = 0.3, 2048
+    clean = _record_labels(tmp_path / "p0", duration=nimg, batch=64, status=nimg)
+    torch.testing.assert_close(clean, _expected_onehot(nimg, batch=64), rtol=0, atol=0)  # p = 0: untouched
+    seen = _record_labels(tmp_path / "p", duration=nimg, batch=64, status=nimg, label_dropout=p)
+    assert seen.shape == clean.shape
+    null = seen.sum(1) == 0
+    assert torch.equal(seen[~null], clean[~null])  # the others keep their own label, whole
+    # 2048 images: the standard deviation of the fraction is 0.010.
+    assert abs(null.float().mean().item() - p) < 0.05, null.float().mean().item()
+    # Spread over the micro-batches, not all in a few: every batch of 64 has some, none has all.
+    per_batch = null.reshape(-1, 64).sum(1)
+    assert per_batch.min() > 0 and per_batch.max() < 64
+    assert len({tuple(m.tolist()) for m in null.reshape(-1, 64)}) > 1  # a fresh mask every step
+    # Deterministic for a seed; another seed draws other masks (and another data order).
+    again = _record_labels(tmp_path / "again", duration=nimg, batch=64, status=nimg, label_dropout=p)
+    assert torch.equal(again, seen)
+    other = _record_labels(tmp_path / "s2", duration=nimg, batch=64, status=nimg, label_dropout=p, seed=2)
+    assert not torch.equal(other.sum(1) == 0, null)
+    # Recorded in the run's options.
+    options = json.loads((tmp_path / "p" / "training_options.json").read_text())
+    assert options["config"]["label_dropout"] == p
+
+
+def test_label_dropout_masks_survive_a_resume(tmp_path):
+    kw = {"label_dropout": 0.4, "batch_gpu": 8}  # two accumulation rounds per step
+    full = _LabelRecorder()
+    _train(tmp_path / "full", loss=full, duration=96, **kw)
+    first, second = _LabelRecorder(), _LabelRecorder()
+    _train(tmp_path / "split", loss=first, duration=48, **kw)  # checkpoints at 48
+    _, result = _train(tmp_path / "split", loss=second, duration=96, **kw)
+    assert result["resumed_from"].endswith("training-state-0000000048.json")
+    assert torch.equal(torch.cat([first.labels(), second.labels()]), full.labels())
+    null = full.labels().sum(1) == 0
+    assert null.any()
+    # Each micro-batch draws its own mask (seeded by its place in the global batch).
+    rounds = null.reshape(-1, 2, 8)
+    assert not torch.equal(rounds[:, 0], rounds[:, 1])
+    _, a, _ = _final_state(tmp_path / "full")
+    _, b, _ = _final_state(tmp_path / "split")
+    for k in a:
+        if not k.startswith("rng."):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_label_dropout_rejects_bad_values_and_unconditional_runs(tmp_path):
+    for bad in (1.0, 1.5, -0.1, float("nan"), "often"):
+        with pytest.raises(ValueError, match="label_dropout"):
+            _train(tmp_path / "bad", duration=16, label_dropout=bad)
+    assert not (tmp_path / "bad").exists()  # rejected before anything is written
+    with pytest.raises(ValueError, match="label_dropout.*label_dim 0"):
+        _train(tmp_path / "u", net=StandinPrecond(label_dim=0), duration=16, label_dropout=0.1)
+    with pytest.raises(ValueError, match="label_dropout.*cond=False"):
+        _train(tmp_path / "nc", cond=False, duration=16, label_dropout=0.1)
+    # p = 0 is fine on an unconditional run.
+    _, r = _train(tmp_path / "u0", net=StandinPrecond(label_dim=0), duration=16, checkpoint=0, snapshot=0,
+                  label_dropout=0.0)
+    assert r["nimg"] == 16
+
+
+def test_cli_label_dropout_reaches_the_config(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from fastdiff.training import cli
+
+    def parse(*extra):
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser)
+        return parser.parse_args(["--preset", "_standin:tiny", "--data", DATA, "--outdir", str(tmp_path / "run"),
+                                  "--duration", "32", "--batch", "16", "--workers", "0", "--no-progress",
+                                  "--device", "cpu", *extra])
+
+    assert cli.build_run(parse())[3].label_dropout == 0.0
+    args = parse("--label-dropout", "0.2")
+    assert cli.build_run(args)[3].label_dropout == 0.2
+    assert cli.main(args) == 0
+    options = json.loads((tmp_path / "run" / "training_options.json").read_text())
+    assert options["config"]["label_dropout"] == 0.2
+    for bad in ("1", "-0.5", "x"):
+        with pytest.raises(SystemExit):
+            parse("--label-dropout", bad)
+    assert "--label-dropout" in capsys.readouterr().err
+    # A module:function preset may set the default in its training options; the flag overrides it.
+    def tiny_cfg(**overrides):
+        made = tiny(**overrides)
+        made["training"]["label_dropout"] = 0.15
+        return made
+
+    monkeypatch.setattr("_standin.tiny_cfg", tiny_cfg, raising=False)
+    assert cli.build_run(parse("--preset", "_standin:tiny_cfg"))[3].label_dropout == 0.15
+    assert cli.build_run(parse("--preset", "_standin:tiny_cfg", "--label-dropout", "0"))[3].label_dropout == 0.0
+    # An unconditional run with label dropout: an error naming the option, no traceback.
+    assert cli.main(parse("--uncond", "--label-dropout", "0.1", "--outdir", str(tmp_path / "u"))) == 1
+    assert "label_dropout" in capsys.readouterr().err
+
+
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
     _train(tmp_path, duration=96)
     weights = tmp_path / "training-state-0000000096.safetensors"

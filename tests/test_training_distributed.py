@@ -1,5 +1,6 @@
 """Two gloo processes under torchrun on the CPU: DDP keeps the ranks identical, and the result equals
-single-process training with the same global batch."""
+single-process training with the same global batch (with and without label dropout, whose masks must not
+depend on the number of processes either)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def test_two_gloo_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("label_dropout", [0.0, 0.5])
+def test_two_gloo_processes_match_single_process(tmp_path, label_dropout):
     from safetensors.torch import load_file
 
     outdir = tmp_path / "ddp"
@@ -29,7 +31,7 @@ def test_two_gloo_processes_match_single_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "_standin.py"), str(outdir), str(duration), str(batch), "8"]
+           os.path.join(ROOT, "tests", "_standin.py"), str(outdir), str(duration), str(batch), "8", str(label_dropout)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = load_file(str(outdir / "rank0.safetensors")), load_file(str(outdir / "rank1.safetensors"))
@@ -40,7 +42,8 @@ def test_two_gloo_processes_match_single_process(tmp_path):
     made = tiny()
     ds = open_dataset("builtin:shapes?n=48&seed=2", resolution=8, channels=3)
     cfg = TrainConfig(batch=batch, batch_gpu=8, duration=duration, status=32, snapshot=32, checkpoint=0, lr=0.01,
-                      lr_decay=0, rampup_mimg=0, seed=1, workers=0, progress=False)
+                      lr_decay=0, rampup_mimg=0, seed=1, workers=0, progress=False,
+                      label_dropout=label_dropout)
     training_loop(made["net"], StandinLoss(), ds, str(tmp_path / "single"), cfg)
     single = made["net"].state_dict()
     for k in r0:

@@ -6,6 +6,8 @@
 
 Counts of images take the suffixes Ki, Mi, Gi (binary, as the official tool) or K, M, G (decimal).
 Training resumes automatically from the newest complete checkpoint in ``--outdir``.
+``--label-dropout 0.1`` trains a class-conditional network that is also its own unconditional model
+(the null label), as classifier-free guidance needs.
 
 ``--preset`` names a ``fastdiff.nn`` preset, or ``module:function`` for a network of your own: the function
 gets the network overrides (``label_dim``, ``dropout``) as keyword arguments and returns
@@ -27,6 +29,16 @@ def _stds(text: str):
     from fastdiff.training.phema_cli import _parse_stds
 
     return [] if str(text).strip().lower() in ("", "none") else _parse_stds(text)
+
+
+def _probability(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--P-mean", dest="P_mean", type=float, default=None, help="loss: mean of ln(sigma)")
     g.add_argument("--P-std", dest="P_std", type=float, default=None, help="loss: std of ln(sigma)")
     g.add_argument("--dropout", type=float, default=None, help="dropout probability (default: preset)")
+    g.add_argument("--label-dropout", type=_probability, default=None, metavar="P", help="probability that a "
+                   "training image sees the null (all-zero) label, so the network is also its own unconditional "
+                   "model for classifier-free guidance (conditional runs only; default: preset, else 0)")
     g.add_argument("--ema", type=_stds, default=[0.05, 0.10], help="power-function EMA stds (default 0.05,0.10; none)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="compute precision; the weights stay float32 (default fp32)")
@@ -139,6 +154,8 @@ def build_run(args, device=None):
         lr_decay=args.decay if args.decay is not None else float(training.get("lr_decay", 70000)),
         rampup_mimg=float(rampup), ema_stds=tuple(args.ema), seed=args.seed,
         precision="fp32" if precision_in_net else args.precision, loss_scaling=args.loss_scaling, cond=bool(cond),
+        label_dropout=float(args.label_dropout if args.label_dropout is not None
+                            else training.get("label_dropout", 0.0)),
         workers=args.workers, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
         tensorboard=args.tensorboard, resume=not args.no_resume,
         extra=dict(preset=args.preset, data=args.data, xflip=args.xflip, network_precision=args.precision

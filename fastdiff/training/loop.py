@@ -12,6 +12,13 @@ the noise of each micro-batch comes from a generator seeded by (seed, step, posi
 global batch), and the global RNG is reseeded the same way before each forward (dropout). A run resumed from
 a checkpoint therefore follows the trajectory of an uninterrupted one, and the global batch a step sees does
 not depend on the number of processes (only the reduction order of the gradients does).
+
+Label dropout (``TrainConfig.label_dropout = p``, for classifier-free guidance): each training image's one-hot
+label is replaced by the null label (all zeros) with probability ``p``, so that the network also learns the
+unconditional denoiser that CFG's null-label branch evaluates (``fastdiff.sampling.CFG``). The mask of each
+micro-batch comes from its own generator, seeded like the noise by (seed, step, position of the micro-batch
+in the global batch): deterministic, resume-safe, and independent of the number of processes in the same
+sense. ``p = 0`` draws nothing, so the trajectory is exactly that of a run without the option.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class TrainConfig:
     precision: str = "fp32"           # fp32 | bf16 | fp16 (autocast; the weights stay float32)
     loss_scaling: float = 1.0
     cond: bool = True                 # use the dataset's class labels (when the network takes labels)
+    label_dropout: float = 0.0        # probability that an image's label is replaced by the null (all-zero) label
     workers: int = 2                  # DataLoader worker processes
     keep_checkpoints: int = 0         # keep this many newest checkpoints (0: all)
     progress: bool = True             # tqdm bar
@@ -84,6 +92,25 @@ _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _seed_of(*values: int) -> int:
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _check_label_dropout(p) -> float:
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"label_dropout must be a number in [0, 1), got {p!r}") from None
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise ValueError(f"label_dropout must lie in [0, 1) (the probability of the null label), got {p!r}")
+    return value
+
+
+def _drop_labels(onehot: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``onehot`` with each row replaced by the null label (all zeros) with probability ``p``; the mask is
+    ``torch.rand(len(onehot), generator=generator) < p`` on ``onehot``'s device."""
+    if p <= 0:
+        return onehot
+    drop = torch.rand(onehot.shape[0], device=onehot.device, generator=generator) < p
+    return onehot.masked_fill(drop[:, None], 0)
 
 
 def _takes_generator(loss_fn) -> bool:
@@ -146,6 +173,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     if cfg.precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {cfg.precision!r}")
     amp_dtype = _PRECISIONS[cfg.precision]
+    label_dropout = _check_label_dropout(cfg.label_dropout)
 
     # ---- data vs network ----------------------------------------------------------------------------------
     res, chans, label_dim = int(net.img_resolution), int(net.img_channels), int(getattr(net, "label_dim", 0))
@@ -159,6 +187,10 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
                              f"labels; train unconditionally (--uncond, and a network with label_dim 0) or add labels")
         if dataset.label_dim > label_dim:
             raise ValueError(f"dataset {dataset.name} has {dataset.label_dim} classes, the network only {label_dim}")
+    elif label_dropout > 0:
+        why = "the network takes no labels (label_dim 0)" if label_dim == 0 else "the run is unconditional (cond=False)"
+        raise ValueError(f"label_dropout={label_dropout:g} needs class-conditional training, but {why}; "
+                         f"use label_dropout=0 (--label-dropout 0) or train a conditional network")
     if len(dataset) < 1:
         raise ValueError(f"dataset {dataset.name} is empty")
 
@@ -198,13 +230,14 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
         atomic_write(os.path.join(outdir, "training_options.json"),
                      lambda tmp: open(tmp, "w").write(json.dumps(options, indent=1, default=str)))
         log(f"{dataset.describe()}; batch {batch} = {world} process(es) x {rounds} round(s) x {batch_gpu}; "
-            f"{cfg.precision}; device {device}")
+            f"{cfg.precision}; device {device}" + (f"; label dropout {label_dropout:g}" if label_dropout else ""))
 
     # ---- data -----------------------------------------------------------------------------------------------
     sampler = InfiniteSampler(len(dataset), batch, rank, world, cfg.seed, start_nimg=cur_nimg)
     loader = make_loader(dataset, batch_gpu, sampler, workers=cfg.workers, pin_memory=device.type == "cuda")
     data_iter = iter(loader)
     gen = torch.Generator(device=device)
+    drop_gen = torch.Generator(device=device) if label_dropout > 0 else None
     gen_kw = {"generator": gen} if _takes_generator(loss_fn) else {}
 
     stats = StatsLog(outdir, tensorboard=cfg.tensorboard, enabled=rank == 0)
@@ -312,6 +345,9 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
                 offset = rank * per_rank + r * batch_gpu  # this micro-batch's place in the global batch
                 gen.manual_seed(_seed_of(cfg.seed, step, offset, 1))
                 torch.manual_seed(_seed_of(cfg.seed, step, offset, 2))
+                if drop_gen is not None:
+                    drop_gen.manual_seed(_seed_of(cfg.seed, step, offset, 3))
+                    onehot = _drop_labels(onehot, label_dropout, drop_gen)
                 sync = ddp.no_sync() if (world > 1 and r < rounds - 1) else _null()
                 with sync:
                     with nvtx_range("forward"), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
