@@ -306,6 +306,25 @@ def test_torch_compile_traces_through_the_ops():
     assert torch.allclose(compiled(x, w, g, c), block(x, w, g, c), atol=1e-6)
 
 
+@requires_ext
+def test_autocast_mp_conv_eager_compiled_and_reference_agree():
+    """Under torch.autocast the MP conv computes in the autocast dtype (activation cast, float32 weight
+    normalized in float32), in eager mode, compiled, and in the reference; float64 is left alone."""
+    x, w = make((2, 8, 5, 5)), make((6, 8, 3, 3), seed=1).requires_grad_(True)
+    fn = lambda x, w: ops.mp_silu(ops.mp_conv(x, w, 1.5))  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, comp = fn(x, w), compiled(x, w)
+        ref = R.mp_silu(R.mp_conv(x, w, 1.5))
+        assert ops.mp_conv(x.double(), w.double()).dtype == torch.float64
+    assert eager.dtype == comp.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(eager, comp)
+    exact = R.mp_silu(R.mp_conv(x.bfloat16().double(), w.double(), 1.5))
+    assert (eager.double() - exact).abs().max() < 2e-2 * exact.abs().max()
+    (gw,) = torch.autograd.grad(eager.float().sum(), w)
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
+
+
 # --- reference fallback, bad input ----------------------------------------------------------------
 
 

@@ -215,7 +215,37 @@ def _register_autograd() -> None:
     torch.library.register_autograd(lib + "mp_conv", conv_backward, setup_context=conv_setup)
 
 
+_AUTOCAST_LIB = []  # keeps the Library that holds the autocast kernels alive
+
+
+def _register_autocast() -> None:
+    """``mp_conv`` under ``torch.autocast``: the activation is cast to the autocast dtype, the weight keeps its
+    own dtype (a float32 master weight is normalized in float32 and cast inside the op, as EDM2 does), the
+    output is in the autocast dtype. Without this rule eager mode got a reduced-precision output only by
+    accident (the conv inside the composite autocast itself) while the fake kernel and compiled graphs said
+    float32; now eager, compiled and the reference (``F.conv2d`` autocasts) agree."""
+    op = torch.ops.fastdiff.mp_conv.default
+    library = torch.library.Library("fastdiff", "IMPL")
+    _AUTOCAST_LIB.append(library)
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def rule(x, w, gain, eps, key=key, device_type=device_type):
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+                if x.is_floating_point() and x.dtype != torch.float64 and x.device.type == device_type:
+                    x = x.to(torch.get_autocast_dtype(device_type))
+                return op(x, w, gain, eps)
+
+        # Both the C++ dispatcher and the Python dispatcher (used while tracing) get the rule.
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(rule)
+        library.impl("mp_conv", lambda _keyset, *args, rule=rule: rule(*args), key_name, with_keyset=True)
+
+
 if _ext.LOADED:
     _register_fakes()
     _register_autograd()
+    _register_autocast()
 from fastdiff.ops import _attention  # noqa: E402,F401  (cosine attention: autograd + fake kernels)
