@@ -6,7 +6,8 @@
 # Stages (run in the order given; each logs to $OUT/<stage>.log and prints its exit status and time):
 #   build          build the extension in place with CUDA for this GPU's architecture (skipped if built)
 #   info           fastdiff info --device cuda (kernel table + self-check on the GPU)
-#   test           the CUDA tests: tests/test_cuda_ops.py, test_attention.py, test_solver_step.py
+#   test           the CUDA tests: tests/test_cuda_ops.py, test_attention.py, test_solver_step.py,
+#                  test_cuda_graphs.py
 #   test-all       the whole test suite
 #   smoke          tools/cuda_smoke.py: every kernel once, fwd + bwd, vs the reference
 #   sanitize       compute-sanitizer memcheck, racecheck, initcheck and synccheck over tools/cuda_smoke.py
@@ -74,7 +75,7 @@ for s in "$@"; do
     build) stage build build ;;
     info) stage info "$PY" -m fastdiff info --device cuda ;;
     test) stage test "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py tests/test_attention.py \
-            tests/test_solver_step.py ;;
+            tests/test_solver_step.py tests/test_cuda_graphs.py ;;
     test-all) stage test-all "$PY" -m pytest -q -p no:cacheprovider ;;
     smoke) stage smoke "$PY" tools/cuda_smoke.py ;;
     sanitize) stage sanitize sanitize ;;

@@ -13,7 +13,8 @@ Suites (sizes are the defaults; ``Options.quick`` shrinks everything to a smoke 
   dtype; images/s and model FLOP utilization (FLOPs per image counted by torch's FLOP counter on the plain
   network).
 - ``sampling``: 32-step Heun with autoguidance and a guidance interval: fastdiff.sampling vs the same loop in
-  plain PyTorch (guide evaluated at every step, its result discarded outside the interval); images/s.
+  plain PyTorch (guide evaluated at every step, its result discarded outside the interval); images/s. On
+  CUDA also fastdiff with both networks replayed from CUDA graphs (``fastdiff.sampling.cuda_graphed``).
 - ``training``: one training step (EDM2 loss with learned uncertainty, backward, non-finite gradients
   zeroed, Adam, two power-function EMAs) under autocast: fastdiff vs plain; images/s and peak memory.
 """
@@ -325,6 +326,11 @@ def sampling_cases(opt: Options) -> Iterator[Case]:
         impls = {"plain": impls["plain"],
                  f"plain (torch.compile {opt.compile})": lambda: plain_heun_loop(cn, cg, noise, labels, num_steps=steps),
                  "fastdiff": impls["fastdiff"]}
+    if opt.cuda:  # the same sampling with both networks replayed from CUDA graphs
+        from fastdiff.sampling import cuda_graphed
+
+        gn, gg = cuda_graphed(net), cuda_graphed(gnet)
+        impls["fastdiff + CUDA graphs"] = lambda: fastdiff_heun_loop(gn, gg, noise, labels, num_steps=steps)
     impls = {k: torch.no_grad()(f) for k, f in impls.items()}
     name = (f"Heun {steps} steps, autoguidance w={GUIDE_W} + interval {INTERVAL}, main {main}, guide {guide}"
             f"{' (half width)' if overrides else ''}, b{batch} {_dtype_name(opt.dtype)}")

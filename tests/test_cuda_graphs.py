@@ -1,0 +1,119 @@
+"""fastdiff.sampling.cuda_graphed: the static-buffer plumbing (with an eager stand-in for graph capture, so it
+runs everywhere), the fallbacks, and real CUDA graphs where a GPU is present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff import nn as fnn
+from fastdiff.sampling import Autoguidance, GraphedDenoiser, Interval, cuda_graphed, sample
+
+
+class EagerCapture:
+    """Stands in for CUDA graph capture: replay reruns the captured function on the static inputs and
+    writes into the one output buffer, as a graph replay does."""
+
+    def usable(self, x):
+        return True
+
+    def capture(self, fn):
+        out = fn()
+
+        def replay():
+            out.copy_(fn())
+
+        return replay, out
+
+
+def _net(seed=0, **kw):
+    torch.manual_seed(seed)
+    net = fnn.build("tiny-16", **kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+    return net.eval().requires_grad_(False)
+
+
+def _inputs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    sigma = torch.exp(torch.randn(n, generator=g))
+    labels = torch.nn.functional.one_hot(torch.randint(0, 10, (n,), generator=g), 10).float()
+    return x, sigma, labels
+
+
+def test_static_buffers_carry_every_call():
+    net = _net()
+    gd = GraphedDenoiser(net, capture=EagerCapture())
+    with torch.no_grad():
+        for seed in range(3):  # new inputs each call: a stale static buffer would give the first call's output
+            x, sigma, labels = _inputs(3, seed)
+            assert torch.allclose(gd(x, sigma, labels), net(x, sigma, labels), atol=1e-6)
+        x, sigma, labels = _inputs(3, 5)
+        assert torch.allclose(gd(x, float(sigma[0]), labels), net(x, float(sigma[0]), labels), atol=1e-6)
+    assert gd.captures == 1  # a scalar sigma is expanded to [N]: the same signature, the same graph
+    assert gd.label_dim == net.label_dim and "class_labels" in str(__import__("inspect").signature(gd))
+
+
+def test_new_signature_or_new_weights_capture_again():
+    net = _net()
+    gd = GraphedDenoiser(net, capture=EagerCapture(), max_graphs=2)
+    with torch.no_grad():
+        gd(*_inputs(2))
+        gd(*_inputs(2, 1))
+        assert gd.captures == 1
+        gd(*_inputs(4))
+        assert gd.captures == 2
+        net.unet.out_gain.add_(0.5)  # weights changed in place: the old graph would use the old weights
+        x, sigma, labels = _inputs(2, 2)
+        assert torch.allclose(gd(x, sigma, labels), net(x, sigma, labels), atol=1e-6)
+        assert gd.captures == 3 and len(gd._graphs) == 2  # least recently used dropped
+
+
+def test_fallbacks_call_the_network_directly():
+    net = _net()
+    gd = cuda_graphed(net)  # the real CUDA capture: on CPU tensors it must not try
+    x, sigma, labels = _inputs(2)
+    with torch.no_grad():
+        assert torch.equal(gd(x, sigma, labels), net(x, sigma, labels))
+    eager = GraphedDenoiser(net, capture=EagerCapture())
+    with torch.no_grad():
+        eager(x, sigma, labels.argmax(1))  # integer labels are range-checked on the host
+        eager(x, sigma, labels, force_fp32=True)  # keyword arguments
+    assert gd.captures == 0 and eager.captures == 0
+    net.requires_grad_(True)
+    eager(x, sigma, labels)  # autograd with trainable weights
+    assert eager.captures == 0
+    assert cuda_graphed(gd) is gd
+    with pytest.raises(ValueError, match="max_graphs"):
+        cuda_graphed(net, max_graphs=0)
+
+
+def test_sampling_with_graphed_networks_equals_eager():
+    net, gnet = _net(0), _net(1, model_channels=16, logvar_channels=16)
+    noise, _, labels = _inputs(2, 3)
+    guidance = lambda a, b: Interval(Autoguidance(b, 2.0), sigma=(0.28, 2.9))  # noqa: E731
+    with torch.no_grad():
+        want = sample(net, noise, "heun", steps=6, guidance=guidance(net, gnet), labels=labels)
+        gn = GraphedDenoiser(net, capture=EagerCapture())
+        gg = GraphedDenoiser(gnet, capture=EagerCapture())
+        got = sample(gn, noise, "heun", steps=6, guidance=guidance(gn, gg), labels=labels)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert gn.captures >= 1 and gg.captures >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_cuda_graphs_match_eager():
+    net, gnet = _net(0).cuda(), _net(1, model_channels=16, logvar_channels=16).cuda()
+    noise, _, labels = (t.cuda() for t in _inputs(4, 3))
+    guidance = lambda a, b: Interval(Autoguidance(b, 2.0), sigma=(0.28, 2.9))  # noqa: E731
+    with torch.no_grad():
+        want = sample(net, noise, "heun", steps=8, guidance=guidance(net, gnet), labels=labels)
+        gn, gg = cuda_graphed(net), cuda_graphed(gnet)
+        got = sample(gn, noise, "heun", steps=8, guidance=guidance(gn, gg), labels=labels)
+        again = sample(gn, noise, "heun", steps=8, guidance=guidance(gn, gg), labels=labels)
+    assert gn.captures >= 1 and gg.captures >= 1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got, again)  # replays are deterministic and reuse the graphs
