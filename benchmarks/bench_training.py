@@ -30,8 +30,9 @@ try:
 except (ImportError, AttributeError) as exc:  # before branch nn is merged
     pytest.skip(f"bench_training needs fastdiff.nn and fastdiff.diffusion.EDM2Loss ({exc})", allow_module_level=True)
 from fastdiff.bench import plain_edm2  # noqa: E402
+from fastdiff.bench.suites import PlainTrainer  # noqa: E402
 from fastdiff.data import open_dataset, to_model_input  # noqa: E402
-from fastdiff.training import TrainConfig, std_to_exp, training_loop  # noqa: E402
+from fastdiff.training import TrainConfig, training_loop  # noqa: E402
 
 BATCH = 32
 STEPS = int(os.environ.get("FASTDIFF_BENCH_TRAIN_STEPS", "8"))
@@ -69,36 +70,15 @@ def _plain_runner(preset):
     torch.manual_seed(0)
     module = fnn.build(preset, use_fp16=False)
     net = plain_edm2.PlainEDM2.from_module(cfg, module, training=True, requires_grad=True)
-    params = net.parameters()
-    emas = [[t.detach().clone() for t in params] for _ in STDS]
-    opt = torch.optim.Adam(params, lr=training["lr"], betas=(0.9, 0.99), eps=1e-8)
+    trainer = PlainTrainer(net, training["lr"], training["P_mean"], training["P_std"], stds=STDS)
     ds = _dataset(module)
     images = to_model_input(torch.stack([ds[i][0] for i in range(len(ds))]))
     labels = torch.nn.functional.one_hot(torch.as_tensor(ds.labels), cfg["label_dim"]).float()
-    sd = 0.5
-    state = {"nimg": 0}
     gen = torch.Generator().manual_seed(0)
 
     def step():
         idx = torch.randint(0, images.shape[0], (BATCH,), generator=gen)
-        y, c = images[idx], labels[idx]
-        sigma = (torch.randn(BATCH, 1, 1, 1, generator=gen) * training["P_std"] + training["P_mean"]).exp()
-        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-        noise = torch.randn(y.shape, generator=gen) * sigma
-        d, logvar = net(y + noise, sigma, c, return_logvar=True)
-        loss = (weight / logvar.exp()) * (d - y) ** 2 + logvar
-        opt.zero_grad(set_to_none=True)
-        loss.sum().mul(1.0 / BATCH).backward()
-        for t in params:
-            if t.grad is not None:
-                torch.nan_to_num(t.grad, nan=0.0, posinf=0.0, neginf=0.0, out=t.grad)
-        opt.step()
-        state["nimg"] += BATCH
-        with torch.no_grad():
-            for std, ema in zip(STDS, emas):
-                beta = (1 - BATCH / state["nimg"]) ** (std_to_exp(std) + 1)
-                for e, t in zip(ema, params):
-                    e.lerp_(t.detach(), 1 - beta)
+        trainer.step(images[idx], labels[idx], gen)
 
     def run():
         for _ in range(STEPS):

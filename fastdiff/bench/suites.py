@@ -343,28 +343,40 @@ def _autocast(opt: Options):
     return torch.autocast(torch.device(opt.device).type, dtype=opt.dtype, enabled=opt.dtype != torch.float32)
 
 
-def _plain_train_step(pnet, params, opt_state, emas, images, labels, P_mean, P_std, opt: Options, nimg):
-    sd, batch = 0.5, images.shape[0]
-    g = torch.Generator(device=images.device).manual_seed(nimg[0])
-    sigma = (torch.randn(batch, 1, 1, 1, generator=g, device=images.device) * P_std + P_mean).exp()
-    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    noise = torch.randn(images.shape, generator=g, device=images.device) * sigma
-    with _autocast(opt):
-        d, logvar = pnet(images + noise, sigma, labels, return_logvar=True)
-    loss = (weight / logvar.float().exp()) * (d.float() - images) ** 2 + logvar.float()
-    opt_state.zero_grad(set_to_none=True)
-    loss.sum().mul(1.0 / batch).backward()
-    for t in params:
-        if t.grad is not None:
-            torch.nan_to_num(t.grad, nan=0.0, posinf=0.0, neginf=0.0, out=t.grad)
-    opt_state.step()
-    nimg[0] += batch
-    from fastdiff.training import std_to_exp
+class PlainTrainer:
+    """The EDM2 training step in plain PyTorch over a ``PlainEDM2`` in training mode: loss with learned
+    uncertainty (fresh noise from ``generator``), backward, non-finite gradients zeroed, Adam (0.9, 0.99,
+    1e-8), power-function EMAs (one fused lerp over all tensors per std)."""
 
-    with torch.no_grad():
-        for std, ema in emas:
-            beta = (1 - batch / nimg[0]) ** (std_to_exp(std) + 1)
-            torch._foreach_lerp_(ema, [t.detach() for t in params], 1 - beta)
+    def __init__(self, pnet, lr: float, P_mean: float, P_std: float, stds=(0.05, 0.10), autocast_dtype=None):
+        from fastdiff.training import std_to_exp
+
+        self.pnet, self.P_mean, self.P_std = pnet, P_mean, P_std
+        self.params = pnet.parameters()
+        self.adam = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.99), eps=1e-8)
+        self.emas = [(std_to_exp(std), [t.detach().clone() for t in self.params]) for std in stds]
+        self.autocast_dtype = autocast_dtype
+        self.nimg = 0
+
+    def step(self, images: torch.Tensor, labels, generator: torch.Generator) -> None:
+        sd, batch, dev = 0.5, images.shape[0], images.device
+        sigma = (torch.randn(batch, 1, 1, 1, generator=generator, device=dev) * self.P_std + self.P_mean).exp()
+        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        noise = torch.randn(images.shape, generator=generator, device=dev) * sigma
+        with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+            d, logvar = self.pnet(images + noise, sigma, labels, return_logvar=True)
+        loss = (weight / logvar.float().exp()) * (d.float() - images) ** 2 + logvar.float()
+        self.adam.zero_grad(set_to_none=True)
+        loss.sum().mul(1.0 / batch).backward()
+        for t in self.params:
+            if t.grad is not None:
+                torch.nan_to_num(t.grad, nan=0.0, posinf=0.0, neginf=0.0, out=t.grad)
+        self.adam.step()
+        self.nimg += batch
+        with torch.no_grad():
+            for exp, ema in self.emas:
+                beta = (1 - batch / self.nimg) ** (exp + 1)
+                torch._foreach_lerp_(ema, [t.detach() for t in self.params], 1 - beta)
 
 
 def training_cases(opt: Options) -> Iterator[Case]:
@@ -404,13 +416,13 @@ def training_cases(opt: Options) -> Iterator[Case]:
             state["nimg"] += batch
             ema.update(cur_nimg=state["nimg"], batch_size=batch)
 
-        pparams = pnet.parameters()
-        padam = torch.optim.Adam(pparams, lr=tr["lr"], betas=(0.9, 0.99), eps=1e-8)
-        pemas = [(std, [t.detach().clone() for t in pparams]) for std in (0.05, 0.10)]
-        pn = [0]
+        amp = opt.dtype if opt.dtype != torch.float32 else None
+        trainer = PlainTrainer(pnet, tr["lr"], tr["P_mean"], tr["P_std"], autocast_dtype=amp)
+        pgen = torch.Generator(device=opt.device)
 
         def plain_step():
-            _plain_train_step(pnet, pparams, padam, pemas, images, labels, tr["P_mean"], tr["P_std"], opt, pn)
+            pgen.manual_seed(trainer.nimg)
+            trainer.step(images, labels, pgen)
 
         name = f"train step {preset} b{batch} {'autocast ' + _dtype_name(opt.dtype) if opt.dtype != torch.float32 else 'float32'}"
         yield Case("training", name, {"plain": plain_step, "fastdiff": fastdiff_step}, "img/s", batch, memory=True,
