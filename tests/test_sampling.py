@@ -496,12 +496,18 @@ def test_seed_independent_of_batch(reference):
         mixed = _gen_float(net, [3, 7, 11, 12345], guidance=g)
         other = _gen_float(net, [99, 5, 7, 1], guidance=ICG(1.5))
         alone_icg = _gen_float(net, [7], guidance=ICG(1.5))
+        # Null-label CFG and APG (momentum and rescale are per sample), as `fastdiff generate` builds them.
+        pairs = [(_gen_float(net, [7], guidance=g())[0], _gen_float(net, [2, 9, 7], guidance=g())[2])
+                 for g in (lambda: CFG(1.5), lambda: APG(2.0, r=0.5, eta=0.3))]
     if reference:
         assert torch.equal(alone[0], mixed[1])
         assert torch.equal(alone_icg[0], other[2])
+        assert all(torch.equal(a, b) for a, b in pairs)
     else:
         torch.testing.assert_close(alone[0], mixed[1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(alone_icg[0], other[2], rtol=1e-5, atol=1e-5)
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     a = _gen(net, [7, 8], 1, gnet=gnet, guidance=2.0)
     b = _gen(net, [1, 8, 7], 3, gnet=gnet, guidance=2.0)
     assert (a[7].int() - b[7].int()).abs().max() <= 1 and (a[8].int() - b[8].int()).abs().max() <= 1
@@ -613,6 +619,201 @@ def test_cli_distributed_two_processes(tmp_path):
     for k in a:
         assert abs(a[k].astype(int) - b[k].astype(int)).max() <= 1, k
     assert (tmp_path / "dist" / "grid2.png").exists()
+
+
+# --- the generate CLI's guidance methods ----------------------------------------------------------------
+
+
+def _parse(*argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    gen_cli.add_arguments(p)
+    return p.parse_args([str(a) for a in argv])
+
+
+def _cli_images(tmp_path, name, net, gnet=None, flags=""):
+    out = tmp_path / name
+    args = _parse("--net", "unused", "--seeds", "0-3", "--outdir", out, "--batch", "4", "--steps", "3",
+                  "--device", "cpu", "--no-progress", *flags.split())
+    assert gen_cli.run(args, net, gnet) == 0
+    return _read_pngs(out)
+
+
+def _lib_images(net, guidance_obj, seeds=range(4), steps=3):
+    out = {}
+    for s, imgs in generate_images(net, list(seeds), batch=4, steps=steps, device="cpu", guidance_obj=guidance_obj):
+        out.update({f"{k:06d}.png": v.permute(1, 2, 0).numpy() for k, v in zip(s, imgs)})
+    return out
+
+
+def _same_images(a, b):
+    assert sorted(a) == sorted(b) and a
+    return all((a[k] == b[k]).all() for k in a)
+
+
+COND_GUIDE, UNCOND_GUIDE = TinyNet(shift=0.2), TinyNet(label_dim=0, shift=0.3)
+CLI_METHODS = [  # (flags, --gnet, the library object the flags must build)
+    ("--guidance-method cfg --guidance 2.5", None, lambda: CFG(2.5)),
+    ("--guidance-method cfg --guidance 2", UNCOND_GUIDE, lambda: CFG(2.0, uncond=UNCOND_GUIDE)),
+    ("--guidance-method autoguidance --guidance 2", COND_GUIDE, lambda: Autoguidance(COND_GUIDE, 2.0)),
+    ("--guidance-method apg --guidance 3 --apg-eta 0.5 --apg-momentum -0.3 --apg-rescale 2", None,
+     lambda: APG(3.0, eta=0.5, beta=-0.3, r=2.0)),
+    ("--guidance-method apg --guidance 3", COND_GUIDE, lambda: APG(3.0, guide=COND_GUIDE)),
+    ("--guidance-method icg --guidance 1.5", None, lambda: ICG(1.5)),
+    ("--guidance-method tsg --guidance 2 --tsg-c-noise-scale 0.2", None, lambda: TSG(2.0, c_noise_scale=0.2)),
+    ("--cads --cads-tau1 0.3", None, lambda: CADS(None, tau1=0.3)),
+    ("--guidance-method apg --guidance 2 --interval 0.5,10", None, lambda: Interval(APG(2.0), sigma=(0.5, 10.0))),
+    ("--guidance-method cfg --guidance 2 --interval 0.3,5 --cads --cads-s 0.5", None,
+     lambda: CADS(Interval(CFG(2.0), sigma=(0.3, 5.0)), s=0.5)),
+    ("--guidance 2 --cads --cads-tau2 0.95", COND_GUIDE, lambda: CADS(Autoguidance(COND_GUIDE, 2.0), tau2=0.95)),
+]
+
+
+@pytest.mark.parametrize("flags,gnet,make", CLI_METHODS, ids=[c[0].replace("--", "") for c in CLI_METHODS])
+def test_cli_guidance_methods(tmp_path, capsys, flags, gnet, make):
+    """Every method from the command line builds the library's object (same images) and guides."""
+    net = TinyNet()
+    got = _cli_images(tmp_path, "cli", net, gnet, flags)
+    line = capsys.readouterr().err
+    method = flags.split()[1] if flags.startswith("--guidance-method") else "auto" if "--guidance " in flags else "none"
+    assert f"fastdiff generate: guidance: {method}" in line
+    assert ("cads (" in line) == ("--cads" in flags) and ("interval" in line) == ("--interval" in flags)
+    assert _same_images(got, _lib_images(net, make()))
+    assert not _same_images(got, _lib_images(net, None))
+
+
+def test_cli_guidance_weight_one_is_unguided(tmp_path, capsys):
+    """--guidance 1 with any method is the unguided baseline (for sweeps), and says so."""
+    plain = _cli_images(tmp_path, "plain", TinyNet())
+    assert "guidance: none" in capsys.readouterr().err
+    for method in ("cfg", "apg", "icg", "tsg"):
+        got = _cli_images(tmp_path, method, TinyNet(), flags=f"--guidance-method {method} --guidance 1")
+        assert _same_images(got, plain)
+        assert "no guidance" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def net_files(tmp_path_factory):
+    """Tiny fastdiff networks on disk: a conditional net, a conditional guide and an unconditional net."""
+    import fastdiff.nn as fnn
+    from fastdiff.io import save_network
+
+    root = tmp_path_factory.mktemp("nets")
+    small = {"model_channels": 8, "logvar_channels": 8, "use_fp16": False}
+    torch.manual_seed(0)
+    files = {}
+    for name, label_dim in (("net", 10), ("gnet", 10), ("uncond", 0)):
+        net = fnn.build("tiny-16", label_dim=label_dim, **small)
+        with torch.no_grad():  # a freshly built EDM2 network outputs zeros (out_gain 0): give it some signal
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        files[name] = root / f"{name}.safetensors"
+        save_network(net, files[name])
+    return files
+
+
+COMMON = ("--seeds", "0-3", "--batch", "4", "--steps", "3", "--device", "cpu", "--no-progress")
+
+
+def _main(*argv):
+    return gen_cli.main(_parse(*argv))
+
+
+def test_cli_old_invocation_unchanged(tmp_path, net_files):
+    """--gnet X --guidance W [--interval] is the official autoguidance, bit for bit, as before."""
+    from fastdiff.io import load_network
+
+    flags = ("--gnet", net_files["gnet"], "--guidance", "2", "--interval", "0.3,5")
+    assert _main("--net", net_files["net"], *flags, "--outdir", tmp_path / "old", *COMMON) == 0
+    net, gnet = (load_network(net_files[k]).eval().requires_grad_(False) for k in ("net", "gnet"))
+    ref = {}
+    for s, imgs in generate_images(net, range(4), gnet=gnet, guidance=2.0, interval=(0.3, 5.0), steps=3, batch=4,
+                                   device="cpu"):
+        ref.update({f"{k:06d}.png": v.permute(1, 2, 0).numpy() for k, v in zip(s, imgs)})
+    old = _read_pngs(tmp_path / "old")
+    assert _same_images(old, ref)
+    assert _main("--net", net_files["net"], *flags, "--guidance-method", "autoguidance", "--outdir", tmp_path / "ag",
+                 *COMMON) == 0
+    assert _same_images(_read_pngs(tmp_path / "ag"), old)
+
+
+def test_cli_null_label_cfg_matches_sample(tmp_path, net_files):
+    """--guidance-method cfg without --gnet is sample(..., guidance=CFG(w)) with the generate seeds."""
+    from fastdiff.io import load_network
+    from fastdiff.sampling.generate import to_uint8
+
+    assert _main("--net", net_files["net"], "--guidance-method", "cfg", "--guidance", "2.5", "--outdir",
+                 tmp_path / "cfg", *COMMON) == 0
+    net = load_network(net_files["net"]).eval().requires_grad_(False)
+    gens = rng.seed_generators(range(4))
+    noise, classes = [], []
+    for g in gens:  # per seed: noise, then the class
+        noise.append(torch.randn(3, 16, 16, generator=g))
+        classes.append(int(torch.randint(net.label_dim, (1,), generator=g)))
+    labels = torch.nn.functional.one_hot(torch.tensor(classes), net.label_dim).float()
+    x = sample(net, torch.stack(noise), "heun", steps=3, labels=labels, generators=gens, guidance=CFG(2.5))
+    ref = {f"{s:06d}.png": img.permute(1, 2, 0).numpy() for s, img in enumerate(to_uint8(x))}
+    assert _same_images(_read_pngs(tmp_path / "cfg"), ref)
+
+
+@pytest.mark.parametrize("flags,message", [
+    ("--guidance nan --gnet g", "--guidance must be a finite"),
+    ("--guidance 2", "--guidance-method cfg"),  # the old error, now pointing at null-label CFG too
+    ("--guidance-method cfg", "needs a weight: give --guidance"),
+    ("--guidance-method autoguidance --guidance 2", r"autoguidance needs a guiding network \(--gnet\)"),
+    ("--guidance-method icg --guidance 2 --gnet g", "--gnet is not used"),
+    ("--guidance-method tsg --guidance 2 --gnet g", "--gnet is not used"),
+    ("--guidance-method cfg --guidance 2 --apg-eta 0.5", "--apg-eta is only used with --guidance-method apg"),
+    ("--gnet g --guidance 2 --tsg-scale 0.5", "--tsg-scale is only used with --guidance-method tsg"),
+    ("--guidance-method cfg --guidance 2 --cads-tau1 0.5", "--cads-tau1 is only used with --cads"),
+    ("--guidance-method apg --guidance 2 --apg-rescale -1", "--apg-rescale must be"),
+    ("--guidance-method apg --guidance 2 --apg-momentum 0.5", "--apg-momentum must be"),
+    ("--cads --cads-psi 2", "--cads-psi must lie in"),
+    ("--cads --cads-tau1 0.95", r"--cads-tau1 \(0.95\) must not exceed --cads-tau2 \(0.9\)"),
+])
+def test_cli_guidance_flag_errors(tmp_path, capsys, flags, message):
+    """Flag errors are reported before any network is loaded (--net does not exist), naming the flag."""
+    import re
+
+    assert _main("--net", "missing.safetensors", "--outdir", tmp_path, *flags.split()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdiff generate: error: ") and re.search(message, err), err
+
+
+def test_cli_guidance_method_cads_points_at_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        _parse("--net", "n", "--guidance-method", "cads")
+    assert "add --cads to any method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,net,gnet,message", [
+    ("--guidance-method cfg --guidance 2", TinyNet(label_dim=0), None, "cfg needs a class-conditional --net"),
+    ("--guidance-method icg --guidance 2", TinyNet(label_dim=0), None, "icg needs a class-conditional --net"),
+    ("--guidance-method apg --guidance 2", TinyNet(label_dim=0), None, "apg without --gnet uses the null label"),
+    ("--cads", TinyNet(label_dim=0), None, "--cads anneals the class condition"),
+    ("--guidance-method cfg --guidance 2", TinyNet(), TinyNet(), "needs an unconditional --gnet"),
+    ("--guidance-method autoguidance --guidance 2", TinyNet(), TinyNet(label_dim=3), "--gnet has label_dim 3"),
+    ("--guidance 2", TinyNet(), TinyNet(res=4), "--gnet does not match --net: img_resolution 4 vs 8"),
+    ("--guidance-method tsg --guidance 2 --tsg-scale 0.5", TinyNet(), None, "--tsg-scale has no effect"),
+])
+def test_cli_guidance_network_errors(tmp_path, flags, net, gnet, message):
+    args = _parse("--net", "n", "--outdir", tmp_path, "--seeds", "0", "--steps", "1", "--device", "cpu", *flags.split())
+    with pytest.raises(ValueError, match=message):
+        gen_cli.run(args, net, gnet)
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_guidance_network_error_exit_code(tmp_path, net_files, capsys):
+    assert _main("--net", net_files["uncond"], "--guidance-method", "cfg", "--guidance", "2", "--outdir", tmp_path,
+                 *COMMON) == 2
+    assert "cfg needs a class-conditional --net" in capsys.readouterr().err
+    # Where the library composes, unconditional networks work: APG and autoguidance by an unconditional guide, TSG.
+    for flags in (("--guidance-method", "apg", "--gnet", net_files["uncond"]), ("--guidance-method", "tsg"),
+                  ("--guidance-method", "autoguidance", "--gnet", net_files["uncond"])):
+        assert _main("--net", net_files["uncond"], *flags, "--guidance", "2", "--outdir", tmp_path / flags[1],
+                     *COMMON) == 0
+        assert len(_read_pngs(tmp_path / flags[1])) == 4
 
 
 # --- NVTX ---------------------------------------------------------------------------------------------

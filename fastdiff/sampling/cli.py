@@ -2,23 +2,46 @@
 
     fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
     fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
+    fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
+    fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
 
 Under torchrun the seeds are split across the ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
 PNGs are written atomically (temporary file, then rename).
+
+Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
+
+- ``--guidance-method auto`` (default): the official tool's rule, autoguidance by ``--gnet`` (which is
+  CFG when ``--gnet`` is unconditional).
+- ``cfg``: classifier-free guidance; without ``--gnet`` the unconditional branch is ``--net`` itself
+  with the null (all-zero) label, which needs a class-conditional network trained with label dropout
+  (``fastdiff train --label-dropout``); with ``--gnet``, a separate unconditional network.
+- ``autoguidance``: guidance by ``--gnet`` (required), a smaller or less-trained version of ``--net``.
+- ``apg``: adaptive projected guidance, unconditional branch as in ``cfg`` (null label) or by ``--gnet``
+  (``--apg-eta``, ``--apg-momentum``, ``--apg-rescale``).
+- ``icg``: independent condition guidance (random classes instead of the null label).
+- ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
+
+``--interval LO,HI`` limits any of them to sigma in (LO, HI]; ``--cads`` (``--cads-tau1`` ...) anneals the
+class condition around any of them (also without guidance). The parameters' defaults are those of the
+guidance classes. The set-up is printed as one line to stderr at the start.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import math
 import os
 import re
 import sys
+from collections.abc import Callable
 
 import torch
 
-from fastdiff.sampling.generate import MAX_SEED, generate_images
+from fastdiff.sampling.generate import MAX_SEED, generate_images, make_guidance
+from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, _accepts
 from fastdiff.sampling.samplers import SAMPLERS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,11 +81,252 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
+# --- guidance -----------------------------------------------------------------------------------------
+
+GUIDANCE_METHODS = ("auto", "cfg", "autoguidance", "apg", "icg", "tsg")
+# Methods that compare the class condition with something else, so --net must be class-conditional
+# (apg only without --gnet: with one, its unconditional branch is that network).
+_NEEDS_LABELS = {"cfg", "icg"}
+
+
+def _guidance_method(text: str) -> str:
+    text = str(text).strip().lower()
+    if text == "cads":
+        raise argparse.ArgumentTypeError(
+            "CADS anneals the condition and is not a guidance method of its own: add --cads to any method "
+            "(e.g. --guidance-method cfg --guidance 2 --cads), or use it alone with --cads"
+        )
+    if text not in GUIDANCE_METHODS:
+        raise argparse.ArgumentTypeError(
+            f"unknown guidance method {text!r}; expected one of {', '.join(GUIDANCE_METHODS)}"
+        )
+    return text
+
+
+def _finite(v: float) -> str | None:
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+def _nonneg(v: float) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+
+def _positive(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+def _nonpositive(v: float) -> str | None:
+    return None if math.isfinite(v) and v <= 0 else "must be a finite number <= 0 (a momentum beta < 0; 0 = none)"
+
+
+def _unit(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must lie in [0, 1]"
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceParam:
+    """A command-line parameter of a guidance class: ``--flag`` sets keyword ``kwarg`` of ``cls``, for
+    ``owner`` (a method of ``--guidance-method``, or ``cads`` for ``--cads``). The default is the
+    constructor's, read from its signature: it is defined once, in the class."""
+
+    flag: str
+    owner: str
+    cls: type
+    kwarg: str
+    help: str
+    check: Callable[[float], str | None]
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def name(self) -> str:
+        """The flag without its method prefix (``--apg-momentum`` -> ``momentum``), for the summary line."""
+        return self.flag[len(self.owner) + 3:]
+
+    @property
+    def default(self):
+        return inspect.signature(self.cls).parameters[self.kwarg].default
+
+
+GUIDANCE_PARAMS = (
+    GuidanceParam("--apg-eta", "apg", APG, "eta", "APG: weight eta of the update's part parallel to D_c", _finite),
+    GuidanceParam("--apg-momentum", "apg", APG, "beta", "APG: momentum beta (< 0; 0 = no momentum)", _nonpositive),
+    GuidanceParam("--apg-rescale", "apg", APG, "r", "APG: rescale radius r, ||D_c - D_u|| clipped to r per sample "
+                  "(none = no rescale)", _positive),
+    GuidanceParam("--tsg-scale", "tsg", TSG, "scale", "TSG: s in e~ = e + s std(e) n, for networks that take a "
+                  f"{TSG.HOOK} hook", _nonneg),
+    GuidanceParam("--tsg-c-noise-scale", "tsg", TSG, "c_noise_scale", "TSG on networks without that hook (fastdiff's "
+                  "and EDM2's): std of the perturbation of c_noise = ln(sigma)/4", _nonneg),
+    GuidanceParam("--cads-tau1", "cads", CADS, "tau1", "CADS: full condition below t = tau1 (t in [0, 1], 1 = noise)",
+                  _unit),
+    GuidanceParam("--cads-tau2", "cads", CADS, "tau2", "CADS: pure noise condition above t = tau2", _unit),
+    GuidanceParam("--cads-s", "cads", CADS, "s", "CADS: noise scale s of the annealed condition", _nonneg),
+    GuidanceParam("--cads-psi", "cads", CADS, "psi", "CADS: mix psi of the condition rescaled to the original "
+                  "mean/std (0 = no rescale)", _unit),
+)
+
+
+def _given(args, p: GuidanceParam) -> bool:
+    return getattr(args, p.dest, None) is not None
+
+
+def _method(args) -> str:
+    return getattr(args, "guidance_method", None) or "auto"
+
+
+def _weight(args) -> float:
+    return 1.0 if args.guidance is None else float(args.guidance)
+
+
+def _owner_active(args, owner: str) -> bool:
+    return bool(getattr(args, "cads", False)) if owner == "cads" else _method(args) == owner
+
+
+def _param_values(args, owner: str) -> dict:
+    """The constructor keywords given on the command line for ``owner`` (the rest keep their defaults)."""
+    return {p.kwarg: getattr(args, p.dest) for p in GUIDANCE_PARAMS if p.owner == owner and _given(args, p)}
+
+
+def _effective(args, p: GuidanceParam):
+    return getattr(args, p.dest) if _given(args, p) else p.default
+
+
+def validate_guidance(args, has_gnet: bool | None = None) -> None:
+    """Checks of the guidance flags that need no network (ValueError naming the flag). ``has_gnet``:
+    whether a guiding network is given (default: whether ``args.gnet`` is)."""
+    method, w = _method(args), _weight(args)
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"unknown --guidance-method {method!r}; expected one of {', '.join(GUIDANCE_METHODS)}")
+    if not math.isfinite(w):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    if has_gnet is None:
+        has_gnet = getattr(args, "gnet", None) is not None
+    if method == "auto":
+        if w != 1 and not has_gnet:
+            raise ValueError(
+                f"--guidance={args.guidance} needs a guiding network (--gnet), or a --guidance-method: e.g. "
+                "--guidance-method cfg for classifier-free guidance with the null label of a network trained with "
+                "--label-dropout; --guidance=1 means no guidance"
+            )
+    else:
+        if args.guidance is None:
+            raise ValueError(f"--guidance-method {method} needs a weight: give --guidance W (W = 1 is no guidance)")
+        if method == "autoguidance" and not has_gnet:
+            raise ValueError("--guidance-method autoguidance needs a guiding network (--gnet)")
+        if method in ("icg", "tsg") and has_gnet:
+            raise ValueError(f"--guidance-method {method} guides with --net itself; --gnet is not used by it")
+    for p in GUIDANCE_PARAMS:
+        if not _given(args, p):
+            continue
+        if not _owner_active(args, p.owner):
+            where = "--cads" if p.owner == "cads" else f"--guidance-method {p.owner}"
+            raise ValueError(f"{p.flag} is only used with {where}" +
+                             ("" if p.owner == "cads" else f", not with --guidance-method {method}"))
+        problem = p.check(float(getattr(args, p.dest)))
+        if problem:
+            raise ValueError(f"{p.flag} {problem}, got {getattr(args, p.dest)}")
+    if getattr(args, "cads", False):
+        tau1, tau2 = (_effective(args, p) for p in GUIDANCE_PARAMS if p.kwarg in ("tau1", "tau2"))
+        if not tau1 <= tau2:
+            raise ValueError(f"--cads-tau1 ({tau1}) must not exceed --cads-tau2 ({tau2})")
+
+
+def _check_gnet(net, gnet, method: str) -> None:
+    for attr in ("img_channels", "img_resolution"):
+        a, b = getattr(net, attr, None), getattr(gnet, attr, None)
+        if a is not None and b is not None and int(a) != int(b):
+            raise ValueError(f"--gnet does not match --net: {attr} {int(b)} vs {int(a)}")
+    net_dim, g_dim = int(getattr(net, "label_dim", 0) or 0), int(getattr(gnet, "label_dim", 0) or 0)
+    if method == "cfg" and g_dim:
+        raise ValueError(
+            f"--guidance-method cfg with --gnet needs an unconditional --gnet (label_dim 0), this one has "
+            f"label_dim {g_dim}: use --guidance-method autoguidance for a conditional guide, or leave out --gnet "
+            "for CFG with the null label of --net"
+        )
+    if method in ("autoguidance", "apg") and g_dim and g_dim != net_dim:
+        raise ValueError(f"--gnet has label_dim {g_dim} but --net has {net_dim}: the guide must take the same "
+                         "classes, or none (an unconditional guide)")
+
+
+def _fmt(v) -> str:
+    return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
+    """The guidance object of the command line and a one-line description of it.
+
+    ``--guidance-method auto`` builds exactly what the official tool (and ``generate_images(gnet=,
+    guidance=, interval=)``) builds. Otherwise ``--interval`` wraps the method in :class:`Interval`, and
+    ``--cads`` wraps the result in :class:`CADS` (the condition is annealed everywhere on CADS's own
+    schedule; the interval limits only the guidance). Errors (ValueError) name the flag."""
+    validate_guidance(args, has_gnet=gnet is not None)
+    method, w = _method(args), _weight(args)
+    interval = parse_interval(getattr(args, "interval", None))
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    cads = bool(getattr(args, "cads", False))
+    unconditional = "--net is unconditional (label_dim 0)"
+    if method in _NEEDS_LABELS and not label_dim:
+        raise ValueError(f"--guidance-method {method} needs a class-conditional --net; {unconditional}")
+    if method == "apg" and gnet is None and not label_dim:
+        raise ValueError(f"--guidance-method apg without --gnet uses the null label of --net, so it needs a "
+                         f"class-conditional --net; {unconditional} (or give a guiding network with --gnet)")
+    if cads and not label_dim:
+        raise ValueError(f"--cads anneals the class condition, so it needs a class-conditional --net; {unconditional}")
+    if gnet is not None and (method != "auto" or w != 1):
+        _check_gnet(net, gnet, method)
+
+    g: Guidance | None
+    # A guide without classes next to a conditional --net makes autoguidance CFG.
+    as_cfg = gnet is not None and label_dim > 0 and not int(getattr(gnet, "label_dim", 0) or 0)
+    if method == "auto":
+        g = make_guidance(gnet, w, interval)  # the official semantics, unchanged
+        if g is None:
+            desc = "none (--guidance 1)"
+        else:
+            desc = f"auto = {'cfg (unconditional --gnet)' if as_cfg else 'autoguidance'}, w={_fmt(w)}"
+    else:
+        params = _param_values(args, method)
+        shown = {p.name: _effective(args, p) for p in GUIDANCE_PARAMS if p.owner == method}
+        if method == "cfg":
+            g = CFG(w, uncond=gnet)
+            branch = "unconditional --gnet" if gnet is not None else "null label of --net"
+        elif method == "autoguidance":
+            g = Autoguidance(gnet, w)
+            branch = "guide --gnet" + (" (unconditional: CFG)" if as_cfg else "")
+        elif method == "apg":
+            g = APG(w, guide=gnet, **params)
+            branch = "guide --gnet" if gnet is not None else "null label of --net"
+        elif method == "icg":
+            g = ICG(w)
+            branch = "random class"
+        else:  # tsg
+            hook = _accepts(net, TSG.HOOK)
+            if not hook and "scale" in params:
+                raise ValueError(
+                    f"--tsg-scale has no effect on this network: it takes no {TSG.HOOK} hook, so TSG perturbs its "
+                    "noise conditioning c_noise instead (set that with --tsg-c-noise-scale)"
+                )
+            g = TSG(w, **params)
+            branch = "perturbed noise embedding" if hook else "perturbed c_noise"
+            shown.pop("c-noise-scale" if hook else "scale")
+        details = "".join(f", {k}={_fmt(v)}" for k, v in shown.items())
+        desc = f"{method}, w={_fmt(w)}{' (w = 1: no guidance)' if w == 1 else ''}, {branch}{details}"
+        if interval is not None:
+            g = Interval(g, sigma=interval)
+    if interval is not None and g is not None:
+        desc += f", interval sigma in ({_fmt(interval[0])}, {_fmt(interval[1])}]"
+    if cads:
+        kw = _param_values(args, "cads")
+        g = CADS(g, **kw)
+        desc += ", cads (" + ", ".join(f"{p.name}={_fmt(_effective(args, p))}" for p in GUIDANCE_PARAMS
+                                       if p.owner == "cads") + ")"
+    return g, desc
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--net", required=True, help="main network: fastdiff .safetensors or official EDM2 .pkl")
-    parser.add_argument("--gnet", default=None, help="guiding network: autoguidance, or CFG with an unconditional net")
-    parser.add_argument("--guidance", type=float, default=1.0, help="guidance weight (1 = none) [default: 1]")
-    parser.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI]")
     parser.add_argument("--sampler", default="heun", choices=SAMPLERS, help="[default: heun]")
     parser.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
     parser.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,10-12 [default: 0-63]")
@@ -78,17 +342,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
     parser.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_guidance_arguments(parser)
 
 
-def _validate(args) -> None:
+def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
+    """--gnet, --guidance, --interval, --guidance-method, --cads and the methods' parameters."""
+    group = parser.add_argument_group(
+        "guidance", "--guidance W and --interval apply to every method; a method's parameters are an error with "
+        "another method. The defaults are those of the classes in fastdiff.sampling.guidance.")
+    group.add_argument("--gnet", default=None, help="guiding network: autoguidance, or CFG with an unconditional net")
+    group.add_argument("--guidance", type=float, default=None, metavar="W",
+                       help="guidance weight (1 = none) [default: 1]")
+    group.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI]")
+    group.add_argument(
+        "--guidance-method", dest="guidance_method", type=_guidance_method, default="auto",
+        metavar="{" + ",".join(GUIDANCE_METHODS) + "}",
+        help="auto: autoguidance by --gnet (CFG if --gnet is unconditional), as the official tool; cfg: classifier-"
+             "free guidance, with the null label of --net (trained with --label-dropout) or an unconditional --gnet; "
+             "autoguidance: by --gnet; apg: adaptive projected guidance (null label, or --gnet); icg: independent "
+             "condition guidance; tsg: time-step guidance [default: auto]")
+    group.add_argument("--cads", action="store_true",
+                       help="condition-annealed sampling (CADS) around the guidance, or alone; needs a class-"
+                            "conditional --net")
+    for p in GUIDANCE_PARAMS:
+        group.add_argument(p.flag, dest=p.dest, type=float, default=None, metavar="X",
+                           help=f"{p.help} [default: {_fmt(p.default)}]")
+
+
+def _validate(args, has_gnet: bool | None = None) -> None:
     if args.outdir is None and args.grid is None:
         raise ValueError("nothing to write: give --outdir and/or --grid")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.guidance != 1 and args.gnet is None:
-        raise ValueError(f"--guidance={args.guidance} needs a guiding network (--gnet); --guidance=1 means no guidance")
+    validate_guidance(args, has_gnet)
 
 
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
@@ -128,15 +416,17 @@ def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
 def run(args, net, gnet=None) -> int:
     """Generates and writes the images with already loaded networks (this rank's share under
     torch.distributed); rank 0 writes the grid."""
-    _validate(args)
+    _validate(args, has_gnet=gnet is not None)
     seeds = parse_seeds(args.seeds)
-    interval = parse_interval(args.interval)
+    guidance, summary = build_guidance(args, net, gnet)
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if rank == 0:
+        print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
     batches = generate_images(
-        net, seeds, gnet=gnet, guidance=args.guidance, interval=interval, sampler=args.sampler, steps=args.steps,
+        net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
         class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
         world_size=world,
         S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
