@@ -435,6 +435,36 @@ def test_tsg_hook_and_fallback():
     assert f.calls == 2 and torch.equal(s[:4], torch.full((4,), 80.0, dtype=torch.float64)) and not torch.equal(s[4:], s[:4])
 
 
+def test_tsg_reaches_the_noise_embedding_of_fastdiff_networks():
+    """fastdiff's Precond takes the TSG hook: the perturbation sees emb_noise's [2N, C] output, identity
+    leaves D unchanged, and TSG at scale 0 is no guidance (the c_noise fallback would still perturb sigma)."""
+    from fastdiff import nn as fnn
+
+    torch.manual_seed(0)
+    net = fnn.build("tiny-16").eval().requires_grad_(False)
+    for p in net.parameters():
+        if p.ndim == 0:
+            p.fill_(1.0)  # the learned gains start at 0, which would hide the embedding
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([1.0, 3.0])
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 4]), 10).float()
+    seen = []
+    with torch.no_grad():
+        d = net(x, sigma, labels)
+        d_id = net(x, sigma, labels, noise_embedding_perturbation=lambda e: (seen.append(e.shape), e)[1])
+        d_big = net(x, sigma, labels, noise_embedding_perturbation=lambda e: e + 3 * torch.randn_like(e))
+        gens = rng.seed_generators(range(2))
+        plain = sample(net, x, "euler", steps=3, labels=labels, generators=gens)
+        tsg0 = sample(net, x, "euler", steps=3, labels=labels, guidance=TSG(2.0, scale=0.0),
+                      generators=rng.seed_generators(range(2)))
+        tsg = sample(net, x, "euler", steps=3, labels=labels, guidance=TSG(2.0, scale=1.0),
+                     generators=rng.seed_generators(range(2)))
+    assert seen == [torch.Size([2, net.unet.emb_noise.out_channels])] and torch.equal(d, d_id)
+    assert not torch.allclose(d, d_big)
+    torch.testing.assert_close(tsg0, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tsg, plain, atol=1e-3)
+
+
 def test_cads_schedule_and_rescale():
     g = CADS(Guidance(), tau1=0.6, tau2=0.9, s=0.25, psi=1.0)
     t = torch.tensor([0.0, 0.6, 0.75, 0.9, 1.0], dtype=torch.float64)

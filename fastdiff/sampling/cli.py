@@ -156,9 +156,9 @@ GUIDANCE_PARAMS = (
     GuidanceParam("--apg-rescale", "apg", APG, "r", "APG: rescale radius r, ||D_c - D_u|| clipped to r per sample "
                   "(none = no rescale)", _positive),
     GuidanceParam("--tsg-scale", "tsg", TSG, "scale", "TSG: s in e~ = e + s std(e) n, for networks that take a "
-                  f"{TSG.HOOK} hook", _nonneg),
-    GuidanceParam("--tsg-c-noise-scale", "tsg", TSG, "c_noise_scale", "TSG on networks without that hook (fastdiff's "
-                  "and EDM2's): std of the perturbation of c_noise = ln(sigma)/4", _nonneg),
+                  f"{TSG.HOOK} hook (fastdiff's, and official pickles loaded by fastdiff)", _nonneg),
+    GuidanceParam("--tsg-c-noise-scale", "tsg", TSG, "c_noise_scale", "TSG on networks without that hook (other "
+                  "callables): std of the perturbation of c_noise = ln(sigma)/4", _nonneg),
     GuidanceParam("--cads-tau1", "cads", CADS, "tau1", "CADS: full condition below t = tau1 (t in [0, 1], 1 = noise)",
                   _unit),
     GuidanceParam("--cads-tau2", "cads", CADS, "tau2", "CADS: pure noise condition above t = tau2", _unit),
@@ -307,6 +307,11 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
                 raise ValueError(
                     f"--tsg-scale has no effect on this network: it takes no {TSG.HOOK} hook, so TSG perturbs its "
                     "noise conditioning c_noise instead (set that with --tsg-c-noise-scale)"
+                )
+            if hook and "c_noise_scale" in params:
+                raise ValueError(
+                    f"--tsg-c-noise-scale has no effect on this network: it takes the {TSG.HOOK} hook, so TSG "
+                    "perturbs its noise embedding (set that with --tsg-scale)"
                 )
             g = TSG(w, **params)
             branch = "perturbed noise embedding" if hook else "perturbed c_noise"
