@@ -854,3 +854,15 @@ def test_nvtx_noop_when_disabled(monkeypatch):
     assert _nvtx.nvtx_range("a") is _nvtx.nvtx_range("b")
     with _nvtx.nvtx_range("x"):
         pass
+
+
+def test_generate_cuda_graphs_flag_needs_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the error on a machine without CUDA")
+    from fastdiff import nn as fnn
+    from fastdiff.io import save_network
+
+    save_network(fnn.build("tiny-16"), str(tmp_path / "n.safetensors"))
+    assert gen_cli.main(_parse("--net", str(tmp_path / "n.safetensors"), "--outdir", str(tmp_path / "o"),
+                               "--cuda-graphs", *COMMON)) == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err

@@ -347,6 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
     parser.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the networks from captured CUDA graphs (fastdiff.sampling.cuda_graphed; CUDA only)")
     add_guidance_arguments(parser)
 
 
@@ -498,6 +500,12 @@ def main(args) -> int:
         for m in (net, gnet):
             if isinstance(m, torch.nn.Module):
                 m.eval().requires_grad_(False)
+        if getattr(args, "cuda_graphs", False):
+            if torch.device(device).type != "cuda":
+                raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
+            from fastdiff.sampling.graphs import cuda_graphed
+
+            net, gnet = cuda_graphed(net), (cuda_graphed(gnet) if gnet is not None else None)
         return run(args, net, gnet)
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
