@@ -161,6 +161,12 @@ def test_metrics_gen(tmp_path, pooldet, capsys):
                         "--interval", "0.5,10", "--seeds", "0-11", "--num", "6", "--out", str(out)) == 0
     record = json.loads(out.read_text())
     assert record["num"] == 6 and record["guidance"] == 2 and record["interval"] == [0.5, 10]
+    assert record["guidance_setup"].startswith("auto = autoguidance, w=2")
+
+    # every guidance method of fastdiff generate is there too (same flags): null-label CFG
+    assert _metrics_cli("gen", *common, "--guidance-method", "cfg", "--guidance", "1.5", "--seeds", "0-3",
+                        "--out", str(out)) == 0
+    assert json.loads(out.read_text())["guidance_setup"].startswith("cfg, w=1.5, null label")
 
     # errors: guidance without a guide, more images than seeds, a missing network file
     assert _metrics_cli("gen", *common, "--guidance", "2", "--seeds", "0-3") == 1

@@ -4,6 +4,7 @@
     fastdiff metrics calc --images DIR_OR_ZIP --ref ref.npz [--metrics fid,pr,kid] [--out results.json]
     fastdiff metrics gen  --net net.safetensors --ref ref.npz [--gnet guide.safetensors --guidance 2]
                           [--interval LO,HI] [--steps 32] [--seeds 0-49999] [--out results.json]
+                          (every guidance flag of fastdiff generate: --guidance-method cfg|apg|..., --cads)
 
 The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless
 ``--num`` is lowered explicitly. ``--num all`` uses every image (e.g. a whole training set as reference).
@@ -88,9 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
     p.add_argument("--net", required=True, help="network file (fastdiff.io.load_network)")
-    p.add_argument("--gnet", default=None, help="guiding network: autoguidance, or CFG with an unconditional net")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance weight (1 = none) [default: 1]")
-    p.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI]")
+    from fastdiff.sampling.cli import add_guidance_arguments
+
+    add_guidance_arguments(p)  # the same guidance flags as fastdiff generate (every method)
     p.add_argument("--sampler", default="heun", help="heun, euler, euler_ancestral, dpmpp_2m [default: heun]")
     p.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
     p.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 or 1,5,10-12 [default: 0..num-1]")
@@ -134,7 +135,7 @@ def _run_calc(args) -> int:
 def _run_gen(args) -> int:
     from fastdiff.io import load_network
     from fastdiff.metrics.evaluate import calc_from_generator
-    from fastdiff.sampling.cli import parse_interval, parse_seeds
+    from fastdiff.sampling.cli import build_guidance, parse_interval, parse_seeds, validate_guidance
     from fastdiff.sampling.generate import generate_images
 
     if args.steps < 1:
@@ -142,8 +143,7 @@ def _run_gen(args) -> int:
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     interval = parse_interval(args.interval)
-    if args.guidance != 1 and args.gnet is None:
-        raise ValueError(f"--guidance={args.guidance} needs a guiding network (--gnet); --guidance=1 means no guidance")
+    validate_guidance(args, has_gnet=args.gnet is not None)
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
         num = len(seeds) if args.num is None else args.num
@@ -157,9 +157,10 @@ def _run_gen(args) -> int:
     _, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
     net = load_network(args.net, device=args.device).requires_grad_(False)
     gnet = load_network(args.gnet, device=args.device).requires_grad_(False) if args.gnet is not None else None
-    images = generate_images(net, seeds[:num], gnet=gnet, guidance=args.guidance, interval=interval,
-                             sampler=args.sampler, steps=args.steps, class_idx=args.class_idx, batch=args.batch,
-                             device=args.device)
+    guidance, summary = build_guidance(args, net, gnet)
+    print(f"fastdiff metrics gen: guidance: {summary}", file=sys.stderr, flush=True)
+    images = generate_images(net, seeds[:num], guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
+                             class_idx=args.class_idx, batch=args.batch, device=args.device)
     with torch.inference_mode():
         results = calc_from_generator((batch for _seeds, batch in images), ref, metrics=args.metrics,
                                       detector=detector, num=num, device=args.device, batch_size=args.batch,
@@ -167,7 +168,8 @@ def _run_gen(args) -> int:
                                       progress=args.progress)
     print(_format_table(results))
     if args.out:
-        record = dict(net=args.net, gnet=args.gnet, guidance=args.guidance, interval=interval, sampler=args.sampler,
+        record = dict(net=args.net, gnet=args.gnet, guidance=1.0 if args.guidance is None else args.guidance,
+                      guidance_setup=summary, interval=interval, sampler=args.sampler,
                       steps=args.steps, class_idx=args.class_idx, num=num, seeds=args.seeds or f"0-{num - 1}",
                       ref=args.ref, detector=detector, results=results)
         with atomic_write(args.out, "w") as f:
