@@ -295,6 +295,38 @@ def test_opcheck(name):
 
 
 @requires_ext
+def test_calls_without_grad_skip_the_python_autograd_wrapper():
+    """Under no_grad (or with no input requiring grad) the ops go below autograd directly: no Python frame
+    of torch.library's autograd wrapper runs, and the outputs are the same as through it."""
+    x, c = make((2, 64, 4, 4)).requires_grad_(True), make((2, 64), seed=1)
+    qkv = make((2, 192, 4, 4), seed=2)
+
+    def chain(x):
+        y = ops.mp_silu_modulate(ops.mp_silu(x), c)
+        y = ops.mp_sum(ops.pixel_norm(x), y, 0.3) + ops.cosine_attention(qkv, 1)
+        return ops.clip(ops.mp_cat(y, x, t=0.5), 2.0)
+
+    wrapper = os.path.join("torch", "_library", "autograd.py")
+    entered = []
+
+    def profiler(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.endswith(wrapper):
+            entered.append(frame.f_code.co_name)
+
+    with_grad = chain(x)
+    assert with_grad.grad_fn is not None
+    for ctx, inp in ((torch.no_grad(), x), (torch.enable_grad(), x.detach())):
+        sys.setprofile(profiler)
+        try:
+            with ctx:
+                out = chain(inp)
+        finally:
+            sys.setprofile(None)
+        assert entered == [] and out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, with_grad.detach())
+
+
+@requires_ext
 def test_torch_compile_traces_through_the_ops():
     def block(x, w, g, c):
         y = ops.mp_conv(ops.mp_silu(x), w, g)

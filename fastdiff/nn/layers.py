@@ -183,5 +183,13 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
     if mode == "down":
         return F.avg_pool2d(x, 2)
     if mode == "up":
+        no_grad = not (torch.is_grad_enabled() and x.requires_grad)
+        if x.ndim == 4 and x.device.type == "cpu" and x.is_contiguous() and no_grad:
+            # The same copy as two broadcast copies (columns, then whole rows): on the CPU 2-5x faster (measured)
+            # than ATen's nearest-upsampling kernel for a channels-first tensor; channels-last and GPUs keep it.
+            # Only without a gradient: the backward would sum each 2x2 patch in another order (last-bit changes).
+            n, c, h, w = x.shape
+            x = x.unsqueeze(4).expand(n, c, h, w, 2).reshape(n, c, h, 2 * w)
+            return x.unsqueeze(3).expand(n, c, h, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
     raise ValueError(f"resample: expected mode 'keep', 'down' or 'up', got {mode!r}")

@@ -16,6 +16,7 @@ import torch
 from fastdiff.ops import _ext, reference
 from fastdiff.ops import _register  # noqa: F401  (autograd + fake kernels)
 from fastdiff.ops._ext import LOADED as HAS_EXTENSION
+from fastdiff.ops._ext import KERNELS as _KERNELS
 from fastdiff.ops._ext import kernels
 
 EPS = reference.EPS
@@ -46,9 +47,39 @@ def uses_kernel(op: str, *tensors: torch.Tensor) -> bool:
     """Whether ``op`` on these tensors would run the compiled kernel (else the reference)."""
     if _ext.FORCE_REFERENCE or _force[0]:
         return False
-    if not all(isinstance(t, torch.Tensor) and t.dtype in _FLOATS for t in tensors):
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+            return False
+    return _KERNELS.get((op, tensors[0].device.type), False)
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
         return False
-    return _ext.has_kernel(op, tensors[0].device.type)
+
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _call(op, *args):
+    """``op(*args)`` for a ``torch.ops.fastdiff`` overload, skipping its Python autograd wrapper when no
+    gradient can be needed (grad mode off, or no tensor argument requires grad).
+
+    The wrapper ``torch.library.register_autograd`` installs runs in Python on every call, even under
+    ``torch.no_grad()``, only to find that no graph is needed and redispatch below autograd; doing that
+    here directly is the same dispatch without the Python round trip (about 10 us per call on a CPU).
+    Under ``torch.compile`` the op is called as is, so the compiler sees the plain custom-op call.
+    """
+    if torch.is_grad_enabled():
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                return op(*args)
+    if _is_compiling():
+        return op(*args)
+    with _below_autograd():
+        return op(*args)
 
 
 def _gain_tensor(gain, like: torch.Tensor) -> torch.Tensor:
@@ -68,7 +99,7 @@ def normalize(x: torch.Tensor, dim=None, eps: float = EPS) -> torch.Tensor:
 def weight_norm(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Forced weight normalization, functional: ``N(W)`` per output row (differentiable)."""
     if uses_kernel("weight_norm", w):
-        return torch.ops.fastdiff.weight_norm(w, eps)
+        return _call(torch.ops.fastdiff.weight_norm.default, w, eps)
     return reference.weight_norm(w, eps)
 
 
@@ -83,7 +114,7 @@ def weight_norm_(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 def mp_weight(w: torch.Tensor, gain=1.0, eps: float = EPS, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The effective MP weight ``gain * N(W) / sqrt(fan_in)``, e.g. to cache in eval mode."""
     if uses_kernel("mp_weight", w):
-        return torch.ops.fastdiff.mp_weight(w, _gain_tensor(gain, w), eps, dtype)
+        return _call(torch.ops.fastdiff.mp_weight.default, w, _gain_tensor(gain, w), eps, dtype)
     out = reference.mp_weight(w, gain, eps)
     return out.to(dtype if dtype is not None else w.dtype)
 
@@ -91,7 +122,7 @@ def mp_weight(w: torch.Tensor, gain=1.0, eps: float = EPS, dtype: torch.dtype | 
 def mp_conv(x: torch.Tensor, w: torch.Tensor, gain=1.0, eps: float = EPS) -> torch.Tensor:
     """MP convolution (4-D weight, 'same' padding) or MP linear (2-D weight), no bias."""
     if uses_kernel("mp_conv", x, w):
-        return torch.ops.fastdiff.mp_conv(x, w, _gain_tensor(gain, w), eps)
+        return _call(torch.ops.fastdiff.mp_conv.default, x, w, _gain_tensor(gain, w), eps)
     return reference.mp_conv(x, w, gain, eps)
 
 
@@ -107,42 +138,42 @@ def mp_linear(x: torch.Tensor, w: torch.Tensor, gain=1.0, eps: float = EPS) -> t
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     """``silu(x) / 0.596``."""
     if uses_kernel("mp_silu", x):
-        return torch.ops.fastdiff.mp_silu(x)
+        return _call(torch.ops.fastdiff.mp_silu.default, x)
     return reference.mp_silu(x)
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """``((1-t) a + t b) / sqrt((1-t)^2 + t^2)``."""
     if uses_kernel("mp_sum", a, b) and a.shape == b.shape and a.dtype == b.dtype:
-        return torch.ops.fastdiff.mp_sum(a, b, float(t))
+        return _call(torch.ops.fastdiff.mp_sum.default, a, b, float(t))
     return reference.mp_sum(a, b, t)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving concatenation along ``dim``."""
     if dim in (1, 1 - a.ndim) and a.ndim >= 2 and uses_kernel("mp_cat", a, b):
-        return torch.ops.fastdiff.mp_cat(a, b, float(t))
+        return _call(torch.ops.fastdiff.mp_cat.default, a, b, float(t))
     return reference.mp_cat(a, b, dim=dim, t=t)
 
 
 def pixel_norm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """``N(x)`` over the channel dim (1), per pixel."""
     if uses_kernel("pixel_norm", x):
-        return torch.ops.fastdiff.pixel_norm(x, eps)
+        return _call(torch.ops.fastdiff.pixel_norm.default, x, eps)
     return reference.pixel_norm(x, eps)
 
 
 def mp_silu_modulate(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The block's chain ``mp_silu(y * (1 + c))``, ``c`` of shape ``[N, C]`` broadcast over space."""
     if uses_kernel("mp_silu_modulate", y, c):
-        return torch.ops.fastdiff.mp_silu_modulate(y, c)
+        return _call(torch.ops.fastdiff.mp_silu_modulate.default, y, c)
     return reference.mp_silu_modulate(y, c)
 
 
 def clip(x: torch.Tensor, limit: float = CLIP_LIMIT) -> torch.Tensor:
     """Clamp to ``[-limit, limit]``."""
     if uses_kernel("clip", x):
-        return torch.ops.fastdiff.clip(x, float(limit))
+        return _call(torch.ops.fastdiff.clip.default, x, float(limit))
     return reference.clip(x, limit)
 
 
@@ -159,7 +190,7 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
             f"3 * num_heads = {3 * num_heads}"
         )
     if qkv.shape[1] // (3 * num_heads) == 64 and uses_kernel("cosine_attention", qkv):
-        return torch.ops.fastdiff.cosine_attention(qkv, num_heads)[0]
+        return _call(torch.ops.fastdiff.cosine_attention.default, qkv, num_heads)[0]
     return reference.cosine_attention(qkv, num_heads)
 
 
