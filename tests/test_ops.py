@@ -357,6 +357,36 @@ def test_autocast_mp_conv_eager_compiled_and_reference_agree():
     assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
 
 
+@requires_ext
+def test_forward_mode_ad_is_right_not_silently_zero():
+    """The kernels have no forward-mode formulas; under forward AD the ops run the reference, so
+    torch.func.jvp and torch.autograd.forward_ad give the true tangent (they used to give zero)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, b, c = make((2, 5, 4, 4)), make((2, 5, 4, 4), seed=1), make((2, 5), seed=2)
+    w, qkv = make((3, 5, 3, 3), seed=3), make((1, 192, 3, 3), seed=4)
+    cases = {
+        "mp_silu": (lambda m, x: m.mp_silu(x), (x,)),
+        "mp_sum": (lambda m, x, b: m.mp_sum(x, b, 0.3), (x, b)),
+        "mp_cat": (lambda m, x, b: m.mp_cat(x, b, t=0.4), (x, b)),
+        "pixel_norm": (lambda m, x: m.pixel_norm(x), (x,)),
+        "mp_silu_modulate": (lambda m, x, c: m.mp_silu_modulate(x, c), (x, c)),
+        "clip": (lambda m, x: m.clip(300 * x), (x,)),
+        "mp_conv": (lambda m, x, w: m.mp_conv(x, w, 1.5), (x, w)),
+        "weight_norm": (lambda m, w: m.weight_norm(w), (w,)),
+        "cosine_attention": (lambda m, q: m.cosine_attention(q, 1), (qkv,)),
+    }
+    for name, (fn, args) in cases.items():
+        tangents = tuple(torch.randn_like(a) for a in args)
+        _, got = torch.func.jvp(lambda *a: fn(ops, *a), args, tangents)
+        _, want = torch.func.jvp(lambda *a: fn(R, *a), args, tangents)
+        assert want.abs().max() > 0 and torch.allclose(got, want, atol=1e-5), name
+    with fwAD.dual_level():
+        out = ops.mp_silu(fwAD.make_dual(x, torch.ones_like(x)))
+        assert fwAD.unpack_dual(out).tangent is not None
+    assert ops.uses_kernel("mp_silu", x)  # and outside forward AD the kernel again
+
+
 # --- reference fallback, bad input ----------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import contextlib
 import math
 
 import torch
+import torch.autograd.forward_ad as _fw_ad
 
 from fastdiff.ops import _ext, reference
 from fastdiff.ops import _register  # noqa: F401  (autograd + fake kernels)
@@ -44,8 +45,10 @@ def use_reference(enabled: bool = True):
 
 
 def uses_kernel(op: str, *tensors: torch.Tensor) -> bool:
-    """Whether ``op`` on these tensors would run the compiled kernel (else the reference)."""
-    if _ext.FORCE_REFERENCE or _force[0]:
+    """Whether ``op`` on these tensors would run the compiled kernel (else the reference). Forward-mode AD
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) runs the reference: the kernels have no forward-mode
+    formulas, and a custom op without one would silently give a zero tangent."""
+    if _ext.FORCE_REFERENCE or _force[0] or _fw_ad._current_level >= 0:
         return False
     for t in tensors:
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
