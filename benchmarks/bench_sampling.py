@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from fastdiff import ops
+from fastdiff.bench import Options, device_info
+from fastdiff.bench.suites import build_net
+from fastdiff.bench.timing import time_interleaved
 from fastdiff.bench.suites import GUIDE_W as W
 from fastdiff.bench.suites import INTERVAL, fastdiff_heun_loop, plain_heun_loop
 
@@ -31,16 +33,8 @@ BATCH, STEPS = 8, 32
 MAIN, GUIDE = ("tiny-16", {}), ("tiny-16", dict(model_channels=16, logvar_channels=16))
 
 
-def _build(preset, overrides, seed):
-    from fastdiff import nn as fnn
-
-    torch.manual_seed(seed)
-    net = fnn.build(preset, **overrides)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim == 0:
-                p.fill_(1.0)
-    return net
+def _build(preset, overrides, seed, device="cpu"):
+    return build_net(preset, Options(device=device), seed, **overrides)
 
 
 def plain_loop(net, gnet, noise, labels=None, w=W, interval=INTERVAL, num_steps=STEPS):
@@ -57,8 +51,8 @@ def setup(device="cpu"):
     """(fastdiff main, fastdiff guide, plain main, plain guide, noise, labels) with shared weights."""
     from fastdiff.bench import plain_edm2 as plain
 
-    net = _build(*MAIN, seed=0).to(device).eval().requires_grad_(False)
-    gnet = _build(*GUIDE, seed=1).to(device).eval().requires_grad_(False)
+    net = _build(*MAIN, seed=0, device=device).eval().requires_grad_(False)
+    gnet = _build(*GUIDE, seed=1, device=device).eval().requires_grad_(False)
     pnet = plain.PlainEDM2.from_module(dict(net.init_kwargs), net)
     pgnet = plain.PlainEDM2.from_module(dict(gnet.init_kwargs), gnet)
     g = torch.Generator().manual_seed(0)
@@ -66,20 +60,6 @@ def setup(device="cpu"):
     noise = torch.randn(BATCH, c, r, r, generator=g).to(device)
     labels = torch.nn.functional.one_hot(torch.randint(0, net.label_dim, (BATCH,), generator=g), net.label_dim)
     return net, gnet, pnet, pgnet, noise, labels.float().to(device)
-
-
-def _time(fn, repeats, device):
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv=None) -> int:
@@ -96,11 +76,10 @@ def main(argv=None) -> int:
         ("fastdiff.sampling, reference ops", lambda: fastdiff_loop(net, gnet, noise, labels, reference=True)),
         ("fastdiff.sampling, fused ops", lambda: fastdiff_loop(net, gnet, noise, labels)),
     ]
-    # Interleave the rows so that load changes on a shared machine hit them alike.
-    times = {name: [] for name, _ in rows}
-    for _ in range(args.repeats):
-        for name, fn in rows:
-            times[name] += _time(fn, 1, args.device)
+    # Interleaved (fastdiff.bench.timing), so that load changes on a shared machine hit the rows alike.
+    dev = device_info(args.device)
+    fns = {name: torch.no_grad()(fn) for name, fn in rows}
+    times = time_interleaved(fns, dev, warmup=0, rounds=args.repeats, block_s=0)
     step_rows = step_benchmark(args.device)
     base = statistics.median(times[rows[0][0]])
     print(f"32-step Heun, autoguidance w={W}, interval sigma in {INTERVAL}, batch {BATCH}, "
@@ -133,19 +112,10 @@ def step_benchmark(device, shapes=((8, 3, 32, 32), (8, 4, 64, 64), (32, 3, 64, 6
         sc = torch.full((n,), 2.0, device=device)
         sn = torch.full((n,), 1.5, device=device)
         w = torch.full((n,), 2.0, device=device)
-        res = []
-        for fn in (solver_step_reference, solver_step):
-            ts = []
-            for _ in range(reps):
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    fn(x, d1, d0, w, sc, sn, dp, xb)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            res.append(statistics.median(ts))
+        fns = {name: torch.no_grad()(lambda fn=fn: fn(x, d1, d0, w, sc, sn, dp, xb))
+               for name, fn in (("reference", solver_step_reference), ("fused", solver_step))}
+        times = time_interleaved(fns, device_info(device), warmup=1, rounds=reps, block_s=0)
+        res = [statistics.median(times["reference"]), statistics.median(times["fused"])]
         out.append((shape, dtype, res[0], res[1]))
     return out
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdiff import nn as fnn
+from fastdiff.bench import Options
+from fastdiff.bench.suites import build_net
 from fastdiff.sampling import Autoguidance, GraphedDenoiser, Interval, cuda_graphed, sample
 
 
@@ -27,13 +28,8 @@ class EagerCapture:
 
 
 def _net(seed=0, **kw):
-    torch.manual_seed(seed)
-    net = fnn.build("tiny-16", **kw)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim == 0:
-                p.fill_(1.0)
-    return net.eval().requires_grad_(False)
+    """tiny-16 with every learned gain at 1, so every branch does real work."""
+    return build_net("tiny-16", Options(), seed, **kw).eval().requires_grad_(False)
 
 
 def _inputs(n, seed=0):

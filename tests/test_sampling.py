@@ -438,13 +438,11 @@ def test_tsg_hook_and_fallback():
 def test_tsg_reaches_the_noise_embedding_of_fastdiff_networks():
     """fastdiff's Precond takes the TSG hook: the perturbation sees emb_noise's [2N, C] output, identity
     leaves D unchanged, and TSG at scale 0 is no guidance (the c_noise fallback would still perturb sigma)."""
-    from fastdiff import nn as fnn
+    from fastdiff.bench import Options
+    from fastdiff.bench.suites import build_net
 
-    torch.manual_seed(0)
-    net = fnn.build("tiny-16").eval().requires_grad_(False)
-    for p in net.parameters():
-        if p.ndim == 0:
-            p.fill_(1.0)  # the learned gains start at 0, which would hide the embedding
+    # every learned gain at 1: they start at 0, which would hide the embedding
+    net = build_net("tiny-16", Options(), 0).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     x, sigma = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([1.0, 3.0])
     labels = torch.nn.functional.one_hot(torch.tensor([1, 4]), 10).float()

@@ -195,7 +195,7 @@ def attention_cases(opt: Options) -> Iterator[Case]:
 
 # --- networks ----------------------------------------------------------------------------------------------
 
-def _build(preset: str, opt: Options, seed: int = 0, **overrides):
+def build_net(preset: str, opt: Options, seed: int = 0, **overrides):
     """A fastdiff network on the device with every learned gain at 1 (so every branch does real work)."""
     from fastdiff import nn as fnn
 
@@ -244,7 +244,7 @@ def _default_batch(opt: Options, cuda: int, cpu: int, quick: int) -> int:
 def network_cases(opt: Options) -> Iterator[Case]:
     batch = _default_batch(opt, 64, 8, 2)
     for preset in _network_presets(opt):
-        net = _build(preset, opt).eval().requires_grad_(False)
+        net = build_net(preset, opt).eval().requires_grad_(False)
         pnet = _plain(net, opt)
         x, sigma, labels = _inputs(net, batch, opt)
         impls = {"plain": lambda pnet=pnet, x=x, s=sigma, y=labels: pnet(x, s, y),
@@ -315,8 +315,8 @@ def sampling_cases(opt: Options) -> Iterator[Case]:
     batch = _default_batch(opt, 64, 8, 2)
     steps = 4 if opt.quick else opt.steps
     main, guide, overrides = sampling_pair(opt)
-    net = _build(main, opt, 0).eval().requires_grad_(False)
-    gnet = _build(guide, opt, 1, **overrides).eval().requires_grad_(False)
+    net = build_net(main, opt, 0).eval().requires_grad_(False)
+    gnet = build_net(guide, opt, 1, **overrides).eval().requires_grad_(False)
     pnet, pgnet = _plain(net, opt), _plain(gnet, opt)
     noise, _, labels = _inputs(net, batch, opt, seed=2)
     impls = {"plain": lambda: plain_heun_loop(pnet, pgnet, noise, labels, num_steps=steps),
@@ -389,7 +389,7 @@ def training_cases(opt: Options) -> Iterator[Case]:
     for preset in presets:
         tr = fnn.get_preset(preset)["training"]
         fopt = Options(**{**opt.__dict__, "dtype": torch.float32})  # float32 master weights on both sides
-        net = _build(preset, fopt)
+        net = build_net(preset, fopt)
         pnet = _plain(net, fopt, training=True)
         pnet.compute_dtype = None  # autocast decides, as for fastdiff
         images, _, labels = _inputs(net, batch, opt, seed=3)
