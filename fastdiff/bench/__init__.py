@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from fastdiff.bench.suites import CASES, SUITES, Case, Options
+from fastdiff.bench.suites import CASES, SUITES, Case, Options, check_suites
 from fastdiff.bench.timing import Device, device_info, peak_memory, summarize, time_interleaved
 
 __all__ = ["SUITES", "Case", "Options", "Device", "device_info", "run_case", "run", "format_case"]
@@ -102,9 +102,7 @@ def format_case(record: dict) -> str:
 def run(suites: Iterable[str], opt: Options, dev: Device, *, progress: bool = True,
         on_record: Callable[[dict], None] | None = None, **timing) -> list[dict]:
     """Build and time every case of ``suites``; ``on_record`` is called after each (print, save)."""
-    unknown = [s for s in suites if s not in CASES]
-    if unknown:
-        raise ValueError(f"unknown suite(s) {', '.join(unknown)}; expected some of: {', '.join(SUITES)}")
+    suites = check_suites(suites)
     records = []
     bar = None
     if progress:

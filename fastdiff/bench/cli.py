@@ -45,13 +45,13 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from fastdiff.bench import Options, device_info, format_case, run
-    from fastdiff.bench.suites import CASES
+    from fastdiff.bench.suites import check_suites
 
     suites = list(args.suites) or list(SUITES)
-    unknown = [s for s in suites if s not in CASES]
-    if unknown:
-        print(f"fastdiff bench: unknown suite(s) {', '.join(unknown)}; expected some of: {', '.join(SUITES)}",
-              file=sys.stderr)
+    try:
+        check_suites(suites)
+    except ValueError as exc:
+        print(f"fastdiff bench: {exc}", file=sys.stderr)
         return 2
     if args.threads is not None:
         if args.threads < 1:

@@ -429,5 +429,14 @@ def training_cases(opt: Options) -> Iterator[Case]:
                    notes=["weights float32 (master), Adam (0.9, 0.99, 1e-8), EMAs 0.05 and 0.10"])
 
 
+def check_suites(suites) -> list[str]:
+    """The suite names, or a ValueError naming the unknown ones and the choices."""
+    suites = list(suites)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {', '.join(unknown)}; expected some of: {', '.join(SUITES)}")
+    return suites
+
+
 CASES = {"ops": ops_cases, "attention": attention_cases, "network": network_cases, "sampling": sampling_cases,
          "training": training_cases}
