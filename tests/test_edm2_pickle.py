@@ -36,7 +36,7 @@ from fastdiff.io import (
 )
 from fastdiff.io import edm2_pickle
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test
 
 MARK_ENV = "FASTDIFF_TEST_PICKLE_PAYLOAD_RAN"
 

@@ -167,10 +167,4 @@ def test_as_kdiffusion_argument_checks():
     assert out.shape == (3, 2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster on a busy machine (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster on a busy machine

@@ -441,16 +441,6 @@ def test_dinov2_vitl14_official_key_names():
 INCEPTION_FILE = InceptionV3Detector.packaged_file() or os.environ.get("FASTDIFF_INCEPTION")
 
 
-@pytest.fixture
-def one_thread():
-    """Run a test's heavy torch work on one thread: on a shared 2-core machine two threads under load
-    are several times slower (they spin waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not INCEPTION_FILE or not os.path.isfile(INCEPTION_FILE),
                     reason="FID Inception network not installed (pip install 'fastdiff[fid]' or FASTDIFF_INCEPTION)")

@@ -18,7 +18,7 @@ from fastdiff.diffusion import EDM2Loss, loss_weight, precond_coefficients
 from fastdiff.io import load_network, save_network
 from fastdiff.nn.layers import _upsample_nearest2x_copy
 
-torch.set_num_threads(1)  # 2 shared cores: one thread per test process behaves best
+pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test
 
 TINY = fnn.get_preset("tiny-16")["network"]
 

@@ -12,13 +12,7 @@ from fastdiff.toy import GaussianMixture, ToyDenoiser, tree_mixture
 from fastdiff.toy import cli as toy_cli
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The toy's tensors are tiny: one thread is faster on a busy machine (restored afterwards)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the toy's tensors are tiny: one thread is faster
 
 
 @pytest.fixture(scope="module")
