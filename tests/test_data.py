@@ -178,7 +178,7 @@ def test_loader_with_workers_follows_the_sampler():
 
 
 def _run_cli(argv):
-    from fastdiff.data import cli
+    from fastdiff.cli import dataset as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

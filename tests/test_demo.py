@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from fastdiff import demo
+from fastdiff.cli import demo
 from fastdiff.metrics import ModuleDetector, compute_feature_stats, register_detector, unregister_detector
-from fastdiff.metrics import cli as metrics_cli
+from fastdiff.cli import metrics as metrics_cli
 
 
 def _demo_args(*argv):
@@ -64,7 +64,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
 def test_demo_registered_in_cli():
     from fastdiff import cli
 
-    assert cli.SUBCOMMANDS["demo"][0] == "fastdiff.demo"
+    assert cli.SUBCOMMANDS["demo"][0] == "fastdiff.cli.demo"
 
 
 def test_labels_for_seeds_match_generate_images():

@@ -542,7 +542,7 @@ def run_cli(module, argv):
 
 
 def test_convert_round_trip(tmp_path, official, net, capsys):
-    from fastdiff.io import cli
+    from fastdiff.cli import convert as cli
 
     out = tmp_path / "converted.safetensors"
     assert run_cli(cli, [official, out]) == 0
@@ -572,7 +572,7 @@ def test_convert_round_trip(tmp_path, official, net, capsys):
 
 
 def test_generate_from_official_pickle(tmp_path, official, net):
-    from fastdiff.sampling import cli
+    from fastdiff.cli import generate as cli
 
     save_network(rounded(net, torch.float16), tmp_path / "ref.safetensors")
     common = ["--seeds", "0-1", "--steps", "2", "--batch", "2", "--device", "cpu", "--no-progress"]

@@ -15,7 +15,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from fastdiff.metrics import cli as metrics_cli
+from fastdiff.cli import metrics as metrics_cli
 from fastdiff.metrics.detectors import (DINOv2Detector, InceptionV3Detector, ModuleDetector, check_images,
                                         fd_metric_name, get_detector, register_detector, tf_bilinear_resize,
                                         unregister_detector)

@@ -13,7 +13,7 @@ from fastdiff.sampling import (
     sample,
 )
 from fastdiff.sampling import _nvtx
-from fastdiff.sampling import cli as gen_cli
+from fastdiff.cli import generate as gen_cli
 from fastdiff.sampling.generate import split_batches
 from fastdiff.sampling.guidance import EvalContext
 

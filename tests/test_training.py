@@ -75,7 +75,7 @@ def test_training_writes_stats_snapshots_checkpoints_and_phema(tmp_path):
         torch.testing.assert_close(tensors[f"net.{k}"], v)
     assert any(k.startswith("optim.") for k in tensors) and any(k.startswith("ema.1.") for k in tensors)
     # Post-hoc EMA over this run's snapshots; reconstructing a tracked std gives (nearly) that EMA.
-    from fastdiff.training.phema_cli import reconstruct_phema
+    from fastdiff.training.phema import reconstruct_phema
     from safetensors.torch import load_file
 
     paths = reconstruct_phema(tmp_path, [0.1, 0.07], tmp_path / "phema", progress=False, verbose=False)
@@ -267,7 +267,7 @@ def test_label_dropout_rejects_bad_values_and_unconditional_runs(tmp_path):
 def test_cli_label_dropout_reaches_the_config(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from fastdiff.training import cli
+    from fastdiff.cli import train as cli
 
     def parse(*extra):
         parser = argparse.ArgumentParser()
@@ -313,7 +313,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
 
 
 def _cli_cmd(outdir, duration, extra=()):
-    return [sys.executable, "-W", "ignore", "-m", "fastdiff.training.cli", "--preset", "_standin:tiny", "--data", DATA,
+    return [sys.executable, "-W", "ignore", "-m", "fastdiff.cli.train", "--preset", "_standin:tiny", "--data", DATA,
             "--outdir", str(outdir), "--duration", str(duration), "--batch", "16", "--status", "64",
             "--snapshot", "64", "--checkpoint", "32", "--seed", "1", "--workers", "0", "--no-progress",
             "--lr", "0.01", "--decay", "0", "--rampup", "0", *extra]
@@ -395,7 +395,7 @@ def test_cli_with_a_fastdiff_preset(tmp_path):
         pytest.skip("fastdiff.nn has no presets yet (branch nn not merged)")
     import argparse
 
-    from fastdiff.training import cli
+    from fastdiff.cli import train as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

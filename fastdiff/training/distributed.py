@@ -1,6 +1,6 @@
 """torch.distributed set-up for ``torchrun``: NCCL on GPUs, gloo on the CPU.
 
-    torchrun --standalone --nproc_per_node 8 -m fastdiff.training.cli --preset edm2-img512-s ...
+    torchrun --standalone --nproc_per_node 8 -m fastdiff.cli.train --preset edm2-img512-s ...
 
 A process started without torchrun's environment (``WORLD_SIZE`` unset or 1) trains alone.
 """

@@ -362,7 +362,7 @@ def run_demo(args) -> dict:
     from fastdiff.data import open_dataset
     from fastdiff.metrics import ModuleDetector
     from fastdiff.sampling import CFG, Autoguidance, Interval, generate_images
-    from fastdiff.sampling.cli import parse_interval
+    from fastdiff.cli.common import parse_interval
 
     t_start = time.perf_counter()
     opts = _resolved(args)

@@ -1,7 +1,7 @@
 """``fastdiff train``: train an EDM2-family network (one process, or many under ``torchrun``).
 
     fastdiff train --preset tiny-16 --data builtin:digits --outdir runs/digits --duration 1Mi
-    torchrun --standalone --nproc_per_node 8 -m fastdiff.training.cli \\
+    torchrun --standalone --nproc_per_node 8 -m fastdiff.cli.train \\
         --preset edm2-img512-s --data latents.zip --outdir runs/s --batch-gpu 32
 
 Counts of images take the suffixes Ki, Mi, Gi (binary, as the official tool) or K, M, G (decimal).
@@ -20,15 +20,14 @@ import argparse
 import importlib
 import sys
 
+from fastdiff.cli.common import parse_stds
 from fastdiff.training.units import parse_nimg
 
 __all__ = ["add_arguments", "main", "build_run"]
 
 
 def _stds(text: str):
-    from fastdiff.training.phema_cli import _parse_stds
-
-    return [] if str(text).strip().lower() in ("", "none") else _parse_stds(text)
+    return [] if str(text).strip().lower() in ("", "none") else parse_stds(text)
 
 
 def _probability(text: str) -> float:
@@ -188,7 +187,7 @@ def main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m fastdiff.training.cli ... (also what torchrun -m runs)
+if __name__ == "__main__":  # python -m fastdiff.cli.train ... (also what torchrun -m runs)
     _parser = argparse.ArgumentParser(prog="fastdiff train", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     sys.exit(main(_parser.parse_args()))

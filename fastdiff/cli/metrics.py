@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
     p.add_argument("--net", required=True, help="network file (fastdiff.io.load_network)")
-    from fastdiff.sampling.cli import add_guidance_arguments
+    from fastdiff.cli.common import add_guidance_arguments
 
     add_guidance_arguments(p)  # the same guidance flags as fastdiff generate (every method)
     p.add_argument("--sampler", default="heun", help="heun, euler, euler_ancestral, dpmpp_2m [default: heun]")
@@ -135,7 +135,7 @@ def _run_calc(args) -> int:
 def _run_gen(args) -> int:
     from fastdiff.io import load_network
     from fastdiff.metrics.evaluate import calc_from_generator
-    from fastdiff.sampling.cli import build_guidance, parse_interval, parse_seeds, validate_guidance
+    from fastdiff.cli.common import build_guidance, parse_interval, parse_seeds, validate_guidance
     from fastdiff.sampling.generate import generate_images
 
     if args.steps < 1:

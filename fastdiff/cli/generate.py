@@ -1,0 +1,153 @@
+"""``fastdiff generate``: images from a trained network, like the official EDM2 generate_images tool.
+
+    fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
+    fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
+    fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
+    fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
+    torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
+
+Under torchrun the seeds are split across the ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
+PNGs are written atomically (temporary file, then rename).
+
+Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
+
+- ``--guidance-method auto`` (default): the official tool's rule, autoguidance by ``--gnet`` (which is
+  CFG when ``--gnet`` is unconditional).
+- ``cfg``: classifier-free guidance; without ``--gnet`` the unconditional branch is ``--net`` itself
+  with the null (all-zero) label, which needs a class-conditional network trained with label dropout
+  (``fastdiff train --label-dropout``); with ``--gnet``, a separate unconditional network.
+- ``autoguidance``: guidance by ``--gnet`` (required), a smaller or less-trained version of ``--net``.
+- ``apg``: adaptive projected guidance, unconditional branch as in ``cfg`` (null label) or by ``--gnet``
+  (``--apg-eta``, ``--apg-momentum``, ``--apg-rescale``).
+- ``icg``: independent condition guidance (random classes instead of the null label).
+- ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
+
+``--interval LO,HI`` limits any of them to sigma in (LO, HI]; ``--cads`` (``--cads-tau1`` ...) anneals the
+class condition around any of them (also without guidance). The parameters' defaults are those of the
+guidance classes. The set-up is printed as one line to stderr at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, image_path, init_distributed,
+                                 make_grid, parse_interval, parse_seeds, save_png, validate_guidance)
+from fastdiff.sampling.generate import generate_images
+from fastdiff.sampling.samplers import SAMPLERS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--net", required=True, help="main network: fastdiff .safetensors or official EDM2 .pkl")
+    parser.add_argument("--sampler", default="heun", choices=SAMPLERS, help="[default: heun]")
+    parser.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
+    parser.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,10-12 [default: 0-63]")
+    parser.add_argument("--class", dest="class_idx", type=int, default=None, help="class label [default: random]")
+    parser.add_argument("--batch", type=int, default=32, help="images per batch (per process) [default: 32]")
+    parser.add_argument("--outdir", default=None, help="where to save the PNGs")
+    parser.add_argument("--subdirs", action="store_true", help="one subdirectory per 1000 seeds")
+    parser.add_argument("--grid", default=None, metavar="PNG", help="also save all images as one grid image")
+    parser.add_argument("--device", default=None, help="[default: cuda if available, else cpu]")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="sampling dtype [default: float32]")
+    parser.add_argument("--S-churn", dest="S_churn", type=float, default=0.0, help="stochasticity [default: 0]")
+    parser.add_argument("--S-min", dest="S_min", type=float, default=0.0)
+    parser.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
+    parser.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the networks from captured CUDA graphs (fastdiff.sampling.cuda_graphed; CUDA only)")
+    add_guidance_arguments(parser)
+
+
+def _validate(args, has_gnet: bool | None = None) -> None:
+    if args.outdir is None and args.grid is None:
+        raise ValueError("nothing to write: give --outdir and/or --grid")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    validate_guidance(args, has_gnet)
+
+
+def run(args, net, gnet=None) -> int:
+    """Generates and writes the images with already loaded networks (this rank's share under
+    torch.distributed); rank 0 writes the grid."""
+    _validate(args, has_gnet=gnet is not None)
+    seeds = parse_seeds(args.seeds)
+    guidance, summary = build_guidance(args, net, gnet)
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if rank == 0:
+        print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
+    batches = generate_images(
+        net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
+        class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
+        world_size=world,
+        S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
+    )
+    progress = None
+    if rank == 0 and getattr(args, "progress", True):
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(seeds), unit="img", desc="generate")
+    kept: list[tuple[int, torch.Tensor]] = []
+    for batch_seeds, images in batches:
+        if args.outdir is not None:
+            for seed, img in zip(batch_seeds, images):
+                save_png(img, image_path(args.outdir, seed, args.subdirs))
+        if args.grid is not None:
+            kept.extend(zip(batch_seeds, images))
+        if progress is not None:
+            progress.update(len(batch_seeds) * world)
+    if progress is not None:
+        progress.close()
+    if args.grid is not None:
+        if distributed:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, kept)
+            kept = [item for part in gathered for item in part]
+        if rank == 0:
+            kept.sort(key=lambda item: item[0])
+            save_png(make_grid([img for _, img in kept]), args.grid)
+    if distributed:
+        dist.barrier()
+    return 0
+
+
+def main(args) -> int:
+    try:
+        _validate(args)
+        parse_seeds(args.seeds)
+        parse_interval(args.interval)
+    except ValueError as exc:
+        print(f"fastdiff generate: error: {exc}", file=sys.stderr)
+        return 2
+    started, args.device = init_distributed(args.device)
+    try:
+        # fastdiff .safetensors, or an official EDM2 .pkl / torch.save file read safely (no code from it runs)
+        from fastdiff.io import load_any_network as load_network
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        net = load_network(args.net, device=device)
+        gnet = load_network(args.gnet, device=device) if args.gnet is not None else None
+        for m in (net, gnet):
+            if isinstance(m, torch.nn.Module):
+                m.eval().requires_grad_(False)
+        if getattr(args, "cuda_graphs", False):
+            if torch.device(device).type != "cuda":
+                raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
+            from fastdiff.sampling.graphs import cuda_graphed
+
+            net, gnet = cuda_graphed(net), (cuda_graphed(gnet) if gnet is not None else None)
+        return run(args, net, gnet)
+    except ValueError as exc:
+        print(f"fastdiff generate: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
