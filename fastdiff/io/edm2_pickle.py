@@ -941,7 +941,8 @@ def load_any_network(path, device="cpu", key=None):
 
 def load_network_and_info(path, device="cpu", key=None):
     """``(network, info)``: :func:`load_any_network`'s network, and the file's other top-level entries as
-    plain data (other networks as ``{'class_name': ...}`` only); ``info`` is ``{}`` for fastdiff files."""
+    plain data (other networks as ``{'class_name': ...}`` only); ``info`` is ``{}`` for fastdiff files. The
+    network keeps ``info`` as ``net.source_entries`` (so an img512 network knows its encoder record)."""
     from fastdiff.io.checkpoint import load_network
 
     path = os.fspath(path)
@@ -985,5 +986,6 @@ def load_network_and_info(path, device="cpu", key=None):
                     info[other] = _convert_value(v, "cpu", f"{path}[{other!r}]")
                 except EDM2ImportError:
                     info[other] = None
+        net.source_entries = info  # e.g. the encoder record: fastdiff.data.latent.scaling_of(net)
         return net, info
     raise EDM2ImportError(f"{path}: no network under {' / '.join(map(repr, candidates))}; the file has {describe(raw)}")

@@ -19,6 +19,13 @@ unconditional denoiser that CFG's null-label branch evaluates (``fastdiff.sampli
 micro-batch comes from its own generator, seeded like the noise by (seed, step, position of the micro-batch
 in the global batch): deterministic, resume-safe, and independent of the number of processes in the same
 sense. ``p = 0`` draws nothing, so the trajectory is exactly that of a run without the option.
+
+Latent datasets (EDM2's ImageNet-512 set-up): when the dataset holds stored VAE posterior mean/std (float
+``.npy`` items with twice the network's channels, as ``fastdiff dataset encode`` and the official tool write
+them), every use of an image draws a fresh latent ``mean + std * n`` and normalizes it per channel with EDM2's
+constants (``fastdiff.data.latent.sample_latents``). ``n`` comes from a generator seeded like the noise, by
+(seed, step, position of the micro-batch in the global batch), so a resumed run stays exact. The snapshots
+record the latent scaling (``extra['encoder']``), so ``fastdiff generate --vae`` knows how to decode.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fastdiff.data.latent import OFFICIAL_SCALING, mean_std_channels
 from fastdiff.training.checkpoint import capture_rng, latest_checkpoint, prune_checkpoints, restore_rng, save_checkpoint
 from fastdiff.training.phema import PowerFunctionEMA, std_to_exp
 from fastdiff.training.snapshots import atomic_write, network_config, save_snapshot, snapshot_name
@@ -177,7 +185,8 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
 
     # ---- data vs network ----------------------------------------------------------------------------------
     res, chans, label_dim = int(net.img_resolution), int(net.img_channels), int(getattr(net, "label_dim", 0))
-    if dataset.resolution != res or dataset.num_channels != chans:
+    latent = OFFICIAL_SCALING if mean_std_channels(dataset, chans) else None  # stored VAE mean/std
+    if dataset.resolution != res or (dataset.num_channels != chans and latent is None):
         raise ValueError(f"dataset {dataset.name} has {dataset.num_channels}x{dataset.resolution}x{dataset.resolution}"
                          f" items, the network expects {chans}x{res}x{res}")
     use_labels = bool(cfg.cond) and label_dim > 0
@@ -230,7 +239,8 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
         atomic_write(os.path.join(outdir, "training_options.json"),
                      lambda tmp: open(tmp, "w").write(json.dumps(options, indent=1, default=str)))
         log(f"{dataset.describe()}; batch {batch} = {world} process(es) x {rounds} round(s) x {batch_gpu}; "
-            f"{cfg.precision}; device {device}" + (f"; label dropout {label_dropout:g}" if label_dropout else ""))
+            f"{cfg.precision}; device {device}" + (f"; label dropout {label_dropout:g}" if label_dropout else "")
+            + ("; latents drawn from the stored VAE mean/std" if latent is not None else ""))
 
     # ---- data -----------------------------------------------------------------------------------------------
     sampler = InfiniteSampler(len(dataset), batch, rank, world, cfg.seed, start_nimg=cur_nimg)
@@ -238,6 +248,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     data_iter = iter(loader)
     gen = torch.Generator(device=device)
     drop_gen = torch.Generator(device=device) if label_dropout > 0 else None
+    latent_gen = torch.Generator(device=device) if latent is not None else None
     gen_kw = {"generator": gen} if _takes_generator(loss_fn) else {}
 
     stats = StatsLog(outdir, tensorboard=cfg.tensorboard, enabled=rank == 0)
@@ -296,7 +307,8 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
         for (ema_net, _suffix), std in zip(ema.get(), ema.stds):
             save_snapshot(ema_net, os.path.join(outdir, snapshot_name(cur_nimg, std)),
                           {"kind": "ema", "nimg": cur_nimg, "step": step, "batch_size": batch, "std": std,
-                           "exponent": float(std_to_exp(std))})
+                           "exponent": float(std_to_exp(std)),
+                           **({"encoder": latent.record()} if latent is not None else {})})
 
     def write_checkpoint() -> None:
         if rank == 0:
@@ -336,13 +348,18 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
             # ---- one optimizer step -------------------------------------------------------------------------
             optimizer.zero_grad(set_to_none=True)
             for r in range(rounds):
+                offset = rank * per_rank + r * batch_gpu  # this micro-batch's place in the global batch
                 with nvtx_range("data"):
                     images, labels = next(data_iter)
-                    images = to_model_input(images.to(device, non_blocking=True))
+                    images = images.to(device, non_blocking=True)
+                    if latent is not None:  # a fresh latent from the stored mean/std, seeded like the noise
+                        latent_gen.manual_seed(_seed_of(cfg.seed, step, offset, 4))
+                        images = latent.sample(images, latent_gen)
+                    else:
+                        images = to_model_input(images)
                     onehot = None
                     if use_labels:
                         onehot = torch.nn.functional.one_hot(labels.to(device), label_dim).to(torch.float32)
-                offset = rank * per_rank + r * batch_gpu  # this micro-batch's place in the global batch
                 gen.manual_seed(_seed_of(cfg.seed, step, offset, 1))
                 torch.manual_seed(_seed_of(cfg.seed, step, offset, 2))
                 if drop_gen is not None:

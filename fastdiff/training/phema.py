@@ -319,6 +319,8 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
             "kind": "phema", "nimg": out_nimg, "std": std, "exponent": float(std_to_exp(std)),
             "num_inputs": len(snaps), "max_abs_coef": float(np.abs(coefs[:, j]).max()),
         }
+        if isinstance((base.get("extra") or {}).get("encoder"), dict):  # a latent network's scaling carries over
+            config["extra"]["encoder"] = base["extra"]["encoder"]
         path = os.path.join(outdir, snapshot_name(out_nimg, std, prefix="phema"))
         save_tensors(tensors, path, config)
         paths.append(path)

@@ -1,0 +1,305 @@
+"""The VAE stage (fastdiff.vae, fastdiff.data.latent) on a tiny randomly initialized AutoencoderKL saved to a
+temporary folder (nothing is downloaded): loading from folders and single files, the round trip, EDM2's
+latent normalization against formulas re-derived here, determinism per seed, ``fastdiff dataset encode``
+(labels, resume after SIGKILL), training on latent datasets, and ``fastdiff generate --vae``."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+Image = pytest.importorskip("PIL.Image")
+
+from fastdiff.data.latent import (OFFICIAL_SCALING, LatentScaling, encode_dataset, latent_name,  # noqa: E402
+                                  sample_latents, scaling_of)
+from fastdiff.vae import VAE, VAEError, load_vae  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+
+
+def _tiny_autoencoder(seed=0):
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderKL(**TINY)
+    with torch.no_grad():  # a little larger weights than the default init, so the outputs vary visibly
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    _tiny_autoencoder().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def vae(vae_dir):
+    return load_vae(vae_dir, batch_size=3)
+
+
+def _images(n=5, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+# --- the official encoder's formulas, re-derived ---------------------------------------------------------
+
+
+def _official_constants():
+    raw_mean = np.array([5.81, 3.25, 0.12, -2.15], dtype=np.float32)
+    raw_std = np.array([4.17, 4.62, 3.71, 3.28], dtype=np.float32)
+    scale = np.float32(0.5) / raw_std          # final_std / raw_std
+    bias = np.float32(0.0) - raw_mean * scale  # final_mean - raw_mean * scale
+    return scale, bias
+
+
+def test_normalization_matches_the_official_formulas():
+    scale, bias = _official_constants()
+    assert np.array_equal(np.float32(OFFICIAL_SCALING.scale), scale)
+    assert np.array_equal(np.float32(OFFICIAL_SCALING.bias), bias)
+    assert OFFICIAL_SCALING.scale[0] == pytest.approx(0.5 / 4.17) and OFFICIAL_SCALING.bias[3] == pytest.approx(
+        2.15 * 0.5 / 3.28)
+    # A latent drawn from stored mean/std: (mean + n * std) * scale + bias, n from the generator.
+    g = torch.Generator().manual_seed(3)
+    mean_std = torch.cat([torch.randn(2, 4, 5, 5, generator=g) * 3, torch.rand(2, 4, 5, 5, generator=g) + 0.1], 1)
+    got = sample_latents(mean_std, torch.Generator().manual_seed(11))
+    n = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(11))
+    s, b = torch.from_numpy(scale).reshape(1, 4, 1, 1), torch.from_numpy(bias).reshape(1, 4, 1, 1)
+    torch.testing.assert_close(got, (mean_std[:, :4] + n * mean_std[:, 4:]) * s + b, rtol=1e-6, atol=1e-6)
+    # Decoding inverts it.
+    torch.testing.assert_close(OFFICIAL_SCALING.denormalize(got), mean_std[:, :4] + n * mean_std[:, 4:],
+                               rtol=1e-5, atol=1e-5)
+    # Other constants, and records as the importer parses them.
+    other = LatentScaling.from_stats(raw_mean=[1, 2, 3, 4], raw_std=[2, 2, 2, 2], final_std=1.0)
+    assert other.scale == (0.5,) * 4 and other.bias == (-0.5, -1.0, -1.5, -2.0)
+    rec = {"class_name": "training.encoders.StabilityVAEEncoder", "init_kwargs": {"raw_std": [2, 2, 2, 2],
+           "raw_mean": [1, 2, 3, 4], "final_std": 1.0}, "attributes": {}}
+    assert LatentScaling.from_encoder_record(rec) == other
+    rec["attributes"] = {"scale": scale, "bias": bias}  # stored attributes win
+    assert LatentScaling.from_encoder_record(rec) == OFFICIAL_SCALING
+    assert LatentScaling.from_encoder_record({"class_name": "training.encoders.StandardRGBEncoder"}) is None
+    assert LatentScaling.from_encoder_record(OFFICIAL_SCALING.record()) == OFFICIAL_SCALING
+    with pytest.raises(ValueError, match="unknown encoder class"):
+        LatentScaling.from_encoder_record({"class_name": "evil.Encoder"})
+    with pytest.raises(ValueError, match="1..64 numbers"):
+        LatentScaling(scale=[1.0] * 1000, bias=[0.0] * 1000)
+    with pytest.raises(ValueError, match="finite"):
+        LatentScaling(scale=[float("nan")] * 4, bias=[0.0] * 4)
+    with pytest.raises(ValueError, match=r"mean/std \[N, 8, H, W\]"):
+        sample_latents(torch.zeros(1, 4, 2, 2))
+
+
+def test_sampling_is_deterministic_per_seed():
+    mean_std = torch.cat([torch.zeros(3, 4, 4, 4), torch.ones(3, 4, 4, 4)], 1)
+    a = sample_latents(mean_std, torch.Generator().manual_seed(5))
+    b = sample_latents(mean_std, torch.Generator().manual_seed(5))
+    c = sample_latents(mean_std, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_an_imported_img512_pickle_knows_its_latent_scaling(tmp_path):
+    """The official pickles' encoder record (as the importer parses it) gives the official constants."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        from test_edm2_pickle import tiny, write_official
+    finally:
+        sys.path.pop(0)
+    from fastdiff.io.edm2_pickle import load_network_and_info
+
+    net, info = load_network_and_info(write_official(tmp_path / "net.pkl", tiny()))
+    assert scaling_of(net) == OFFICIAL_SCALING
+    assert LatentScaling.from_encoder_record(info["encoder"]) == OFFICIAL_SCALING
+
+
+# --- the VAE ----------------------------------------------------------------------------------------------------
+
+
+def _ldm_state_dict(model):
+    """The tiny VAE's weights renamed to the original LDM checkpoint naming (the sd-vae-ft-mse-original layout)."""
+    n_up = len(model.config.up_block_types)
+    out = {}
+    for key, value in model.state_dict().items():
+        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", k)
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
+                   lambda m: f"decoder.up.{n_up - 1 - int(m.group(1))}.block.{m.group(2)}", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+                   lambda m: f"decoder.up.{n_up - 1 - int(m.group(1))}.upsample", k)
+        k = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k)
+        if "mid_block.attentions.0" in k:
+            k = k.replace("mid_block.attentions.0", "mid.attn_1").replace("group_norm", "norm")
+            k = k.replace("to_q", "q").replace("to_k", "k").replace("to_v", "v").replace("to_out.0", "proj_out")
+            if value.ndim == 2:
+                value = value[:, :, None, None]  # 1x1 convolutions in the original code
+        out[k] = value.contiguous()
+    return out
+
+
+def test_load_from_folders_and_single_files(tmp_path, vae_dir, vae, one_thread):
+    from safetensors.torch import save_file
+
+    x = _images(2)
+    ref = vae.encode(x)
+    pipeline = tmp_path / "sd-pipeline"
+    _tiny_autoencoder().save_pretrained(pipeline / "vae")  # a Stable Diffusion pipeline folder
+    model = _tiny_autoencoder()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "diffusers.safetensors")
+    save_file(_ldm_state_dict(model), tmp_path / "ldm.safetensors")
+    cfg = os.path.join(vae_dir, "config.json")
+    for where, kw in [(pipeline, {}), (tmp_path / "diffusers.safetensors", {"config": cfg}),
+                      (tmp_path / "ldm.safetensors", {"config": cfg})]:
+        assert torch.equal(load_vae(where, **kw).encode(x), ref), where
+    # The Stable Diffusion config is the default for single files: the tiny weights do not fit it.
+    with pytest.raises(VAEError, match="do not fit"):
+        load_vae(tmp_path / "diffusers.safetensors")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_vae("stabilityai/sd-vae-ft-mse")
+    (tmp_path / "vae.ckpt").write_bytes(b"\x80\x04N.")
+    with pytest.raises(VAEError, match="can run code"):
+        load_vae(tmp_path / "vae.ckpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VAEError, match="no config.json"):
+        load_vae(tmp_path / "empty")
+
+
+def test_round_trip_follows_the_official_encoder(vae, one_thread):
+    x = _images(5)
+    mean_std = vae.encode(x)
+    assert vae.factor == 2 and mean_std.shape == (5, 8, 16, 16) and mean_std.dtype == torch.float32
+    assert (mean_std[:, 4:] > 0).all()
+    # The official encoder: pixels / 255 into the VAE, [posterior mean, posterior std].
+    with torch.no_grad():
+        dist = vae.model.encode(x.float() / 255).latent_dist
+    torch.testing.assert_close(mean_std, torch.cat([dist.mean, dist.std], 1), rtol=1e-5, atol=1e-6)
+    latents = vae.sample_latents(mean_std, torch.Generator().manual_seed(0))
+    assert latents.shape == (5, 4, 16, 16)
+    pixels = vae.decode(latents)
+    assert pixels.shape == (5, 3, 32, 32) and pixels.dtype == torch.uint8
+    # The official decoder: undo the scaling, VAE decoder, clamp(0, 1) * 255 truncated.
+    scale, bias = (torch.from_numpy(c).reshape(1, 4, 1, 1) for c in _official_constants())
+    with torch.no_grad():
+        out = vae.model.decode((latents - bias) / scale).sample
+    expected = out.clamp(0, 1).mul(255).to(torch.uint8)
+    assert (pixels.int() - expected.int()).abs().max() <= 1  # float rounding at a truncation edge at most
+    assert (pixels == expected).float().mean() > 0.99
+    # Batching does not change the result (batch_size 3 vs one at a time, up to float rounding).
+    one = VAE(vae.model, batch_size=1).encode(x)
+    torch.testing.assert_close(one, mean_std, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        vae.encode(x.float())
+    with pytest.raises(ValueError, match="multiple of 2"):
+        vae.encode(_images(1, size=31))
+    with pytest.raises(ValueError, match=r"latents \[N, 4"):
+        vae.decode(torch.zeros(1, 8, 4, 4))
+
+
+# --- dataset encode -----------------------------------------------------------------------------------------------
+
+
+def _image_folder(root, n=10, size=32):
+    rng = np.random.default_rng(1)
+    table = []
+    for i in range(n):
+        name = f"00000/img{i:08d}.png"
+        (root / "00000").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name)
+        table.append([name, i % 4])
+    (root / "dataset.json").write_text(json.dumps({"labels": table}))
+    return table
+
+
+def _zip_contents(path):
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def test_encode_dataset_writes_the_official_layout_with_labels(tmp_path, vae, one_thread):
+    from fastdiff.data import open_dataset
+
+    table = _image_folder(tmp_path / "img")
+    n = encode_dataset(tmp_path / "img", tmp_path / "lat.zip", vae, batch=3, chunk=4, progress=False)
+    assert n == 10 and not (tmp_path / "lat.zip.partial").exists()
+    files = _zip_contents(tmp_path / "lat.zip")
+    assert sorted(files) == sorted([latent_name(i) for i in range(10)] + ["dataset.json"])
+    assert latent_name(1234) == "00001/img-mean-std-00001234.npy"
+    labels = json.loads(files["dataset.json"])["labels"]
+    assert labels == [[latent_name(i), lab] for i, (_, lab) in enumerate(table)]
+    src = open_dataset(str(tmp_path / "img"))
+    x = torch.stack([src[i][0] for i in range(10)])
+    stored = np.stack([np.load(io.BytesIO(files[latent_name(i)])) for i in range(10)])
+    assert stored.dtype == np.float32
+    torch.testing.assert_close(torch.from_numpy(stored), vae.encode(x), rtol=1e-5, atol=1e-5)
+    ds = open_dataset(str(tmp_path / "lat.zip"))
+    assert ds.is_latent and ds.num_channels == 8 and ds.resolution == 16 and ds.label_dim == 4
+    # A folder destination holds the same files.
+    encode_dataset(tmp_path / "img", tmp_path / "lat-dir", vae, batch=3, chunk=4, progress=False)
+    assert (tmp_path / "lat-dir" / latent_name(7)).read_bytes() == files[latent_name(7)]
+    with pytest.raises(FileExistsError):
+        encode_dataset(tmp_path / "img", tmp_path / "lat.zip", vae, progress=False)
+
+
+def _encode_cmd(src, dest, vae_dir, delay):
+    # The CLI, with each VAE batch slowed down so that the run can be killed in the middle.
+    code = ("import sys, time; import fastdiff.vae as v; enc = v.VAE.encode\n"
+            f"v.VAE.encode = lambda self, x: (time.sleep({delay}), enc(self, x))[1]\n"
+            "from fastdiff.cli import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-c", code, "dataset", "encode", "--data", str(src), "--vae", vae_dir, "--dest",
+            str(dest), "--batch", "2", "--chunk", "2", "--device", "cpu", "--no-progress"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return env
+
+
+def test_dataset_encode_resumes_after_sigkill(tmp_path, vae_dir, vae, one_thread, capsys):
+    _image_folder(tmp_path / "img", n=10)
+    dest = tmp_path / "lat.zip"
+    work = tmp_path / "lat.zip.partial"
+    proc = subprocess.Popen(_encode_cmd(tmp_path / "img", dest, vae_dir, 1.0), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (work / "chunk-000001.zip").exists():  # two chunks of five written
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no chunk written in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not dest.exists()
+    done_before = len(list(work.glob("chunk-*.zip")))
+    assert 2 <= done_before < 5 and json.loads((work / "progress.json").read_text())["chunks_done"] <= done_before
+    from fastdiff.cli import main
+
+    assert main(_encode_cmd(tmp_path / "img", dest, vae_dir, 0)[3:]) == 0  # the same command, in this process
+    out, err = capsys.readouterr()
+    assert f"resuming at image {2 * done_before} of 10" in err and "wrote 10" in out
+    assert not work.exists()
+    # The same bytes as an uninterrupted run (one thread, the same batches).
+    encode_dataset(tmp_path / "img", tmp_path / "full.zip", VAE(vae.model, batch_size=2), batch=2, chunk=2,
+                   progress=False)
+    assert _zip_contents(dest) == _zip_contents(tmp_path / "full.zip")
+    # An unfinished encode with other settings is not continued.
+    (tmp_path / "again.zip.partial").mkdir()
+    record = {"format": "fastdiff.encode/1", "chunk": 3}
+    (tmp_path / "again.zip.partial" / "progress.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="other settings .*chunk"):
+        encode_dataset(tmp_path / "img", tmp_path / "again.zip", vae, batch=2, chunk=2, progress=False)
