@@ -115,11 +115,7 @@ def test_sampling_is_deterministic_per_seed():
 
 def test_an_imported_img512_pickle_knows_its_latent_scaling(tmp_path):
     """The official pickles' encoder record (as the importer parses it) gives the official constants."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    try:
-        from test_edm2_pickle import tiny, write_official
-    finally:
-        sys.path.pop(0)
+    from test_edm2_pickle import tiny, write_official
     from fastdiff.io.edm2_pickle import load_network_and_info
 
     net, info = load_network_and_info(write_official(tmp_path / "net.pkl", tiny()))
@@ -303,3 +299,71 @@ def test_dataset_encode_resumes_after_sigkill(tmp_path, vae_dir, vae, one_thread
     (tmp_path / "again.zip.partial" / "progress.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="other settings .*chunk"):
         encode_dataset(tmp_path / "img", tmp_path / "again.zip", vae, batch=2, chunk=2, progress=False)
+
+
+# --- training on a latent dataset ----------------------------------------------------------------------------
+
+
+def _latent_folder(root, n=12, res=8):
+    rng = np.random.default_rng(0)
+    stored = []
+    for i in range(n):
+        arr = np.concatenate([rng.normal(0, 3, (4, res, res)), rng.uniform(0.1, 1.0, (4, res, res))]).astype(np.float32)
+        (root / latent_name(i)).parent.mkdir(parents=True, exist_ok=True)
+        np.save(root / latent_name(i), arr)
+        stored.append(arr)
+    (root / "dataset.json").write_text(json.dumps({"labels": [[latent_name(i), i % 10] for i in range(n)]}))
+    return torch.from_numpy(np.stack(stored))
+
+
+def _train_latents(folder, outdir, duration):
+    from _standin import StandinLoss, StandinPrecond
+
+    from fastdiff.data import open_dataset
+    from fastdiff.training import TrainConfig, training_loop
+
+    class Recorder(StandinLoss):
+        seen = []
+
+        def __call__(self, net, images, labels=None, generator=None):
+            self.seen.append(images.detach().clone())
+            return super().__call__(net, images, labels, generator)
+
+    torch.manual_seed(0)
+    net = StandinPrecond(img_resolution=8, img_channels=4, label_dim=10)
+    loss = Recorder()
+    loss.seen = []
+    cfg = TrainConfig(batch=4, duration=duration, status=12, snapshot=12, checkpoint=12, lr_decay=0, rampup_mimg=0,
+                      seed=1, workers=0, progress=False, ema_stds=(0.1,))
+    training_loop(net, loss, open_dataset(str(folder), resolution=8), str(outdir), cfg)
+    return torch.cat(loss.seen)
+
+
+def test_training_draws_a_fresh_seeded_latent_each_time_an_image_is_used(tmp_path, one_thread):
+    from fastdiff.data import InfiniteSampler
+    from fastdiff.training.loop import _seed_of
+    from fastdiff.training.snapshots import list_snapshots
+
+    stored = _latent_folder(tmp_path / "lat")
+    seen = _train_latents(tmp_path / "lat", tmp_path / "full", duration=24)
+    assert seen.shape == (24, 4, 8, 8)
+    order = [InfiniteSampler(12, 4, seed=1).global_index(g) for g in range(24)]
+    # Step 0's micro-batch: EDM2's normalization of mean + n * std, n seeded by (seed, step, offset).
+    first = sample_latents(stored[order[:4]], torch.Generator().manual_seed(_seed_of(1, 0, 0, 4)))
+    torch.testing.assert_close(seen[:4], first, rtol=0, atol=0)
+    # Each image is used twice in 24 draws, with a different latent each time.
+    for i in range(12):
+        uses = [g for g in range(24) if order[g] == i]
+        assert len(uses) == 2 and not torch.allclose(seen[uses[0]], seen[uses[1]])
+    # Resumed at 12 images: the same latents as the uninterrupted run.
+    _train_latents(tmp_path / "lat", tmp_path / "split", duration=12)
+    resumed = _train_latents(tmp_path / "lat", tmp_path / "split", duration=24)
+    torch.testing.assert_close(resumed, seen[12:], rtol=0, atol=0)
+    # The snapshots record the latent scaling, for decoding later.
+    snap = list_snapshots(str(tmp_path / "full"))[-1]
+    assert LatentScaling.from_encoder_record(snap.config["extra"]["encoder"]) == OFFICIAL_SCALING
+    from fastdiff.training.phema import reconstruct_phema  # ... and post-hoc EMA keeps the record
+    from fastdiff.training.snapshots import read_snapshot_meta
+
+    (path,) = reconstruct_phema(str(tmp_path / "full"), [0.08], str(tmp_path / "phema"), progress=False, verbose=False)
+    assert read_snapshot_meta(path)["extra"]["encoder"] == OFFICIAL_SCALING.record()
