@@ -367,3 +367,90 @@ def test_training_draws_a_fresh_seeded_latent_each_time_an_image_is_used(tmp_pat
 
     (path,) = reconstruct_phema(str(tmp_path / "full"), [0.08], str(tmp_path / "phema"), progress=False, verbose=False)
     assert read_snapshot_meta(path)["extra"]["encoder"] == OFFICIAL_SCALING.record()
+
+
+# --- generate --vae ------------------------------------------------------------------------------------------------
+
+
+def _cli(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.main(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def latent_net(tmp_path_factory):
+    from fastdiff import nn as fnn
+    from fastdiff.io import save_network
+
+    torch.manual_seed(0)
+    net = fnn.build("tiny-16", img_channels=4, model_channels=16)  # 4x16x16 latents = 32x32 pixels here
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(1.0)
+    path = tmp_path_factory.mktemp("net") / "latent-net.safetensors"
+    save_network(net, path, extra={"encoder": OFFICIAL_SCALING.record()})
+    return str(path)
+
+
+def test_generate_decodes_latents_to_pngs(tmp_path, latent_net, vae_dir, vae, one_thread, capsys):
+    from fastdiff.cli import generate
+
+    base = ["--net", latent_net, "--seeds", "0-4", "--steps", "2", "--batch", "2", "--device", "cpu", "--no-progress"]
+    # Without --vae: .npy latents, and a note saying so.
+    assert _cli(generate, base + ["--outdir", tmp_path / "lat"]) == 0
+    assert "writing .npy latents" in capsys.readouterr().err
+    latents = torch.stack([torch.from_numpy(np.load(tmp_path / "lat" / f"{s:06d}.npy")) for s in range(5)])
+    assert latents.shape == (5, 4, 16, 16) and latents.dtype == torch.float32 and latents.std() > 0.1
+    assert _cli(generate, base + ["--grid", tmp_path / "g.png"]) == 2
+    assert "give --vae" in capsys.readouterr().err
+    # With --vae: PNGs decoded in VAE batches of 3, and the grid.
+    assert _cli(generate, base + ["--outdir", tmp_path / "png", "--grid", tmp_path / "grid.png", "--vae", vae_dir,
+                                  "--vae-batch", "3", "--vae-device", "cpu"]) == 0
+    pngs = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "png" / f"{s:06d}.png"))).permute(2, 0, 1)
+                        for s in range(5)])
+    assert pngs.shape == (5, 3, 32, 32) and pngs.float().std() > 1
+    assert (pngs.int() - vae.decode(latents).int()).abs().max() <= 1  # the same seeds' latents, decoded
+    assert Image.open(tmp_path / "grid.png").size == (3 * 32, 2 * 32)
+    assert not list((tmp_path / "png").glob("*.npy"))
+    # A pixel network with --vae is an error naming the channels.
+    from fastdiff import nn as fnn
+    from fastdiff.io import save_network
+
+    save_network(fnn.build("tiny-16"), tmp_path / "pixels.safetensors")
+    argv = ["--net", tmp_path / "pixels.safetensors", "--seeds", "0", "--steps", "1", "--outdir", tmp_path / "x",
+            "--vae", vae_dir, "--device", "cpu", "--no-progress"]
+    assert _cli(generate, argv) == 2
+    assert "3 channels, not the 4 latent" in capsys.readouterr().err
+
+
+def test_metrics_gen_decodes_with_the_vae(tmp_path, latent_net, vae_dir, vae, one_thread, capsys):
+    from test_demo import Pool
+
+    from fastdiff.cli import metrics
+    from fastdiff.io import load_network
+    from fastdiff.metrics import (ModuleDetector, calc_from_generator, compute_feature_stats, register_detector,
+                                  unregister_detector)
+    from fastdiff.sampling import generate_images
+
+    register_detector("pool", lambda weights=None, device="cpu", batch_size=64: ModuleDetector(
+        Pool(), "pool", 12, device=device, batch_size=batch_size), overwrite=True)
+    try:
+        real = (torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+        det = ModuleDetector(Pool(), "pool", 12)
+        compute_feature_stats([real], det, num=None, progress=False).to_reference("pool").save(tmp_path / "ref.npz")
+        argv = ["gen", "--ref", tmp_path / "ref.npz", "--net", latent_net, "--steps", "2", "--batch", "4",
+                "--device", "cpu", "--no-progress", "--seeds", "0-5"]
+        assert _cli(metrics, argv) == 1
+        assert "give --vae" in capsys.readouterr().err
+        assert _cli(metrics, argv + ["--vae", vae_dir, "--out", tmp_path / "m.json"]) == 0
+        record = json.loads((tmp_path / "m.json").read_text())
+        assert record["vae"] == vae_dir and record["results"]["fd_pool"] > 0
+        net = load_network(latent_net)
+        direct = calc_from_generator((b for _, b in generate_images(net, range(6), steps=2, batch=4,
+                                                                    decoder=vae.decode)),
+                                     str(tmp_path / "ref.npz"), num=6, progress=False)
+        assert direct["fd_pool"] == pytest.approx(record["results"]["fd_pool"], rel=1e-4)
+    finally:
+        unregister_detector("pool")

@@ -388,3 +388,52 @@ def parse_stds(text: str) -> list[float]:
         if not 0 < s <= MAX_STD:
             raise argparse.ArgumentTypeError(f"each std must lie in (0, {MAX_STD:.4f}], got {s}")
     return stds
+
+
+# ---- latent networks: the VAE decoder (generate, metrics gen) ---------------------------------------------
+
+
+def add_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("latent networks (EDM2 img512)")
+    group.add_argument("--vae", default=None, metavar="PATH",
+                       help="decode latents to pixels with this local VAE: a diffusers folder or a .safetensors "
+                            "file, e.g. stabilityai/sd-vae-ft-mse fetched by hand (never downloaded; needs "
+                            "pip install \"fastdiff[latent]\")")
+    group.add_argument("--vae-device", default=None, help="device of the VAE [default: the network's]")
+    group.add_argument("--vae-batch", type=int, default=8, metavar="N", help="latents per VAE call [default: 8]")
+
+
+def make_vae_decoder(args, net, device) -> tuple[Callable | None, bool]:
+    """``(decoder, latent)``: whether ``net`` makes latents (its encoder record says so, or ``--vae`` is given
+    for a 4-channel network without a record: EDM2's scaling is assumed) and, with ``--vae``, the VAE that
+    decodes them (a ``decoder`` for :func:`fastdiff.sampling.generate_images`)."""
+    from fastdiff.data.latent import OFFICIAL_SCALING, encoder_record_of, scaling_of
+
+    scaling = scaling_of(net)
+    if args.vae is None:
+        return None, scaling is not None
+    if args.vae_batch < 1:
+        raise ValueError(f"--vae-batch must be >= 1, got {args.vae_batch}")
+    if scaling is None:
+        if encoder_record_of(net) is not None:
+            raise ValueError("--vae given, but the network makes pixels (its encoder record is the pixel encoder)")
+        if int(net.img_channels) != 4:
+            raise ValueError(f"--vae given, but the network has {net.img_channels} channels, not the 4 latent "
+                             f"channels of the Stable Diffusion VAE")
+        scaling = OFFICIAL_SCALING
+    from fastdiff.vae import load_vae
+
+    vae = load_vae(args.vae, device=args.vae_device or device, batch_size=args.vae_batch, scaling=scaling)
+    if vae.latent_channels != int(net.img_channels):
+        raise ValueError(f"the VAE has {vae.latent_channels} latent channels, the network {net.img_channels}")
+    return vae.decode, True
+
+
+def save_npy(array: torch.Tensor, path: str) -> None:
+    """A float tensor (e.g. latents) -> ``.npy`` float32, written to a temporary file and renamed."""
+    import numpy as np
+
+    from fastdiff._atomic import atomic_write_with
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write_with(path, lambda f: np.save(f, array.detach().cpu().to(torch.float32).numpy(), allow_pickle=False))

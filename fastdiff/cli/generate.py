@@ -5,6 +5,7 @@
     fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
     fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
+    fastdiff generate --net=edm2-img512-s-2147483-0.130.pkl --vae=sd-vae-ft-mse/ --grid=grid.png   # latents -> PNGs
 
 Under torchrun the seeds are split across the ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
 PNGs are written atomically (temporary file, then rename).
@@ -25,17 +26,23 @@ Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
 ``--interval LO,HI`` limits any of them to sigma in (LO, HI]; ``--cads`` (``--cads-tau1`` ...) anneals the
 class condition around any of them (also without guidance). The parameters' defaults are those of the
 guidance classes. The set-up is printed as one line to stderr at the start.
+
+Latent networks (EDM2's img512, or any trained on a latent dataset): ``--vae PATH`` decodes the latents with a
+local Stable Diffusion VAE (fastdiff.vae; ``--vae-device``, ``--vae-batch``) and writes PNGs; without it the
+latents are written as ``.npy`` files (float32 ``[4, 64, 64]``), and the command says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
-from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, image_path, init_distributed,
-                                 make_grid, parse_interval, parse_seeds, save_png, validate_guidance)
+from fastdiff.cli.common import (DTYPES, add_guidance_arguments, add_vae_arguments, build_guidance, image_path,
+                                 init_distributed, make_grid, make_vae_decoder, parse_interval, parse_seeds,
+                                 save_npy, save_png, validate_guidance)
 from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.samplers import SAMPLERS
 
@@ -60,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the networks from captured CUDA graphs (fastdiff.sampling.cuda_graphed; CUDA only)")
     add_guidance_arguments(parser)
+    add_vae_arguments(parser)
 
 
 def _validate(args, has_gnet: bool | None = None) -> None:
@@ -72,10 +80,14 @@ def _validate(args, has_gnet: bool | None = None) -> None:
     validate_guidance(args, has_gnet)
 
 
-def run(args, net, gnet=None) -> int:
+def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
     """Generates and writes the images with already loaded networks (this rank's share under
-    torch.distributed); rank 0 writes the grid."""
+    torch.distributed); rank 0 writes the grid. ``decoder``: latents -> uint8 images (a VAE's);
+    ``latent`` without a decoder: write the raw latents as ``.npy`` files."""
     _validate(args, has_gnet=gnet is not None)
+    raw = latent and decoder is None
+    if raw and args.grid is not None:
+        raise ValueError("the network makes latents: a --grid needs pixels, give --vae PATH to decode them")
     seeds = parse_seeds(args.seeds)
     guidance, summary = build_guidance(args, net, gnet)
     dist = torch.distributed
@@ -84,11 +96,15 @@ def run(args, net, gnet=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if rank == 0:
         print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
+        if raw:
+            print("fastdiff generate: the network makes latents and no --vae was given: writing .npy latents "
+                  "(give --vae PATH to decode them to PNGs)", file=sys.stderr, flush=True)
     batches = generate_images(
         net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
         class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
         world_size=world,
         S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
+        decoder=(lambda x: x.float().cpu()) if raw else decoder,
     )
     progress = None
     if rank == 0 and getattr(args, "progress", True):
@@ -99,7 +115,11 @@ def run(args, net, gnet=None) -> int:
     for batch_seeds, images in batches:
         if args.outdir is not None:
             for seed, img in zip(batch_seeds, images):
-                save_png(img, image_path(args.outdir, seed, args.subdirs))
+                path = image_path(args.outdir, seed, args.subdirs)
+                if raw:
+                    save_npy(img, os.path.splitext(path)[0] + ".npy")
+                else:
+                    save_png(img, path)
         if args.grid is not None:
             kept.extend(zip(batch_seeds, images))
         if progress is not None:
@@ -138,13 +158,14 @@ def main(args) -> int:
         for m in (net, gnet):
             if isinstance(m, torch.nn.Module):
                 m.eval().requires_grad_(False)
+        decoder, latent = make_vae_decoder(args, net, device)
         if getattr(args, "cuda_graphs", False):
             if torch.device(device).type != "cuda":
                 raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
             from fastdiff.sampling.graphs import cuda_graphed
 
             net, gnet = cuda_graphed(net), (cuda_graphed(gnet) if gnet is not None else None)
-        return run(args, net, gnet)
+        return run(args, net, gnet, decoder=decoder, latent=latent)
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2

@@ -88,10 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "0..49999).")
     p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
-    p.add_argument("--net", required=True, help="network file (fastdiff.io.load_network)")
-    from fastdiff.cli.common import add_guidance_arguments
+    p.add_argument("--net", required=True, help="network file: fastdiff .safetensors or official EDM2 .pkl")
+    from fastdiff.cli.common import add_guidance_arguments, add_vae_arguments
 
     add_guidance_arguments(p)  # the same guidance flags as fastdiff generate (every method)
+    add_vae_arguments(p)  # latent networks: --vae decodes before the detector
     p.add_argument("--sampler", default="heun", help="heun, euler, euler_ancestral, dpmpp_2m [default: heun]")
     p.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
     p.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 or 1,5,10-12 [default: 0..num-1]")
@@ -133,9 +134,9 @@ def _run_calc(args) -> int:
 
 
 def _run_gen(args) -> int:
-    from fastdiff.io import load_network
+    from fastdiff.io import load_any_network as load_network
     from fastdiff.metrics.evaluate import calc_from_generator
-    from fastdiff.cli.common import build_guidance, parse_interval, parse_seeds, validate_guidance
+    from fastdiff.cli.common import build_guidance, make_vae_decoder, parse_interval, parse_seeds, validate_guidance
     from fastdiff.sampling.generate import generate_images
 
     if args.steps < 1:
@@ -157,10 +158,13 @@ def _run_gen(args) -> int:
     _, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
     net = load_network(args.net, device=args.device).requires_grad_(False)
     gnet = load_network(args.gnet, device=args.device).requires_grad_(False) if args.gnet is not None else None
+    decoder, latent = make_vae_decoder(args, net, args.device)
+    if latent and decoder is None:
+        raise ValueError("the network makes latents: give --vae PATH (a local Stable Diffusion VAE) to decode them")
     guidance, summary = build_guidance(args, net, gnet)
     print(f"fastdiff metrics gen: guidance: {summary}", file=sys.stderr, flush=True)
     images = generate_images(net, seeds[:num], guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
-                             class_idx=args.class_idx, batch=args.batch, device=args.device)
+                             class_idx=args.class_idx, batch=args.batch, device=args.device, decoder=decoder)
     with torch.inference_mode():
         results = calc_from_generator((batch for _seeds, batch in images), ref, metrics=args.metrics,
                                       detector=detector, num=num, device=args.device, batch_size=args.batch,
@@ -168,7 +172,7 @@ def _run_gen(args) -> int:
                                       progress=args.progress)
     print(_format_table(results))
     if args.out:
-        record = dict(net=args.net, gnet=args.gnet, guidance=1.0 if args.guidance is None else args.guidance,
+        record = dict(net=args.net, gnet=args.gnet, vae=args.vae, guidance=1.0 if args.guidance is None else args.guidance,
                       guidance_setup=summary, interval=interval, sampler=args.sampler,
                       steps=args.steps, class_idx=args.class_idx, num=num, seeds=args.seeds or f"0-{num - 1}",
                       ref=args.ref, detector=detector, results=results)
