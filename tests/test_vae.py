@@ -118,9 +118,12 @@ def test_an_imported_img512_pickle_knows_its_latent_scaling(tmp_path):
     from test_edm2_pickle import tiny, write_official
     from fastdiff.io.edm2_pickle import load_network_and_info
 
-    net, info = load_network_and_info(write_official(tmp_path / "net.pkl", tiny()))
+    net, info = load_network_and_info(write_official(tmp_path / "net.pkl", tiny(img_channels=4)))
     assert scaling_of(net) == OFFICIAL_SCALING
     assert LatentScaling.from_encoder_record(info["encoder"]) == OFFICIAL_SCALING
+    # A record whose channels are not the network's does not describe it (a 3-channel pixel network).
+    pixels, _ = load_network_and_info(write_official(tmp_path / "pixels.pkl", tiny()))
+    assert pixels.source_entries["encoder"] is not None and scaling_of(pixels) is None
 
 
 # --- the VAE ----------------------------------------------------------------------------------------------------
@@ -335,7 +338,8 @@ def _train_latents(folder, outdir, duration):
     loss.seen = []
     cfg = TrainConfig(batch=4, duration=duration, status=12, snapshot=12, checkpoint=12, lr_decay=0, rampup_mimg=0,
                       seed=1, workers=0, progress=False, ema_stds=(0.1,))
-    training_loop(net, loss, open_dataset(str(folder), resolution=8), str(outdir), cfg)
+    # As fastdiff train opens it: the network's 4 channels accept the stored 8 (mean/std).
+    training_loop(net, loss, open_dataset(str(folder), resolution=8, channels=4), str(outdir), cfg)
     return torch.cat(loss.seen)
 
 

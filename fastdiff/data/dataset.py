@@ -178,7 +178,9 @@ class ImageDataset(Dataset):
         if resolution is not None and h != int(resolution):
             raise DatasetError(f"{self._describe_file(0)}: {w}x{h} image, expected {resolution}x{resolution} "
                                f"(convert with `fastdiff dataset convert --resolution {resolution}`)")
-        if channels is not None and self.num_channels != int(channels):
+        # Stored VAE mean/std (EDM2's latent datasets) have twice the channels of the latents they give.
+        mean_std = self.is_latent and channels is not None and self.num_channels == 2 * int(channels)
+        if channels is not None and self.num_channels != int(channels) and not mean_std:
             raise DatasetError(f"{self._describe_file(0)}: {self.num_channels} channels, expected {channels}")
 
     # ---- files ----------------------------------------------------------------------------------------

@@ -181,9 +181,13 @@ def encoder_record_of(net) -> dict | None:
 
 def scaling_of(net) -> LatentScaling | None:
     """The latent scaling of a loaded network from its encoder record (:func:`encoder_record_of`); ``None``
-    when it has none or it is the pixel encoder."""
+    when it has none, it is the pixel encoder, or its channels are not the network's (then it does not
+    describe this network)."""
     record = encoder_record_of(net)
-    return None if record is None else LatentScaling.from_encoder_record(record)
+    scaling = None if record is None else LatentScaling.from_encoder_record(record)
+    if scaling is not None and scaling.channels != int(getattr(net, "img_channels", scaling.channels)):
+        return None
+    return scaling
 
 
 # ---- encoding an image dataset into a latent dataset (resumable) ------------------------------------------
