@@ -1,4 +1,4 @@
-"""fastdiff.nn: the EDM2 network against a plain-PyTorch implementation of SPEC.md written from the formulas
+"""fastdiff.nn: the EDM2 network against a plain-PyTorch implementation written from the paper's formulas
 (fastdiff/bench/plain_edm2.py), parameter counts and names, the eval weight cache, checkpoints, input checks, the loss."""
 
 from __future__ import annotations
@@ -202,9 +202,7 @@ def test_network_parity(labels, training):
     net.train(training)
     x, sigma, lab = _inputs(net, labels=(labels == "onehot"))
     ref = plain.PlainEDM2.from_module(cfg_of(net), net, training=training)
-    if training:  # compare after one forced normalization: both normalize their weights in this call
-        pass
-    with torch.no_grad():
+    with torch.no_grad():  # in training mode both normalize their weights in this call
         d, u = net(x, sigma, lab, return_logvar=True)
         d_ref, u_ref = ref(x, sigma, lab, return_logvar=True)
     assert d.dtype == torch.float32 and d.shape == x.shape and u.shape == (x.shape[0], 1, 1, 1)
@@ -488,7 +486,14 @@ def test_torch_compile_inductor_training_matches_eager():
     Before the workaround in ``fastdiff.nn.layers._upsample_nearest2x_copy`` this failed on torch 2.13 (CPU): the
     forward matched, but the inductor backward read the gradient of the ``up`` block's nearest upsampling before the
     scatter that accumulates it, so ``dec.8x8_block1.attn_qkv`` / ``attn_proj`` got exactly zero gradients and every
-    parameter upstream of them a wrong one (relative error 0.1 - 2)."""
+    parameter upstream of them a wrong one (relative error 0.1 - 2). The cause: the backward of
+    ``F.interpolate(mode="nearest")`` is an accumulating scatter (``index_put(zeros, idx, g, accumulate=True)``), and
+    ``SchedulerNode.recompute_size_and_body`` (called by ``CppScheduling._align_compatible_range_nodes`` when it fuses
+    pointwise nodes of different loop ranges, e.g. a result and its channels_last copy) re-applies the node's mutation
+    renames only when the node has fake dependencies, so a reader's dependency on the scatter becomes one on the zero
+    fill and ``reorder_for_peak_memory`` moves the reader (the clip mask of the block before the ``up`` block) ahead
+    of the scatter. The gradient of a broadcast copy is a plain sum (no scatter, no mutation), which inductor gets
+    right; in eager mode with a gradient ``F.interpolate`` stays, so training results stay bit-identical."""
     reason = _inductor_unavailable()
     if reason:
         pytest.skip(reason)

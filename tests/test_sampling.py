@@ -12,7 +12,7 @@ from fastdiff.sampling import (
     APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, edm_sampler, edm_sigma_steps, generate_images, rng,
     sample,
 )
-from fastdiff.sampling import _nvtx
+from fastdiff import _runtime as _nvtx
 from fastdiff.cli import generate as gen_cli
 from fastdiff.sampling.generate import split_batches
 from fastdiff.sampling.guidance import EvalContext

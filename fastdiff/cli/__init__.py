@@ -47,6 +47,12 @@ def main(argv=None) -> int:
     sub = argparse.ArgumentParser(prog=f"fastdiff {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    from fastdiff.cli.common import check_device
+
+    problem = check_device(getattr(args, "device", None))  # one device check for every command
+    if problem:
+        print(f"fastdiff {name}: error: {problem}", file=sys.stderr)
+        return 2
     return int(module.main(args) or 0)
 
 

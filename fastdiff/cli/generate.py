@@ -23,7 +23,10 @@ Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
 - ``icg``: independent condition guidance (random classes instead of the null label).
 - ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
 
-``--interval LO,HI`` limits any of them to sigma in (LO, HI]; ``--cads`` (``--cads-tau1`` ...) anneals the
+``--interval LO,HI`` limits any of them to sigma in (LO, HI], decided per network evaluation;
+``--interval-steps FIRST,LAST`` to the sampler steps FIRST..LAST (0-based, both inclusive), the form of the
+official configurations, where a Heun step's correction follows its step's decision (the two forms differ
+only at the corrections next to the boundary); ``--cads`` (``--cads-tau1`` ...) anneals the
 class condition around any of them (also without guidance). The parameters' defaults are those of the
 guidance classes. The set-up is printed as one line to stderr at the start.
 
@@ -40,8 +43,9 @@ import sys
 
 import torch
 
+from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shutdown_distributed
 from fastdiff.cli.common import (DTYPES, add_guidance_arguments, add_vae_arguments, build_guidance, image_path,
-                                 init_distributed, make_grid, make_vae_decoder, parse_interval, parse_seeds,
+                                 make_grid, make_vae_decoder, parse_interval, parse_interval_steps, parse_seeds,
                                  save_npy, save_png, validate_guidance)
 from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.samplers import SAMPLERS
@@ -90,10 +94,9 @@ def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
         raise ValueError("the network makes latents: a --grid needs pixels, give --vae PATH to decode them")
     seeds = parse_seeds(args.seeds)
     guidance, summary = build_guidance(args, net, gnet)
-    dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = rank_and_world()
+    distributed = world > 1
+    device = resolve_device(args.device)
     if rank == 0:
         print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
         if raw:
@@ -129,13 +132,13 @@ def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
     if args.grid is not None:
         if distributed:
             gathered: list = [None] * world
-            dist.all_gather_object(gathered, kept)
+            torch.distributed.all_gather_object(gathered, kept)
             kept = [item for part in gathered for item in part]
         if rank == 0:
             kept.sort(key=lambda item: item[0])
             save_png(make_grid([img for _, img in kept]), args.grid)
     if distributed:
-        dist.barrier()
+        torch.distributed.barrier()
     return 0
 
 
@@ -144,15 +147,20 @@ def main(args) -> int:
         _validate(args)
         parse_seeds(args.seeds)
         parse_interval(args.interval)
+        parse_interval_steps(args.interval_steps)
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2
-    started, args.device = init_distributed(args.device)
+    try:
+        info = init_distributed(args.device)
+    except ValueError as exc:
+        print(f"fastdiff generate: error: --device: {exc}", file=sys.stderr)
+        return 2
+    args.device = device = str(info.device)
     try:
         # fastdiff .safetensors, or an official EDM2 .pkl / torch.save file read safely (no code from it runs)
         from fastdiff.io import load_any_network as load_network
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         net = load_network(args.net, device=device)
         gnet = load_network(args.gnet, device=device) if args.gnet is not None else None
         for m in (net, gnet):
@@ -170,5 +178,4 @@ def main(args) -> int:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if started:
-            torch.distributed.destroy_process_group()
+        shutdown_distributed(info)

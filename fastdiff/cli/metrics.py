@@ -3,7 +3,7 @@
     fastdiff metrics ref  --data DIR_OR_ZIP --dest ref.npz [--detector inception] [--metrics fd,pr,kid]
     fastdiff metrics calc --images DIR_OR_ZIP --ref ref.npz [--metrics fid,pr,kid] [--out results.json]
     fastdiff metrics gen  --net net.safetensors --ref ref.npz [--gnet guide.safetensors --guidance 2]
-                          [--interval LO,HI] [--steps 32] [--seeds 0-49999] [--out results.json]
+                          [--interval LO,HI | --interval-steps FIRST,LAST] [--steps 32] [--seeds 0-49999] [--out results.json]
                           (every guidance flag of fastdiff generate: --guidance-method cfg|apg|..., --cads)
 
 The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless
@@ -136,7 +136,8 @@ def _run_calc(args) -> int:
 def _run_gen(args) -> int:
     from fastdiff.io import load_any_network as load_network
     from fastdiff.metrics.evaluate import calc_from_generator
-    from fastdiff.cli.common import build_guidance, make_vae_decoder, parse_interval, parse_seeds, validate_guidance
+    from fastdiff.cli.common import (build_guidance, make_vae_decoder, parse_interval, parse_interval_steps,
+                                     parse_seeds, validate_guidance)
     from fastdiff.sampling.generate import generate_images
 
     if args.steps < 1:
@@ -172,8 +173,10 @@ def _run_gen(args) -> int:
                                       progress=args.progress)
     print(_format_table(results))
     if args.out:
-        record = dict(net=args.net, gnet=args.gnet, vae=args.vae, guidance=1.0 if args.guidance is None else args.guidance,
-                      guidance_setup=summary, interval=interval, sampler=args.sampler,
+        record = dict(net=args.net, gnet=args.gnet, vae=args.vae,
+                      guidance=1.0 if args.guidance is None else args.guidance,
+                      guidance_setup=summary, interval=interval, interval_steps=parse_interval_steps(args.interval_steps),
+                      sampler=args.sampler,
                       steps=args.steps, class_idx=args.class_idx, num=num, seeds=args.seeds or f"0-{num - 1}",
                       ref=args.ref, detector=detector, results=results)
         with atomic_write(args.out, "w") as f:

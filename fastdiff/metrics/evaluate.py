@@ -24,7 +24,8 @@ from fastdiff.metrics.frechet import frechet_distance
 from fastdiff.metrics.images import ImageFiles, iterate_image_batches
 from fastdiff.metrics.kid import kernel_inception_distance
 from fastdiff.metrics.prdc import precision_recall
-from fastdiff.metrics.stats import FeatureStats, ReferenceStats, _dist_world, load_reference
+from fastdiff._dist import rank_and_world
+from fastdiff.metrics.stats import FeatureStats, ReferenceStats, load_reference
 
 __all__ = ["DEFAULT_NUM", "DEFAULT_MAX_FEATURES", "parse_metrics", "resolve_metrics", "compute_feature_stats",
            "compute_metrics", "calc_from_generator", "calc_from_images", "make_reference", "select_indices"]
@@ -112,7 +113,7 @@ def compute_feature_stats(batches: Iterable[torch.Tensor], detector: Detector, *
     """
     from tqdm.auto import tqdm
 
-    rank, world = _dist_world()
+    rank, world = rank_and_world()
     local = None if num is None else _rank_share(num, rank, world)
     stats = FeatureStats(max_features=max_features, seed=seed + rank)
     it = iter(batches)
@@ -197,7 +198,7 @@ def _image_batches(path, num: int | None, batch_size: int, workers: int, seed: i
     indices = select_indices(len(files), num, seed)
     if progress and len(indices) < len(files):
         print(f"using a random subset of {len(indices):,} of the {len(files):,} images in {path}", file=sys.stderr)
-    rank, world = _dist_world()
+    rank, world = rank_and_world()
     return iterate_image_batches(files, indices[rank::world], batch_size, workers), len(indices)
 
 
@@ -224,6 +225,6 @@ def make_reference(data, dest=None, *, metrics: str | Sequence[str] = "fd", dete
     stats = compute_feature_stats(batches, det, num=total, max_features=keep, seed=seed, progress=progress,
                                   desc=f"{det.name} features")
     ref = stats.to_reference(det.name)
-    if dest is not None and _dist_world()[0] == 0:
+    if dest is not None and rank_and_world()[0] == 0:
         ref.save(dest)
     return ref

@@ -1,4 +1,4 @@
-"""The EDM2 training loop (SPEC.md section 3).
+"""The EDM2 training loop (EDM2 Sec. 3 and Appendix B: loss, Adam, inverse-sqrt learning-rate decay).
 
 ``training_loop(net, loss_fn, dataset, outdir, config)`` trains ``net`` (a ``Precond``, or anything called as
 ``net(x, sigma, labels, return_logvar=True) -> (D, logvar)``) with ``loss_fn(net, images, labels)`` (an
@@ -30,6 +30,7 @@ record the latent scaling (``extra['encoder']``), so ``fastdiff generate --vae``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -43,11 +44,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fastdiff._runtime import dtype_of, nvtx_range
 from fastdiff.data.latent import OFFICIAL_SCALING, mean_std_channels
 from fastdiff.training.checkpoint import capture_rng, latest_checkpoint, prune_checkpoints, restore_rng, save_checkpoint
 from fastdiff.training.phema import PowerFunctionEMA, std_to_exp
 from fastdiff.training.snapshots import atomic_write, network_config, save_snapshot, snapshot_name
-from fastdiff.training.stats import StatsLog, memory_gib, nvtx_range
+from fastdiff.training.stats import StatsLog, memory_gib
 
 __all__ = ["learning_rate_schedule", "TrainConfig", "training_loop"]
 
@@ -95,7 +97,7 @@ class TrainConfig:
         return d
 
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISIONS = ("fp32", "bf16", "fp16")  # fp32: no autocast; the others autocast to that dtype
 
 
 def _seed_of(*values: int) -> int:
@@ -162,7 +164,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
                   device="cpu") -> dict:
     """Train; returns ``{'nimg', 'step', 'stopped', 'resumed_from'}``. See the module docstring."""
     from fastdiff.data import InfiniteSampler, make_loader, to_model_input
-    from fastdiff.training import distributed as D
+    from fastdiff import _dist as D
 
     cfg = config or TrainConfig()
     device = torch.device(device)
@@ -180,7 +182,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     rounds = per_rank // batch_gpu
     if cfg.precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {cfg.precision!r}")
-    amp_dtype = _PRECISIONS[cfg.precision]
+    amp_dtype = None if cfg.precision == "fp32" else dtype_of(cfg.precision)
     label_dropout = _check_label_dropout(cfg.label_dropout)
 
     # ---- data vs network ----------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     def crossed(every: int) -> bool:
         return every > 0 and cur_nimg // every > (cur_nimg - batch) // every
 
-    def report(done: bool) -> None:
+    def report() -> None:
         vals = torch.stack([acc["loss"], acc["gnorm"], acc["nonfinite"].to(torch.float64),
                             torch.tensor(float(interval["steps"]), dtype=torch.float64, device=device)])
         D.all_reduce_sum(vals)
@@ -337,7 +339,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
             first = cur_nimg == start_nimg
             if first or done or crossed(cfg.status):
                 if not (first and interval["steps"] == 0 and cur_nimg > 0):
-                    report(done)
+                    report()
             if cur_nimg != start_nimg and ((done and not stopped and cfg.snapshot >= 0) or crossed(cfg.snapshot)):
                 write_snapshots()
             if cur_nimg != start_nimg and ((done and cfg.checkpoint >= 0) or crossed(cfg.checkpoint)):
@@ -365,7 +367,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
                 if drop_gen is not None:
                     drop_gen.manual_seed(_seed_of(cfg.seed, step, offset, 3))
                     onehot = _drop_labels(onehot, label_dropout, drop_gen)
-                sync = ddp.no_sync() if (world > 1 and r < rounds - 1) else _null()
+                sync = ddp.no_sync() if (world > 1 and r < rounds - 1) else contextlib.nullcontext()
                 with sync:
                     with nvtx_range("forward"), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                                                                enabled=amp_dtype is not None):
@@ -406,14 +408,6 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     stats.close()
     del data_iter
     return {"nimg": cur_nimg, "step": step, "stopped": stopped, "resumed_from": resumed_from}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- state <-> tensors

@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc EMA reconstruction (SPEC.md section 3).
+"""Power-function EMA and post-hoc EMA reconstruction (EDM2 Sec. 3 and Appendix C).
 
 A power-function EMA with exponent ``g`` averages the training trajectory ``theta(tau)`` over ``[0, t]``
 with the weight profile ``p(tau) = (g + 1) tau^g / t^(g + 1)``. Its relative standard deviation

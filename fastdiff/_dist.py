@@ -1,8 +1,9 @@
-"""torch.distributed set-up for ``torchrun``: NCCL on GPUs, gloo on the CPU.
+"""torch.distributed start-up for ``torchrun`` (NCCL on GPUs, gloo on the CPU), this process's rank and
+world size, and the one check of a device name, for every command and the library alike.
 
     torchrun --standalone --nproc_per_node 8 -m fastdiff.cli.train --preset edm2-img512-s ...
 
-A process started without torchrun's environment (``WORLD_SIZE`` unset or 1) trains alone.
+A process started without torchrun's environment (``WORLD_SIZE`` unset or 1) runs alone.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "rank", "world_size", "barrier", "all_reduce_sum",
-           "resolve_device"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "rank", "world_size", "rank_and_world", "barrier",
+           "all_reduce_sum", "resolve_device"]
 
 
 @dataclass
@@ -27,16 +28,29 @@ class DistInfo:
     initialized_here: bool = False
 
 
-def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``None`` / ``'auto'``: CUDA when available, else the CPU; ``'cuda'`` picks this process's GPU."""
-    if device in (None, "", "auto"):
+def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """``None`` / ``'auto'``: CUDA when available, else the CPU; ``'cuda'`` picks this process's GPU.
+
+    A ValueError says what is wrong with a device that cannot be used here (a malformed name, CUDA asked
+    for on a machine without it, a GPU index beyond the GPUs present)."""
+    if device is None or (isinstance(device, str) and device.strip().lower() in ("", "auto")):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"not a device name: {device!r}; expected cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA GPU is available")
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            raise ValueError(f"no CUDA GPU is available on this machine (torch {torch.__version__}, {build}); "
+                             "use cpu")
+        count = torch.cuda.device_count()
         if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+            dev = torch.device("cuda", local_rank % count)
+        elif dev.index >= count:
+            raise ValueError(f"this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type not in ("cpu", "meta") and not getattr(getattr(torch, dev.type, None), "is_available", lambda: False)():
+        raise ValueError(f"no {dev.type} device is available on this machine")
     return dev
 
 
@@ -72,12 +86,19 @@ def shutdown_distributed(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when torch.distributed is not initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank_and_world()[0]
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_and_world()[1]
 
 
 def barrier() -> None:
