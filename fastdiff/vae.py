@@ -147,7 +147,9 @@ class VAE:
     def __init__(self, model, scaling: LatentScaling | None = None, batch_size: int = 8, device="cpu"):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model.eval().requires_grad_(False).to(device=device, dtype=torch.float32)
+        self.model = model.eval().requires_grad_(False).to(device)
+        if any(p.dtype != torch.float32 for p in self.model.parameters()):
+            self.model.float()  # the official encoder runs the VAE in float32
         self.scaling = OFFICIAL_SCALING if scaling is None else scaling
         self.batch_size = int(batch_size)
         cfg = model.config
@@ -160,18 +162,6 @@ class VAE:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def to(self, device) -> "VAE":
-        self.model.to(device)
-        return self
-
-    def with_scaling(self, scaling: LatentScaling | None) -> "VAE":
-        """This VAE with another latent scaling (``None``: keep)."""
-        if scaling is not None:
-            if scaling.channels != self.latent_channels:
-                raise VAEError(f"the latent scaling has {scaling.channels} channels, the VAE {self.latent_channels}")
-            self.scaling = scaling
-        return self
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -199,7 +189,8 @@ class VAE:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The network's latents ``[N, C, h, w]`` -> uint8 pixels ``[N, 3, h*f, w*f]`` on the CPU."""
+        """The network's latents ``[N, C, h, w]`` -> uint8 pixels ``[N, 3, h*f, w*f]`` on the CPU (a ``decoder``
+        for :func:`fastdiff.sampling.generate_images`)."""
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             what = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"VAE.decode: expected latents [N, {self.latent_channels}, h, w], got {what}")
@@ -212,8 +203,6 @@ class VAE:
             h, w = latents.shape[2:]
             return torch.empty((0, 3, h * self.factor, w * self.factor), dtype=torch.uint8)
         return torch.cat(out)
-
-    __call__ = decode  # a decoder for fastdiff.sampling.generate_images(decoder=...)
 
 
 def load_vae(path, device="cpu", batch_size: int = 8, scaling: LatentScaling | None = None, config=None) -> VAE:

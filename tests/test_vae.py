@@ -418,6 +418,11 @@ def test_generate_decodes_latents_to_pngs(tmp_path, latent_net, vae_dir, vae, on
     assert (pngs.int() - vae.decode(latents).int()).abs().max() <= 1  # the same seeds' latents, decoded
     assert Image.open(tmp_path / "grid.png").size == (3 * 32, 2 * 32)
     assert not list((tmp_path / "png").glob("*.npy"))
+    assert _cli(generate, base + ["--outdir", tmp_path / "m", "--vae", tmp_path / "no-such-vae"]) == 2
+    assert "never downloads" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the VAE's device is checked like --device
+        assert _cli(generate, base + ["--outdir", tmp_path / "c", "--vae", vae_dir, "--vae-device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
     # A pixel network with --vae is an error naming the channels.
     from fastdiff import nn as fnn
     from fastdiff.io import save_network

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "info": ("fastdiff.cli.info", "show the compiled kernels and a quick self-check"),
     "train": ("fastdiff.cli.train", "train an EDM2 network (one process, or many under torchrun)"),
     "phema": ("fastdiff.cli.phema", "post-hoc EMA: reconstruct EMA weights from training snapshots"),
-    "dataset": ("fastdiff.cli.dataset", "prepare training data (convert an image folder, inspect a dataset)"),
+    "dataset": ("fastdiff.cli.dataset", "prepare training data (convert an image folder, encode it to VAE latents, inspect a dataset)"),
     "generate": ("fastdiff.cli.generate", "generate images from a trained network (EDM2 samplers and guidance)"),
     "convert": ("fastdiff.cli.convert", "convert an official EDM2 .pkl (read safely, no code run) or a torch.save state dict to a fastdiff network file"),
     "toy": ("fastdiff.cli.toy", "the 2-D toy of the autoguidance paper: CFG vs autoguidance, exact scores"),

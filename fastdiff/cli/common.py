@@ -454,7 +454,13 @@ def make_vae_decoder(args, net, device) -> tuple[Callable | None, bool]:
         scaling = OFFICIAL_SCALING
     from fastdiff.vae import load_vae
 
-    vae = load_vae(args.vae, device=args.vae_device or device, batch_size=args.vae_batch, scaling=scaling)
+    from fastdiff._dist import resolve_device
+
+    vae_device = resolve_device(args.vae_device) if args.vae_device else device
+    try:
+        vae = load_vae(args.vae, device=vae_device, batch_size=args.vae_batch, scaling=scaling)
+    except (FileNotFoundError, ImportError) as exc:  # the commands report ValueErrors as usage errors
+        raise ValueError(f"--vae: {exc}") from None
     if vae.latent_channels != int(net.img_channels):
         raise ValueError(f"the VAE has {vae.latent_channels} latent channels, the network {net.img_channels}")
     return vae.decode, True

@@ -59,12 +59,11 @@ def main(args) -> int:
                                 channels=args.channels, max_images=args.max_images, progress=not args.no_progress)
             print(f"wrote {n} images to {args.dest}")
         elif args.action == "encode":
-            import torch
-
+            from fastdiff._dist import resolve_device
             from fastdiff.data.latent import encode_dataset
             from fastdiff.vae import fingerprint, load_vae
 
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = resolve_device(args.device)
             vae = load_vae(args.vae, device=device, batch_size=args.batch, config=args.vae_config)
             n = encode_dataset(args.data, args.dest, vae, batch=args.batch, chunk=args.chunk,
                                max_images=args.max_images, workers=args.workers, progress=not args.no_progress,
