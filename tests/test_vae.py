@@ -118,9 +118,16 @@ def test_an_imported_img512_pickle_knows_its_latent_scaling(tmp_path):
     from test_edm2_pickle import tiny, write_official
     from fastdiff.io.edm2_pickle import load_network_and_info
 
-    net, info = load_network_and_info(write_official(tmp_path / "net.pkl", tiny(img_channels=4)))
+    pkl = write_official(tmp_path / "net.pkl", tiny(img_channels=4))
+    net, info = load_network_and_info(pkl)
     assert scaling_of(net) == OFFICIAL_SCALING
     assert LatentScaling.from_encoder_record(info["encoder"]) == OFFICIAL_SCALING
+    # ... and so does its conversion to a fastdiff file (the record is kept as JSON).
+    from fastdiff.cli import convert
+    from fastdiff.io import load_network
+
+    assert _cli(convert, [pkl, tmp_path / "net.safetensors"]) == 0
+    assert scaling_of(load_network(tmp_path / "net.safetensors")) == OFFICIAL_SCALING
     # A record whose channels are not the network's does not describe it (a 3-channel pixel network).
     pixels, _ = load_network_and_info(write_official(tmp_path / "pixels.pkl", tiny()))
     assert pixels.source_entries["encoder"] is not None and scaling_of(pixels) is None
