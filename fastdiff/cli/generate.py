@@ -38,8 +38,9 @@ import sys
 import torch
 
 from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shutdown_distributed
-from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, image_path, make_grid,
-                                 parse_interval, parse_interval_steps, parse_seeds, save_png, validate_guidance)
+from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, check_network_files, image_path,
+                                 make_grid, parse_interval, parse_interval_steps, parse_seeds, save_png,
+                                 validate_guidance)
 from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.samplers import SAMPLERS
 
@@ -128,6 +129,7 @@ def main(args) -> int:
         parse_seeds(args.seeds)
         parse_interval(args.interval)
         parse_interval_steps(args.interval_steps)
+        check_network_files(args, "net", "gnet")
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2

@@ -147,8 +147,8 @@ def _run_calc(args) -> int:
 def _run_gen(args) -> int:
     from fastdiff.io import load_network
     from fastdiff.metrics.evaluate import calc_from_generator
-    from fastdiff.cli.common import (build_guidance, parse_interval, parse_interval_steps, parse_seeds,
-                                     validate_guidance)
+    from fastdiff.cli.common import (build_guidance, check_network_files, parse_interval, parse_interval_steps,
+                                     parse_seeds, validate_guidance)
     from fastdiff.sampling.generate import generate_images
 
     if args.steps < 1:
@@ -157,6 +157,7 @@ def _run_gen(args) -> int:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     interval = parse_interval(args.interval)
     validate_guidance(args, has_gnet=args.gnet is not None)
+    check_network_files(args, "net", "gnet")
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
         num = len(seeds) if args.num is None else args.num

@@ -87,7 +87,7 @@ def _round_to(n: int, batch: int) -> int:
     return max(batch, (int(n) // batch) * batch)
 
 
-def build_run(args, device=None):
+def build_run(args):
     """(net, loss_fn, dataset, TrainConfig) from parsed arguments."""
     import torch
 
@@ -174,7 +174,7 @@ def main(args) -> int:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)
         return 1
     try:
-        net, loss_fn, dataset, config = build_run(args, info.device)
+        net, loss_fn, dataset, config = build_run(args)
         result = training_loop(net, loss_fn, dataset, args.outdir, config, device=info.device)
     except (ValueError, DatasetError, FileNotFoundError, ImportError) as exc:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)

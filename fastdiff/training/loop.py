@@ -298,7 +298,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
         for (ema_net, _suffix), std in zip(ema.get(), ema.stds):
             save_snapshot(ema_net, os.path.join(outdir, snapshot_name(cur_nimg, std)),
                           {"kind": "ema", "nimg": cur_nimg, "step": step, "batch_size": batch, "std": std,
-                           "exponent": float(std_to_exp(std))})
+                           "exponent": float(std_to_exp(std)), "label_dropout": float(cfg.label_dropout)})
 
     def write_checkpoint() -> None:
         if rank == 0:
