@@ -3,6 +3,8 @@ missing network files, --interval-steps, and CFG's refusal of an untrained null 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -120,3 +122,55 @@ def test_cfg_refuses_a_null_label_trained_without_label_dropout(nets, tmp_path, 
     assert "warning:" in capsys.readouterr().err and len(list((tmp_path / "o").glob("*.png"))) == 3
     assert gen_cli.main(cli_args(gen_cli, "--net", paths[0.1], *argv, "--outdir", tmp_path / "p")) == 0
     assert "label dropout" not in capsys.readouterr().err
+
+
+# The layers of README.md's Architecture section, bottom (0) to top: a module may import only from its own
+# package and from packages of a lower rank.
+LAYERS = {
+    "_C": 0, "_runtime": 0, "_atomic": 0, "_dist": 0, "__version__": 0,
+    "ops": 1, "diffusion": 2, "nn": 3, "data": 3,
+    "sampling": 4, "training": 4, "metrics": 4, "io": 4, "toy": 4,
+    "bench": 5, "interop": 5, "cli": 6, "__main__": 7, "__init__": 7,
+}
+
+
+def _fastdiff_imports():
+    """(package, module path, imported fastdiff package or stdlib module name) for every import in fastdiff/."""
+    import ast
+    import os
+
+    import fastdiff
+
+    top = os.path.dirname(fastdiff.__file__)
+    for folder, _, files in os.walk(top):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, top)
+            pkg = rel.split(os.sep)[0] if os.sep in rel else rel[:-3]
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    for alias in node.names:
+                        yield pkg, rel, alias.name
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    if node.module == "fastdiff":
+                        for alias in node.names:
+                            yield pkg, rel, f"fastdiff.{alias.name}"
+                    else:
+                        yield pkg, rel, node.module
+
+
+def test_layering_argparse_and_commands():
+    for pkg, rel, mod in _fastdiff_imports():
+        if mod == "argparse":
+            assert pkg == "cli", f"{rel}: a library module imports argparse"
+        if not mod.startswith("fastdiff."):
+            continue
+        target = mod.split(".")[1]
+        if target != pkg:
+            assert LAYERS[target] < LAYERS[pkg], f"{rel} imports {mod}: {target} is not below {pkg}"
+        if pkg == "cli" and target == "cli" and rel != os.path.join("cli", "__init__.py"):
+            assert mod == "fastdiff.cli.common", f"{rel} imports another command module ({mod})"
