@@ -162,6 +162,22 @@ def _close(a, b, tol=1e-10):
 # --- schedule -----------------------------------------------------------------------------------------
 
 
+def test_sigma_per_sample_and_the_schedule_inverse():
+    from fastdiff.diffusion import edm_time_of_sigma, sigma_per_sample
+
+    assert sigma_per_sample(0.5, 3).tolist() == [0.5, 0.5, 0.5]
+    s = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.equal(sigma_per_sample(s, 3), s)
+    assert sigma_per_sample(s, 3).dtype == torch.float64 and sigma_per_sample(torch.tensor([2]), 4).tolist() == [2.0] * 4
+    assert sigma_per_sample(s.reshape(3, 1, 1, 1), 3, image_shaped=True).shape == (3,)
+    for bad, kw in [(torch.ones(2), {}), (torch.ones(3, 1, 1, 1), {}), (torch.ones(3, 2), {"image_shaped": True})]:
+        with pytest.raises(ValueError, match="who: expected sigma as a scalar"):
+            sigma_per_sample(bad, 3, who="who", **kw)
+    t = edm_sigma_steps(9, 0.01, 50.0, 5.0)
+    _close(edm_time_of_sigma(t[:-1], 0.01, 50.0, 5.0), 1 - torch.arange(9, dtype=torch.float64) / 8)
+    assert edm_time_of_sigma(torch.tensor([100.0, 0.0]), 0.01, 50.0, 5.0).tolist() == [1.0, 0.0]
+
+
 def test_edm_sigma_steps():
     t = edm_sigma_steps(32)
     assert t.shape == (33,) and t.dtype == torch.float64 and float(t[-1]) == 0
