@@ -168,7 +168,8 @@ def test_sigma_per_sample_and_the_schedule_inverse():
     assert sigma_per_sample(0.5, 3).tolist() == [0.5, 0.5, 0.5]
     s = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     assert torch.equal(sigma_per_sample(s, 3), s)
-    assert sigma_per_sample(s, 3).dtype == torch.float64 and sigma_per_sample(torch.tensor([2]), 4).tolist() == [2.0] * 4
+    assert sigma_per_sample(s, 3).dtype == torch.float64
+    assert sigma_per_sample(torch.tensor([2]), 4).tolist() == [2.0] * 4
     assert sigma_per_sample(s.reshape(3, 1, 1, 1), 3, image_shaped=True).shape == (3,)
     for bad, kw in [(torch.ones(2), {}), (torch.ones(3, 1, 1, 1), {}), (torch.ones(3, 2), {"image_shaped": True})]:
         with pytest.raises(ValueError, match="who: expected sigma as a scalar"):

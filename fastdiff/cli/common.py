@@ -81,7 +81,8 @@ def parse_interval_steps(text: str | None) -> tuple[int, int] | None:
     try:
         first, last = (int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"malformed --interval-steps {text!r}: expected 'first,last' step indices, e.g. 17,22") from None
+        raise ValueError(f"malformed --interval-steps {text!r}: expected 'first,last' step indices, "
+                         "e.g. 17,22") from None
     if not 0 <= first <= last:
         raise ValueError(f"bad --interval-steps {text!r}: expected 0 <= first <= last")
     return first, last

@@ -3,7 +3,8 @@
     fastdiff metrics ref  --data DIR_OR_ZIP|builtin:digits --dest ref.npz [--detector inception] [--metrics fd,pr,kid]
     fastdiff metrics calc --images DIR_OR_ZIP --ref ref.npz [--metrics fid,pr,kid] [--out results.json]
     fastdiff metrics gen  --net net.safetensors --ref ref.npz [--gnet guide.safetensors --guidance 2]
-                          [--interval LO,HI | --interval-steps FIRST,LAST] [--steps 32] [--seeds 0-49999] [--out results.json]
+                          [--interval LO,HI | --interval-steps FIRST,LAST] [--steps 32] [--seeds 0-49999]
+                          [--out results.json]
                           (every guidance flag of fastdiff generate: --guidance-method cfg|apg|..., --cads)
 
 The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless
@@ -184,7 +185,8 @@ def _run_gen(args) -> int:
     print(_format_table(results))
     if args.out:
         record = dict(net=args.net, gnet=args.gnet, guidance=1.0 if args.guidance is None else args.guidance,
-                      guidance_setup=summary, interval=interval, interval_steps=parse_interval_steps(args.interval_steps),
+                      guidance_setup=summary, interval=interval,
+                      interval_steps=parse_interval_steps(args.interval_steps),
                       sampler=args.sampler,
                       steps=args.steps, class_idx=args.class_idx, num=num, seeds=args.seeds or f"0-{num - 1}",
                       ref=args.ref, detector=detector, results=results)
