@@ -5,7 +5,9 @@
         --preset edm2-img512-s --data latents.zip --outdir runs/s --batch-gpu 32
 
 Counts of images take the suffixes Ki, Mi, Gi (binary, as the official tool) or K, M, G (decimal).
-Training resumes automatically from the newest complete checkpoint in ``--outdir``.
+Training resumes automatically from the newest complete checkpoint in ``--outdir``; a run holds a lock on
+``--outdir`` (a second run there is refused), and a folder whose checkpoints are all unusable is an error
+unless ``--restart`` says to start over.
 ``--label-dropout 0.1`` trains a class-conditional network that is also its own unconditional model
 (the null label), as classifier-free guidance needs.
 
@@ -78,7 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("housekeeping")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes (default 2)")
     g.add_argument("--keep-checkpoints", type=int, default=0, help="keep only this many newest checkpoints (0: all)")
-    g.add_argument("--no-resume", action="store_true", help="start afresh even if --outdir has checkpoints")
+    g.add_argument("--restart", "--no-resume", dest="no_resume", action="store_true",
+                   help="start over from 0 images even if --outdir has checkpoints (they are removed); without "
+                   "it a run resumes from the newest usable checkpoint and refuses to start when none is usable")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
 
@@ -166,7 +170,9 @@ def build_run(args, device=None):
 def main(args) -> int:
     from fastdiff.data import DatasetError
     from fastdiff.training import distributed as D
+    from fastdiff.training.checkpoint import CheckpointError
     from fastdiff.training.loop import training_loop
+    from fastdiff.training.rundir import RunDirectoryBusy
 
     try:
         info = D.init_distributed(args.device)
@@ -176,7 +182,7 @@ def main(args) -> int:
     try:
         net, loss_fn, dataset, config = build_run(args, info.device)
         result = training_loop(net, loss_fn, dataset, args.outdir, config, device=info.device)
-    except (ValueError, DatasetError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, DatasetError, FileNotFoundError, ImportError, CheckpointError, RunDirectoryBusy) as exc:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)
         return 1
     finally:
