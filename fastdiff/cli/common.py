@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from fastdiff._atomic import atomic_write_with
 from fastdiff.sampling.generate import MAX_SEED, make_guidance
 from fastdiff.training.phema import MAX_STD
 from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, _accepts
@@ -335,19 +336,13 @@ def image_path(outdir: str, seed: int, subdirs: bool) -> str:
 
 
 def save_png(image: torch.Tensor, path: str) -> None:
-    """uint8 [C, H, W] -> PNG, written to a temporary file and renamed."""
+    """uint8 [C, H, W] -> PNG, written to a temporary file and renamed (``fastdiff._atomic``)."""
     from PIL import Image
 
     arr = image.permute(1, 2, 0).numpy()
     pil = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        pil.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # fastdiff._atomic's temporary name: what a kill leaves is found by remove_orphan_temps.
+    atomic_write_with(path, lambda f: pil.save(f, format="PNG"))
 
 
 def make_grid(images: list[torch.Tensor]) -> torch.Tensor:

@@ -7,7 +7,9 @@
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
 
 Under torchrun the seeds are split across the ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
-PNGs are written atomically (temporary file, then rename).
+PNGs are written atomically (temporary file, then rename); the temporaries a killed run leaves are removed
+when the next one starts on that --outdir. A sample holding NaN or Inf (a diverged network) is not written:
+its seed is named and the exit status is 1.
 
 Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
 
@@ -36,7 +38,7 @@ import torch
 
 from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, image_path, init_distributed,
                                  make_grid, parse_interval, parse_seeds, save_png, validate_guidance)
-from fastdiff.sampling.generate import generate_images
+from fastdiff.sampling.generate import check_churn_options, generate_images
 from fastdiff.sampling.samplers import SAMPLERS
 
 
@@ -69,7 +71,29 @@ def _validate(args, has_gnet: bool | None = None) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    try:
+        check_churn_options(args.S_churn, args.S_min, args.S_max, args.S_noise)
+    except ValueError as exc:
+        import re
+
+        raise ValueError(re.sub(r"\bS_(\w+)", r"--S-\1", str(exc))) from None
     validate_guidance(args, has_gnet)
+
+
+def _remove_orphans(outdir: str) -> None:
+    """Temporaries left in ``outdir`` (and its ``--subdirs`` folders) by a killed run: PNGs that never got
+    their name."""
+    import os
+    import re
+
+    from fastdiff._atomic import remove_orphan_temps
+
+    folders = [outdir] + [os.path.join(outdir, d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else ())
+                          if re.fullmatch(r"\d{6}", d) and os.path.isdir(os.path.join(outdir, d))]
+    removed = [p for folder in folders for p in remove_orphan_temps(folder)]
+    if removed:
+        print(f"fastdiff generate: removed {len(removed)} temporary file(s) left by a killed run "
+              f"(e.g. {removed[0]})", file=sys.stderr, flush=True)
 
 
 def run(args, net, gnet=None) -> int:
@@ -84,11 +108,17 @@ def run(args, net, gnet=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if rank == 0:
         print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
+        if args.outdir is not None:
+            _remove_orphans(args.outdir)
+    if distributed:
+        dist.barrier()  # no rank writes before rank 0 has cleared the temporaries
+    bad_seeds: set[int] = set()
     batches = generate_images(
         net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
         class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
         world_size=world,
         S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
+        on_nonfinite=bad_seeds.update,
     )
     progress = None
     if rank == 0 and getattr(args, "progress", True):
@@ -99,7 +129,8 @@ def run(args, net, gnet=None) -> int:
     for batch_seeds, images in batches:
         if args.outdir is not None:
             for seed, img in zip(batch_seeds, images):
-                save_png(img, image_path(args.outdir, seed, args.subdirs))
+                if seed not in bad_seeds:  # a NaN sample would be a black PNG that looks like a result
+                    save_png(img, image_path(args.outdir, seed, args.subdirs))
         if args.grid is not None:
             kept.extend(zip(batch_seeds, images))
         if progress is not None:
@@ -115,7 +146,19 @@ def run(args, net, gnet=None) -> int:
             kept.sort(key=lambda item: item[0])
             save_png(make_grid([img for _, img in kept]), args.grid)
     if distributed:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, sorted(bad_seeds))
+        bad_seeds = {s for part in parts for s in part}
         dist.barrier()
+    if bad_seeds:
+        if rank == 0:
+            listed = sorted(bad_seeds)
+            shown = ", ".join(map(str, listed[:20])) + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
+            skipped = "; their PNGs were not written" if args.outdir is not None else ""
+            tiles = "; their grid tiles are black" if args.grid is not None else ""
+            print(f"fastdiff generate: error: {len(listed)} of {len(seeds)} samples are not finite (NaN or Inf: the "
+                  f"network diverged), seeds {shown}{skipped}{tiles}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
