@@ -43,7 +43,15 @@ from fastdiff.sampling.samplers import SAMPLERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--net", required=True, help="main network: fastdiff .safetensors or official EDM2 .pkl")
+    parser.add_argument("--net", default=None, help="main network: fastdiff .safetensors or official EDM2 .pkl "
+                        "(required unless --expert networks cover every noise level)")
+    parser.add_argument("--expert", action="append", default=[], metavar="NET:LO,HI",
+                        help="expert denoiser for sigma in (LO, HI] (HI may be inf; repeatable): each evaluation goes "
+                             "to the network of its noise level (eDiffi's ensemble of experts); --net, if given, "
+                             "serves the noise levels no expert covers. Train one with `fastdiff train --init BASE "
+                             "--sigma-range LO,HI`")
+    parser.add_argument("--gexpert", action="append", default=[], metavar="NET:LO,HI",
+                        help="the same for the guiding network (--gnet serves the rest, if given)")
     parser.add_argument("--sampler", default="heun", choices=SAMPLERS, help="[default: heun]")
     parser.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
     parser.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,10-12 [default: 0-63]")
@@ -64,7 +72,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_guidance_arguments(parser)
 
 
+def parse_expert(spec: str) -> tuple[str, float, float]:
+    """``'net.safetensors:lo,hi'`` -> ``(path, lo, hi)``."""
+    from fastdiff.sampling.experts import parse_sigma_range
+
+    path, sep, rng = str(spec).rpartition(":")
+    if not sep or not path:
+        raise ValueError(f"malformed --expert {spec!r}: expected NET:LO,HI, e.g. low.safetensors:0,1.5")
+    lo, hi = parse_sigma_range(rng, f"--expert range in {spec!r}")
+    return path, lo, hi
+
+
 def _validate(args, has_gnet: bool | None = None) -> None:
+    if getattr(args, "net", None) is None and not getattr(args, "expert", None):
+        raise ValueError("no network: give --net and/or --expert NET:LO,HI")
+    for spec in list(getattr(args, "expert", None) or []) + list(getattr(args, "gexpert", None) or []):
+        parse_expert(spec)
     if args.outdir is None and args.grid is None:
         raise ValueError("nothing to write: give --outdir and/or --grid")
     if args.steps < 1:
@@ -77,6 +100,8 @@ def _validate(args, has_gnet: bool | None = None) -> None:
         import re
 
         raise ValueError(re.sub(r"\bS_(\w+)", r"--S-\1", str(exc))) from None
+    if has_gnet is None:
+        has_gnet = getattr(args, "gnet", None) is not None or bool(getattr(args, "gexpert", None))
     validate_guidance(args, has_gnet)
 
 
@@ -162,6 +187,19 @@ def run(args, net, gnet=None) -> int:
     return 0
 
 
+def _with_experts(base, specs, load):
+    """``base`` alone, or the ensemble of the ``--expert`` specs (``base`` filling the uncovered ranges)."""
+    if not specs:
+        return base
+    from fastdiff.sampling.experts import Experts, fill_gaps
+
+    experts = []
+    for spec in specs:
+        path, lo, hi = parse_expert(spec)
+        experts.append((lo, hi, load(path)))
+    return Experts(fill_gaps(experts, base) if base is not None else experts)
+
+
 def main(args) -> int:
     try:
         _validate(args)
@@ -176,17 +214,22 @@ def main(args) -> int:
         from fastdiff.io import load_any_network as load_network
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        net = load_network(args.net, device=device)
-        gnet = load_network(args.gnet, device=device) if args.gnet is not None else None
-        for m in (net, gnet):
+        graphed = getattr(args, "cuda_graphs", False)
+        if graphed and torch.device(device).type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
+
+        def load(path):
+            m = load_network(path, device=device)
             if isinstance(m, torch.nn.Module):
                 m.eval().requires_grad_(False)
-        if getattr(args, "cuda_graphs", False):
-            if torch.device(device).type != "cuda":
-                raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
-            from fastdiff.sampling.graphs import cuda_graphed
+            if graphed:  # each network graphed on its own: an ensemble routes whole batches to one of them
+                from fastdiff.sampling.graphs import cuda_graphed
 
-            net, gnet = cuda_graphed(net), (cuda_graphed(gnet) if gnet is not None else None)
+                m = cuda_graphed(m)
+            return m
+
+        net = _with_experts(load(args.net) if args.net is not None else None, getattr(args, "expert", []), load)
+        gnet = _with_experts(load(args.gnet) if args.gnet is not None else None, getattr(args, "gexpert", []), load)
         return run(args, net, gnet)
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)

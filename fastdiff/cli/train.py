@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decay", type=float, default=None, help="learning-rate decay time t_ref in steps (0: none)")
     g.add_argument("--rampup", type=float, default=None, help="learning-rate warm-up in Mimg (default: preset, 10 for "
                    "EDM2 presets, else a tenth of the duration)")
+    g.add_argument("--init", default=None, metavar="NET", help="start from this network's weights (a .safetensors "
+                   "network or snapshot of the same --preset) instead of a random initialization: fine-tuning")
+    g.add_argument("--sigma-range", dest="sigma_range", default=None, metavar="LO,HI", help="train on noise levels "
+                   "in (LO, HI] only (the loss's log-normal truncated to it; HI may be inf): an expert denoiser "
+                   "for `fastdiff generate --expert NET:LO,HI`, usually with --init from a base network")
     g.add_argument("--P-mean", dest="P_mean", type=float, default=None, help="loss: mean of ln(sigma)")
     g.add_argument("--P-std", dest="P_std", type=float, default=None, help="loss: std of ln(sigma)")
     g.add_argument("--dropout", type=float, default=None, help="dropout probability (default: preset)")
@@ -134,6 +139,21 @@ def build_run(args, device=None):
         loss_fn = EDM2Loss(P_mean=args.P_mean if args.P_mean is not None else training.get("P_mean", -0.4),
                            P_std=args.P_std if args.P_std is not None else training.get("P_std", 1.0),
                            sigma_data=getattr(net, "sigma_data", 0.5))
+    sigma_range = getattr(args, "sigma_range", None)
+    if sigma_range is not None:
+        from fastdiff.diffusion import EDM2Loss
+        from fastdiff.sampling.experts import parse_sigma_range
+        from fastdiff.training.experts import TruncatedEDM2Loss
+
+        if not isinstance(loss_fn, EDM2Loss):
+            raise ValueError(f"--sigma-range needs the EDM2 loss, but --preset {args.preset} brings "
+                             f"{type(loss_fn).__name__}")
+        sigma_range = parse_sigma_range(sigma_range, "--sigma-range")
+        loss_fn = TruncatedEDM2Loss(loss_fn.P_mean, loss_fn.P_std, loss_fn.sigma_data, sigma_range)
+    if getattr(args, "init", None) is not None:
+        from fastdiff.training.experts import load_init_weights
+
+        load_init_weights(net, args.init)
 
     batch = args.batch or int(training.get("batch", 2048))
     duration = args.duration or int(training.get("duration", 1 << 27))
@@ -162,7 +182,8 @@ def build_run(args, device=None):
         workers=args.workers, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
         tensorboard=args.tensorboard, resume=not args.no_resume,
         extra=dict(preset=args.preset, data=args.data, xflip=args.xflip, network_precision=args.precision
-                   if precision_in_net else None),
+                   if precision_in_net else None, init=getattr(args, "init", None),
+                   sigma_range=getattr(args, "sigma_range", None)),
     )
     return net, loss_fn, dataset, config
 
