@@ -49,8 +49,10 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> to
             dev = torch.device("cuda", local_rank % count)
         elif dev.index >= count:
             raise ValueError(f"this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-    elif dev.type not in ("cpu", "meta") and not getattr(getattr(torch, dev.type, None), "is_available", lambda: False)():
-        raise ValueError(f"no {dev.type} device is available on this machine")
+    elif dev.type not in ("cpu", "meta"):
+        backend = getattr(torch, dev.type, None)  # torch.mps, torch.xpu, ...
+        if not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"no {dev.type} device is available on this machine")
     return dev
 
 

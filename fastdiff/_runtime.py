@@ -1,8 +1,8 @@
 """Small run-time helpers every layer uses: the dtype names, NVTX ranges and whether ``torch.compile``
 is tracing.
 
-NVTX ranges (for profiling with Nsight Systems) are on when the ``nvtx`` package imports and CUDA is available, or when ``FASTDIFF_NVTX=1``;
-``FASTDIFF_NVTX=0`` turns them off. When off, :func:`nvtx_range` returns one shared no-op context
+NVTX ranges (for profiling with Nsight Systems) are on when the ``nvtx`` package imports and CUDA is
+available, or when ``FASTDIFF_NVTX=1``; ``FASTDIFF_NVTX=0`` turns them off. When off, :func:`nvtx_range` returns one shared no-op context
 manager, so a CPU run pays a function call and nothing else.
 """
 

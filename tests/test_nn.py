@@ -18,28 +18,11 @@ from fastdiff.diffusion import EDM2Loss, loss_weight, precond_coefficients
 from fastdiff.io import load_network, save_network
 from fastdiff.nn.layers import _upsample_nearest2x_copy
 
+from conftest import randomize_gains as randomize, rel_err, tiny_net as tiny
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test
 
 TINY = fnn.get_preset("tiny-16")["network"]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def randomize(module, seed=0):
-    """Give the zero-initialised gains non-zero values, so every path carries signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 0:
-                p.copy_(torch.rand([], generator=g) * 2 + 0.5)
-    return module
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    return randomize(fnn.build("tiny-16", **overrides))
 
 
 def cfg_of(net):

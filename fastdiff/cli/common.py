@@ -12,6 +12,7 @@ import inspect
 import math
 import os
 import re
+import sys
 from collections.abc import Callable
 
 import torch
@@ -80,7 +81,8 @@ def parse_interval_steps(text: str | None) -> tuple[int, int] | None:
     try:
         first, last = (int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"malformed --interval-steps {text!r}: expected 'first,last' step indices, e.g. 17,22") from None
+        raise ValueError(f"malformed --interval-steps {text!r}: expected 'first,last' step indices, "
+                         "e.g. 17,22") from None
     if not 0 <= first <= last:
         raise ValueError(f"bad --interval-steps {text!r}: expected 0 <= first <= last")
     return first, last
@@ -262,6 +264,32 @@ def _check_gnet(net, gnet, method: str) -> None:
                          "classes, or none (an unconditional guide)")
 
 
+def _check_null_label(args, net, gnet, method: str) -> None:
+    """CFG / APG without ``--gnet`` take their unconditional branch from ``--net``'s null label, which only a
+    network trained with label dropout has learned. A network file that records ``label_dropout`` 0 is refused
+    (a warning with ``--force``); files that record nothing (official pickles, older files) are trusted."""
+    if gnet is not None or method not in ("cfg", "apg") or _weight(args) == 1:
+        return
+    recorded = (getattr(net, "checkpoint_extra", None) or {}).get("label_dropout")
+    if recorded is None or float(recorded) > 0:
+        return
+    problem = (f"--guidance-method {method} without --gnet guides with the null label of --net, but --net was "
+               "trained without label dropout (label_dropout 0 in its file), so its null label was never trained: "
+               "train it with --label-dropout (e.g. 0.1), or give an unconditional --gnet")
+    if not getattr(args, "force", False):
+        raise ValueError(problem + "; --force guides anyway")
+    print(f"warning: {problem}", file=sys.stderr)
+
+
+def check_network_files(args, *flags: str) -> None:
+    """A clear error (ValueError) for a network flag (``"net"``, ``"gnet"``) that names no existing file."""
+    for flag in flags:
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            what = "is a folder, not a network file" if os.path.isdir(path) else "not found"
+            raise ValueError(f"--{flag} {path}: {what}")
+
+
 def _fmt(v) -> str:
     return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -289,6 +317,7 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
         raise ValueError(f"--cads anneals the class condition, so it needs a class-conditional --net; {unconditional}")
     if gnet is not None and (method != "auto" or w != 1):
         _check_gnet(net, gnet, method)
+    _check_null_label(args, net, gnet, method)
 
     g: Guidance | None
     # A guide without classes next to a conditional --net makes autoguidance CFG.
@@ -372,6 +401,9 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cads", action="store_true",
                        help="condition-annealed sampling (CADS) around the guidance, or alone; needs a class-"
                             "conditional --net")
+    group.add_argument("--force", action="store_true",
+                       help="guide even with --net's null label when its file says it was trained without label "
+                            "dropout (CFG / APG without --gnet; refused otherwise)")
     for p in GUIDANCE_PARAMS:
         group.add_argument(p.flag, dest=p.dest, type=float, default=None, metavar="X",
                            help=f"{p.help} [default: {_fmt(p.default)}]")

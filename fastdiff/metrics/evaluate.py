@@ -21,7 +21,7 @@ import torch
 
 from fastdiff.metrics.detectors import Detector, fd_metric_name, fd_metric_names, get_detector
 from fastdiff.metrics.frechet import frechet_distance
-from fastdiff.metrics.images import ImageFiles, iterate_image_batches
+from fastdiff.metrics.images import iterate_image_batches, open_images
 from fastdiff.metrics.kid import kernel_inception_distance
 from fastdiff.metrics.prdc import precision_recall
 from fastdiff._dist import rank_and_world
@@ -91,7 +91,7 @@ def select_indices(total: int, num: int | None, seed: int = 0) -> np.ndarray:
         raise ValueError(f"num must be >= 1, got {num}")
     if total < num:
         raise ValueError(f"found {total} images but {num} are required; the standard protocol uses {DEFAULT_NUM:,} "
-                         f"images. Pass --num {total} (num={total}) to evaluate fewer, knowing the values are then "
+                         f"images. Pass --num {total} to evaluate fewer, knowing the values are then "
                          "not comparable with published numbers.")
     if total == num:
         return np.arange(total)
@@ -194,7 +194,7 @@ def calc_from_generator(batches: Iterable[torch.Tensor], ref: ReferenceStats | s
 
 def _image_batches(path, num: int | None, batch_size: int, workers: int, seed: int, progress: bool):
     """(batches of this rank's share of the selected images, number selected in total)."""
-    files = ImageFiles(path)
+    files = open_images(path)
     indices = select_indices(len(files), num, seed)
     if progress and len(indices) < len(files):
         print(f"using a random subset of {len(indices):,} of the {len(files):,} images in {path}", file=sys.stderr)

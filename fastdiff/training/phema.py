@@ -318,6 +318,8 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
         config["extra"] = {
             "kind": "phema", "nimg": out_nimg, "std": std, "exponent": float(std_to_exp(std)),
             "num_inputs": len(snaps), "max_abs_coef": float(np.abs(coefs[:, j]).max()),
+            # how the inputs were trained (the label dropout tells whether CFG's null label was trained)
+            **{k: v for k, v in (base.get("extra") or {}).items() if k == "label_dropout"},
         }
         if isinstance((base.get("extra") or {}).get("encoder"), dict):  # a latent network's scaling carries over
             config["extra"]["encoder"] = base["extra"]["encoder"]
