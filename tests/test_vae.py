@@ -291,6 +291,7 @@ def test_dataset_encode_resumes_after_sigkill(tmp_path, vae_dir, vae, one_thread
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL and not dest.exists()
+    (work / ".chunk-000002.zip.~fdtmp-abc123.tmp").write_bytes(b"PK")  # as a kill mid-write leaves one
     done_before = len(list(work.glob("chunk-*.zip")))
     assert 2 <= done_before < 5 and json.loads((work / "progress.json").read_text())["chunks_done"] <= done_before
     from fastdiff.cli import main

@@ -214,9 +214,11 @@ def _chunk_path(work: str, k: int) -> str:
 
 
 def _chunk_complete(path: str, expected: int) -> bool:
+    """A chunk is written atomically, so one that is there is whole; its member count is checked (the zip's
+    directory only, not every byte: a resume of a large encode must not reread it all)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return len(zf.namelist()) == expected and zf.testzip() is None
+            return len(zf.namelist()) == expected
     except (OSError, zipfile.BadZipFile):
         return False
 
@@ -238,7 +240,7 @@ def encode_dataset(source, dest, vae, batch: int = 8, chunk: int = 1000, max_ima
     import json
     import shutil
 
-    from fastdiff._atomic import atomic_open, atomic_write
+    from fastdiff._atomic import atomic_open, atomic_write, remove_orphan_temps
     from fastdiff.data import open_dataset
     from fastdiff.data.dataset import DatasetError
 
@@ -263,6 +265,7 @@ def encode_dataset(source, dest, vae, batch: int = 8, chunk: int = 1000, max_ima
         raise FileExistsError(f"{dest}: exists" + ("" if to_zip else " and is not empty"))
     work = dest + ".partial"
     os.makedirs(work, exist_ok=True)
+    remove_orphan_temps(work)  # a chunk being written when the last run was killed
     record = {"format": ENCODE_FORMAT, "source": os.path.abspath(str(source)) if os.path.exists(str(source))
               else str(source), "num_images": n, "resolution": res, "chunk": chunk,
               "vae": fingerprint or repr(dict(vae.model.config)), "scaling": vae.scaling.record()}
