@@ -318,11 +318,10 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
         config["extra"] = {
             "kind": "phema", "nimg": out_nimg, "std": std, "exponent": float(std_to_exp(std)),
             "num_inputs": len(snaps), "max_abs_coef": float(np.abs(coefs[:, j]).max()),
-            # how the inputs were trained (the label dropout tells whether CFG's null label was trained)
-            **{k: v for k, v in (base.get("extra") or {}).items() if k == "label_dropout"},
+            # how the inputs were trained (the label dropout tells whether CFG's null label was trained; the
+            # encoder record, a latent network's scaling)
+            **{k: v for k, v in (base.get("extra") or {}).items() if k in ("label_dropout", "encoder")},
         }
-        if isinstance((base.get("extra") or {}).get("encoder"), dict):  # a latent network's scaling carries over
-            config["extra"]["encoder"] = base["extra"]["encoder"]
         path = os.path.join(outdir, snapshot_name(out_nimg, std, prefix="phema"))
         save_tensors(tensors, path, config)
         paths.append(path)
