@@ -412,20 +412,42 @@ def test_icg_random_labels_batched():
     assert torch.equal(first[0], want[0])
 
 
+class _EmbNet(torch.nn.Module):
+    """A denoiser with a noise-embedding layer named emb_noise (as the EDM2 U-Net has): its output, the
+    embedding e [batch, 6], shifts D a little, so that a perturbed e is visible."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb_noise = torch.nn.Identity()
+        self.seen = []
+
+    def forward(self, x, sigma, labels=None):
+        e = self.emb_noise(torch.ones(x.shape[0], 6, dtype=torch.float64) * torch.arange(6.0, dtype=torch.float64))
+        self.seen.append(e)
+        return MIX(x, sigma, labels) + 0.01 * e.mean(1, keepdim=True).to(x.dtype)
+
+
 def test_tsg_hook_and_fallback():
-    calls = []
+    from fastdiff.sampling.graphs import cuda_graphed
+    from fastdiff.sampling.guidance import noise_embedding_layer
 
-    def net(x, sigma, labels, noise_embedding_perturbation=None):
-        e = torch.ones(x.shape[0], 6, dtype=torch.float64) * torch.arange(6.0, dtype=torch.float64)
-        e2 = noise_embedding_perturbation(e)
-        calls.append((e, e2))
-        return MIX(x, sigma, labels) + 0.01 * e2.mean(1, keepdim=True).to(x.dtype)
-
+    net = _EmbNet()
+    assert noise_embedding_layer(net) is net.emb_noise and noise_embedding_layer(cuda_graphed(net)) is net.emb_noise
+    assert noise_embedding_layer(MIX) is None
     sample(net, _noise(4), "euler", steps=2, guidance=TSG(2.0, scale=0.5), generators=rng.seed_generators(range(4)),
            dtype=torch.float64)
-    assert len(calls) == 2
-    e, e2 = calls[0]
-    assert e.shape[0] == 8 and torch.equal(e2[:4], e[:4]) and not torch.equal(e2[4:], e[4:])
+    assert len(net.seen) == 2 and not net.emb_noise._forward_hooks  # the hook is removed after each call
+    e = net.seen[0]
+    want = torch.arange(6.0, dtype=torch.float64).expand(4, 6)
+    noise = torch.stack([torch.randn(6, generator=g) for g in rng.seed_generators(range(4))]).double()
+    assert e.shape[0] == 8 and torch.equal(e[:4], want)
+    _close(e[4:], want + 0.5 * want[0].std() * noise, tol=1e-6)
+    # Through cuda_graphed (eager on the CPU; on CUDA the hook needs the eager forward too): same result.
+    a = sample(net, _noise(4), "euler", steps=2, guidance=TSG(2.0, scale=0.5), generators=rng.seed_generators(range(4)),
+               dtype=torch.float64)
+    b = sample(cuda_graphed(net), _noise(4), "euler", steps=2, guidance=TSG(2.0, scale=0.5),
+               generators=rng.seed_generators(range(4)), dtype=torch.float64)
+    assert torch.equal(a, b)
     # Fallback: the guiding half is evaluated at a perturbed sigma.
     f = Counter(MIX)
     sig_seen = []
@@ -436,21 +458,32 @@ def test_tsg_hook_and_fallback():
 
 
 def test_tsg_reaches_the_noise_embedding_of_fastdiff_networks():
-    """fastdiff's Precond takes the TSG hook: the perturbation sees emb_noise's [2N, C] output, identity
-    leaves D unchanged, and TSG at scale 0 is no guidance (the c_noise fallback would still perturb sigma)."""
+    """fastdiff's Precond has the noise-embedding layer TSG hooks: a hook sees emb_noise's [2N, C]
+    output, identity leaves D unchanged, and TSG at scale 0 is no guidance (the c_noise fallback would
+    still perturb sigma)."""
     from fastdiff.bench import Options
     from fastdiff.bench.suites import build_net
+    from fastdiff.sampling.guidance import noise_embedding_layer
 
     # every learned gain at 1: they start at 0, which would hide the embedding
     net = build_net("tiny-16", Options(), 0).eval().requires_grad_(False)
+    assert noise_embedding_layer(net) is net.unet.emb_noise
     g = torch.Generator().manual_seed(0)
     x, sigma = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([1.0, 3.0])
     labels = torch.nn.functional.one_hot(torch.tensor([1, 4]), 10).float()
     seen = []
+
+    def hooked(fn):
+        handle = net.unet.emb_noise.register_forward_hook(fn)
+        try:
+            return net(x, sigma, labels)
+        finally:
+            handle.remove()
+
     with torch.no_grad():
         d = net(x, sigma, labels)
-        d_id = net(x, sigma, labels, noise_embedding_perturbation=lambda e: (seen.append(e.shape), e)[1])
-        d_big = net(x, sigma, labels, noise_embedding_perturbation=lambda e: e + 3 * torch.randn_like(e))
+        d_id = hooked(lambda m, i, e: (seen.append(e.shape), e)[1])
+        d_big = hooked(lambda m, i, e: e + 3 * torch.randn_like(e))
         gens = rng.seed_generators(range(2))
         plain = sample(net, x, "euler", steps=3, labels=labels, generators=gens)
         tsg0 = sample(net, x, "euler", steps=3, labels=labels, guidance=TSG(2.0, scale=0.0),
