@@ -214,6 +214,36 @@ def test_euler_and_ancestral_match_formula():
     _close(got, want)
 
 
+def test_euler_churn_and_ancestral_s_noise_match_formula():
+    """S_churn / S_noise reach euler (EDM churn before the step, taken from sigma_hat) and euler_ancestral
+    (S_noise scales the fresh noise); the CLI passes them through generate_images."""
+    noise, seeds = _noise(6), range(6)
+    t = [float(v) for v in edm_sigma_steps(10)]
+    gens = rng.seed_generators(seeds)
+    x = noise * t[0]
+    for i in range(10):
+        gamma = min(40 / 10, math.sqrt(2) - 1) if 0.05 <= t[i] <= 50 else 0.0
+        s_hat = t[i] * (1 + gamma)
+        if gamma > 0:
+            x = x + rng.randn_like(x, gens) * 1.003 * math.sqrt(s_hat**2 - t[i] ** 2)
+        x = x + (t[i + 1] - s_hat) * (x - per_sample(MIX)(x, s_hat, None)) / s_hat
+    got = sample(MIX, noise, "euler", steps=10, generators=rng.seed_generators(seeds), S_churn=40, S_min=0.05,
+                 S_max=50, S_noise=1.003, dtype=torch.float64)
+    _close(got, x)
+    assert not torch.allclose(got, sample(MIX, noise, "euler", steps=10, dtype=torch.float64))
+    gens = rng.seed_generators(seeds)
+    want = euler_direct(per_sample(MIX), noise, edm_sigma_steps(10), eta=1.0,
+                        randn=lambda x: 0.7 * rng.randn_like(x, gens))
+    got = sample(MIX, noise, "euler_ancestral", steps=10, generators=rng.seed_generators(seeds), S_noise=0.7,
+                 dtype=torch.float64)
+    _close(got, want)
+    # through the generate CLI's path: S_churn changes the images
+    net = TinyNet()
+    a = next(generate_images(net, [1, 2], sampler="euler", steps=4, S_churn=0.0))[1]
+    b = next(generate_images(net, [1, 2], sampler="euler", steps=4, S_churn=30.0))[1]
+    assert not torch.equal(a, b)
+
+
 def test_dpmpp_2m_matches_formula():
     noise = _noise()
     t = edm_sigma_steps(16)
