@@ -688,6 +688,30 @@ def test_cli_main_errors(tmp_path, capsys):
     assert gen_cli.main(_args()) == 2  # nothing to write
 
 
+def test_cli_every_sampler_and_its_options(tmp_path, capsys):
+    """--sampler knows every sampler; sampler options reach the sampler (the images change) and an option the
+    sampler has no use for exits 2 with the flag named, before any network is loaded."""
+    from fastdiff.sampling import SAMPLERS
+
+    parser = __import__("argparse").ArgumentParser()
+    gen_cli.add_arguments(parser)
+    for name in SAMPLERS:
+        assert parser.parse_args(["--net", "x", "--sampler", name]).sampler == name
+    out = {}
+    for name, extra in [("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", dict(eta=0.3)), ("dpm_adaptive", dict(rtol=0.2)),
+                        ("euler", dict(S_churn=20.0))]:
+        args = _args(seeds="0-1", grid=str(tmp_path / "g.png"), steps=3, device="cpu", sampler=name, **extra)
+        assert gen_cli.run(args, TinyNet()) == 0
+        out[(name, tuple(extra))] = (tmp_path / "g.png").read_bytes()
+    assert out[("dpmpp_2m_sde", ())] != out[("dpmpp_2m_sde", ("eta",))]
+    for flags, message in [(dict(sampler="dpmpp_2m", S_churn=2.0), "has no use for --S-churn"),
+                           (dict(sampler="euler", S_noise=float("inf")), "--S-noise must be a finite number"),
+                           (dict(sampler="heun", rtol=0.1), "takes no option 'rtol'"),
+                           (dict(sampler="lms", eta=0.5), "has no use for --eta")]:
+        assert gen_cli.main(_args(outdir=str(tmp_path), net="missing.safetensors", **flags)) == 2
+        assert message in capsys.readouterr().err
+
+
 def _dist_worker(rank, world, init_file, outdir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

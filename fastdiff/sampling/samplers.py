@@ -26,7 +26,7 @@ from fastdiff.sampling._nvtx import nvtx_range
 from fastdiff.sampling.guidance import Autoguidance
 
 __all__ = [
-    "SAMPLERS", "edm_sigma_steps", "sample", "edm_sampler", "sample_heun", "sample_euler", "sample_euler_ancestral",
+    "SAMPLERS", "edm_sigma_steps", "sample", "edm_sampler", "sampler_function", "sampler_options", "sampler_kwargs", "sample_heun", "sample_euler", "sample_euler_ancestral",
     "sample_dpmpp_2m",
 ]
 
@@ -200,6 +200,31 @@ def _check_option(flag: str, v: float) -> None:
         raise ValueError(f"{flag} must be a {'' if flag == 'S_max' else 'finite '}number >= 0, got {v}")
 
 
+def sampler_kwargs(sampler: str, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
+                   S_noise: float = 1.0, eta: float | None = None, **options) -> dict:
+    """The keyword arguments of sampler ``sampler``'s function for :func:`sample`'s options, checked: a
+    value other than "unused" (``S_churn`` 0, ``S_min`` 0, ``S_max`` inf, ``S_noise`` 1, ``eta`` None) for
+    an option the sampler has no use for, a negative or non-finite value, or an unknown option is an error."""
+    taken = sampler_options(sampler)
+    kwargs = {}
+    for flag, value in dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta).items():
+        name, unused = _OPTIONS[flag]
+        if value is None or (value == unused and name not in taken):
+            continue
+        _check_option(flag, float(value))
+        if name not in taken:
+            users = [s for s in SAMPLERS if name in sampler_options(s)]
+            raise ValueError(f"sampler {sampler!r} has no use for {flag}={value}; samplers that take it: "
+                             f"{', '.join(users)}")
+        kwargs[name] = float(value)
+    for name in options:
+        if name not in taken or name in _RESERVED:
+            own = [p for p in taken if p not in _RESERVED]
+            raise ValueError(f"sampler {sampler!r} takes no option {name!r}; its own options: {', '.join(own) or 'none'}")
+    kwargs.update(options)
+    return kwargs
+
+
 @torch.no_grad()
 def sample(denoiser: Callable, noise: torch.Tensor, sampler: str = "heun", steps: int = 32, guidance=None, labels=None,
            generators=None, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -227,23 +252,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, sampler: str = "heun", steps
         raise ValueError("noise must be a tensor of shape [N, ...]")
     n, device = noise.shape[0], noise.device
     rng.check_generators(generators, n)
-    taken = sampler_options(sampler)
-    kwargs = {}
-    for flag, value in dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta).items():
-        name, unused = _OPTIONS[flag]
-        if value is None or (value == unused and name not in taken):
-            continue
-        _check_option(flag, float(value))
-        if name not in taken:
-            users = [s for s in SAMPLERS if name in sampler_options(s)]
-            raise ValueError(f"sampler {sampler!r} has no use for {flag}={value}; samplers that take it: "
-                             f"{', '.join(users)}")
-        kwargs[name] = float(value)
-    for name in options:
-        if name not in taken or name in _RESERVED:
-            own = [p for p in taken if p not in _RESERVED]
-            raise ValueError(f"sampler {sampler!r} takes no option {name!r}; its own options: {', '.join(own) or 'none'}")
-    kwargs.update(options)
+    kwargs = sampler_kwargs(sampler, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, **options)
     if sigmas is None:
         t_steps = edm_sigma_steps(steps, sigma_min, sigma_max, rho, dtype=torch.float64, device=device).to(dtype)
     else:
