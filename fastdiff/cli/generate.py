@@ -2,6 +2,7 @@
 
     fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
     fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
+    fastdiff generate --expert=low.safetensors:0,1 --expert=high.safetensors:1,inf --outdir=out  # experts by sigma
     fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
     fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
@@ -32,12 +33,15 @@ guidance classes. The set-up is printed as one line to stderr at the start.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 import torch
 
 from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, image_path, init_distributed,
                                  make_grid, parse_interval, parse_seeds, save_png, validate_guidance)
+from fastdiff.sampling.experts import Experts, parse_sigma_range
 from fastdiff.sampling.generate import check_churn_options, generate_images
 from fastdiff.sampling.samplers import SAMPLERS
 
@@ -74,8 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_expert(spec: str) -> tuple[str, float, float]:
     """``'net.safetensors:lo,hi'`` -> ``(path, lo, hi)``."""
-    from fastdiff.sampling.experts import parse_sigma_range
-
     path, sep, rng = str(spec).rpartition(":")
     if not sep or not path:
         raise ValueError(f"malformed --expert {spec!r}: expected NET:LO,HI, e.g. low.safetensors:0,1.5")
@@ -84,8 +86,6 @@ def parse_expert(spec: str) -> tuple[str, float, float]:
 
 
 def _validate(args, has_gnet: bool | None = None) -> None:
-    if getattr(args, "net", None) is None and not getattr(args, "expert", None):
-        raise ValueError("no network: give --net and/or --expert NET:LO,HI")
     for spec in list(getattr(args, "expert", None) or []) + list(getattr(args, "gexpert", None) or []):
         parse_expert(spec)
     if args.outdir is None and args.grid is None:
@@ -97,8 +97,6 @@ def _validate(args, has_gnet: bool | None = None) -> None:
     try:
         check_churn_options(args.S_churn, args.S_min, args.S_max, args.S_noise)
     except ValueError as exc:
-        import re
-
         raise ValueError(re.sub(r"\bS_(\w+)", r"--S-\1", str(exc))) from None
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None or bool(getattr(args, "gexpert", None))
@@ -108,9 +106,6 @@ def _validate(args, has_gnet: bool | None = None) -> None:
 def _remove_orphans(outdir: str) -> None:
     """Temporaries left in ``outdir`` (and its ``--subdirs`` folders) by a killed run: PNGs that never got
     their name."""
-    import os
-    import re
-
     from fastdiff._atomic import remove_orphan_temps
 
     folders = [outdir] + [os.path.join(outdir, d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else ())
@@ -133,6 +128,10 @@ def run(args, net, gnet=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if rank == 0:
         print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
+        for role, m in (("main", net), ("guide", gnet)):
+            if isinstance(m, Experts):
+                print(f"fastdiff generate: {role} network: {len(m)} experts, sigma ranges {m.extra_repr()[7:]}",
+                      file=sys.stderr, flush=True)
         if args.outdir is not None:
             _remove_orphans(args.outdir)
     if distributed:
@@ -202,6 +201,8 @@ def _with_experts(base, specs, load):
 
 def main(args) -> int:
     try:
+        if getattr(args, "net", None) is None and not getattr(args, "expert", None):
+            raise ValueError("no network: give --net and/or --expert NET:LO,HI")
         _validate(args)
         parse_seeds(args.seeds)
         parse_interval(args.interval)
