@@ -3,7 +3,6 @@ and ``fastdiff dataset convert``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import zipfile
@@ -14,6 +13,8 @@ import torch
 
 from fastdiff.data import DatasetError, ImageDataset, InfiniteSampler, make_loader, open_dataset, to_model_input
 from fastdiff.data.builtin import shapes
+
+from conftest import run_cli
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -198,9 +199,7 @@ def test_loader_with_workers_follows_the_sampler():
 def _run_cli(argv):
     from fastdiff.cli import dataset as cli
 
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return cli.main(parser.parse_args(argv))
+    return run_cli(cli, *argv)
 
 
 def test_convert_folder_with_class_subfolders(tmp_path):

@@ -253,6 +253,7 @@ def test_cli_generate_with_experts_matches_the_library(tmp_path, net_files, caps
 @pytest.mark.parametrize("argv,message", [
     (["--expert", "x.safetensors"], "expected NET:LO,HI"),
     (["--expert", "x.safetensors:2,1"], "expected 0 <= lo < hi"),
+    (["--expert", "missing.safetensors:0,inf"], "--expert missing.safetensors:0,inf: missing.safetensors not found"),
     ([], "no network"),
 ])
 def test_cli_generate_expert_errors(tmp_path, capsys, argv, message):

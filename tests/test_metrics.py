@@ -4,7 +4,6 @@ image loading and the ``fastdiff metrics`` command line. Small sizes throughout 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import zipfile
@@ -27,6 +26,8 @@ from fastdiff.metrics.kid import kernel_inception_distance, mmd2_unbiased
 from fastdiff.metrics.prdc import knn_radii, precision_recall
 from fastdiff.metrics.stats import FeatureStats, ReferenceStats, load_reference
 from fastdiff.metrics.vit import DinoVisionTransformer, dinov2_vitl14
+
+from conftest import run_cli
 
 
 def random_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
@@ -616,9 +617,7 @@ def test_calc_from_generator_hook(randproj, tmp_path):
 
 
 def _cli(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="fastdiff metrics")
-    metrics_cli.add_arguments(parser)
-    return metrics_cli.main(parser.parse_args(list(argv)))
+    return run_cli(metrics_cli, *argv)
 
 
 def test_cli_ref_and_calc(tmp_path, randproj, capsys):
@@ -659,6 +658,25 @@ def test_cli_ref_and_calc(tmp_path, randproj, capsys):
     assert _cli("calc", "--images", str(tmp_path / "same"), "--ref", str(ref), "--metrics", "fid", "--num", "20",
                 "--workers", "0", "--no-progress") == 1
     assert "conflicting detectors" in capsys.readouterr().err
+
+
+def test_cli_ref_takes_builtin_data_and_small_counts_warn(tmp_path, randproj, capsys):
+    """`metrics ref --data builtin:...` reads the data as `fastdiff train` does: the same statistics as the same
+    images written as PNG files; FID / FD from fewer images than the protocol's 50,000 comes with a warning."""
+    from fastdiff.data import open_dataset
+
+    common = ["--detector", "randproj", "--workers", "0", "--batch", "8", "--device", "cpu", "--no-progress"]
+    ref = tmp_path / "ref.npz"
+    assert _cli("ref", "--data", "builtin:shapes?n=12", "--dest", ref, "--num", "all", *common) == 0
+    ds = open_dataset("builtin:shapes?n=12")
+    _write_pngs(tmp_path / "files", torch.stack([ds[i][0] for i in range(12)]))
+    out = tmp_path / "r.json"
+    assert _cli("calc", "--images", tmp_path / "files", "--ref", ref, "--num", "12", "--out", out, *common) == 0
+    assert json.loads(out.read_text())["results"]["fd_randproj"] == pytest.approx(0.0, abs=1e-6)
+    err = capsys.readouterr().err
+    assert "warning: FID / FD from 12 images" in err and "biased" in err
+    assert _cli("ref", "--data", "builtin:nope", "--dest", ref, *common) == 1
+    assert "unknown built-in dataset" in capsys.readouterr().err
 
 
 def test_cli_gen_needs_a_network_and_bad_num_is_rejected(tmp_path, capsys):

@@ -25,7 +25,10 @@ Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
 - ``icg``: independent condition guidance (random classes instead of the null label).
 - ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
 
-``--interval LO,HI`` limits any of them to sigma in (LO, HI]; ``--cads`` (``--cads-tau1`` ...) anneals the
+``--interval LO,HI`` limits any of them to sigma in (LO, HI], decided per network evaluation;
+``--interval-steps FIRST,LAST`` to the sampler steps FIRST..LAST (0-based, both inclusive), the form of the
+official configurations, where a Heun step's correction follows its step's decision (the two forms differ
+only at the corrections next to the boundary); ``--cads`` (``--cads-tau1`` ...) anneals the
 class condition around any of them (also without guidance). The parameters' defaults are those of the
 guidance classes. The set-up is printed as one line to stderr at the start.
 """
@@ -39,8 +42,10 @@ import sys
 
 import torch
 
-from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, image_path, init_distributed,
-                                 make_grid, parse_interval, parse_seeds, save_png, validate_guidance)
+from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shutdown_distributed
+from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, check_network_files, image_path,
+                                 make_grid, parse_interval, parse_interval_steps, parse_seeds, save_png,
+                                 validate_guidance)
 from fastdiff.sampling.experts import Experts, parse_sigma_range
 from fastdiff.sampling.generate import check_churn_options, generate_images
 from fastdiff.sampling.samplers import SAMPLERS
@@ -122,10 +127,9 @@ def run(args, net, gnet=None) -> int:
     _validate(args, has_gnet=gnet is not None)
     seeds = parse_seeds(args.seeds)
     guidance, summary = build_guidance(args, net, gnet)
-    dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = rank_and_world()
+    distributed = world > 1
+    device = resolve_device(args.device)
     if rank == 0:
         print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
         for role, m in (("main", net), ("guide", gnet)):
@@ -135,7 +139,7 @@ def run(args, net, gnet=None) -> int:
         if args.outdir is not None:
             _remove_orphans(args.outdir)
     if distributed:
-        dist.barrier()  # no rank writes before rank 0 has cleared the temporaries
+        torch.distributed.barrier()  # no rank writes before rank 0 has cleared the temporaries
     bad_seeds: set[int] = set()
     batches = generate_images(
         net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
@@ -164,16 +168,16 @@ def run(args, net, gnet=None) -> int:
     if args.grid is not None:
         if distributed:
             gathered: list = [None] * world
-            dist.all_gather_object(gathered, kept)
+            torch.distributed.all_gather_object(gathered, kept)
             kept = [item for part in gathered for item in part]
         if rank == 0:
             kept.sort(key=lambda item: item[0])
             save_png(make_grid([img for _, img in kept]), args.grid)
     if distributed:
         parts: list = [None] * world
-        dist.all_gather_object(parts, sorted(bad_seeds))
+        torch.distributed.all_gather_object(parts, sorted(bad_seeds))
         bad_seeds = {s for part in parts for s in part}
-        dist.barrier()
+        torch.distributed.barrier()
     if bad_seeds:
         if rank == 0:
             listed = sorted(bad_seeds)
@@ -206,15 +210,27 @@ def main(args) -> int:
         _validate(args)
         parse_seeds(args.seeds)
         parse_interval(args.interval)
+        parse_interval_steps(args.interval_steps)
+        check_network_files(args, "net", "gnet")
+        for flag in ("expert", "gexpert"):
+            for spec in getattr(args, flag, None) or []:
+                path = parse_expert(spec)[0]
+                if not os.path.isfile(path):
+                    raise ValueError(f"--{flag} {spec}: {path} " + ("is a folder, not a network file"
+                                                                    if os.path.isdir(path) else "not found"))
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2
-    started, args.device = init_distributed(args.device)
+    try:
+        info = init_distributed(args.device)
+    except ValueError as exc:
+        print(f"fastdiff generate: error: --device: {exc}", file=sys.stderr)
+        return 2
+    args.device = device = str(info.device)
     try:
         # fastdiff .safetensors, or an official EDM2 .pkl / torch.save file read safely (no code from it runs)
         from fastdiff.io import load_any_network as load_network
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         graphed = getattr(args, "cuda_graphs", False)
         if graphed and torch.device(device).type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
@@ -236,5 +252,4 @@ def main(args) -> int:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if started:
-            torch.distributed.destroy_process_group()
+        shutdown_distributed(info)

@@ -96,7 +96,7 @@ def _round_to(n: int, batch: int) -> int:
     return max(batch, (int(n) // batch) * batch)
 
 
-def build_run(args, device=None):
+def build_run(args):
     """(net, loss_fn, dataset, TrainConfig) from parsed arguments."""
     import torch
 
@@ -129,7 +129,7 @@ def build_run(args, device=None):
         if args.precision != "fp32":
             # The network runs its activations in the reduced dtype itself (MP weights normalized in float32),
             # the official mixed-precision scheme; the parameters stay float32.
-            kwargs["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}[args.precision]
+            kwargs["dtype"] = args.precision  # a dtype name (fastdiff._runtime.DTYPE_NAMES)
             precision_in_net = True
         net = fnn.build(args.preset, **kwargs)
         loss_fn = None
@@ -190,18 +190,18 @@ def build_run(args, device=None):
 
 def main(args) -> int:
     from fastdiff.data import DatasetError
-    from fastdiff.training import distributed as D
+    from fastdiff import _dist as D
     from fastdiff.training.checkpoint import CheckpointError
     from fastdiff.training.loop import training_loop
     from fastdiff.training.rundir import RunDirectoryBusy
 
     try:
         info = D.init_distributed(args.device)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)
         return 1
     try:
-        net, loss_fn, dataset, config = build_run(args, info.device)
+        net, loss_fn, dataset, config = build_run(args)
         result = training_loop(net, loss_fn, dataset, args.outdir, config, device=info.device)
     except (ValueError, DatasetError, FileNotFoundError, ImportError, CheckpointError, RunDirectoryBusy) as exc:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)

@@ -21,19 +21,13 @@ import os
 import numpy as np
 import torch
 
+from fastdiff._dist import rank_and_world
 from fastdiff.metrics._util import atomic_write, check_features
 
 __all__ = ["FeatureStats", "ReferenceStats", "save_reference", "load_reference"]
 
 REF_FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("mu", "sigma", "num_images", "detector")
-
-
-def _dist_world() -> tuple[int, int]:
-    """(rank, world_size) of the default torch.distributed group, (0, 1) when not initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class FeatureStats:
@@ -94,7 +88,7 @@ class FeatureStats:
         Every rank must call it once, after its last ``update``; afterwards each rank holds the
         totals. Kept features are gathered and, when more than ``max_features``, subsampled.
         """
-        rank, world = _dist_world()
+        rank, world = rank_and_world()
         if world == 1:
             return
         if self._reduced:

@@ -14,7 +14,8 @@ from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.graphs import GraphedDenoiser, cuda_graphed
 from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Guided, Interval
 from fastdiff.sampling.kdiffusion import KDiffusionDenoiser, as_kdiffusion
-from fastdiff.sampling.samplers import SAMPLERS, edm_sampler, edm_sigma_steps, sample
+from fastdiff.diffusion import edm_sigma_steps
+from fastdiff.sampling.samplers import SAMPLERS, edm_sampler, sample
 
 __all__ = [
     "sample", "edm_sampler", "edm_sigma_steps", "SAMPLERS", "generate_images", "guidance", "rng",

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from fastdiff._dist import rank_and_world
 from fastdiff.sampling import rng
 from fastdiff.sampling.guidance import Autoguidance, Guidance, Interval
 from fastdiff.sampling.samplers import SAMPLERS, sample
@@ -133,11 +134,7 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
     if guidance_obj is None:
         guidance_obj = make_guidance(gnet, float(guidance), interval)
     if rank is None or world_size is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world_size = 0, 1
+        rank, world_size = rank_and_world()
     if device is None:
         device = next((p.device for p in getattr(net, "parameters", lambda: iter(()))()), torch.device("cpu"))
     device = torch.device(device)

@@ -1,4 +1,4 @@
-"""The EDM2 training loop (SPEC.md section 3).
+"""The EDM2 training loop (EDM2 Sec. 3 and Appendix B: loss, Adam, inverse-sqrt learning-rate decay).
 
 ``training_loop(net, loss_fn, dataset, outdir, config)`` trains ``net`` (a ``Precond``, or anything called as
 ``net(x, sigma, labels, return_logvar=True) -> (D, logvar)``) with ``loss_fn(net, images, labels)`` (an
@@ -23,6 +23,7 @@ sense. ``p = 0`` draws nothing, so the trajectory is exactly that of a run witho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -36,12 +37,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fastdiff._runtime import dtype_of, nvtx_range
 from fastdiff.training.checkpoint import (capture_rng, checkpoint_records, latest_checkpoint, orphan_weights,
                                           prune_checkpoints, restore_rng, save_checkpoint)
 from fastdiff.training.rundir import RunDirectoryBusy, RunLock
 from fastdiff.training.phema import PowerFunctionEMA, std_to_exp
 from fastdiff.training.snapshots import atomic_write, network_config, save_snapshot, snapshot_name
-from fastdiff.training.stats import StatsLog, memory_gib, nvtx_range, trim_stats
+from fastdiff.training.stats import StatsLog, memory_gib, trim_stats
 
 __all__ = ["learning_rate_schedule", "TrainConfig", "training_loop"]
 
@@ -89,7 +91,7 @@ class TrainConfig:
         return d
 
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISIONS = ("fp32", "bf16", "fp16")  # fp32: no autocast; the others autocast to that dtype
 
 
 def _seed_of(*values: int) -> int:
@@ -157,7 +159,7 @@ def _own_run_directory(outdir: str, cfg: TrainConfig, rank: int, world: int, dev
     then clears what a killed run left: temporaries of the atomic writes and checkpoint weights whose JSON
     record was never written; when starting over (``cfg.resume`` False), the old checkpoints too."""
     from fastdiff._atomic import remove_orphan_temps
-    from fastdiff.training import distributed as D
+    from fastdiff import _dist as D
 
     lock, busy = None, None
     if rank == 0:
@@ -211,7 +213,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
 def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: TrainConfig | None, device,
                    locks: list) -> dict:
     from fastdiff.data import InfiniteSampler, make_loader, to_model_input
-    from fastdiff.training import distributed as D
+    from fastdiff import _dist as D
 
     cfg = config or TrainConfig()
     device = torch.device(device)
@@ -229,7 +231,7 @@ def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: 
     rounds = per_rank // batch_gpu
     if cfg.precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {cfg.precision!r}")
-    amp_dtype = _PRECISIONS[cfg.precision]
+    amp_dtype = None if cfg.precision == "fp32" else dtype_of(cfg.precision)
     label_dropout = _check_label_dropout(cfg.label_dropout)
 
     # ---- data vs network ----------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: 
     def crossed(every: int) -> bool:
         return every > 0 and cur_nimg // every > (cur_nimg - batch) // every
 
-    def report(done: bool) -> None:
+    def report() -> None:
         vals = torch.stack([acc["loss"], acc["gnorm"], acc["nonfinite"].to(torch.float64),
                             torch.tensor(float(interval["steps"]), dtype=torch.float64, device=device)])
         D.all_reduce_sum(vals)
@@ -359,7 +361,7 @@ def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: 
         for (ema_net, _suffix), std in zip(ema.get(), ema.stds):
             save_snapshot(ema_net, os.path.join(outdir, snapshot_name(cur_nimg, std)),
                           {"kind": "ema", "nimg": cur_nimg, "step": step, "batch_size": batch, "std": std,
-                           "exponent": float(std_to_exp(std))})
+                           "exponent": float(std_to_exp(std)), "label_dropout": float(cfg.label_dropout)})
 
     def write_checkpoint() -> None:
         if rank == 0:
@@ -388,7 +390,7 @@ def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: 
             first = cur_nimg == start_nimg
             if first or done or crossed(cfg.status):
                 if not (first and interval["steps"] == 0 and cur_nimg > 0):
-                    report(done)
+                    report()
             if cur_nimg != start_nimg and ((done and not stopped and cfg.snapshot >= 0) or crossed(cfg.snapshot)):
                 write_snapshots()
             if cur_nimg != start_nimg and ((done and cfg.checkpoint >= 0) or crossed(cfg.checkpoint)):
@@ -411,7 +413,7 @@ def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: 
                 if drop_gen is not None:
                     drop_gen.manual_seed(_seed_of(cfg.seed, step, offset, 3))
                     onehot = _drop_labels(onehot, label_dropout, drop_gen)
-                sync = ddp.no_sync() if (world > 1 and r < rounds - 1) else _null()
+                sync = ddp.no_sync() if (world > 1 and r < rounds - 1) else contextlib.nullcontext()
                 with sync:
                     with nvtx_range("forward"), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                                                                enabled=amp_dtype is not None):
@@ -452,14 +454,6 @@ def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: 
     stats.close()
     del data_iter
     return {"nimg": cur_nimg, "step": step, "stopped": stopped, "resumed_from": resumed_from}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- state <-> tensors

@@ -1,8 +1,7 @@
-"""Training statistics: NVTX ranges, the JSONL log, console lines, optional TensorBoard."""
+"""Training statistics: the JSONL log, console lines, optional TensorBoard."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -11,18 +10,7 @@ import time
 
 import torch
 
-__all__ = ["nvtx_range", "StatsLog", "memory_gib", "trim_stats"]
-
-try:  # the `nvtx` package (NVIDIA Tools Extension); ranges show in Nsight Systems
-    import nvtx as _nvtx
-
-    def nvtx_range(name: str):
-        return _nvtx.annotate(name, domain="fastdiff")
-
-except Exception:  # pragma: no cover - nvtx not installed
-
-    def nvtx_range(name: str):
-        return contextlib.nullcontext()
+__all__ = ["StatsLog", "memory_gib", "trim_stats"]
 
 
 def memory_gib(device: torch.device) -> dict:
