@@ -316,6 +316,9 @@ def test_cli_train_init_and_sigma_range(tmp_path, capsys):
     assert cli.main(argv("r2", "--init", str(tmp_path / "other.safetensors"))) == 1
     err = capsys.readouterr().err
     assert "other.safetensors" in err and "of another shape" in err and "Traceback" not in err
+    (tmp_path / "net.pkl").write_bytes(b"\x80\x04not safetensors")
+    assert cli.main(argv("r5", "--init", str(tmp_path / "net.pkl"))) == 1
+    assert "not a fastdiff .safetensors network file" in capsys.readouterr().err
     assert cli.main(argv("r3", "--sigma-range", "3,1", *edm2)) == 1
     assert "--sigma-range" in capsys.readouterr().err
     assert cli.main(argv("r4", "--sigma-range", "0,1")) == 1
