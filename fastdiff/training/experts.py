@@ -1,9 +1,9 @@
-"""Training expert denoisers (eDiffi, Balaji et al. 2022, Sec. 3.2): fine-tune a base network on part of the
+"""Training expert denoisers (eDiff-I, Balaji et al. 2022): fine-tune a base network on part of the
 noise levels only, for ``fastdiff.sampling.experts.Experts``.
 
-``TruncatedEDM2Loss`` is the EDM2 loss (EDM2 Eq. 14: per-element ``lambda(s) / exp(u(s)) * |D(x + s n; s) -
-x|^2 + u(s)``) with the training noise levels drawn from EDM's log-normal ``ln s ~ N(P_mean, P_std^2)``
-truncated to ``(lo, hi]``: exactly, by the inverse CDF, ``z = Phi^-1(Phi(a) + u (Phi(b) - Phi(a)))`` with ``u``
+``TruncatedEDM2Loss`` is the EDM2 loss with learned uncertainty (per-element
+``lambda(s) / exp(u(s)) * |D(x + s n; s) - x|^2 + u(s)``) with the training noise levels drawn from EDM's
+log-normal ``ln s ~ N(P_mean, P_std^2)`` truncated to ``(lo, hi]``: exactly, by the inverse CDF, ``z = Phi^-1(Phi(a) + u (Phi(b) - Phi(a)))`` with ``u``
 uniform, ``a, b`` the standardized log-bounds, and ``s = exp(P_mean + P_std z)`` (in the upper tail the
 mirrored form ``-Phi^-1(Phi(-b) + u (Phi(-a) - Phi(-b)))`` keeps the precision). The rest of the loss is
 unchanged. ``load_init_weights`` copies a base network's weights into a freshly built one.
