@@ -67,8 +67,11 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_folder_and_holder(tmp
 
 
 def test_the_lock_of_a_killed_process_is_not_stale(tmp_path):
-    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); from fastdiff.training.rundir import RunLock; "
-            f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
+    # rundir.py needs only the standard library: loaded by path, the child starts without importing torch.
+    rundir = os.path.join(ROOT, "fastdiff", "training", "rundir.py")
+    code = (f"import importlib.util, time; spec = importlib.util.spec_from_file_location('rundir', {rundir!r}); "
+            f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            f"m.RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
