@@ -200,3 +200,6 @@ def test_resume_with_another_network_or_conditioning_names_the_mismatch(trained,
         _train(run, net=tiny(label_dim=0)["net"], duration=96, cond=False)
     with pytest.raises(ValueError, match="unconditional"):
         _train(run, duration=96, cond=False)
+    # Another training noise range (--sigma-range, recorded in the config's extra) is another run too.
+    with pytest.raises(ValueError, match=r"trained on all noise levels, this run asks for sigma in \(0, 1\]"):
+        _train(run, duration=96, extra={"sigma_range": "0,1"})
