@@ -2,6 +2,7 @@
 
     fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
     fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
+    fastdiff generate --expert=low.safetensors:0,1 --expert=high.safetensors:1,inf --outdir=out  # experts by sigma
     fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
     fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
@@ -42,6 +43,7 @@ guidance classes. The set-up is printed as one line to stderr at the start.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -51,6 +53,7 @@ from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shu
 from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, check_network_files, image_path,
                                  make_grid, parse_interval, parse_interval_steps, parse_seeds, save_png,
                                  validate_guidance)
+from fastdiff.sampling.experts import Experts, parse_sigma_range
 from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.samplers import SAMPLERS, sampler_kwargs
 
@@ -91,8 +94,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_expert(spec: str) -> tuple[str, float, float]:
     """``'net.safetensors:lo,hi'`` -> ``(path, lo, hi)``."""
-    from fastdiff.sampling.experts import parse_sigma_range
-
     path, sep, rng = str(spec).rpartition(":")
     if not sep or not path:
         raise ValueError(f"malformed --expert {spec!r}: expected NET:LO,HI, e.g. low.safetensors:0,1.5")
@@ -101,8 +102,6 @@ def parse_expert(spec: str) -> tuple[str, float, float]:
 
 
 def _validate(args, has_gnet: bool | None = None) -> None:
-    if getattr(args, "net", None) is None and not getattr(args, "expert", None):
-        raise ValueError("no network: give --net and/or --expert NET:LO,HI")
     for spec in list(getattr(args, "expert", None) or []) + list(getattr(args, "gexpert", None) or []):
         parse_expert(spec)
     if args.outdir is None and args.grid is None:
@@ -134,9 +133,6 @@ def _sampler_kwargs(args) -> dict:
 def _remove_orphans(outdir: str) -> None:
     """Temporaries left in ``outdir`` (and its ``--subdirs`` folders) by a killed run: PNGs that never got
     their name."""
-    import os
-    import re
-
     from fastdiff._atomic import remove_orphan_temps
 
     folders = [outdir] + [os.path.join(outdir, d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else ())
@@ -158,6 +154,10 @@ def run(args, net, gnet=None) -> int:
     device = resolve_device(args.device)
     if rank == 0:
         print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
+        for role, m in (("main", net), ("guide", gnet)):
+            if isinstance(m, Experts):
+                print(f"fastdiff generate: {role} network: {len(m)} experts, sigma ranges {m.extra_repr()[7:]}",
+                      file=sys.stderr, flush=True)
         if args.outdir is not None:
             _remove_orphans(args.outdir)
     if distributed:
@@ -227,11 +227,19 @@ def _with_experts(base, specs, load):
 
 def main(args) -> int:
     try:
+        if getattr(args, "net", None) is None and not getattr(args, "expert", None):
+            raise ValueError("no network: give --net and/or --expert NET:LO,HI")
         _validate(args)
         parse_seeds(args.seeds)
         parse_interval(args.interval)
         parse_interval_steps(args.interval_steps)
         check_network_files(args, "net", "gnet")
+        for flag in ("expert", "gexpert"):
+            for spec in getattr(args, flag, None) or []:
+                path = parse_expert(spec)[0]
+                if not os.path.isfile(path):
+                    raise ValueError(f"--{flag} {spec}: {path} " + ("is a folder, not a network file"
+                                                                    if os.path.isdir(path) else "not found"))
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2
