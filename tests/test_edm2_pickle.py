@@ -1,4 +1,4 @@
-"""fastdiff.io.edm2_pickle: official EDM2 network pickles read without running any code from them.
+"""fastdiff.io.edm2_pickle (and the safe_pickle reader under it): official EDM2 network pickles read without running any code from them.
 
 The test pickles are written in the official FORMAT (torch_utils.persistence): every network object is a
 REDUCE of the global ``torch_utils.persistence._reconstruct_persistent_obj`` with a ``meta`` dict (type,
@@ -28,13 +28,15 @@ import torch
 from fastdiff import nn as fnn
 from fastdiff.io import (
     EDM2ImportError,
+    MalformedPickleError,
+    SafePickleError,
     UnsafePickleError,
     load_any_network,
     load_edm2_pickle,
     load_network,
     save_network,
 )
-from fastdiff.io import edm2_pickle
+from fastdiff.io import safe_pickle
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test
 
@@ -275,19 +277,19 @@ def test_real_torch_pickles_hold_only_allowed_globals(official, monkeypatch):
     """The globals a file written by the real pickler and torch asks for (including those inside the
     embedded storage streams): the persistence hook, torch's tensor rebuilders, EasyDict, ModuleDict..."""
     seen = set()
-    original = edm2_pickle.SafeUnpickler.find_class
+    original = safe_pickle.SafeUnpickler.find_class
 
     def recording(self, module, name):
         seen.add((module, name))
         return original(self, module, name)
 
-    monkeypatch.setattr(edm2_pickle.SafeUnpickler, "find_class", recording)
+    monkeypatch.setattr(safe_pickle.SafeUnpickler, "find_class", recording)
     load_edm2_pickle(official)
     assert {("torch_utils.persistence", "_reconstruct_persistent_obj"), ("torch.storage", "_load_from_bytes"),
             ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
             ("collections", "OrderedDict"), ("dnnlib.util", "EasyDict"), ("torch.nn.modules.container", "ModuleDict"),
             ("torch", "HalfStorage"), ("numpy", "dtype"), ("numpy", "ndarray")} <= seen
-    assert seen <= set(edm2_pickle.ALLOWED_GLOBALS)
+    assert seen <= set(safe_pickle.ALLOWED_GLOBALS)
 
 
 # --- (2) embedded source is never executed ------------------------------------------------------------------
@@ -308,7 +310,7 @@ def test_module_src_is_not_executed(tmp_path, net):
     assert not marker.exists() and MARK_ENV not in os.environ
     for a, b in zip(outputs(data["ema"]), outputs(net)):
         assert torch.equal(a, b)
-    raw = edm2_pickle._plain_tree(path)
+    raw = safe_pickle.read_plain(path)
     assert raw["ema"].module_src == _payload(marker)  # kept as text for inspection only
 
     # Control: the ordinary loading path (pickle.load + a persistence hook that runs module_src, as the
@@ -376,7 +378,7 @@ def _legacy_storage_bytes(payload_obj):
     """What ``torch.storage._load_from_bytes`` receives (a legacy torch.save stream), with ``payload_obj``
     as its main object."""
     head = b"".join(pickle.dumps(x, protocol=2) for x in (
-        edm2_pickle._LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
+        safe_pickle._LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
                                           "type_sizes": {"short": 2, "int": 4, "long": 4}}))
     return head + pickle.dumps(payload_obj, protocol=2) + pickle.dumps([], protocol=2)
 
@@ -407,20 +409,20 @@ def test_stand_ins_cannot_be_tampered_with(tmp_path):
     """A BUILD on an allowed global (to patch it for later loads) is refused; nothing is changed."""
     state = b"}X\x0c\x00\x00\x00__defaults__K\x01\x85s"  # {'__defaults__': (1,)}
     slot_state = b"N" + state + b"\x86"  # (None, {...}): the setattr path
-    defaults = edm2_pickle._rebuild_tensor.__defaults__
+    defaults = safe_pickle._rebuild_tensor.__defaults__
     for target in (b"ctorch._utils\n_rebuild_tensor_v2\n", b"cdnnlib.util\nEasyDict\n",
                    b"ctorch.nn.modules.container\nModuleDict\n", b"ccollections\nOrderedDict\n",
                    b"cnumpy\nndarray\n"):
         for st in (state, slot_state):
             path = tmp_path / "patch.pkl"
             path.write_bytes(b"\x80\x02" + target + st + b"b." )
-            with pytest.raises((UnsafePickleError, EDM2ImportError)):
+            with pytest.raises(SafePickleError):
                 load_edm2_pickle(path)
-    assert edm2_pickle._rebuild_tensor.__defaults__ == defaults
+    assert safe_pickle._rebuild_tensor.__defaults__ == defaults
     with pytest.raises(UnsafePickleError):
-        edm2_pickle.ALLOWED_GLOBALS[("dnnlib.util", "EasyDict")].__setstate__ = None
+        safe_pickle.ALLOWED_GLOBALS[("dnnlib.util", "EasyDict")].__setstate__ = None
     with pytest.raises(UnsafePickleError):
-        edm2_pickle.ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")].x = 1
+        safe_pickle.ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")].x = 1
 
 
 # --- (4) structural mismatches give clear errors ------------------------------------------------------------
@@ -491,7 +493,7 @@ def test_unknown_non_network_module_and_garbage(tmp_path, net):
     with pytest.raises(EDM2ImportError, match="unknown network class 'StyleGAN3Generator'"):
         load_any_network(tmp_path / "sg.pkl")
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(EDM2ImportError, match="not a valid pickle"):
+    with pytest.raises(MalformedPickleError, match="not a valid pickle"):
         load_edm2_pickle(tmp_path / "junk.pkl")
     (tmp_path / "list.pkl").write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(EDM2ImportError, match="expected a dict"):
