@@ -49,9 +49,13 @@ class _Reduce:
 def tensor_build(path):
     """A rebuilt (empty) tensor with pickled state: BUILD would call ``Tensor.__setstate__`` -> ``set_``,
     growing its storage to 4096 uninitialized elements."""
-    empty = torch.empty(0)
+    import warnings
+
+    with warnings.catch_warnings():  # TypedStorage is deprecated, but it is what the official files pickle
+        warnings.simplefilter("ignore")
+        storage = torch.empty(0).storage()
     state = (torch.empty(0), 0, (4096,), (1,))
-    t = _Reduce(torch._utils._rebuild_tensor_v2, (empty.storage(), 0, (0,), (1,), False, OrderedDict()), state)
+    t = _Reduce(torch._utils._rebuild_tensor_v2, (storage, 0, (0,), (1,), False, OrderedDict()), state)
     with open(path, "wb") as f:
         pickle.dump({"ema": {"weight": t}}, f, protocol=2)
 
@@ -106,12 +110,23 @@ class _PidPickler(pickle.Pickler):
         return self.pids.get(id(obj))
 
 
-def _zip_pickle(numel):
+def _zip_pickle(numel, size=None, stride=None):
     st = object()
     f = io.BytesIO()
-    t = _Reduce(torch._utils._rebuild_tensor_v2, (st, 0, (numel,), (1,), False, OrderedDict()))
+    size = (numel,) if size is None else tuple(size)
+    stride = (1,) * len(size) if stride is None else tuple(stride)
+    t = _Reduce(torch._utils._rebuild_tensor_v2, (st, 0, size, stride, False, OrderedDict()))
     _PidPickler(f, {id(st): ("storage", FLOAT_STORAGE, "0", "cpu", numel)}, protocol=2).dump({"w": t})
     return f.getvalue()
+
+
+def torch_zip(path, numel, data, size=None, stride=None, compression=zipfile.ZIP_STORED):
+    """A torch.save-style zip archive: one float32 storage of ``numel`` elements holding ``data`` (bytes,
+    whatever its length), and ``{"w": tensor}`` viewing it with ``size`` / ``stride``."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", _zip_pickle(numel, size, stride))
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/data/0", data, compress_type=compression)
 
 
 def legacy_huge_storage(path):

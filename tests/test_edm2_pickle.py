@@ -583,3 +583,71 @@ def test_generate_from_official_pickle(tmp_path, official, net):
     for seed in (0, 1):
         a = (tmp_path / "a" / f"{seed:06d}.png").read_bytes()
         assert a == (tmp_path / "b" / f"{seed:06d}.png").read_bytes()
+
+
+# --- (7) what a file may make the reader allocate ------------------------------------------------------------
+
+
+def test_honest_files_fit_the_default_budget_with_room(official):
+    """An official float16 pickle uses about 4x its size (storages, views, the float32 network): well under
+    the default of 8x."""
+    with safe_pickle.allocation_budget(official, os.path.getsize(official)) as budget:
+        load_edm2_pickle(official)
+    assert 0 < budget.used < 0.6 * budget.max_bytes
+
+
+def test_max_bytes_is_an_explicit_override(tmp_path, capsys):
+    """A file whose stride-0 views are small on disk but big in memory: refused by default, loaded with
+    ``max_bytes=`` / ``fastdiff convert --max-bytes``; a budget below what an honest file needs refuses it."""
+    from fastdiff.cli import convert as cli
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in fnn.build("tiny-16").state_dict().items()}
+    torch.save({k: torch.full([1] * len(s), 0.5).expand(s) for k, s in shapes.items()}, tmp_path / "x.pt")
+    with pytest.raises(safe_pickle.PickleLimitError, match=r"allocate more than .*pass max_bytes="):
+        load_any_network(tmp_path / "x.pt")
+    got = load_any_network(tmp_path / "x.pt", max_bytes=64 << 20)
+    assert all(torch.all(t == 0.5) for t in got.state_dict().values())
+    assert run_cli(cli, [tmp_path / "x.pt", tmp_path / "x.safetensors"]) == 2
+    assert "--max-bytes" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert run_cli(cli, [tmp_path / "x.pt", tmp_path / "x.safetensors", "--max-bytes", "64M"]) == 0
+    assert torch.all(load_network(tmp_path / "x.safetensors").unet.out_conv.weight == 0.5)
+    with pytest.raises(safe_pickle.PickleLimitError, match="more than 100 bytes.*raise max_bytes"):
+        load_edm2_pickle(write_official(tmp_path / "o.pkl", tiny()), max_bytes=100)
+
+
+def test_zip_members_and_views_are_checked(tmp_path):
+    import zipfile
+
+    from _crafted import torch_zip
+
+    data = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    torch_zip(tmp_path / "ok.pt", 4, data, size=(2, 2), stride=(2, 1))
+    assert torch.equal(safe_pickle.load_torch_file(tmp_path / "ok.pt")["w"], torch.arange(4.0).view(2, 2))
+    torch_zip(tmp_path / "deflated.pt", 4, data, compression=zipfile.ZIP_DEFLATED)
+    assert torch.equal(safe_pickle.load_torch_file(tmp_path / "deflated.pt")["w"], torch.arange(4.0))
+    cases = {
+        "past.pt": (dict(numel=4, data=data, size=(8,)), r"reach past its storage of 4 elements"),
+        "offset.pt": (dict(numel=4, data=data, size=(2, 2), stride=(3, 1)), r"reach past its storage"),
+        "short.pt": (dict(numel=4, data=data[:12]), r"declares 12 bytes, its record says 16"),
+        "bzip2.pt": (dict(numel=4, data=data, compression=zipfile.ZIP_BZIP2), r"compression method 12"),
+    }
+    for name, (kw, message) in cases.items():
+        torch_zip(tmp_path / name, **kw)
+        with pytest.raises(MalformedPickleError, match=message):
+            safe_pickle.load_torch_file(tmp_path / name)
+
+
+def test_build_is_only_for_the_stand_ins_that_take_it(tmp_path, net):
+    """Official files apply state to ModuleDict records, numpy arrays and dtypes (and torch's state dicts to
+    OrderedDicts): all still load. A rebuilt tensor, a parameter or a plain dict never takes state."""
+    from _crafted import tensor_build
+
+    tensor_build(tmp_path / "t.pkl")
+    with pytest.raises(UnsafePickleError, match=r"BUILD\) to a Tensor"):
+        load_edm2_pickle(tmp_path / "t.pkl")
+    for target in (b"}", b"]", b"ctorch._utils\n_rebuild_tensor_v2\n"):
+        path = tmp_path / "b.pkl"
+        path.write_bytes(b"\x80\x02" + target + b"}b.")
+        with pytest.raises(UnsafePickleError, match="BUILD"):
+            load_edm2_pickle(path)
