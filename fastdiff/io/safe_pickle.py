@@ -413,6 +413,8 @@ def _flat_from_bytes(raw, dtype, numel, what):
     charge(len(raw), f"a storage of {len(raw):,} bytes")
     if numel == 0:
         return torch.empty(0, dtype=dtype)
+    if dtype == torch.bool:  # bytes other than 0 and 1 are not valid bools: normalize them
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).ne(0)
     return torch.frombuffer(bytearray(raw), dtype=dtype)
 
 
@@ -727,10 +729,15 @@ def _load_one(f, source, storages=None):
     return _guarded(lambda: SafeUnpickler(f, source, storages).load(), source)
 
 
-def read_pickle(file, source="<pickle>"):
+def read_pickle(file, source="<pickle>", max_bytes=None):
     """One pickled object from the seekable binary ``file`` (an in-memory stream: ``io.BytesIO``), checked by
-    the opcode pre-pass and read through :class:`SafeUnpickler` (inert records, no code)."""
-    return _load_one(file, source)
+    the opcode pre-pass and read through :class:`SafeUnpickler` (inert records, no code), under an
+    allocation budget sized by what is left in ``file`` (unless one is already open)."""
+    here = file.tell()
+    size = file.seek(0, io.SEEK_END) - here
+    file.seek(here)
+    with allocation_budget(source, size, max_bytes):
+        return _load_one(file, source)
 
 
 # --- torch.save files (zip and legacy) -------------------------------------------------------------------------
