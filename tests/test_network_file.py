@@ -178,6 +178,11 @@ def test_unknown_config_key_names_the_key_and_the_known_ones(tmp_path, net):
     _rewrite(bad, load_file(str(path)), config)
     with pytest.raises(ValueError, match=rf"{bad}: cannot build Precond from the stored config"):
         load_network(bad)
+    config["kwargs"]["channel_mult"] = [1, 2]
+    config["kwargs"]["num_blocks"] = 10**6  # a tiny file asking for a huge network: refused while building
+    _rewrite(bad, load_file(str(path)), config)
+    with pytest.raises(ValueError, match=rf"{bad}: the stored config asks for a network far larger"):
+        load_network(bad)
     config["kwargs"] = None
     _rewrite(bad, load_file(str(path)), config)
     with pytest.raises(ValueError, match="no constructor arguments"):

@@ -212,10 +212,15 @@ def load_network(path, device="cpu"):
             f"load_network: {path}: unknown config key {unknown[0]!r} for {cls_name} (written by a newer or "
             f"modified fastdiff?); known keys: {', '.join(known)}"
         )
-    try:
-        with torch.device("meta"):
+    from fastdiff.io.safe_pickle import PickleLimitError, allocation_budget, charged_construction
+
+    try:  # a config asking for a network far larger than the file's tensors is refused while it is built
+        with allocation_budget(path, os.path.getsize(path)), charged_construction(), torch.device("meta"):
             net = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except PickleLimitError:
+        raise ValueError(f"load_network: {path}: the stored config asks for a network far larger than the "
+                         "tensors in the file") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise ValueError(f"load_network: {path}: cannot build {cls_name} from the stored config: {exc}") from None
     state = read_network_tensors(path)
     state = _match_dtypes(path, state, net.state_dict())

@@ -33,55 +33,23 @@ from collections import OrderedDict
 import torch
 
 from fastdiff.io.safe_pickle import (
-    ALLOWED_GLOBALS,
     PersistentObject,
     PlainObject,
     SafePickleError,
-    UnsafePickleError,
     allocation_budget,
-    charge,
-    load_torch_file,
+    charged_construction,
     read_plain,
     short_repr,
 )
 
 __all__ = [
-    "load_edm2_pickle", "load_any_network", "load_network_and_info", "load_torch_file", "build_network",
-    "infer_precond_kwargs", "PersistentObject", "PlainObject", "UnsafePickleError", "EDM2ImportError",
-    "ALLOWED_GLOBALS", "NETWORK_CLASSES",
+    "load_edm2_pickle", "load_any_network", "load_network_and_info", "build_network", "infer_precond_kwargs",
+    "describe", "EDM2ImportError", "NETWORK_CLASSES",
 ]
 
 
 class EDM2ImportError(SafePickleError):
     """The file is safe to read but does not describe a network fastdiff can rebuild exactly."""
-
-
-_MODULE_BYTES = 2048  # what building one submodule is charged (Python objects, even for meta tensors)
-
-
-@contextlib.contextmanager
-def _charged_construction():
-    """While building a network: every parameter, buffer and submodule registered is charged to the current
-    allocation budget (parameters and buffers at the bytes they will hold), so a tiny file cannot make
-    fastdiff build an unbounded network. The hooks are process-wide but charge only the thread that opened
-    the budget (it lives in a context variable)."""
-    from torch.nn.modules import module as M
-
-    def tensor(_module, name, t):
-        if t is not None:
-            charge(t.numel() * t.element_size(), f"network tensor {name} of shape {tuple(t.shape)}")
-
-    def submodule(_module, name, _child):
-        charge(_MODULE_BYTES, f"network module {name}")
-
-    handles = [M.register_module_parameter_registration_hook(tensor),
-               M.register_module_buffer_registration_hook(tensor),
-               M.register_module_module_registration_hook(submodule)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -236,7 +204,7 @@ def _build_network(obj, device, where):
                 kwargs[k] = list(kwargs[k])
     cls = getattr(fnn, obj.class_name)
     try:
-        with _charged_construction(), torch.device("meta"):
+        with charged_construction(), torch.device("meta"):
             net = cls(**kwargs)
     except SafePickleError:
         raise
@@ -268,7 +236,7 @@ def load_edm2_pickle(path, device="cpu", keys=None, max_bytes=None) -> dict:
     objects (the loss, the encoder) become ``{'class_name', 'init_args', 'init_kwargs', 'attributes'}`` dicts;
     ``EasyDict`` becomes ``dict``; NumPy arrays stay arrays. ``keys``: convert only these top-level entries
     (the others are left out). ``max_bytes``: what reading and building may allocate (default: a multiple
-    of the file's size, ``fastdiff.io.safe_pickle``). Raises :class:`UnsafePickleError` for anything outside
+    of the file's size, ``fastdiff.io.safe_pickle``). Raises ``UnsafePickleError`` for anything outside
     the allow-list, :class:`EDM2ImportError` for a network that does not match fastdiff's, and other
     :class:`SafePickleError` subclasses for malformed or oversized files.
     """
@@ -289,7 +257,7 @@ def _load_edm2_pickle(path, device, keys):
         if missing:
             raise EDM2ImportError(f"{path}: no entry {short_repr(missing[0])}; the file has {describe(raw)}")
         raw = {k: raw[k] for k in keys}
-    return {k: _convert_value(v, device, f"{path}[{k!r}]") for k, v in raw.items()}
+    return {k: _convert_value(v, device, f"{path}[{short_repr(k)}]") for k, v in raw.items()}
 
 
 def _looks_like_module(obj):
@@ -398,7 +366,7 @@ def _network_from_state_dict(state, device, where):
     if any(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     kwargs = infer_precond_kwargs(state)
-    with _charged_construction(), torch.device("meta"):
+    with charged_construction(), torch.device("meta"):
         net = fnn.Precond(**kwargs)
     expected = net.state_dict()
     unknown = sorted(set(state) - set(expected))
@@ -465,7 +433,7 @@ def _network_and_info(path, device, key):
     for k in candidates:
         if k not in raw:
             continue
-        where = f"{path}[{k!r}]"
+        where = f"{path}[{short_repr(k)}]"
         value = raw[k]
         if isinstance(value, PersistentObject) and not _looks_like_module(value):
             raise EDM2ImportError(f"{where} is a {value.class_name} object, not a network")
@@ -485,7 +453,7 @@ def _network_and_info(path, device, key):
                 info[other] = {"state_dict": len(v)}
             else:
                 try:
-                    info[other] = _convert_value(v, "cpu", f"{path}[{other!r}]")
+                    info[other] = _convert_value(v, "cpu", f"{path}[{short_repr(other)}]")
                 except EDM2ImportError:
                     info[other] = None
         return net, info

@@ -45,7 +45,7 @@ import torch
 __all__ = [
     "SafePickleError", "UnsafePickleError", "MalformedPickleError", "PickleLimitError",
     "SafeUnpickler", "read_pickle", "read_file", "read_plain", "load_torch_file", "plain_tree",
-    "allocation_budget", "charge", "short_repr", "PersistentObject", "PlainObject", "ALLOWED_GLOBALS",
+    "allocation_budget", "charge", "charged_construction", "short_repr", "PersistentObject", "PlainObject", "ALLOWED_GLOBALS",
     "MAX_DEPTH", "DEFAULT_BYTES_FACTOR", "DEFAULT_BYTES_SLACK",
 ]
 
@@ -141,6 +141,34 @@ def charge(nbytes, what: str) -> None:
     budget = _BUDGET.get()
     if budget is not None:
         budget.charge(nbytes, what)
+
+
+_MODULE_BYTES = 2048  # what building one submodule is charged (Python objects, even for meta tensors)
+
+
+@contextlib.contextmanager
+def charged_construction():
+    """While a network described by a file is built (on the meta device, say): every parameter, buffer and
+    submodule registered is charged to the current allocation budget (parameters and buffers at the bytes
+    they will hold), so a tiny file cannot make fastdiff build an unbounded network. The hooks are process-wide but charge only the thread that opened
+    the budget (it lives in a context variable)."""
+    from torch.nn.modules import module as M
+
+    def tensor(_module, name, t):
+        if t is not None:
+            charge(t.numel() * t.element_size(), f"network tensor {name} of shape {tuple(t.shape)}")
+
+    def submodule(_module, name, _child):
+        charge(_MODULE_BYTES, f"network module {name}")
+
+    handles = [M.register_module_parameter_registration_hook(tensor),
+               M.register_module_buffer_registration_hook(tensor),
+               M.register_module_module_registration_hook(submodule)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --- the opcode pre-pass --------------------------------------------------------------------------------------
