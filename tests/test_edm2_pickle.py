@@ -1,4 +1,5 @@
-"""fastdiff.io.edm2_pickle (and the safe_pickle reader under it): official EDM2 network pickles read without running any code from them.
+"""fastdiff.io.edm2_pickle (over the safe_pickle reader): official EDM2 network pickles read without running
+any code from them.
 
 The test pickles are written in the official FORMAT (torch_utils.persistence): every network object is a
 REDUCE of the global ``torch_utils.persistence._reconstruct_persistent_obj`` with a ``meta`` dict (type,
@@ -12,7 +13,6 @@ installed in ``sys.modules`` only while pickling; they are gone when fastdiff re
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -37,6 +37,14 @@ from fastdiff.io import (
     save_network,
 )
 from fastdiff.io import safe_pickle
+
+from conftest import run_cli, tiny_net
+
+
+def tiny(**overrides):
+    """A tiny-16 network with non-zero gains, in eval mode (a training-mode forward renormalizes weights)."""
+    return tiny_net(**overrides).eval()
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test
 
@@ -190,16 +198,6 @@ def write_official(path, net, dtype=torch.float16, src="# training/networks_edm2
             pickle.dump(data, f, protocol=protocol)
     assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
     return path
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    net = fnn.build("tiny-16", **overrides)
-    with torch.no_grad():  # non-zero gains, so every path carries signal
-        for p in net.parameters():
-            if p.ndim == 0:
-                p.fill_(float(torch.rand([]) * 2 + 0.5))
-    return net.eval()
 
 
 def outputs(net, seed=1):
@@ -537,17 +535,11 @@ def test_safetensors_is_delegated(tmp_path, net):
 # --- (5) fastdiff convert --------------------------------------------------------------------------------------
 
 
-def run_cli(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.main(parser.parse_args([str(a) for a in argv]))
-
-
 def test_convert_round_trip(tmp_path, official, net, capsys):
     from fastdiff.cli import convert as cli
 
     out = tmp_path / "converted.safetensors"
-    assert run_cli(cli, [official, out]) == 0
+    assert run_cli(cli, official, out) == 0
     back = load_network(out)
     ref = rounded(net, torch.float16)
     for a, b in zip(outputs(back), outputs(ref)):
@@ -559,14 +551,14 @@ def test_convert_round_trip(tmp_path, official, net, capsys):
         (np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])).tolist())
     assert "wrote" in capsys.readouterr().out
 
-    assert run_cli(cli, [official, "--list"]) == 0
+    assert run_cli(cli, official, "--list") == 0
     listing = capsys.readouterr().out
     assert "ema: Precond(img_resolution=16" in listing and "loss_fn: EDM2Loss" in listing
 
-    assert run_cli(cli, [official, tmp_path / "x.safetensors", "--key", "loss_fn"]) == 2
+    assert run_cli(cli, official, tmp_path / "x.safetensors", "--key", "loss_fn") == 2
     assert "not a network" in capsys.readouterr().err
     evil = write_official(tmp_path / "evil.pkl", net, extra={"boom": Evil(os.system, "true")})
-    assert run_cli(cli, [evil, tmp_path / "y.safetensors"]) == 2
+    assert run_cli(cli, evil, tmp_path / "y.safetensors") == 2
     assert "allow-list" in capsys.readouterr().err and not (tmp_path / "y.safetensors").exists()
 
 
@@ -578,8 +570,8 @@ def test_generate_from_official_pickle(tmp_path, official, net):
 
     save_network(rounded(net, torch.float16), tmp_path / "ref.safetensors")
     common = ["--seeds", "0-1", "--steps", "2", "--batch", "2", "--device", "cpu", "--no-progress"]
-    assert run_cli(cli, ["--net", official, "--outdir", tmp_path / "a", *common]) == 0
-    assert run_cli(cli, ["--net", tmp_path / "ref.safetensors", "--outdir", tmp_path / "b", *common]) == 0
+    assert run_cli(cli, "--net", official, "--outdir", tmp_path / "a", *common) == 0
+    assert run_cli(cli, "--net", tmp_path / "ref.safetensors", "--outdir", tmp_path / "b", *common) == 0
     for seed in (0, 1):
         a = (tmp_path / "a" / f"{seed:06d}.png").read_bytes()
         assert a == (tmp_path / "b" / f"{seed:06d}.png").read_bytes()
@@ -608,9 +600,9 @@ def test_max_bytes_is_an_explicit_override(tmp_path, capsys):
         load_any_network(tmp_path / "x.pt")
     got = load_any_network(tmp_path / "x.pt", max_bytes=64 << 20)
     assert all(torch.all(t == 0.5) for t in got.state_dict().values())
-    assert run_cli(cli, [tmp_path / "x.pt", tmp_path / "x.safetensors"]) == 2
+    assert run_cli(cli, tmp_path / "x.pt", tmp_path / "x.safetensors") == 2
     assert "--max-bytes" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
-    assert run_cli(cli, [tmp_path / "x.pt", tmp_path / "x.safetensors", "--max-bytes", "64M"]) == 0
+    assert run_cli(cli, tmp_path / "x.pt", tmp_path / "x.safetensors", "--max-bytes", "64M") == 0
     assert torch.all(load_network(tmp_path / "x.safetensors").unet.out_conv.weight == 0.5)
     with pytest.raises(safe_pickle.PickleLimitError, match="more than 100 bytes.*raise max_bytes"):
         load_edm2_pickle(write_official(tmp_path / "o.pkl", tiny()), max_bytes=100)

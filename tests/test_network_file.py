@@ -14,21 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fastdiff import nn as fnn
 from fastdiff.io import load_any_network, load_network, save_network
 from fastdiff.io.checkpoint import DIGEST_KEY, META_KEY, read_network_tensors, tensor_digest
 
+from conftest import tiny_net
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    net = fnn.build("tiny-16", **kw)
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.ndim == 0:
-                p.fill_(float(torch.rand([]) * 2 + 0.5))
-    return net.eval()
 
 
 def _outputs(net):
@@ -54,7 +45,7 @@ def _rewrite(path, tensors, config, digest=True):
 
 @pytest.fixture(scope="module")
 def net():
-    return _tiny()
+    return tiny_net().eval()
 
 
 # --- the digest -------------------------------------------------------------------------------------------------
@@ -205,7 +196,7 @@ def test_metrics_gen_reads_official_pickles(tmp_path, capsys):
     from fastdiff.cli import metrics as metrics_cli
     from fastdiff.metrics import ModuleDetector, compute_feature_stats, register_detector, unregister_detector
 
-    small = _tiny(model_channels=8, logvar_channels=8, use_fp16=False)
+    small = tiny_net(model_channels=8, logvar_channels=8, use_fp16=False).eval()
     pkl = write_official(tmp_path / "net.pkl", small)
     save_network(rounded(small, torch.float16), tmp_path / "net.safetensors")
     register_detector("pool", lambda weights=None, device="cpu", batch_size=64:

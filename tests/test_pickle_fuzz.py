@@ -171,5 +171,6 @@ def test_fuzzed_pickles_are_loaded_or_refused_never_crash(tmp_path, isolated_env
     assert counts["loaded"] + counts["refused"] == ITERATIONS
     assert counts["loaded"] > 0 and counts["refused"] > 0  # the mutations exercise both outcomes
     # nothing was imported on a file's behalf, no payload ran
-    assert not [m for m in summary["new_modules"] if not m.startswith(("numpy", "torch", "fastdiff", "encodings"))], summary
+    own = ("numpy", "torch", "fastdiff", "encodings")  # lazy imports of the reader itself (codecs, numpy dtypes)
+    assert not [m for m in summary["new_modules"] if not m.startswith(own)], summary
     assert not marker.exists() and MARK_ENV not in os.environ

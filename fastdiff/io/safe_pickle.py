@@ -45,7 +45,8 @@ import torch
 __all__ = [
     "SafePickleError", "UnsafePickleError", "MalformedPickleError", "PickleLimitError",
     "SafeUnpickler", "read_pickle", "read_file", "read_plain", "load_torch_file", "plain_tree",
-    "allocation_budget", "charge", "charged_construction", "short_repr", "PersistentObject", "PlainObject", "ALLOWED_GLOBALS",
+    "allocation_budget", "charge", "charged_construction", "short_repr", "PersistentObject", "PlainObject",
+    "ALLOWED_GLOBALS",
     "MAX_DEPTH", "DEFAULT_BYTES_FACTOR", "DEFAULT_BYTES_SLACK",
 ]
 
@@ -90,6 +91,9 @@ def short_repr(value) -> str:
         return _short.repr(value)
     except Exception:  # a repr that itself fails (e.g. an int too large to print)
         return f"<{type(value).__name__}>"
+
+
+_r = short_repr
 
 
 # --- the budget of one load --------------------------------------------------------------------------------
@@ -150,8 +154,8 @@ _MODULE_BYTES = 2048  # what building one submodule is charged (Python objects, 
 def charged_construction():
     """While a network described by a file is built (on the meta device, say): every parameter, buffer and
     submodule registered is charged to the current allocation budget (parameters and buffers at the bytes
-    they will hold), so a tiny file cannot make fastdiff build an unbounded network. The hooks are process-wide but charge only the thread that opened
-    the budget (it lives in a context variable)."""
+    they will hold), so a tiny file cannot make fastdiff build an unbounded network. The hooks are
+    process-wide but charge only the thread that opened the budget (it lives in a context variable)."""
     from torch.nn.modules import module as M
 
     def tensor(_module, name, t):
@@ -207,7 +211,7 @@ def _scan(f, source, max_depth=MAX_DEPTH) -> int:
                 continue
             if name in _GETS:
                 if arg not in memo:
-                    raise MalformedPickleError(f"{source}: not a valid pickle (memo entry {short_repr(arg)} is missing)")
+                    raise MalformedPickleError(f"{source}: not a valid pickle (memo entry {_r(arg)} is missing)")
                 stack.append(memo[arg])
                 continue
             if name == "DUP":
@@ -256,7 +260,7 @@ def _scan(f, source, max_depth=MAX_DEPTH) -> int:
     except SafePickleError:
         raise
     except Exception as exc:  # genops: truncated arguments, unknown opcodes, missing STOP
-        raise MalformedPickleError(f"{source}: not a valid pickle ({short_repr(str(exc))})") from None
+        raise MalformedPickleError(f"{source}: not a valid pickle ({_r(str(exc))})") from None
     budget = _BUDGET.get()
     if budget is not None:
         budget.opcodes += count
@@ -286,7 +290,7 @@ class PersistentObject:
         raise UnsafePickleError("unexpected state assignment (BUILD) on a persistent object")
 
     def __repr__(self):
-        return f"PersistentObject({self.class_name!r}, init_kwargs={short_repr(self.init_kwargs)})"
+        return f"PersistentObject({self.class_name!r}, init_kwargs={_r(self.init_kwargs)})"
 
 
 class PlainObject:
@@ -451,7 +455,7 @@ def _check_ints(value, what, allow_empty=True):
         raise UnsafePickleError(f"malformed tensor record: {what} is {type(value).__name__}")
     for v in value:
         if type(v) is not int or v < 0:
-            raise UnsafePickleError(f"malformed tensor record: {what} contains {short_repr(v)}")
+            raise UnsafePickleError(f"malformed tensor record: {what} contains {_r(v)}")
     return tuple(value)
 
 
@@ -459,10 +463,10 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
     if not isinstance(storage, _Storage):
         raise UnsafePickleError(f"malformed tensor record: expected a storage, got {type(storage).__name__}")
     if type(offset) is not int or offset < 0:
-        raise UnsafePickleError(f"malformed tensor record: storage offset {short_repr(offset)}")
+        raise UnsafePickleError(f"malformed tensor record: storage offset {_r(offset)}")
     size, stride = _check_ints(size, "size"), _check_ints(stride, "stride")
     if len(size) != len(stride):
-        raise UnsafePickleError(f"malformed tensor record: size {short_repr(size)} and stride {short_repr(stride)} differ in length")
+        raise UnsafePickleError(f"malformed tensor record: size {_r(size)} and stride {_r(stride)} differ in length")
     if backward_hooks:
         raise UnsafePickleError("refusing a tensor with backward hooks")
     if storage.flat is None:  # first pass over a legacy file: the data comes later
@@ -472,12 +476,12 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
     last = offset + sum((k - 1) * s for k, s in zip(size, stride)) if numel else offset - 1
     if offset > n or last >= n:
         raise MalformedPickleError(
-            f"malformed tensor: size {short_repr(size)}, stride {short_repr(stride)}, offset {offset} reach past its storage of "
+            f"malformed tensor: size {_r(size)}, stride {_r(stride)}, offset {offset} reach past its storage of "
             f"{n} elements"
         )
     # What the view costs once materialized (a copy, a dtype conversion): stride-0 or overlapping views
     # are small in the file but not in memory.
-    charge(numel * storage.flat.element_size(), f"a tensor of size {short_repr(size)}")
+    charge(numel * storage.flat.element_size(), f"a tensor of size {_r(size)}")
     t = torch.as_strided(storage.flat, size, stride, offset)
     if requires_grad and t.is_floating_point():
         t.requires_grad_(True)
@@ -513,7 +517,7 @@ def _load_from_bytes(blob):
 def _latin1_bytes(text, encoding="latin1"):
     """``_codecs.encode``: how protocol-2 pickles spell ``bytes`` (a latin-1 string); nothing else."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {short_repr(encoding)})")
+        raise UnsafePickleError(f"refusing _codecs.encode({type(text).__name__}, {_r(encoding)})")
     charge(len(text), "a latin-1 string")
     return text.encode("latin1")
 
@@ -544,7 +548,7 @@ def _np_array(raw, dtype, shape, order):
 
     dt = dtype.resolve()
     if len(raw) % dt.itemsize or len(raw) // dt.itemsize != math.prod(shape):
-        raise MalformedPickleError(f"malformed numpy array: {len(raw)} bytes of {dt} for shape {short_repr(shape)}")
+        raise MalformedPickleError(f"malformed numpy array: {len(raw)} bytes of {dt} for shape {_r(shape)}")
     charge(len(raw), f"a numpy array of {len(raw):,} bytes")
     return np.frombuffer(bytes(raw), dtype=dt).copy().reshape(shape, order=order)
 
@@ -573,19 +577,19 @@ def _np_dtype(spec, align=False, copy=True):
     import numpy as np
 
     if not isinstance(spec, str):
-        raise UnsafePickleError(f"refusing numpy dtype {short_repr(spec)}")
+        raise UnsafePickleError(f"refusing numpy dtype {_r(spec)}")
     try:
         kind = np.dtype(spec).kind
     except TypeError:
-        raise UnsafePickleError(f"unknown numpy dtype {short_repr(spec)}") from None
+        raise UnsafePickleError(f"unknown numpy dtype {_r(spec)}") from None
     if kind not in "biufc":
-        raise UnsafePickleError(f"refusing numpy dtype {short_repr(spec)}: only numeric data is accepted")
+        raise UnsafePickleError(f"refusing numpy dtype {_r(spec)}: only numeric data is accepted")
     return _NpDtype(spec)
 
 
 def _np_reconstruct(subtype, shape, typecode):
     if not (isinstance(subtype, _Marker) and subtype.value == "ndarray"):
-        raise UnsafePickleError(f"refusing numpy array subtype {short_repr(subtype)}")
+        raise UnsafePickleError(f"refusing numpy array subtype {_r(subtype)}")
     return _NpArray()
 
 
@@ -622,7 +626,7 @@ def _reconstruct_persistent_obj(meta):
     if missing:
         raise UnsafePickleError(f"malformed persistent object: meta lacks {missing}")
     if meta["type"] != "class":
-        raise UnsafePickleError(f"unsupported persistent object type {short_repr(meta['type'])}")
+        raise UnsafePickleError(f"unsupported persistent object type {_r(meta['type'])}")
     class_name, state = meta["class_name"], meta["state"]
     if not isinstance(class_name, str) or not isinstance(state, dict):
         raise UnsafePickleError("malformed persistent object: class_name must be a str and state a dict")
@@ -632,7 +636,7 @@ def _reconstruct_persistent_obj(meta):
     args = state.get("_init_args", state.get("init_args")) or ()
     kwargs = state.get("_init_kwargs", state.get("init_kwargs")) or {}
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
-        raise UnsafePickleError(f"malformed persistent object {short_repr(class_name)}: init args/kwargs of the wrong type")
+        raise UnsafePickleError(f"malformed persistent object {_r(class_name)}: init args/kwargs of the wrong type")
     charge((len(args) + len(kwargs) + 1) * _ITEM_BYTES, "a persistent object")
     return PersistentObject(class_name, meta.get("version"), src, tuple(args), dict(kwargs), state)
 
@@ -706,13 +710,13 @@ class SafeUnpickler(pickle._Unpickler):
         except (KeyError, TypeError):
             pass
         raise UnsafePickleError(
-            f"refusing to load {self._source}: it references the global '{short_repr(module)[1:-1]}.{short_repr(name)[1:-1]}', "
+            f"refusing to load {self._source}: it references the global '{_r(module)[1:-1]}.{_r(name)[1:-1]}', "
             "which is not on fastdiff's allow-list for network files (nothing from the file was imported or executed)"
         )
 
     def persistent_load(self, pid):
         if self._storages is None:
-            raise UnsafePickleError(f"refusing to load {self._source}: unexpected persistent id {short_repr(pid)}")
+            raise UnsafePickleError(f"refusing to load {self._source}: unexpected persistent id {_r(pid)}")
         return self._storages(pid)
 
     def load_build(self):
@@ -747,7 +751,7 @@ def _guarded(run, source):
     except MemoryError:
         raise PickleLimitError(f"{source}: the file asks for more memory than is available") from None
     except Exception as exc:
-        raise MalformedPickleError(f"{source}: not a valid pickle ({type(exc).__name__}: {short_repr(str(exc))})") from None
+        raise MalformedPickleError(f"{source}: not a valid pickle ({type(exc).__name__}: {_r(str(exc))})") from None
 
 
 def _load_one(f, source, storages=None):
@@ -775,10 +779,10 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 def _storage_pid(pid, source):
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _Marker)):
-        raise UnsafePickleError(f"refusing to load {source}: unexpected persistent id {short_repr(pid)}")
+        raise UnsafePickleError(f"refusing to load {source}: unexpected persistent id {_r(pid)}")
     key, numel = pid[2], pid[4]
     if not isinstance(key, str) or type(numel) is not int or numel < 0:
-        raise UnsafePickleError(f"refusing to load {source}: malformed storage id {short_repr(pid)}")
+        raise UnsafePickleError(f"refusing to load {source}: malformed storage id {_r(pid)}")
     if len(pid) > 5 and pid[5] is not None:
         raise MalformedPickleError(f"{source}: storage views (pre-1.0 torch files) are not supported")
     return key, pid[1].value, numel
@@ -788,12 +792,12 @@ def _read_member(zf, info, source, expected=None):
     """A zip member's bytes: its declared size is checked (against ``expected`` and the budget) before
     anything is read or inflated, and it is inflated in chunks, never past that size."""
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise MalformedPickleError(f"{source}: {short_repr(info.filename)} uses zip compression method "
+        raise MalformedPickleError(f"{source}: {_r(info.filename)} uses zip compression method "
                                    f"{info.compress_type}; only stored or deflated members are read")
     if expected is not None and info.file_size != expected:
-        raise MalformedPickleError(f"{source}: {short_repr(info.filename)} declares {info.file_size:,} bytes, its record "
+        raise MalformedPickleError(f"{source}: {_r(info.filename)} declares {info.file_size:,} bytes, its record "
                                    f"says {expected:,}")
-    charge(info.file_size, f"zip member {short_repr(info.filename)} ({info.file_size:,} bytes inflated)")
+    charge(info.file_size, f"zip member {_r(info.filename)} ({info.file_size:,} bytes inflated)")
     out = bytearray()
     with zf.open(info) as fh:
         while len(out) < info.file_size:
@@ -802,7 +806,7 @@ def _read_member(zf, info, source, expected=None):
                 break
             out += chunk
     if len(out) != info.file_size:
-        raise MalformedPickleError(f"{source}: {short_repr(info.filename)} holds {len(out):,} bytes, it declares "
+        raise MalformedPickleError(f"{source}: {_r(info.filename)} holds {len(out):,} bytes, it declares "
                                    f"{info.file_size:,}")
     return bytes(out)
 
@@ -826,7 +830,7 @@ def _read_torch_zip(f, source):
                 if key not in cache:
                     info = infos.get(f"{prefix}data/{key}")
                     if info is None:
-                        raise MalformedPickleError(f"{source}: storage {short_repr(key)} is missing from the archive")
+                        raise MalformedPickleError(f"{source}: storage {_r(key)} is missing from the archive")
                     raw = _read_member(zf, info, source, expected=numel * _element_size(dtype))
                     cache[key] = _Storage(dtype, numel, _flat_from_bytes(raw, dtype, numel, source))
                 return cache[key]
@@ -874,10 +878,10 @@ def _read_torch_stream(f, source):
             raise MalformedPickleError(f"{source}: truncated storage data")
         (numel,) = struct.unpack("<q", head)
         if numel != st.numel:
-            raise MalformedPickleError(f"{source}: storage {short_repr(key)} has {numel} elements, its id says {st.numel}")
+            raise MalformedPickleError(f"{source}: storage {_r(key)} has {numel} elements, its id says {st.numel}")
         nbytes = numel * _element_size(st.dtype)
         if nbytes > end - f.tell():
-            raise MalformedPickleError(f"{source}: storage {short_repr(key)} declares {nbytes:,} bytes, the file has "
+            raise MalformedPickleError(f"{source}: storage {_r(key)} declares {nbytes:,} bytes, the file has "
                                        f"{end - f.tell():,} left")
         st.flat = _flat_from_bytes(f.read(nbytes), st.dtype, numel, source)
     f.seek(main_at)
