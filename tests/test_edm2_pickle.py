@@ -14,6 +14,7 @@ installed in ``sys.modules`` only while pickling; they are gone when fastdiff re
 from __future__ import annotations
 
 import contextlib
+import io
 import copy
 import os
 import pickle
@@ -643,3 +644,18 @@ def test_build_is_only_for_the_stand_ins_that_take_it(tmp_path, net):
         path.write_bytes(b"\x80\x02" + target + b"}b.")
         with pytest.raises(UnsafePickleError, match="BUILD"):
             load_edm2_pickle(path)
+
+
+def test_stack_and_memo_are_capped(monkeypatch):
+    """The pre-pass bounds the unpickler's stack and memo (caps lowered here so the files stay small)."""
+    monkeypatch.setattr(safe_pickle, "MAX_STACK", 1000)
+    monkeypatch.setattr(safe_pickle, "MAX_MEMO", 1000)
+    flood = b"\x80\x04" + b")" * 1001 + b"."
+    with pytest.raises(safe_pickle.PickleLimitError, match="stack grows past 1,000 entries"):
+        safe_pickle.read_pickle(io.BytesIO(flood))
+    memo = b"\x80\x04]" + b"".join(b"r" + i.to_bytes(4, "little") for i in range(1001)) + b"."
+    with pytest.raises(safe_pickle.PickleLimitError, match="memoizes more than 1,000 objects"):
+        safe_pickle.read_pickle(io.BytesIO(memo))
+    # within the caps: fine, and the pickler's own batching of a long list stays far below them
+    assert safe_pickle.read_pickle(io.BytesIO(pickle.dumps(list(range(999)), protocol=4))) == list(range(999))
+    assert safe_pickle.read_pickle(io.BytesIO(b"\x80\x04" + b")" * 999 + b"0" * 998 + b".")) == ()

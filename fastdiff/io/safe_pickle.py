@@ -47,7 +47,7 @@ __all__ = [
     "SafeUnpickler", "read_pickle", "read_file", "read_plain", "load_torch_file", "plain_tree",
     "allocation_budget", "charge", "charged_construction", "short_repr", "PersistentObject", "PlainObject",
     "ALLOWED_GLOBALS",
-    "MAX_DEPTH", "DEFAULT_BYTES_FACTOR", "DEFAULT_BYTES_SLACK",
+    "MAX_DEPTH", "MAX_STACK", "MAX_MEMO", "DEFAULT_BYTES_FACTOR", "DEFAULT_BYTES_SLACK",
 ]
 
 
@@ -70,6 +70,12 @@ class PickleLimitError(SafePickleError):
 MAX_DEPTH = 300
 """Deepest container nesting a file may have (counted conservatively over the opcode stream; the official
 EDM2 pickles stay well below 100)."""
+
+MAX_STACK = 1_000_000
+"""Most values the unpickler's stack may hold at once (the standard pickler batches containers by 1000)."""
+
+MAX_MEMO = 1_000_000
+"""Most memo entries a pickle may create (an EDM2 network pickle has tens of thousands)."""
 
 DEFAULT_BYTES_FACTOR = 8
 """Default budget: what one load may allocate because the file says so, as a multiple of the file's size."""
@@ -110,7 +116,7 @@ class _Budget:
     def charge(self, nbytes, what):
         self.used += int(nbytes)
         if self.used > self.max_bytes:
-            how = ("raise max_bytes" if self.explicit else
+            how = ("raise max_bytes / --max-bytes" if self.explicit else
                    f"the default is {DEFAULT_BYTES_FACTOR}x the file's size; pass max_bytes= (fastdiff convert "
                    "--max-bytes) if the file is trusted")
             raise PickleLimitError(
@@ -188,7 +194,11 @@ def _scan(f, source, max_depth=MAX_DEPTH) -> int:
 
     Depth is tracked over a model of the unpickler's stack: each value carries a depth (0 for a scalar),
     a new object one more than the deepest it consumes, an in-place update (APPEND, SETITEM, BUILD...) raises
-    its container's depth; memo entries share their value's cell. Returns the number of opcodes."""
+    its container's depth. A memo entry keeps the depth its value had when it was memoized: exact for the
+    immutable values (tuples, frozensets) whose hashing recurses; a mutable container memoized and grown
+    later is understated, but it is not hashable, and whatever it holds was bounded when built (deep mutable
+    nesting is caught by :func:`plain_tree` instead). The stack and the memo are capped at
+    :data:`MAX_STACK` and :data:`MAX_MEMO` entries. Returns the number of opcodes."""
     stack, marks, memo = [], [], {}
     count = 0
     mark = pickletools.markobject
@@ -208,6 +218,8 @@ def _scan(f, source, max_depth=MAX_DEPTH) -> int:
                 if len(stack) <= floor:
                     raise MalformedPickleError(f"{source}: not a valid pickle ({name} on an empty stack)")
                 memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                if len(memo) > MAX_MEMO:
+                    raise PickleLimitError(f"{source}: the pickle memoizes more than {MAX_MEMO:,} objects")
                 continue
             if name in _GETS:
                 if arg not in memo:
@@ -245,18 +257,16 @@ def _scan(f, source, max_depth=MAX_DEPTH) -> int:
                 if n:
                     del stack[len(stack) - n:]
             if name in _IN_PLACE:
-                cell = consumed[0]
-                if len(consumed) > 1:
-                    cell[0] = max(cell[0], 1 + max(c[0] for c in consumed[1:]))
-                    if cell[0] > max_depth:
-                        raise too_deep()
-                stack.append(cell)
+                depth = max(consumed[0], 1 + max(consumed[1:])) if len(consumed) > 1 else consumed[0]
+            elif op.stack_after:
+                depth = 1 + max(consumed) if consumed else 0
+            else:
                 continue
-            if op.stack_after:
-                depth = 1 + max(c[0] for c in consumed) if consumed else 0
-                if depth > max_depth:
-                    raise too_deep()
-                stack.append([depth])
+            if depth > max_depth:
+                raise too_deep()
+            stack.append(depth)
+            if len(stack) > MAX_STACK:
+                raise PickleLimitError(f"{source}: the pickle's stack grows past {MAX_STACK:,} entries")
     except SafePickleError:
         raise
     except Exception as exc:  # genops: truncated arguments, unknown opcodes, missing STOP
