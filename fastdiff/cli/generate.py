@@ -24,7 +24,14 @@ Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
 - ``icg``: independent condition guidance (random classes instead of the null label).
 - ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
 
-``--interval LO,HI`` limits any of them to sigma in (LO, HI], decided per network evaluation;
+Samplers (``--sampler``, fastdiff.sampling.SAMPLERS): EDM's ``heun`` (default), ``euler``,
+``euler_ancestral``, ``dpmpp_2m`` and k-diffusion's ``dpm_2``, ``dpm_2_ancestral``, ``lms``,
+``dpmpp_2s_ancestral``, ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpm_adaptive`` (``--rtol``,
+``--atol``; ``--steps`` does not apply). ``--S-churn`` etc. (heun, euler, dpm_2), ``--S-noise`` (also the
+ancestral and SDE samplers) and ``--eta`` go to the samplers that take them; an option the chosen
+sampler has no use for is an error.
+
+``--interval LO,HI`` limits any guidance method to sigma in (LO, HI], decided per network evaluation;
 ``--interval-steps FIRST,LAST`` to the sampler steps FIRST..LAST (0-based, both inclusive), the form of the
 official configurations, where a Heun step's correction follows its step's decision (the two forms differ
 only at the corrections next to the boundary); ``--cads`` (``--cads-tau1`` ...) anneals the
@@ -35,6 +42,7 @@ guidance classes. The set-up is printed as one line to stderr at the start.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
@@ -43,8 +51,8 @@ from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shu
 from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, check_network_files, image_path,
                                  make_grid, parse_interval, parse_interval_steps, parse_seeds, save_png,
                                  validate_guidance)
-from fastdiff.sampling.generate import check_churn_options, generate_images
-from fastdiff.sampling.samplers import SAMPLERS
+from fastdiff.sampling.generate import generate_images
+from fastdiff.sampling.samplers import SAMPLERS, sampler_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--S-min", dest="S_min", type=float, default=0.0)
     parser.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
     parser.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
+    parser.add_argument("--eta", type=float, default=None,
+                        help="ancestral / SDE samplers: scale of the fresh noise [default: the sampler's]")
+    parser.add_argument("--rtol", type=float, default=None, help="dpm_adaptive: relative tolerance [default: 0.05]")
+    parser.add_argument("--atol", type=float, default=None, help="dpm_adaptive: absolute tolerance [default: 0.0078]")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the networks from captured CUDA graphs (fastdiff.sampling.cuda_graphed; CUDA only)")
@@ -99,15 +111,24 @@ def _validate(args, has_gnet: bool | None = None) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    try:
-        check_churn_options(args.S_churn, args.S_min, args.S_max, args.S_noise)
-    except ValueError as exc:
-        import re
-
-        raise ValueError(re.sub(r"\bS_(\w+)", r"--S-\1", str(exc))) from None
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None or bool(getattr(args, "gexpert", None))
     validate_guidance(args, has_gnet)
+    _sampler_kwargs(args)
+
+
+def _sampler_kwargs(args) -> dict:
+    """The sampler options given on the command line, checked against --sampler."""
+    extra = {k: getattr(args, k, None) for k in ("eta", "rtol", "atol")}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    kw = dict(S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, **extra)
+    try:
+        sampler_kwargs(args.sampler, **kw)
+    except ValueError as exc:
+        flags = {"S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise", "eta": "--eta"}
+        message = re.sub(r"(?<![\w-])(S_churn|S_min|S_max|S_noise|eta)[= ]", lambda m: flags[m.group(1)] + " ", str(exc))
+        raise ValueError(message) from None
+    return kw
 
 
 def _remove_orphans(outdir: str) -> None:
@@ -146,8 +167,8 @@ def run(args, net, gnet=None) -> int:
         net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
         class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
         world_size=world,
-        S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
         on_nonfinite=bad_seeds.update,
+        **_sampler_kwargs(args),
     )
     progress = None
     if rank == 0 and getattr(args, "progress", True):
