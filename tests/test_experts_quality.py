@@ -1,7 +1,7 @@
-"""Expert denoisers work: two experts fine-tuned from a tiny base network (eDiffi's branching, Sec. 3.2), one
-for sigma in (0, 1] and one for (1, inf), sample better than the base at equal sampling cost (the same Heun
-sampler and steps, one network evaluation per step either way), and better than the base fine-tuned on the
-full noise range for as many images as the two experts together.
+"""Expert denoisers work: two experts fine-tuned from a tiny base network (branched from a shared model, as
+eDiff-I does), one for sigma in (0, 1] and one for (1, inf), sample better than the base at equal sampling
+cost (the same Heun sampler and steps, one network evaluation per step either way), and better than the base
+fine-tuned on the full noise range for as many images as the two experts together.
 
 The quality measure is cheap: the Frechet distance between 1024 samples and the 512 training images in pixel
 space (8x8x3 = 192 features), with the same seeds for every model. The numbers are in BENCHMARKS.md

@@ -12,7 +12,8 @@ import torch
 
 from fastdiff._atomic import is_orphan_temp
 from fastdiff.cli import generate as gen_cli
-from fastdiff.sampling.generate import check_churn_options, generate_images
+from fastdiff.sampling.samplers import check_churn_options
+from fastdiff.sampling.generate import generate_images
 
 
 class ElementwiseNet(torch.nn.Module):

@@ -67,8 +67,11 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_folder_and_holder(tmp
 
 
 def test_the_lock_of_a_killed_process_is_not_stale(tmp_path):
-    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); from fastdiff.training.rundir import RunLock; "
-            f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
+    # rundir.py needs only the standard library: loaded by path, the child starts without importing torch.
+    rundir = os.path.join(ROOT, "fastdiff", "training", "rundir.py")
+    code = (f"import importlib.util, time; spec = importlib.util.spec_from_file_location('rundir', {rundir!r}); "
+            f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            f"m.RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
@@ -197,3 +200,6 @@ def test_resume_with_another_network_or_conditioning_names_the_mismatch(trained,
         _train(run, net=tiny(label_dim=0)["net"], duration=96, cond=False)
     with pytest.raises(ValueError, match="unconditional"):
         _train(run, duration=96, cond=False)
+    # Another training noise range (--sigma-range, recorded in the config's extra) is another run too.
+    with pytest.raises(ValueError, match=r"trained on all noise levels, this run asks for sigma in \(0, 1\]"):
+        _train(run, duration=96, extra={"sigma_range": "0,1"})

@@ -2,6 +2,7 @@
 
     fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
     fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
+    fastdiff generate --expert=low.safetensors:0,1 --expert=high.safetensors:1,inf --outdir=out  # experts by sigma
     fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
     fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
@@ -25,7 +26,14 @@ Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
 - ``icg``: independent condition guidance (random classes instead of the null label).
 - ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
 
-``--interval LO,HI`` limits any of them to sigma in (LO, HI], decided per network evaluation;
+Samplers (``--sampler``, fastdiff.sampling.SAMPLERS): EDM's ``heun`` (default), ``euler``,
+``euler_ancestral``, ``dpmpp_2m`` and k-diffusion's ``dpm_2``, ``dpm_2_ancestral``, ``lms``,
+``dpmpp_2s_ancestral``, ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpm_adaptive`` (``--rtol``,
+``--atol``; ``--steps`` does not apply). ``--S-churn`` etc. (heun, euler, dpm_2), ``--S-noise`` (also the
+ancestral and SDE samplers) and ``--eta`` go to the samplers that take them; an option the chosen
+sampler has no use for is an error.
+
+``--interval LO,HI`` limits any guidance method to sigma in (LO, HI], decided per network evaluation;
 ``--interval-steps FIRST,LAST`` to the sampler steps FIRST..LAST (0-based, both inclusive), the form of the
 official configurations, where a Heun step's correction follows its step's decision (the two forms differ
 only at the corrections next to the boundary); ``--cads`` (``--cads-tau1`` ...) anneals the
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -49,8 +58,9 @@ from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shu
 from fastdiff.cli.common import (DTYPES, add_guidance_arguments, add_vae_arguments, build_guidance,
                                  check_network_files, image_path, make_grid, make_vae_decoder, parse_interval,
                                  parse_interval_steps, parse_seeds, save_npy, save_png, validate_guidance)
-from fastdiff.sampling.generate import check_churn_options, generate_images
-from fastdiff.sampling.samplers import SAMPLERS
+from fastdiff.sampling.experts import Experts, parse_sigma_range
+from fastdiff.sampling.generate import generate_images
+from fastdiff.sampling.samplers import SAMPLERS, sampler_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--S-min", dest="S_min", type=float, default=0.0)
     parser.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
     parser.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
+    parser.add_argument("--eta", type=float, default=None,
+                        help="ancestral / SDE samplers: scale of the fresh noise [default: the sampler's]")
+    parser.add_argument("--rtol", type=float, default=None, help="dpm_adaptive: relative tolerance [default: 0.05]")
+    parser.add_argument("--atol", type=float, default=None, help="dpm_adaptive: absolute tolerance [default: 0.0078]")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the networks from captured CUDA graphs (fastdiff.sampling.cuda_graphed; CUDA only)")
@@ -86,8 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_expert(spec: str) -> tuple[str, float, float]:
     """``'net.safetensors:lo,hi'`` -> ``(path, lo, hi)``."""
-    from fastdiff.sampling.experts import parse_sigma_range
-
     path, sep, rng = str(spec).rpartition(":")
     if not sep or not path:
         raise ValueError(f"malformed --expert {spec!r}: expected NET:LO,HI, e.g. low.safetensors:0,1.5")
@@ -96,8 +108,6 @@ def parse_expert(spec: str) -> tuple[str, float, float]:
 
 
 def _validate(args, has_gnet: bool | None = None) -> None:
-    if getattr(args, "net", None) is None and not getattr(args, "expert", None):
-        raise ValueError("no network: give --net and/or --expert NET:LO,HI")
     for spec in list(getattr(args, "expert", None) or []) + list(getattr(args, "gexpert", None) or []):
         parse_expert(spec)
     if args.outdir is None and args.grid is None:
@@ -106,23 +116,29 @@ def _validate(args, has_gnet: bool | None = None) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    try:
-        check_churn_options(args.S_churn, args.S_min, args.S_max, args.S_noise)
-    except ValueError as exc:
-        import re
-
-        raise ValueError(re.sub(r"\bS_(\w+)", r"--S-\1", str(exc))) from None
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None or bool(getattr(args, "gexpert", None))
     validate_guidance(args, has_gnet)
+    _sampler_kwargs(args)
+
+
+def _sampler_kwargs(args) -> dict:
+    """The sampler options given on the command line, checked against --sampler."""
+    extra = {k: getattr(args, k, None) for k in ("eta", "rtol", "atol")}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    kw = dict(S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, **extra)
+    try:
+        sampler_kwargs(args.sampler, **kw)
+    except ValueError as exc:
+        flags = {"S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise", "eta": "--eta"}
+        message = re.sub(r"(?<![\w-])(S_churn|S_min|S_max|S_noise|eta)[= ]", lambda m: flags[m.group(1)] + " ", str(exc))
+        raise ValueError(message) from None
+    return kw
 
 
 def _remove_orphans(outdir: str) -> None:
     """Temporaries left in ``outdir`` (and its ``--subdirs`` folders) by a killed run: PNGs that never got
     their name."""
-    import os
-    import re
-
     from fastdiff._atomic import remove_orphan_temps
 
     folders = [outdir] + [os.path.join(outdir, d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else ())
@@ -151,6 +167,10 @@ def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
         if raw:
             print("fastdiff generate: the network makes latents and no --vae was given: writing .npy latents "
                   "(give --vae PATH to decode them to PNGs)", file=sys.stderr, flush=True)
+        for role, m in (("main", net), ("guide", gnet)):
+            if isinstance(m, Experts):
+                print(f"fastdiff generate: {role} network: {len(m)} experts, sigma ranges {m.extra_repr()[7:]}",
+                      file=sys.stderr, flush=True)
         if args.outdir is not None:
             _remove_orphans(args.outdir)
     if distributed:
@@ -160,9 +180,9 @@ def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
         net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
         class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
         world_size=world,
-        S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
         decoder=(lambda x: x.float().cpu()) if raw else decoder,
         on_nonfinite=bad_seeds.update,
+        **_sampler_kwargs(args),
     )
     progress = None
     if rank == 0 and getattr(args, "progress", True):
@@ -226,11 +246,19 @@ def _with_experts(base, specs, load):
 
 def main(args) -> int:
     try:
+        if getattr(args, "net", None) is None and not getattr(args, "expert", None):
+            raise ValueError("no network: give --net and/or --expert NET:LO,HI")
         _validate(args)
         parse_seeds(args.seeds)
         parse_interval(args.interval)
         parse_interval_steps(args.interval_steps)
         check_network_files(args, "net", "gnet")
+        for flag in ("expert", "gexpert"):
+            for spec in getattr(args, flag, None) or []:
+                path = parse_expert(spec)[0]
+                if not os.path.isfile(path):
+                    raise ValueError(f"--{flag} {spec}: {path} " + ("is a folder, not a network file"
+                                                                    if os.path.isdir(path) else "not found"))
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
-"""Expert denoisers by noise level: one network per sigma range, as eDiffi's ensemble of expert denoisers
-(Balaji et al. 2022, "eDiffi", Sec. 3.2), where experts branched from a shared model each specialize in
-part of the noise levels.
+"""Expert denoisers by noise level: one network per sigma range, as in eDiff-I's ensemble of expert denoisers
+(Balaji et al. 2022, "eDiff-I: Text-to-Image Diffusion Models with an Ensemble of Expert Denoisers"), where
+experts branched from a shared model each specialize in part of the noise levels.
 
 ``Experts([(lo, hi, net), ...])`` is itself a denoiser: each evaluation ``D(x; sigma)`` of a sample is done
 by the one network whose range ``(lo, hi]`` holds the sample's sigma (the first range also takes

@@ -17,7 +17,7 @@ import torch
 from fastdiff._dist import rank_and_world
 from fastdiff.sampling import rng
 from fastdiff.sampling.guidance import Autoguidance, Guidance, Interval
-from fastdiff.sampling.samplers import SAMPLERS, sample
+from fastdiff.sampling.samplers import SAMPLERS, check_churn_options, sample
 
 __all__ = ["generate_images", "to_uint8", "split_batches", "MAX_SEED", "check_churn_options", "nonfinite_rows"]
 
@@ -27,22 +27,6 @@ MAX_SEED = 2**32 - 1
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> uint8 [0, 255] (``x * 127.5 + 128``, clipped), on the CPU."""
     return (x.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
-
-
-def check_churn_options(S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
-                        S_noise: float = 1.0) -> None:
-    """``ValueError`` naming the option unless ``S_churn``, ``S_min``, ``S_noise`` are finite and >= 0 and
-    ``S_max`` is >= ``S_min`` (``inf`` allowed: churn at every noise level), as EDM (Alg. 2) defines them."""
-    for name, value in (("S_churn", S_churn), ("S_min", S_min), ("S_max", S_max), ("S_noise", S_noise)):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-        if math.isnan(v) or v < 0 or (math.isinf(v) and name != "S_max"):
-            allowed = "a number >= 0, or inf" if name == "S_max" else "a finite number >= 0"
-            raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    if float(S_min) > float(S_max):
-        raise ValueError(f"S_min ({S_min}) > S_max ({S_max}): churn would apply at no noise level")
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""Training expert denoisers (eDiffi, Balaji et al. 2022, Sec. 3.2): fine-tune a base network on part of the
+"""Training expert denoisers (eDiff-I, Balaji et al. 2022): fine-tune a base network on part of the
 noise levels only, for ``fastdiff.sampling.experts.Experts``.
 
-``TruncatedEDM2Loss`` is the EDM2 loss (EDM2 Eq. 14: per-element ``lambda(s) / exp(u(s)) * |D(x + s n; s) -
-x|^2 + u(s)``) with the training noise levels drawn from EDM's log-normal ``ln s ~ N(P_mean, P_std^2)``
-truncated to ``(lo, hi]``: exactly, by the inverse CDF, ``z = Phi^-1(Phi(a) + u (Phi(b) - Phi(a)))`` with ``u``
+``TruncatedEDM2Loss`` is the EDM2 loss with learned uncertainty (per-element
+``lambda(s) / exp(u(s)) * |D(x + s n; s) - x|^2 + u(s)``) with the training noise levels drawn from EDM's
+log-normal ``ln s ~ N(P_mean, P_std^2)`` truncated to ``(lo, hi]``: exactly, by the inverse CDF, ``z = Phi^-1(Phi(a) + u (Phi(b) - Phi(a)))`` with ``u``
 uniform, ``a, b`` the standardized log-bounds, and ``s = exp(P_mean + P_std z)`` (in the upper tail the
 mirrored form ``-Phi^-1(Phi(-b) + u (Phi(-a) - Phi(-b)))`` keeps the precision). The rest of the loss is
 unchanged. ``load_init_weights`` copies a base network's weights into a freshly built one.
@@ -70,21 +70,19 @@ class TruncatedEDM2Loss(EDM2Loss):
 
 
 def load_init_weights(net: torch.nn.Module, path) -> None:
-    """Copy the weights of the network file ``path`` (a fastdiff ``.safetensors`` network or snapshot, or
-    anything ``fastdiff.io.load_any_network`` reads) into ``net``; ``ValueError`` naming the file and the
-    differing parameters when the two networks do not match."""
+    """Copy the weights of the fastdiff network file ``path`` (a ``.safetensors`` network, EMA snapshot or
+    post-hoc EMA file) into ``net``; ``ValueError`` naming the file and the differing parameters when the two
+    networks do not match. (An official EDM2 pickle: convert it first with ``fastdiff convert``.)"""
+    from safetensors.torch import load_file
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init: no such network file: {path}")
-    tensors = None
     try:
-        from safetensors.torch import load_file
-
         tensors = load_file(path, device="cpu")
-    except Exception:  # not a safetensors file: an official pickle or a torch.save file
-        from fastdiff.io import load_any_network
-
-        tensors = load_any_network(path, device="cpu").state_dict()
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"--init {path}: not a fastdiff .safetensors network file ({exc}); convert an official "
+                         f"EDM2 pickle with `fastdiff convert` first") from None
     mine = net.state_dict()
     missing = sorted(set(mine) - set(tensors))
     unexpected = sorted(set(tensors) - set(mine))

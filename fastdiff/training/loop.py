@@ -513,6 +513,13 @@ def _check_resume_compatible(path: str, state: dict, tensors: dict, net, cfg: Tr
         what = {True: "class-conditional", False: "unconditional (--uncond)"}
         raise ValueError(f"{path}: the checkpoint is from a {what[bool(old_cfg['cond'])]} run, this run is "
                          f"{what[bool(cfg.cond)]}{hint}")
+    old_range = (old_cfg.get("extra") or {}).get("sigma_range")
+    new_range = (cfg.extra or {}).get("sigma_range")
+    if old_range != new_range:
+        name = lambda r: "all noise levels" if r is None else f"sigma in ({r.replace(',', ', ')}]"  # noqa: E731
+        raise ValueError(f"{path}: the checkpoint was trained on {name(old_range)}, this run asks for "
+                         f"{name(new_range)} (--sigma-range); to make an expert from that run, fine-tune one of its "
+                         f"snapshots into another --outdir with --init")
     mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     theirs = {k[4:]: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
     if mine == theirs and have.get("class", want["class"]) == want["class"]:
