@@ -175,4 +175,4 @@ def test_metrics_gen(tmp_path, pooldet, capsys):
     assert "only 4 seeds" in capsys.readouterr().err
     assert _metrics_cli("gen", "--ref", str(tmp_path / "ref.npz"), "--net", str(tmp_path / "none.safetensors"),
                         "--seeds", "0-3", "--no-progress") == 1
-    assert "no such file" in capsys.readouterr().err
+    assert "none.safetensors: not found" in capsys.readouterr().err

@@ -230,6 +230,41 @@ def test_reference_roundtrip_and_validation(tmp_path):
         load_reference(tmp_path / "garbage.npz")
 
 
+def test_reference_file_with_a_bad_sigma_is_refused_on_load(tmp_path):
+    rng = np.random.default_rng(11)
+    feats = rng.standard_normal((40, 6))
+    mu, good = feats.mean(0), np.cov(feats, rowvar=False)
+    w, v = np.linalg.eigh(good)
+    w[0] = -0.5 * w[-1]  # one clearly negative eigenvalue: not a covariance
+    not_psd = (v * w) @ v.T
+    not_psd = (not_psd + not_psd.T) / 2
+    asym = good.copy()
+    asym[0, 1] += 0.1 * np.abs(good).max()
+    nan = good.copy()
+    nan[2, 2] = np.nan
+    cases = {"not_psd": (not_psd, "not positive semi-definite"), "asym": (asym, "not symmetric"),
+             "nan": (nan, "NaN or Inf")}
+    for name, (sigma, match) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma, num_images=40, detector="inception")
+        with pytest.raises(ValueError, match=match) as e:
+            load_reference(tmp_path / f"{name}.npz")
+        assert f"{name}.npz" in str(e.value)
+    # Today's FD with the non-PSD sigma was a large negative number clamped to 0: now an error.
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(mu, good, mu + 0.1, not_psd)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(mu, not_psd, mu, good)
+    # Round-off is still fine: a singular covariance (fewer samples than dimensions) and a 1e-12 asymmetry.
+    few = rng.standard_normal((4, 6))
+    singular = np.cov(few, rowvar=False)
+    assert np.linalg.eigvalsh(singular)[0] < 1e-12
+    jitter = singular.copy()
+    jitter[0, 1] += 1e-12 * np.abs(singular).max()
+    np.savez(tmp_path / "ok.npz", mu=few.mean(0), sigma=jitter, num_images=4, detector="inception")
+    ref = load_reference(tmp_path / "ok.npz")
+    assert frechet_distance(ref.mu, ref.sigma, ref.mu, ref.sigma) == pytest.approx(0.0, abs=1e-9)
+
+
 # ------------------------------------------------------------------------------------------------
 # Precision / recall and KID
 

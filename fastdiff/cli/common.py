@@ -22,7 +22,9 @@ from fastdiff._dist import resolve_device
 from fastdiff._runtime import DTYPE_NAMES
 from fastdiff.sampling.generate import MAX_SEED, make_guidance
 from fastdiff.training.phema import MAX_STD
-from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, _accepts
+from fastdiff.sampling.guidance import (
+    APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, noise_embedding_layer,
+)
 
 DTYPES = DTYPE_NAMES  # what --dtype accepts
 
@@ -162,9 +164,9 @@ GUIDANCE_PARAMS = (
     GuidanceParam("--apg-momentum", "apg", APG, "beta", "APG: momentum beta (< 0; 0 = no momentum)", _nonpositive),
     GuidanceParam("--apg-rescale", "apg", APG, "r", "APG: rescale radius r, ||D_c - D_u|| clipped to r per sample "
                   "(none = no rescale)", _positive),
-    GuidanceParam("--tsg-scale", "tsg", TSG, "scale", "TSG: s in e~ = e + s std(e) n, for networks that take a "
-                  f"{TSG.HOOK} hook (fastdiff's, and official pickles loaded by fastdiff)", _nonneg),
-    GuidanceParam("--tsg-c-noise-scale", "tsg", TSG, "c_noise_scale", "TSG on networks without that hook (other "
+    GuidanceParam("--tsg-scale", "tsg", TSG, "scale", "TSG: s in e~ = e + s std(e) n, for networks with a noise "
+                  "embedding layer (fastdiff's, and official pickles loaded by fastdiff)", _nonneg),
+    GuidanceParam("--tsg-c-noise-scale", "tsg", TSG, "c_noise_scale", "TSG on networks without that layer (other "
                   "callables): std of the perturbation of c_noise = ln(sigma)/4", _nonneg),
     GuidanceParam("--cads-tau1", "cads", CADS, "tau1", "CADS: full condition below t = tau1 (t in [0, 1], 1 = noise)",
                   _unit),
@@ -346,15 +348,15 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
             g = ICG(w)
             branch = "random class"
         else:  # tsg
-            hook = _accepts(net, TSG.HOOK)
+            hook = noise_embedding_layer(net) is not None
             if not hook and "scale" in params:
                 raise ValueError(
-                    f"--tsg-scale has no effect on this network: it takes no {TSG.HOOK} hook, so TSG perturbs its "
+                    "--tsg-scale has no effect on this network: it has no noise embedding layer, so TSG perturbs its "
                     "noise conditioning c_noise instead (set that with --tsg-c-noise-scale)"
                 )
             if hook and "c_noise_scale" in params:
                 raise ValueError(
-                    f"--tsg-c-noise-scale has no effect on this network: it takes the {TSG.HOOK} hook, so TSG "
+                    "--tsg-c-noise-scale has no effect on this network: it has a noise embedding layer, so TSG "
                     "perturbs its noise embedding (set that with --tsg-scale)"
                 )
             g = TSG(w, **params)

@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "0..49999).")
     p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
-    p.add_argument("--net", required=True, help="network file (fastdiff.io.load_network)")
+    p.add_argument("--net", required=True,
+                   help="main network: fastdiff .safetensors or official EDM2 .pkl (fastdiff.io.load_any_network)")
     from fastdiff.cli.common import add_guidance_arguments
 
     add_guidance_arguments(p)  # the same guidance flags as fastdiff generate (every method)
@@ -146,7 +147,7 @@ def _run_calc(args) -> int:
 
 
 def _run_gen(args) -> int:
-    from fastdiff.io import load_network
+    from fastdiff.io import load_any_network
     from fastdiff.metrics.evaluate import calc_from_generator
     from fastdiff.cli.common import (build_guidance, check_network_files, parse_interval, parse_interval_steps,
                                      parse_seeds, validate_guidance)
@@ -170,8 +171,8 @@ def _run_gen(args) -> int:
         seeds = list(range(num))
     ref = load_reference(args.ref)
     canonical, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
-    net = load_network(args.net, device=args.device).requires_grad_(False)
-    gnet = load_network(args.gnet, device=args.device).requires_grad_(False) if args.gnet is not None else None
+    net = load_any_network(args.net, device=args.device).requires_grad_(False)
+    gnet = load_any_network(args.gnet, device=args.device).requires_grad_(False) if args.gnet is not None else None
     guidance, summary = build_guidance(args, net, gnet)
     print(f"fastdiff metrics gen: guidance: {summary}", file=sys.stderr, flush=True)
     images = generate_images(net, seeds[:num], guidance_obj=guidance, sampler=args.sampler, steps=args.steps,

@@ -84,8 +84,7 @@ class Precond(torch.nn.Module):
         sigma = sigma_per_sample(sigma, n, device=x.device, dtype=torch.float32, image_shaped=True, who="Precond")
         return sigma.reshape(-1, 1, 1, 1)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False,
-                noise_embedding_perturbation=None):
+    def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
         self.unet.check_image(x, "Precond")
         x = x.to(torch.float32)
         sigma = self._prepare_sigma(sigma, x)
@@ -94,7 +93,7 @@ class Precond(torch.nn.Module):
 
         c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
         x_in = (c_in * x).to(dtype)
-        f_x = self.unet(x_in, c_noise.flatten(), labels, noise_embedding_perturbation)
+        f_x = self.unet(x_in, c_noise.flatten(), labels)
         d_x = c_skip * x + c_out * f_x.to(torch.float32)
         if return_logvar:
             if self.training and _is_compiling():

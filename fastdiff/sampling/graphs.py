@@ -10,7 +10,8 @@ then serves each call by copying the inputs in, replaying the graph and returnin
     x = sample(cuda_graphed(net), noise, guidance=Interval(Autoguidance(cuda_graphed(gnet), 2.0), sigma=(0.28, 2.9)))
 
 Falls back to calling ``net`` directly (same results) when it cannot help: CPU tensors, autograd enabled with
-parameters that need gradients, or extra keyword arguments (e.g. TSG's perturbed embedding). The network must
+parameters that need gradients, or extra keyword arguments; TSG calls the wrapped network itself, since its
+forward hook on the noise embedding must run in an eager forward. The network must
 not synchronize with the host inside its forward (fastdiff's networks do not, given float labels); at most
 ``max_graphs`` signatures are kept (least recently used dropped), each with its own memory pool.
 """
@@ -61,7 +62,7 @@ class GraphedDenoiser:
         self._graphs: OrderedDict = OrderedDict()
         self.captures = 0  # how many graphs were captured (for tests and diagnostics)
         fn = net.forward if isinstance(net, torch.nn.Module) else net
-        try:  # guidance looks at the signature (e.g. TSG's keyword); show the network's own
+        try:  # show the network's own signature
             self.__signature__ = inspect.signature(fn)
         except (TypeError, ValueError):
             pass

@@ -38,10 +38,12 @@ import numpy as np
 import torch
 
 from fastdiff._runtime import dtype_of, nvtx_range
-from fastdiff.training.checkpoint import capture_rng, latest_checkpoint, prune_checkpoints, restore_rng, save_checkpoint
+from fastdiff.training.checkpoint import (capture_rng, checkpoint_records, latest_checkpoint, orphan_weights,
+                                          prune_checkpoints, restore_rng, save_checkpoint)
+from fastdiff.training.rundir import RunDirectoryBusy, RunLock
 from fastdiff.training.phema import PowerFunctionEMA, std_to_exp
 from fastdiff.training.snapshots import atomic_write, network_config, save_snapshot, snapshot_name
-from fastdiff.training.stats import StatsLog, memory_gib
+from fastdiff.training.stats import StatsLog, memory_gib, trim_stats
 
 __all__ = ["learning_rate_schedule", "TrainConfig", "training_loop"]
 
@@ -152,9 +154,64 @@ def _log(msg: str, rank: int) -> None:
         print(f"fastdiff train: {msg}", file=sys.stderr, flush=True)
 
 
+def _own_run_directory(outdir: str, cfg: TrainConfig, rank: int, world: int, device) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (``RunDirectoryBusy`` on every rank when another run holds it),
+    then clears what a killed run left: temporaries of the atomic writes and checkpoint weights whose JSON
+    record was never written; when starting over (``cfg.resume`` False), the old checkpoints too."""
+    from fastdiff._atomic import remove_orphan_temps
+    from fastdiff import _dist as D
+
+    lock, busy = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(outdir).acquire()
+        except RunDirectoryBusy as exc:
+            busy = exc
+    if world > 1:
+        flag = torch.tensor([0.0 if busy is None else 1.0], device=device)
+        D.all_reduce_sum(flag)
+        if busy is None and flag.item() > 0:
+            busy = RunDirectoryBusy(f"run directory {outdir} is in use by another training run (rank 0 could not "
+                                    f"lock it)")
+    if busy is not None:
+        raise busy
+    if rank == 0:
+        try:
+            for path in remove_orphan_temps(outdir):
+                _log(f"removed {path} (a temporary file left by a killed run)", rank)
+            for path in orphan_weights(outdir):
+                os.remove(path)
+                _log(f"removed {path} (the weights of a checkpoint whose record was never written)", rank)
+            if not cfg.resume:
+                for path in checkpoint_records(outdir):
+                    weights = path[: -len(".json")] + ".safetensors"
+                    for p in (path, weights):  # the JSON first: never a JSON without its weights
+                        if os.path.exists(p):
+                            os.remove(p)
+                    _log(f"starting over: removed checkpoint {path}", rank)
+        except BaseException:
+            lock.release()
+            raise
+    return lock
+
+
 def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: TrainConfig | None = None,
                   device="cpu") -> dict:
-    """Train; returns ``{'nimg', 'step', 'stopped', 'resumed_from'}``. See the module docstring."""
+    """Train; returns ``{'nimg', 'step', 'stopped', 'resumed_from'}``. See the module docstring.
+
+    The run owns ``outdir`` while it trains: a second run on the same folder gets ``RunDirectoryBusy``
+    (an flock, see ``fastdiff.training.rundir``; under torch.distributed rank 0 holds it)."""
+    locks: list = []  # filled by _training_loop once the arguments are checked (nothing is written before)
+    try:
+        return _training_loop(net, loss_fn, dataset, os.fspath(outdir), config, device, locks)
+    finally:
+        for lock in locks:
+            if lock is not None:
+                lock.release()
+
+
+def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: TrainConfig | None, device,
+                   locks: list) -> dict:
     from fastdiff.data import InfiniteSampler, make_loader, to_model_input
     from fastdiff import _dist as D
 
@@ -196,6 +253,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     if len(dataset) < 1:
         raise ValueError(f"dataset {dataset.name} is empty")
 
+    locks.append(_own_run_directory(outdir, cfg, rank, world, device))
     os.makedirs(outdir, exist_ok=True)
     net = net.to(device).train().requires_grad_(True)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -217,13 +275,18 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
         tensors, state, resumed_from = found
         if int(state["batch"]) != batch and int(state["nimg"]) % batch:
             raise ValueError(f"{resumed_from}: cannot resume at {state['nimg']} images with --batch {batch}")
-        _load_state(net, optimizer, ema, tensors, state)
+        _check_resume_compatible(resumed_from, state, tensors, net, cfg)
+        _load_state(net, optimizer, ema, tensors, state, resumed_from)
         restore_rng(tensors, state.get("rng", {}))
         cur_nimg, step = int(state["nimg"]), int(state["step"])
         totals.update(state.get("totals", {}))
         log(f"resuming from {resumed_from} at {cur_nimg} images, step {step}")
         del tensors
     start_nimg = cur_nimg
+    if rank == 0:
+        dropped = trim_stats(os.path.join(outdir, "stats.jsonl"), start_nimg)
+        if dropped:
+            log(f"stats.jsonl: dropped {dropped} record(s) past {start_nimg} images (written again by this run)")
 
     if rank == 0:
         options = dict(config=cfg.to_json(), network=network_config(net), world_size=world, batch_gpu=batch_gpu,
@@ -417,9 +480,54 @@ def _gather_state(net, optimizer, ema) -> tuple[dict, dict]:
     return tensors, state
 
 
-def _load_state(net, optimizer, ema, tensors: dict, state: dict) -> None:
+def _describe_network(config: dict) -> str:
+    kwargs = config.get("kwargs") or {}
+    return f"preset {config.get('preset')!r}, class {config.get('class')}, label_dim {kwargs.get('label_dim', '?')}"
+
+
+def _check_resume_compatible(path: str, state: dict, tensors: dict, net, cfg: TrainConfig) -> None:
+    """A clear error when the checkpoint was written by a run with another network (class, or parameters of
+    other names / shapes; options that change no parameter, such as the compute dtype, may differ) or
+    another conditioning."""
+    have, want = state.get("network") or {}, network_config(net)
+    old_cfg = state.get("config") or {}
+    hint = "; resume with the options of that run, or train into another --outdir (or start over with --restart)"
+    if "cond" in old_cfg and bool(old_cfg["cond"]) != bool(cfg.cond):
+        what = {True: "class-conditional", False: "unconditional (--uncond)"}
+        raise ValueError(f"{path}: the checkpoint is from a {what[bool(old_cfg['cond'])]} run, this run is "
+                         f"{what[bool(cfg.cond)]}{hint}")
+    old_range = (old_cfg.get("extra") or {}).get("sigma_range")
+    new_range = (cfg.extra or {}).get("sigma_range")
+    if old_range != new_range:
+        name = lambda r: "all noise levels" if r is None else f"sigma in ({r.replace(',', ', ')}]"  # noqa: E731
+        raise ValueError(f"{path}: the checkpoint was trained on {name(old_range)}, this run asks for "
+                         f"{name(new_range)} (--sigma-range); to make an expert from that run, fine-tune one of its "
+                         f"snapshots into another --outdir with --init")
+    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    theirs = {k[4:]: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
+    if mine == theirs and have.get("class", want["class"]) == want["class"]:
+        return
+    diffs = [f"{k}: {have.get(k)!r} vs {want.get(k)!r}" for k in ("class", "preset") if have.get(k) != want.get(k)]
+    hk, wk = have.get("kwargs") or {}, want.get("kwargs") or {}
+    diffs += [f"{k}: {hk.get(k)!r} vs {wk.get(k)!r}" for k in sorted(set(hk) | set(wk)) if hk.get(k) != wk.get(k)]
+    if mine != theirs:
+        bad = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs.get(k)]
+        diffs.append(f"{len(set(mine) ^ set(theirs))} parameter name(s) and "
+                     f"{sum(mine[k] != theirs[k] for k in set(mine) & set(theirs))} shape(s) differ, e.g. {bad[0]}")
+    if diffs:
+        raise ValueError(f"{path}: the checkpoint holds another network ({_describe_network(have)}) than this run "
+                         f"builds ({_describe_network(want)}); differences (checkpoint vs this run): "
+                         f"{', '.join(diffs)}{hint}")
+
+
+def _load_state(net, optimizer, ema, tensors: dict, state: dict, path: str = "checkpoint") -> None:
     net_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
-    net.load_state_dict(net_sd)
+    try:
+        net.load_state_dict(net_sd)
+    except RuntimeError as exc:  # names / shapes differ (a network without a recorded config)
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{path}: the checkpoint's network does not fit this run's ({first[0] if first else exc}"
+                         f" ...); resume with the options of that run, or train into another --outdir") from None
     if ema is not None:
         stds = state.get("ema_stds") or []
         if [round(s, 6) for s in stds] != [round(s, 6) for s in ema.stds]:
