@@ -60,7 +60,7 @@ def test_version_and_help(capsys):
 def test_generate_missing_network_file(tmp_path, capsys):
     argv = ["--outdir", tmp_path / "o", "--device", "cpu", "--no-progress"]
     assert gen_cli.main(cli_args(gen_cli, "--net", tmp_path / "nope.safetensors", *argv)) == 2
-    assert f"--net {tmp_path / 'nope.safetensors'}: no such file" in capsys.readouterr().err
+    assert f"--net {tmp_path / 'nope.safetensors'}: not found" in capsys.readouterr().err
     (tmp_path / "net.safetensors").write_bytes(b"")  # checked before anything is loaded
     assert gen_cli.main(cli_args(gen_cli, "--net", tmp_path / "net.safetensors", "--gnet", tmp_path, "--guidance",
                                  "2", *argv)) == 2

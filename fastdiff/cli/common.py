@@ -288,7 +288,7 @@ def check_network_files(args, *flags: str) -> None:
     for flag in flags:
         path = getattr(args, flag, None)
         if path is not None and not os.path.isfile(path):
-            what = "is a folder, not a network file" if os.path.isdir(path) else "no such file"
+            what = "is a folder, not a network file" if os.path.isdir(path) else "not found"
             raise ValueError(f"--{flag} {path}: {what}")
 
 
