@@ -221,7 +221,7 @@ def rounded(net, dtype):
 
 @pytest.fixture(scope="module")
 def net():
-    return tiny()
+    return tiny().eval()
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def official(net, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("labels", ["cond", "uncond"])
 def test_import_reproduces_network(tmp_path, dtype, labels):
-    net = tiny(label_dim=0) if labels == "uncond" else tiny()
+    net = (tiny(label_dim=0) if labels == "uncond" else tiny()).eval()
     path = write_official(tmp_path / "net.pkl", net, dtype=dtype)
     data = load_edm2_pickle(path)
     assert set(data) == {"encoder", "dataset_kwargs", "loss_fn", "ema"}
@@ -507,7 +507,7 @@ def test_unknown_non_network_module_and_garbage(tmp_path, net):
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("overrides", [{}, {"label_dim": 0, "channel_mult_noise": 2}])
 def test_torch_save_state_dict(tmp_path, legacy, overrides):
-    net = tiny(**overrides)
+    net = tiny(**overrides).eval()
     path = tmp_path / "net.pt"
     torch.save(net.state_dict(), path, _use_new_zipfile_serialization=not legacy)
     got = load_any_network(path)

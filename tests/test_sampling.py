@@ -166,6 +166,7 @@ def test_sigma_per_sample_and_the_schedule_inverse():
     from fastdiff.diffusion import edm_time_of_sigma, sigma_per_sample
 
     assert sigma_per_sample(0.5, 3).tolist() == [0.5, 0.5, 0.5]
+    assert sigma_per_sample(0.1, 2, dtype=torch.float64).tolist() == [0.1, 0.1]  # not rounded through float32
     s = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     assert torch.equal(sigma_per_sample(s, 3), s)
     assert sigma_per_sample(s, 3).dtype == torch.float64

@@ -17,10 +17,11 @@ def sigma_per_sample(sigma, n: int, *, device=None, dtype: torch.dtype | None = 
     ``who``."""
     if isinstance(sigma, torch.Tensor):
         t = sigma if device is None else sigma.to(device)
-    else:
-        t = torch.as_tensor(sigma, device=device)
-    if dtype is None:
-        dtype = t.dtype if t.is_floating_point() else torch.float32
+        if dtype is None:
+            dtype = t.dtype if t.is_floating_point() else torch.float32
+    else:  # made in the result's dtype directly: a float64 sigma keeps every digit
+        dtype = torch.float32 if dtype is None else dtype
+        t = torch.as_tensor(sigma, dtype=dtype, device=device)
     ok = t.ndim == 0 or (t.ndim == 1 and t.shape[0] in (1, n)) or (
         image_shaped and t.ndim == 4 and t.shape[0] in (1, n) and t.shape[1:] == (1, 1, 1))
     if not ok:

@@ -11,6 +11,7 @@ import torch
 from fastdiff import ops
 from fastdiff.sampling import rng
 from fastdiff._runtime import nvtx_range
+from fastdiff.diffusion import sigma_per_sample
 from fastdiff.sampling.guidance import EvalContext, Guided, as_guidance
 
 __all__ = ["Loop", "ancestral_step", "churn_gamma", "BrownianNoise"]
@@ -48,9 +49,7 @@ class Loop:
 
     def sig(self, t) -> torch.Tensor:
         """A noise level as the per-sample [N] tensor the denoiser and the solver step take."""
-        if isinstance(t, torch.Tensor):
-            return t.to(device=self.device, dtype=self.dtype).reshape(()).expand(self.n)
-        return torch.full((self.n,), float(t), dtype=self.dtype, device=self.device)
+        return sigma_per_sample(t, self.n, device=self.device, dtype=self.dtype, who="sampler")
 
     def evaluate(self, x: torch.Tensor, sigma, step: int, correction: bool = False) -> Guided:
         """One guided evaluation at ``sigma`` (a number, 0-d or [N] tensor) for solver step ``step``."""

@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from fastdiff.diffusion import sigma_per_sample
+
 __all__ = ["Experts", "parse_sigma_range", "fill_gaps", "format_range"]
 
 _ATTRS = ("img_channels", "img_resolution", "label_dim")
@@ -146,14 +148,7 @@ class Experts(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **kwargs):
         n = x.shape[0]
-        s = torch.as_tensor(sigma, device=x.device)
-        if s.ndim == 0 or s.numel() == 1:
-            s = s.reshape(1).expand(n)
-        elif s.numel() == n:
-            s = s.reshape(n)
-        else:
-            raise ValueError(f"Experts: expected sigma as a scalar, [N={n}] or [N={n}, 1, 1, 1], got shape "
-                             f"{tuple(torch.as_tensor(sigma).shape)}")
+        s = sigma_per_sample(sigma, n, device=x.device, image_shaped=True, who="Experts")
         idx = self.route(s)
         if n == 0 or len(self.ranges) == 1 or bool((idx == idx[0]).all()):
             return self.nets[int(idx[0]) if n else 0](x, sigma, class_labels, **kwargs)
