@@ -12,6 +12,8 @@ from fastdiff.cli import demo
 from fastdiff.metrics import ModuleDetector, compute_feature_stats, register_detector, unregister_detector
 from fastdiff.cli import metrics as metrics_cli
 
+from conftest import run_cli
+
 
 def _demo_args(*argv):
     parser = argparse.ArgumentParser(prog="fastdiff demo")
@@ -121,9 +123,7 @@ def pooldet():
 
 
 def _metrics_cli(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="fastdiff metrics")
-    metrics_cli.add_arguments(parser)
-    return metrics_cli.main(parser.parse_args(list(argv)))
+    return run_cli(metrics_cli, *argv)
 
 
 def test_metrics_gen(tmp_path, pooldet, capsys):

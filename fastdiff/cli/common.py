@@ -1,5 +1,6 @@
-"""What the ``fastdiff`` commands share: dtype names, seed / interval / std parsing, the guidance flags and
-their translation into guidance objects, device start-up under torchrun, and PNG / grid output.
+"""What the ``fastdiff`` commands share: the device check, dtype names, seed / interval / std parsing, the
+guidance flags and their translation into guidance objects, and PNG / grid output (torchrun start-up and
+the device rules themselves are library code, in ``fastdiff._dist``).
 
 Only command modules import this; library packages take plain Python values."""
 
@@ -11,17 +12,33 @@ import inspect
 import math
 import os
 import re
+import sys
 from collections.abc import Callable
 
 import torch
 
+from fastdiff._atomic import atomic_write_with
+from fastdiff._dist import resolve_device
+from fastdiff._runtime import DTYPE_NAMES
 from fastdiff.sampling.generate import MAX_SEED, make_guidance
 from fastdiff.training.phema import MAX_STD
 from fastdiff.sampling.guidance import (
     APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, noise_embedding_layer,
 )
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = DTYPE_NAMES  # what --dtype accepts
+
+
+def check_device(device) -> str | None:
+    """What is wrong with ``--device`` on this machine (None: usable, or not given), the check every command
+    runs before it starts: e.g. ``--device cuda`` where no CUDA GPU is available."""
+    if device is None:
+        return None
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        return f"--device {device}: {exc}"
+    return None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -56,6 +73,21 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     if not 0 <= lo < hi:
         raise ValueError(f"bad interval {text!r}: expected 0 <= lo < hi")
     return lo, hi
+
+
+def parse_interval_steps(text: str | None) -> tuple[int, int] | None:
+    """'17,22' -> (17, 22): the first and last sampler step (0-based, both inclusive) that are guided."""
+    if text is None:
+        return None
+    parts = str(text).split(",")
+    try:
+        first, last = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"malformed --interval-steps {text!r}: expected 'first,last' step indices, "
+                         "e.g. 17,22") from None
+    if not 0 <= first <= last:
+        raise ValueError(f"bad --interval-steps {text!r}: expected 0 <= first <= last")
+    return first, last
 
 
 # --- guidance -----------------------------------------------------------------------------------------
@@ -180,6 +212,13 @@ def validate_guidance(args, has_gnet: bool | None = None) -> None:
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None
+    steps = parse_interval_steps(getattr(args, "interval_steps", None))
+    if steps is not None and getattr(args, "interval", None) is not None:
+        raise ValueError("give --interval (noise levels) or --interval-steps (step indices), not both")
+    num_steps = getattr(args, "steps", None)
+    if steps is not None and isinstance(num_steps, int) and steps[0] >= num_steps:
+        raise ValueError(f"--interval-steps {steps[0]},{steps[1]} starts after the last step ({num_steps - 1} of "
+                         f"--steps {num_steps}): no step would be guided")
     if method == "auto":
         if w != 1 and not has_gnet:
             raise ValueError(
@@ -227,6 +266,32 @@ def _check_gnet(net, gnet, method: str) -> None:
                          "classes, or none (an unconditional guide)")
 
 
+def _check_null_label(args, net, gnet, method: str) -> None:
+    """CFG / APG without ``--gnet`` take their unconditional branch from ``--net``'s null label, which only a
+    network trained with label dropout has learned. A network file that records ``label_dropout`` 0 is refused
+    (a warning with ``--force``); files that record nothing (official pickles, older files) are trusted."""
+    if gnet is not None or method not in ("cfg", "apg") or _weight(args) == 1:
+        return
+    recorded = (getattr(net, "checkpoint_extra", None) or {}).get("label_dropout")
+    if recorded is None or float(recorded) > 0:
+        return
+    problem = (f"--guidance-method {method} without --gnet guides with the null label of --net, but --net was "
+               "trained without label dropout (label_dropout 0 in its file), so its null label was never trained: "
+               "train it with --label-dropout (e.g. 0.1), or give an unconditional --gnet")
+    if not getattr(args, "force", False):
+        raise ValueError(problem + "; --force guides anyway")
+    print(f"warning: {problem}", file=sys.stderr)
+
+
+def check_network_files(args, *flags: str) -> None:
+    """A clear error (ValueError) for a network flag (``"net"``, ``"gnet"``) that names no existing file."""
+    for flag in flags:
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            what = "is a folder, not a network file" if os.path.isdir(path) else "not found"
+            raise ValueError(f"--{flag} {path}: {what}")
+
+
 def _fmt(v) -> str:
     return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -241,6 +306,7 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
     validate_guidance(args, has_gnet=gnet is not None)
     method, w = _method(args), _weight(args)
     interval = parse_interval(getattr(args, "interval", None))
+    steps = parse_interval_steps(getattr(args, "interval_steps", None))
     label_dim = int(getattr(net, "label_dim", 0) or 0)
     cads = bool(getattr(args, "cads", False))
     unconditional = "--net is unconditional (label_dim 0)"
@@ -253,12 +319,15 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
         raise ValueError(f"--cads anneals the class condition, so it needs a class-conditional --net; {unconditional}")
     if gnet is not None and (method != "auto" or w != 1):
         _check_gnet(net, gnet, method)
+    _check_null_label(args, net, gnet, method)
 
     g: Guidance | None
     # A guide without classes next to a conditional --net makes autoguidance CFG.
     as_cfg = gnet is not None and label_dim > 0 and not int(getattr(gnet, "label_dim", 0) or 0)
     if method == "auto":
         g = make_guidance(gnet, w, interval)  # the official semantics, unchanged
+        if g is not None and steps is not None:
+            g = Interval(g, steps=steps)
         if g is None:
             desc = "none (--guidance 1)"
         else:
@@ -297,8 +366,12 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
         desc = f"{method}, w={_fmt(w)}{' (w = 1: no guidance)' if w == 1 else ''}, {branch}{details}"
         if interval is not None:
             g = Interval(g, sigma=interval)
+        elif steps is not None:
+            g = Interval(g, steps=steps)
     if interval is not None and g is not None:
         desc += f", interval sigma in ({_fmt(interval[0])}, {_fmt(interval[1])}]"
+    if steps is not None and g is not None:
+        desc += f", interval steps {steps[0]}..{steps[1]} (both inclusive, a Heun correction with its step)"
     if cads:
         kw = _param_values(args, "cads")
         g = CADS(g, **kw)
@@ -315,7 +388,11 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gnet", default=None, help="guiding network: autoguidance, or CFG with an unconditional net")
     group.add_argument("--guidance", type=float, default=None, metavar="W",
                        help="guidance weight (1 = none) [default: 1]")
-    group.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI]")
+    group.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI], "
+                       "decided per network evaluation")
+    group.add_argument("--interval-steps", dest="interval_steps", default=None, metavar="FIRST,LAST",
+                       help="apply guidance only at sampler steps FIRST..LAST (0-based, both inclusive; a Heun step's "
+                            "correction follows its step), the form of the official configurations (e.g. 17,22 of 32)")
     group.add_argument(
         "--guidance-method", dest="guidance_method", type=_guidance_method, default="auto",
         metavar="{" + ",".join(GUIDANCE_METHODS) + "}",
@@ -326,6 +403,9 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cads", action="store_true",
                        help="condition-annealed sampling (CADS) around the guidance, or alone; needs a class-"
                             "conditional --net")
+    group.add_argument("--force", action="store_true",
+                       help="guide even with --net's null label when its file says it was trained without label "
+                            "dropout (CFG / APG without --gnet; refused otherwise)")
     for p in GUIDANCE_PARAMS:
         group.add_argument(p.flag, dest=p.dest, type=float, default=None, metavar="X",
                            help=f"{p.help} [default: {_fmt(p.default)}]")
@@ -336,20 +416,17 @@ def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     return os.path.join(folder, f"{seed:06d}.png")
 
 
-def save_png(image: torch.Tensor, path: str) -> None:
-    """uint8 [C, H, W] -> PNG, written to a temporary file and renamed."""
+def save_png(image, path: str) -> None:
+    """A uint8 image as a PNG, written atomically (fastdiff._atomic): a tensor ``[C, H, W]`` (C = 1 or 3), or
+    an array ``[H, W]`` / ``[H, W, 3]``."""
+    import numpy as np
     from PIL import Image
 
-    arr = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        pil.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    arr = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    pil = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
+    atomic_write_with(path, lambda f: pil.save(f, format="PNG"))
 
 
 def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
@@ -363,20 +440,6 @@ def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
         r, q = divmod(k, cols)
         grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = img
     return grid
-
-
-def init_distributed(device: str | None) -> tuple[bool, str | None]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = torch.distributed
-    if world <= 1 or not dist.is_available() or dist.is_initialized():
-        return False, device
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True, device
 
 
 def parse_stds(text: str) -> list[float]:

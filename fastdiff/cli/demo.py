@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from fastdiff._atomic import atomic_write_with
+from fastdiff.cli.common import save_png
 
 __all__ = ["add_arguments", "main", "run_demo", "DigitClassifier", "labels_for_seeds",
            "parse_preset", "DEFAULTS", "FAST"]
@@ -243,14 +244,6 @@ def labels_for_seeds(seeds, shape, label_dim: int) -> torch.Tensor:
         torch.randn(tuple(shape), generator=g, dtype=torch.float32)
         out.append(int(torch.randint(label_dim, (1,), generator=g)))
     return torch.tensor(out, dtype=torch.int64)
-
-
-def _save_png(array: np.ndarray, path: str) -> None:
-    """uint8 [H, W] or [H, W, 3] -> PNG, atomically."""
-    from PIL import Image
-
-    img = Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
-    atomic_write_with(path, lambda f: img.save(f, format="PNG"))
 
 
 def _save_overview(grid: np.ndarray, names: list[str], path: str) -> None:
@@ -487,7 +480,7 @@ def run_demo(args) -> dict:
         sample_s = time.perf_counter() - t
         metrics = evaluate(out, s["key"])
         png = f"grid-{s['key']}.png"
-        _save_png(_grid(out[:grid_n], cols, scale), os.path.join(outdir, png))
+        save_png(_grid(out[:grid_n], cols, scale), os.path.join(outdir, png))
         overview_rows.append(out[:overview_n])
         row = dict(key=s["key"], method=s["method"], weight=s["weight"],
                    interval=list(interval) if s["method"] == "autoguidance+interval" else None,

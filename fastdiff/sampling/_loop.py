@@ -10,7 +10,7 @@ import torch
 
 from fastdiff import ops
 from fastdiff.sampling import rng
-from fastdiff.sampling._nvtx import nvtx_range
+from fastdiff._runtime import nvtx_range
 from fastdiff.sampling.guidance import EvalContext, Guided, as_guidance
 
 __all__ = ["Loop", "ancestral_step", "churn_gamma", "BrownianNoise"]

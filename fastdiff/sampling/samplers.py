@@ -27,32 +27,17 @@ from typing import Callable
 
 import torch
 
+from fastdiff._runtime import nvtx_range
+from fastdiff.diffusion import edm_sigma_steps
 from fastdiff.sampling import adaptive, dpm, rng
 from fastdiff.sampling._loop import Loop, ancestral_step, churn_gamma
-from fastdiff.sampling._nvtx import nvtx_range
 from fastdiff.sampling.guidance import Autoguidance
 
 __all__ = [
-    "SAMPLERS", "REGISTRY", "edm_sigma_steps", "sample", "edm_sampler", "sampler_function", "sampler_options", "sampler_kwargs", "sample_heun", "sample_euler", "sample_euler_ancestral",
+    "SAMPLERS", "REGISTRY", "edm_sigma_steps", "sample", "edm_sampler", "sampler_function", "sampler_options",
+    "sampler_kwargs", "check_churn_options", "sample_heun", "sample_euler", "sample_euler_ancestral",
     "sample_dpmpp_2m",
 ]
-
-
-def edm_sigma_steps(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """EDM / Karras noise levels ``t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``,
-    ``i = 0..N-1`` (EDM Eq. 5), followed by ``t_N = 0``: a tensor of ``num_steps + 1`` values."""
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"expected 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    if rho <= 0:
-        raise ValueError(f"rho must be positive, got {rho}")
-    num_steps = int(num_steps)
-    i = torch.arange(num_steps, dtype=dtype, device=device)
-    frac = i / (num_steps - 1) if num_steps > 1 else i
-    t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros_like(t[:1])])
 
 
 @torch.no_grad()
@@ -192,13 +177,25 @@ def sampler_options(name: str) -> tuple[str, ...]:
     return tuple(p for p in inspect.signature(sampler_function(name)).parameters if p not in common)
 
 
-def _check_option(flag: str, v: float) -> None:
-    if flag == "S_max":
-        ok = not math.isnan(v) and v >= 0
-    else:
-        ok = math.isfinite(v) and v >= 0
-    if not ok:
-        raise ValueError(f"{flag} must be a {'' if flag == 'S_max' else 'finite '}number >= 0, got {v}")
+def check_churn_options(S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
+                        S_noise: float = 1.0) -> None:
+    """``ValueError`` naming the option unless ``S_churn``, ``S_min``, ``S_noise`` are finite and >= 0 and
+    ``S_max`` is >= ``S_min`` (``inf`` allowed: churn at every noise level), as EDM (Alg. 2) defines them."""
+    for name, value in (("S_churn", S_churn), ("S_min", S_min), ("S_max", S_max), ("S_noise", S_noise)):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if math.isnan(v) or v < 0 or (math.isinf(v) and name != "S_max"):
+            allowed = "a number >= 0, or inf" if name == "S_max" else "a finite number >= 0"
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if float(S_min) > float(S_max):
+        raise ValueError(f"S_min ({S_min}) > S_max ({S_max}): churn would apply at no noise level")
+
+
+def _check_eta(v: float) -> None:
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {v}")
 
 
 def sampler_kwargs(sampler: str, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
@@ -206,13 +203,15 @@ def sampler_kwargs(sampler: str, S_churn: float = 0.0, S_min: float = 0.0, S_max
     """The keyword arguments of sampler ``sampler``'s function for :func:`sample`'s options, checked: a
     value other than "unused" (``S_churn`` 0, ``S_min`` 0, ``S_max`` inf, ``S_noise`` 1, ``eta`` None) for
     an option the sampler has no use for, a negative or non-finite value, or an unknown option is an error."""
+    check_churn_options(S_churn, S_min, S_max, S_noise)
     taken = sampler_options(sampler)
     kwargs = {}
     for flag, value in dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta).items():
         name, unused = _OPTIONS[flag]
         if value is None or (value == unused and name not in taken):
             continue
-        _check_option(flag, float(value))
+        if flag == "eta":
+            _check_eta(float(value))
         if name not in taken:
             users = [s for s in SAMPLERS if name in sampler_options(s)]
             raise ValueError(f"sampler {sampler!r} has no use for {flag}={value}; samplers that take it: "
