@@ -1,5 +1,5 @@
-"""The adaptive-step DPM-Solver (DPM-Solver-12 and -23, Lu et al. 2022, Section 4 and Algorithm 4 / 5 of
-its appendix), as k-diffusion publishes it, for EDM denoisers, with the step size chosen per sample.
+"""The adaptive-step DPM-Solver (DPM-Solver-12 and -23 of Lu et al. 2022, "DPM-Solver"), as k-diffusion
+publishes it, for EDM denoisers, with the step size chosen per sample.
 
 In ``t = -ln sigma`` each attempt from ``s`` to ``t = min(t_end, s + h)`` computes a lower- and a
 higher-order DPM-Solver step (orders 1 and 2, or 2 and 3 with ``r1 = 1/3``, ``r2 = 2/3``), measures

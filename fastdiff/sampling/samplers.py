@@ -10,6 +10,13 @@ guidance object (the guided ``D`` is used at every evaluation) and draws its noi
 generators, so a sample depends on its own seed only. Euler-type updates go through the batched fused
 solver step ``fastdiff.ops.solver_step`` (one kernel forms the guided ``D`` from the one or two network
 outputs, the derivative and the update); the higher-order updates are a few tensor expressions.
+
+Keywords every sampler takes: ``guidance`` (a :mod:`fastdiff.sampling.guidance` object or None),
+``labels`` (one-hot ``[N, label_dim]`` or None), ``generators`` (one per sample, or None for torch's
+global generator / ``randn_like``), ``callback(i, x, denoised)`` after each step, ``schedule`` (the
+``(sigma_min, sigma_max, rho)`` the sigmas came from, for guidance that reads the normalized time) and
+``info`` (a dict that receives ``'evaluations'``). A new sampler is a function of this shape added to
+:data:`REGISTRY`.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ import torch
 
 from fastdiff._runtime import nvtx_range
 from fastdiff.diffusion import edm_sigma_steps
-from fastdiff.sampling import rng
+from fastdiff.sampling import adaptive, dpm, rng
 from fastdiff.sampling._loop import Loop, ancestral_step, churn_gamma
 from fastdiff.sampling.guidance import Autoguidance
 
 __all__ = [
-    "SAMPLERS", "edm_sigma_steps", "sample", "edm_sampler", "sampler_function", "sampler_options", "sampler_kwargs", "check_churn_options", "sample_heun", "sample_euler", "sample_euler_ancestral",
+    "SAMPLERS", "REGISTRY", "edm_sigma_steps", "sample", "edm_sampler", "sampler_function", "sampler_options",
+    "sampler_kwargs", "check_churn_options", "sample_heun", "sample_euler", "sample_euler_ancestral",
     "sample_dpmpp_2m",
 ]
 
@@ -131,27 +139,21 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, guidance=None, labels=None, generato
     return x
 
 
-def _registry() -> dict[str, Callable]:
-    from fastdiff.sampling import adaptive, dpm
-
-    return {
-        "heun": sample_heun,
-        "euler": sample_euler,
-        "euler_ancestral": sample_euler_ancestral,
-        "dpmpp_2m": sample_dpmpp_2m,
-        "dpm_2": dpm.sample_dpm_2,
-        "dpm_2_ancestral": dpm.sample_dpm_2_ancestral,
-        "lms": dpm.sample_lms,
-        "dpmpp_2s_ancestral": dpm.sample_dpmpp_2s_ancestral,
-        "dpmpp_sde": dpm.sample_dpmpp_sde,
-        "dpmpp_2m_sde": dpm.sample_dpmpp_2m_sde,
-        "dpmpp_3m_sde": dpm.sample_dpmpp_3m_sde,
-        "dpm_adaptive": adaptive.sample_dpm_adaptive,
-    }
-
-
-SAMPLERS = ("heun", "euler", "euler_ancestral", "dpmpp_2m", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
-            "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpm_adaptive")
+REGISTRY: dict[str, Callable] = {
+    "heun": sample_heun,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpm_2": dpm.sample_dpm_2,
+    "dpm_2_ancestral": dpm.sample_dpm_2_ancestral,
+    "lms": dpm.sample_lms,
+    "dpmpp_2s_ancestral": dpm.sample_dpmpp_2s_ancestral,
+    "dpmpp_sde": dpm.sample_dpmpp_sde,
+    "dpmpp_2m_sde": dpm.sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": dpm.sample_dpmpp_3m_sde,
+    "dpm_adaptive": adaptive.sample_dpm_adaptive,
+}
+SAMPLERS = tuple(REGISTRY)
 
 # sample()'s EDM-style option names -> the samplers' keyword names, with the value that means "unused"
 _OPTIONS = {"S_churn": ("s_churn", 0.0), "S_min": ("s_tmin", 0.0), "S_max": ("s_tmax", float("inf")),
@@ -165,7 +167,7 @@ def sampler_function(name: str) -> Callable:
     """The sampling function registered as ``name`` (one of :data:`SAMPLERS`)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
-    return _registry()[name]
+    return REGISTRY[name]
 
 
 def sampler_options(name: str) -> tuple[str, ...]:
