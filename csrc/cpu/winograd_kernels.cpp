@@ -40,6 +40,34 @@ template <typename T> FD_INLINE vec<T> load(const T* p) { return *reinterpret_ca
 template <typename T> FD_INLINE void store(T* p, vec<T> x) { *reinterpret_cast<typename VT<T>::u*>(p) = x; }
 template <typename T> FD_INLINE vec<T> splat(T a) { return vec<T>{} + a; }
 
+// In-register transposes: r[i][k] -> r[k][i] (8 x 8 floats, 4 x 4 doubles).
+FD_INLINE void transpose(vec<float>* r) {
+  typedef vec<float> v;
+  v t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int k = 0; k < 2; k++) {
+      u[i + 2 * k] = __builtin_shufflevector(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * k + 1] = __builtin_shufflevector(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int k = 0; k < 4; k++) {
+    r[k] = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[k + 4] = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+FD_INLINE void transpose(vec<double>* r) {
+  typedef vec<double> v;
+  const v t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 2, 6), t1 = __builtin_shufflevector(r[0], r[1], 1, 5, 3, 7);
+  const v t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 2, 6), t3 = __builtin_shufflevector(r[2], r[3], 1, 5, 3, 7);
+  r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+  r[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+  r[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+  r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+}
+
 constexpr double kSiluDiv = 0.596;
 
 // e^x on float lanes: x = k ln2 + r (k by the 1.5 * 2^23 shifter, ln2 split in two), a degree-7
@@ -114,7 +142,17 @@ FD_INLINE void pack_input_body(const T* x, bool channels_last, bool silu, const 
     std::memset(out + (g.w + 1) * cp, 0, sizeof(T) * (g.wp - g.w - 1) * cp);
     for (int64_t cb = 0; cb < cp; cb += L) {
       const int64_t nl = std::min<int64_t>(L, c - cb);
-      for (int64_t w = 0; w < g.w; w++) {
+      int64_t w = 0;
+      if (!channels_last && nl == L) {  // L channels x L pixels at a time, transposed in registers
+        const T* src = x + (n * c + cb) * hw + h * g.w;
+        for (; w + L <= g.w; w += L) {
+          vec<T> r[L];
+          for (int j = 0; j < L; j++) r[j] = load(src + j * hw + w);
+          transpose(r);
+          for (int i = 0; i < L; i++) store(out + (w + 1 + i) * cp + cb, silu ? mp_silu_lanes<T>(r[i]) : r[i]);
+        }
+      }
+      for (; w < g.w; w++) {
         vec<T> v;
         if (channels_last) {
           const T* src = x + ((n * g.h + h) * g.w + w) * c + cb;
@@ -178,6 +216,29 @@ FD_INLINE void output_transform_body(const T* m, const Geometry& g, int64_t t0, 
       for (int k = 0; k < 16; k++) {
         o[k] *= sc;
         if (ep.mod) o[k] = mp_silu_lanes<T>(o[k] * md);
+      }
+      if (!channels_last && nl == L && nr == 4 && ns == 4) {
+        // Whole tile, whole channel block, channels-first: transpose so each channel's rows of 4 are
+        // contiguous (L / 4 output rows per transpose), then apply the residual / clip per vector.
+        for (int r0 = 0; r0 < 4; r0 += L / 4) {
+          vec<T> v[L];
+          for (int i = 0; i < L; i++) v[i] = o[r0 * 4 + i];
+          transpose(v);  // v[j] = channel cb + j, rows r0 .. r0 + L/4 - 1, 4 columns each
+          for (int j = 0; j < L; j++) {
+            T* dst = y + (n * co + cb + j) * hw + (4 * ty + r0) * g.w + 4 * tx;
+            const T* rs = has_res ? ep.res + (dst - y) : nullptr;
+            for (int q = 0; q < L / 4; q++) {
+              T* d = dst + q * g.w;
+              for (int e = 0; e < 4; e++) {
+                T val = v[j][4 * q + e];
+                if (has_res) val = ep.wa * rs[q * g.w + e] + ep.wb * val;
+                if (has_clip) val = std::min(std::max(val, -ep.clip), ep.clip);
+                d[e] = val;
+              }
+            }
+          }
+        }
+        continue;
       }
       for (int r = 0; r < nr; r++) {
         const int64_t h = 4 * ty + r;
