@@ -8,9 +8,11 @@ import time
 import pytest
 import torch
 
-from fastdiff import demo
+from fastdiff.cli import demo
 from fastdiff.metrics import ModuleDetector, compute_feature_stats, register_detector, unregister_detector
-from fastdiff.metrics import cli as metrics_cli
+from fastdiff.cli import metrics as metrics_cli
+
+from conftest import run_cli
 
 
 def _demo_args(*argv):
@@ -64,7 +66,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
 def test_demo_registered_in_cli():
     from fastdiff import cli
 
-    assert cli.SUBCOMMANDS["demo"][0] == "fastdiff.demo"
+    assert cli.SUBCOMMANDS["demo"][0] == "fastdiff.cli.demo"
 
 
 def test_labels_for_seeds_match_generate_images():
@@ -121,9 +123,7 @@ def pooldet():
 
 
 def _metrics_cli(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="fastdiff metrics")
-    metrics_cli.add_arguments(parser)
-    return metrics_cli.main(parser.parse_args(list(argv)))
+    return run_cli(metrics_cli, *argv)
 
 
 def test_metrics_gen(tmp_path, pooldet, capsys):

@@ -12,7 +12,6 @@ installed in ``sys.modules`` only while pickling; they are gone when fastdiff re
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -35,6 +34,8 @@ from fastdiff.io import (
     save_network,
 )
 from fastdiff.io import edm2_pickle
+
+from conftest import run_cli, tiny_net as tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test
 
@@ -188,16 +189,6 @@ def write_official(path, net, dtype=torch.float16, src="# training/networks_edm2
             pickle.dump(data, f, protocol=protocol)
     assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
     return path
-
-
-def tiny(**overrides):
-    torch.manual_seed(0)
-    net = fnn.build("tiny-16", **overrides)
-    with torch.no_grad():  # non-zero gains, so every path carries signal
-        for p in net.parameters():
-            if p.ndim == 0:
-                p.fill_(float(torch.rand([]) * 2 + 0.5))
-    return net.eval()
 
 
 def outputs(net, seed=1):
@@ -535,17 +526,11 @@ def test_safetensors_is_delegated(tmp_path, net):
 # --- (5) fastdiff convert --------------------------------------------------------------------------------------
 
 
-def run_cli(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.main(parser.parse_args([str(a) for a in argv]))
-
-
 def test_convert_round_trip(tmp_path, official, net, capsys):
-    from fastdiff.io import cli
+    from fastdiff.cli import convert as cli
 
     out = tmp_path / "converted.safetensors"
-    assert run_cli(cli, [official, out]) == 0
+    assert run_cli(cli, official, out) == 0
     back = load_network(out)
     ref = rounded(net, torch.float16)
     for a, b in zip(outputs(back), outputs(ref)):
@@ -557,14 +542,14 @@ def test_convert_round_trip(tmp_path, official, net, capsys):
         (np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])).tolist())
     assert "wrote" in capsys.readouterr().out
 
-    assert run_cli(cli, [official, "--list"]) == 0
+    assert run_cli(cli, official, "--list") == 0
     listing = capsys.readouterr().out
     assert "ema: Precond(img_resolution=16" in listing and "loss_fn: EDM2Loss" in listing
 
-    assert run_cli(cli, [official, tmp_path / "x.safetensors", "--key", "loss_fn"]) == 2
+    assert run_cli(cli, official, tmp_path / "x.safetensors", "--key", "loss_fn") == 2
     assert "not a network" in capsys.readouterr().err
     evil = write_official(tmp_path / "evil.pkl", net, extra={"boom": Evil(os.system, "true")})
-    assert run_cli(cli, [evil, tmp_path / "y.safetensors"]) == 2
+    assert run_cli(cli, evil, tmp_path / "y.safetensors") == 2
     assert "allow-list" in capsys.readouterr().err and not (tmp_path / "y.safetensors").exists()
 
 
@@ -572,12 +557,12 @@ def test_convert_round_trip(tmp_path, official, net, capsys):
 
 
 def test_generate_from_official_pickle(tmp_path, official, net):
-    from fastdiff.sampling import cli
+    from fastdiff.cli import generate as cli
 
     save_network(rounded(net, torch.float16), tmp_path / "ref.safetensors")
     common = ["--seeds", "0-1", "--steps", "2", "--batch", "2", "--device", "cpu", "--no-progress"]
-    assert run_cli(cli, ["--net", official, "--outdir", tmp_path / "a", *common]) == 0
-    assert run_cli(cli, ["--net", tmp_path / "ref.safetensors", "--outdir", tmp_path / "b", *common]) == 0
+    assert run_cli(cli, "--net", official, "--outdir", tmp_path / "a", *common) == 0
+    assert run_cli(cli, "--net", tmp_path / "ref.safetensors", "--outdir", tmp_path / "b", *common) == 0
     for seed in (0, 1):
         a = (tmp_path / "a" / f"{seed:06d}.png").read_bytes()
         assert a == (tmp_path / "b" / f"{seed:06d}.png").read_bytes()

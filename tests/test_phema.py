@@ -261,7 +261,7 @@ def test_reconstruction_reproduces_tracked_emas():
 
 
 def test_phema_cli_end_to_end(tmp_path):
-    from fastdiff.training import phema_cli
+    from fastdiff.cli import phema as phema_cli
     from fastdiff.training.snapshots import read_snapshot_meta, save_snapshot, snapshot_name
 
     net, tracked, snaps = _trajectory_run(steps=300, snap_every=50)

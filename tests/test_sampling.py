@@ -12,10 +12,12 @@ from fastdiff.sampling import (
     APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, edm_sampler, edm_sigma_steps, generate_images, rng,
     sample,
 )
-from fastdiff.sampling import _nvtx
-from fastdiff.sampling import cli as gen_cli
+from fastdiff import _runtime as _nvtx
+from fastdiff.cli import generate as gen_cli
 from fastdiff.sampling.generate import split_batches
 from fastdiff.sampling.guidance import EvalContext
+
+from conftest import cli_args
 
 
 # --- test denoisers ---------------------------------------------------------------------------------
@@ -158,6 +160,23 @@ def _close(a, b, tol=1e-10):
 
 
 # --- schedule -----------------------------------------------------------------------------------------
+
+
+def test_sigma_per_sample_and_the_schedule_inverse():
+    from fastdiff.diffusion import edm_time_of_sigma, sigma_per_sample
+
+    assert sigma_per_sample(0.5, 3).tolist() == [0.5, 0.5, 0.5]
+    s = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.equal(sigma_per_sample(s, 3), s)
+    assert sigma_per_sample(s, 3).dtype == torch.float64
+    assert sigma_per_sample(torch.tensor([2]), 4).tolist() == [2.0] * 4
+    assert sigma_per_sample(s.reshape(3, 1, 1, 1), 3, image_shaped=True).shape == (3,)
+    for bad, kw in [(torch.ones(2), {}), (torch.ones(3, 1, 1, 1), {}), (torch.ones(3, 2), {"image_shaped": True})]:
+        with pytest.raises(ValueError, match="who: expected sigma as a scalar"):
+            sigma_per_sample(bad, 3, who="who", **kw)
+    t = edm_sigma_steps(9, 0.01, 50.0, 5.0)
+    _close(edm_time_of_sigma(t[:-1], 0.01, 50.0, 5.0), 1 - torch.arange(9, dtype=torch.float64) / 8)
+    assert edm_time_of_sigma(torch.tensor([100.0, 0.0]), 0.01, 50.0, 5.0).tolist() == [1.0, 0.0]
 
 
 def test_edm_sigma_steps():
@@ -489,13 +508,28 @@ def test_cads_schedule_and_rescale():
 
 @pytest.mark.parametrize("g", ["cfg", "icg", "tsg", "cads", "apg"])
 def test_every_guidance_with_every_sampler_runs(g):
+    """Each method with each sampler: it acts (w = 2 differs from no guidance), it is deterministic for the same
+    seeds, w = 1 is no guidance (CADS: the annealing acts on its own), and CFG equals sampling the guided denoiser
+    D_0 + w (D_1 - D_0) written out directly."""
     labels = torch.nn.functional.one_hot(torch.arange(4) % 3, 3).double()
-    make = {"cfg": lambda: CFG(2.0), "icg": lambda: ICG(2.0), "tsg": lambda: TSG(2.0), "cads": lambda: CADS(CFG(2.0)),
-            "apg": lambda: APG(2.0, r=5.0)}[g]
+    make = {"cfg": lambda w: CFG(w), "icg": lambda w: ICG(w), "tsg": lambda w: TSG(w), "cads": lambda w: CADS(CFG(w)),
+            "apg": lambda w: APG(w, r=5.0)}[g]
+    uncond = lambda x, s, lab: MIX(x, s, torch.zeros_like(lab))  # noqa: E731  (the null label)
     for sampler in ("heun", "euler", "euler_ancestral", "dpmpp_2m"):
-        x = sample(MIX, _noise(4), sampler, steps=6, guidance=make(), labels=labels,
-                   generators=rng.seed_generators(range(4)), dtype=torch.float64)
+        def run(guidance, denoiser=MIX):
+            return sample(denoiser, _noise(4), sampler, steps=6, guidance=guidance, labels=labels,
+                          generators=rng.seed_generators(range(4)), dtype=torch.float64)
+
+        x, plain = run(make(2.0)), run(None)
         assert x.shape == (4, 2) and torch.isfinite(x).all()
+        assert (x - plain).abs().max() > 1e-3, sampler
+        _close(run(make(2.0)), x)
+        if g == "cads":
+            assert (x - run(CFG(2.0))).abs().max() > 1e-3, sampler
+        else:
+            _close(run(make(1.0)), plain)
+        if g == "cfg":
+            _close(x, run(None, guided(MIX, uncond, 2.0)))
 
 
 # --- per-sample seeds ---------------------------------------------------------------------------------
@@ -547,7 +581,7 @@ def test_seed_independent_of_batch(reference):
 def test_generate_images_basic_and_errors():
     net = TinyNet()
     out = list(generate_images(net, range(5), batch=2, steps=4, class_idx=2))
-    assert [s for s, _ in out] == [[0, 1], [2, 3], [4]] or sum(len(s) for s, _ in out) == 5
+    assert [s for s, _ in out] == [[0, 1], [2, 3], [4]]  # ceil(5 / 2) = 3 nearly equal consecutive batches
     imgs = torch.cat([i for _, i in out])
     assert imgs.dtype == torch.uint8 and imgs.shape == (5, 3, 8, 8)
     with pytest.raises(ValueError, match="out of range"):
@@ -653,11 +687,7 @@ def test_cli_distributed_two_processes(tmp_path):
 
 
 def _parse(*argv):
-    import argparse
-
-    p = argparse.ArgumentParser()
-    gen_cli.add_arguments(p)
-    return p.parse_args([str(a) for a in argv])
+    return cli_args(gen_cli, *argv)
 
 
 def _cli_images(tmp_path, name, net, gnet=None, flags=""):

@@ -9,7 +9,7 @@ import torch
 
 from fastdiff.sampling import Autoguidance, sample
 from fastdiff.toy import GaussianMixture, ToyDenoiser, tree_mixture
-from fastdiff.toy import cli as toy_cli
+from fastdiff.cli import toy as toy_cli
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the toy's tensors are tiny: one thread is faster

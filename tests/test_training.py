@@ -75,7 +75,7 @@ def test_training_writes_stats_snapshots_checkpoints_and_phema(tmp_path):
         torch.testing.assert_close(tensors[f"net.{k}"], v)
     assert any(k.startswith("optim.") for k in tensors) and any(k.startswith("ema.1.") for k in tensors)
     # Post-hoc EMA over this run's snapshots; reconstructing a tracked std gives (nearly) that EMA.
-    from fastdiff.training.phema_cli import reconstruct_phema
+    from fastdiff.training.phema import reconstruct_phema
     from safetensors.torch import load_file
 
     paths = reconstruct_phema(tmp_path, [0.1, 0.07], tmp_path / "phema", progress=False, verbose=False)
@@ -228,6 +228,19 @@ def test_label_dropout_replaces_a_fraction_p_of_the_labels_by_the_null_label(tmp
     assert options["config"]["label_dropout"] == p
 
 
+def test_snapshots_record_the_label_dropout_and_phema_keeps_it(tmp_path):
+    """The network files say whether CFG's null label was trained (fastdiff generate refuses it otherwise)."""
+    from fastdiff.training.phema import reconstruct_phema
+    from fastdiff.training.snapshots import read_snapshot_meta
+
+    _train(tmp_path / "run", duration=64, batch=16, snapshot=32, checkpoint=0, ema_stds=(0.05, 0.10),
+           label_dropout=0.2)
+    snaps = list_snapshots(str(tmp_path / "run"))
+    assert snaps and all(read_snapshot_meta(s.path)["extra"]["label_dropout"] == 0.2 for s in snaps)
+    (path,) = reconstruct_phema(str(tmp_path / "run"), [0.07], str(tmp_path / "phema"), progress=False)
+    assert read_snapshot_meta(path)["extra"]["label_dropout"] == 0.2
+
+
 def test_label_dropout_masks_survive_a_resume(tmp_path):
     kw = {"label_dropout": 0.4, "batch_gpu": 8}  # two accumulation rounds per step
     full = _LabelRecorder()
@@ -267,7 +280,7 @@ def test_label_dropout_rejects_bad_values_and_unconditional_runs(tmp_path):
 def test_cli_label_dropout_reaches_the_config(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from fastdiff.training import cli
+    from fastdiff.cli import train as cli
 
     def parse(*extra):
         parser = argparse.ArgumentParser()
@@ -313,7 +326,7 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
 
 
 def _cli_cmd(outdir, duration, extra=()):
-    return [sys.executable, "-W", "ignore", "-m", "fastdiff.training.cli", "--preset", "_standin:tiny", "--data", DATA,
+    return [sys.executable, "-W", "ignore", "-m", "fastdiff.cli.train", "--preset", "_standin:tiny", "--data", DATA,
             "--outdir", str(outdir), "--duration", str(duration), "--batch", "16", "--status", "64",
             "--snapshot", "64", "--checkpoint", "32", "--seed", "1", "--workers", "0", "--no-progress",
             "--lr", "0.01", "--decay", "0", "--rampup", "0", *extra]
@@ -395,7 +408,7 @@ def test_cli_with_a_fastdiff_preset(tmp_path):
         pytest.skip("fastdiff.nn has no presets yet (branch nn not merged)")
     import argparse
 
-    from fastdiff.training import cli
+    from fastdiff.cli import train as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

@@ -19,7 +19,7 @@ import zipfile
 
 import numpy as np
 
-from fastdiff.data.dataset import IMAGE_EXTENSIONS, DatasetError
+from fastdiff.data.dataset import IMAGE_EXTENSIONS, DatasetError, parse_label_table
 
 __all__ = ["convert_dataset", "TRANSFORMS"]
 
@@ -78,7 +78,7 @@ def _iter_folder(source: str, resolution, transform, channels):
             with open(meta) as f:
                 raw = json.load(f).get("labels")
             if raw is not None:
-                table = {str(n).replace("\\", "/"): int(v) for n, v in raw}
+                table = parse_label_table(raw, meta)
                 missing = [n for n in names if n not in table]
                 if missing:
                     raise DatasetError(f"{meta}: no label for {missing[0]!r}")

@@ -1,4 +1,4 @@
-"""The EDM2 U-Net (SPEC.md section 2) on the fused MP ops.
+"""The EDM2 U-Net (EDM2 Fig. 21) on the fused MP ops.
 
 Module and parameter names follow the official EDM2 release, so its state dicts load with
 ``load_state_dict(strict=True)``.
@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdiff.nn.layers import MPConv, MPFourier, _is_compiling, _ops, force_normalize_, resample
+from fastdiff._runtime import is_compiling as _is_compiling
+from fastdiff.nn.layers import MPConv, MPFourier, _ops, force_normalize_, resample
 
 __all__ = ["Block", "UNet"]
 

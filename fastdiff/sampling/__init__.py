@@ -4,18 +4,21 @@
 draws samples with any ``denoiser(x, sigma, labels) -> D``; ``edm_sampler`` is a drop-in for the
 official EDM2 function; guidance objects (CFG, Autoguidance, Interval, APG, ICG, TSG, CADS) compose
 with every sampler; ``generate_images`` turns seeds into uint8 images; ``cuda_graphed(net)`` replays
-captured CUDA graphs of a network's forward.
+captured CUDA graphs of a network's forward; ``Experts([(lo, hi, net), ...])`` routes each evaluation to the
+network trained for its noise level.
 """
 
 from fastdiff.sampling import guidance, rng
+from fastdiff.sampling.experts import Experts
 from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.graphs import GraphedDenoiser, cuda_graphed
 from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Guided, Interval
 from fastdiff.sampling.kdiffusion import KDiffusionDenoiser, as_kdiffusion
-from fastdiff.sampling.samplers import SAMPLERS, edm_sampler, edm_sigma_steps, sample
+from fastdiff.diffusion import edm_sigma_steps
+from fastdiff.sampling.samplers import SAMPLERS, edm_sampler, sample
 
 __all__ = [
     "sample", "edm_sampler", "edm_sigma_steps", "SAMPLERS", "generate_images", "guidance", "rng",
     "Guidance", "Guided", "CFG", "Autoguidance", "Interval", "APG", "ICG", "TSG", "CADS",
-    "KDiffusionDenoiser", "as_kdiffusion", "cuda_graphed", "GraphedDenoiser",
+    "KDiffusionDenoiser", "as_kdiffusion", "cuda_graphed", "GraphedDenoiser", "Experts",
 ]

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from fastdiff.diffusion import sigma_per_sample
+
 __all__ = ["cuda_graphed", "GraphedDenoiser"]
 
 
@@ -90,9 +92,7 @@ class GraphedDenoiser:
         if not self._eligible(x, sigma, labels, kwargs):
             return self.net(x, sigma, labels, **kwargs)
         n = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device)
-        sigma = (sigma.reshape(-1) if sigma.numel() == n else sigma.reshape(()).expand(n)).to(
-            torch.float32 if not sigma.is_floating_point() else sigma.dtype)
+        sigma = sigma_per_sample(sigma, n, device=x.device, image_shaped=True, who="GraphedDenoiser")
         tensors = self._tensors()
         key = (tuple(x.shape), x.dtype, x.device, x.stride(), sigma.dtype,
                None if labels is None else (tuple(labels.shape), labels.dtype),

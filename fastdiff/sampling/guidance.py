@@ -26,8 +26,9 @@ from typing import Any, Callable
 
 import torch
 
+from fastdiff._runtime import nvtx_range
+from fastdiff.diffusion import edm_time_of_sigma
 from fastdiff.sampling import rng
-from fastdiff.sampling._nvtx import nvtx_range
 
 __all__ = [
     "Guided", "EvalContext", "Guidance", "CFG", "Autoguidance", "Interval", "APG", "ICG", "TSG", "CADS",
@@ -94,12 +95,9 @@ class EvalContext:
         return out.to(self.dtype)
 
     def t_of(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Normalized time in [0, 1] (1 = pure noise): the position of ``sigma`` on the EDM schedule,
-        ``(sigma^(1/rho) - smin^(1/rho)) / (smax^(1/rho) - smin^(1/rho))``; equals ``1 - i/(N-1)`` at step i."""
-        r = 1.0 / self.rho
-        lo, hi = self.sigma_min**r, self.sigma_max**r
-        t = (sigma.double().clamp_min(0) ** r - lo) / max(hi - lo, 1e-30)
-        return t.clamp(0.0, 1.0)
+        """Normalized time in [0, 1] (1 = pure noise): the position of ``sigma`` on this run's EDM schedule
+        (:func:`fastdiff.diffusion.edm_time_of_sigma`); equals ``1 - i/(N-1)`` at step i."""
+        return edm_time_of_sigma(sigma, self.sigma_min, self.sigma_max, self.rho)
 
     def select(self, index: torch.Tensor) -> "EvalContext":
         """A view of this context for the batch rows ``index`` (same memory, subset of generators)."""
@@ -217,7 +215,6 @@ class Interval(Guidance):
         self.inner = inner
         self.sigma = sigma
         self.steps = set(int(s) for s in steps) if steps is not None else None
-        self.weight = getattr(inner, "weight", 1.0)
 
     def inside(self, sigma: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
         if self.steps is not None:
@@ -372,7 +369,6 @@ class CADS(Guidance):
             raise ValueError(f"CADS: expected 0 <= tau1 <= tau2 <= 1, got tau1={tau1}, tau2={tau2}")
         self.inner = inner if inner is not None else Guidance()
         self.tau1, self.tau2, self.s, self.psi, self.rescale = float(tau1), float(tau2), float(s), float(psi), rescale
-        self.weight = getattr(self.inner, "weight", 1.0)
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
         if self.tau2 == self.tau1:

@@ -13,31 +13,15 @@ from typing import Callable
 
 import torch
 
+from fastdiff._runtime import nvtx_range
 from fastdiff import ops
+from fastdiff.diffusion import edm_sigma_steps
 from fastdiff.sampling import rng
-from fastdiff.sampling._nvtx import nvtx_range
 from fastdiff.sampling.guidance import Autoguidance, EvalContext, Guidance, Guided, as_guidance
 
 __all__ = ["SAMPLERS", "edm_sigma_steps", "sample", "edm_sampler"]
 
 SAMPLERS = ("heun", "euler", "euler_ancestral", "dpmpp_2m")
-
-
-def edm_sigma_steps(num_steps: int = 32, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                    *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """EDM / Karras noise levels ``t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``,
-    ``i = 0..N-1``, followed by ``t_N = 0``: a tensor of ``num_steps + 1`` values."""
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"expected 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    if rho <= 0:
-        raise ValueError(f"rho must be positive, got {rho}")
-    num_steps = int(num_steps)
-    i = torch.arange(num_steps, dtype=dtype, device=device)
-    frac = i / (num_steps - 1) if num_steps > 1 else i
-    t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros_like(t[:1])])
 
 
 class _Runner:

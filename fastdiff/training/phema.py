@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc EMA reconstruction (SPEC.md section 3).
+"""Power-function EMA and post-hoc EMA reconstruction (EDM2 Sec. 3 and Appendix C).
 
 A power-function EMA with exponent ``g`` averages the training trajectory ``theta(tau)`` over ``[0, t]``
 with the weight profile ``p(tau) = (g + 1) tau^g / t^(g + 1)``. Its relative standard deviation
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "reconstruct_phema",
     "exp_to_std",
     "std_to_exp",
     "power_function_beta",
@@ -270,3 +271,59 @@ def combine_snapshots(snapshots: Iterable[dict[str, torch.Tensor]], coefs) -> li
         raise ValueError(f"combine_snapshots: got {count} snapshots for {num_in} coefficient rows")
     assert acc is not None
     return [{k: (v.to(dtypes[k]) if dtypes[k].is_floating_point else v) for k, v in out.items()} for out in acc]
+
+
+def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, device="cpu", progress=True,
+                      verbose=True) -> list[str]:
+    """Reconstruct the EMAs ``out_stds`` at training time ``out_nimg`` (default: the latest snapshot) from the
+    snapshots in ``indir``; write them to ``outdir``; return the written paths."""
+    import os
+    import sys
+
+    from fastdiff.training.snapshots import list_snapshots, load_snapshot_tensors, save_tensors, snapshot_name
+
+    snaps = list_snapshots(indir)
+    if in_stds is not None:
+        keep = {round(float(s), 6) for s in in_stds}
+        snaps = [s for s in snaps if round(s.std, 6) in keep]
+    if not snaps:
+        raise FileNotFoundError(f"{indir}: no EMA snapshots (network-snapshot-*.safetensors written by training)")
+    if out_nimg is None:
+        out_nimg = max(s.nimg for s in snaps)
+    out_nimg = int(out_nimg)
+    snaps = [s for s in snaps if 0 < s.nimg <= out_nimg]
+    if not snaps:
+        raise ValueError(f"{indir}: no snapshots at or before {out_nimg} images")
+    out_stds = [float(s) for s in out_stds]
+    coefs = solve_posthoc_coefficients([s.nimg for s in snaps], [s.std for s in snaps], out_nimg, out_stds)
+    if verbose:
+        print(f"phema: {len(snaps)} snapshots from {indir}, {len(out_stds)} targets at {out_nimg} images",
+              file=sys.stderr)
+
+    def stream():
+        it = snaps
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(snaps, desc="phema", unit="snapshot", file=sys.stderr)
+        for s in it:
+            yield load_snapshot_tensors(s.path, device=device)
+
+    outs = combine_snapshots(stream(), coefs)
+    base = dict(snaps[-1].config)
+    os.makedirs(outdir, exist_ok=True)
+    paths = []
+    for j, (std, tensors) in enumerate(zip(out_stds, outs)):
+        config = dict(base)
+        config["extra"] = {
+            "kind": "phema", "nimg": out_nimg, "std": std, "exponent": float(std_to_exp(std)),
+            "num_inputs": len(snaps), "max_abs_coef": float(np.abs(coefs[:, j]).max()),
+            # how the inputs were trained (the label dropout tells whether CFG's null label was trained)
+            **{k: v for k, v in (base.get("extra") or {}).items() if k == "label_dropout"},
+        }
+        path = os.path.join(outdir, snapshot_name(out_nimg, std, prefix="phema"))
+        save_tensors(tensors, path, config)
+        paths.append(path)
+        if verbose:
+            print(f"phema: wrote {path}", file=sys.stderr)
+    return paths

@@ -1,31 +1,8 @@
-"""``fastdiff generate``: images from a trained network, like the official EDM2 generate_images tool.
+"""What the ``fastdiff`` commands share: the device check, dtype names, seed / interval / std parsing, the
+guidance flags and their translation into guidance objects, and PNG / grid output (torchrun start-up and
+the device rules themselves are library code, in ``fastdiff._dist``).
 
-    fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
-    fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
-    fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
-    fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
-    torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
-
-Under torchrun the seeds are split across the ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
-PNGs are written atomically (temporary file, then rename).
-
-Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
-
-- ``--guidance-method auto`` (default): the official tool's rule, autoguidance by ``--gnet`` (which is
-  CFG when ``--gnet`` is unconditional).
-- ``cfg``: classifier-free guidance; without ``--gnet`` the unconditional branch is ``--net`` itself
-  with the null (all-zero) label, which needs a class-conditional network trained with label dropout
-  (``fastdiff train --label-dropout``); with ``--gnet``, a separate unconditional network.
-- ``autoguidance``: guidance by ``--gnet`` (required), a smaller or less-trained version of ``--net``.
-- ``apg``: adaptive projected guidance, unconditional branch as in ``cfg`` (null label) or by ``--gnet``
-  (``--apg-eta``, ``--apg-momentum``, ``--apg-rescale``).
-- ``icg``: independent condition guidance (random classes instead of the null label).
-- ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
-
-``--interval LO,HI`` limits any of them to sigma in (LO, HI]; ``--cads`` (``--cads-tau1`` ...) anneals the
-class condition around any of them (also without guidance). The parameters' defaults are those of the
-guidance classes. The set-up is printed as one line to stderr at the start.
-"""
+Only command modules import this; library packages take plain Python values."""
 
 from __future__ import annotations
 
@@ -40,11 +17,26 @@ from collections.abc import Callable
 
 import torch
 
-from fastdiff.sampling.generate import MAX_SEED, generate_images, make_guidance
+from fastdiff._atomic import atomic_write_with
+from fastdiff._dist import resolve_device
+from fastdiff._runtime import DTYPE_NAMES
+from fastdiff.sampling.generate import MAX_SEED, make_guidance
+from fastdiff.training.phema import MAX_STD
 from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, _accepts
-from fastdiff.sampling.samplers import SAMPLERS
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = DTYPE_NAMES  # what --dtype accepts
+
+
+def check_device(device) -> str | None:
+    """What is wrong with ``--device`` on this machine (None: usable, or not given), the check every command
+    runs before it starts: e.g. ``--device cuda`` where no CUDA GPU is available."""
+    if device is None:
+        return None
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        return f"--device {device}: {exc}"
+    return None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -79,6 +71,21 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     if not 0 <= lo < hi:
         raise ValueError(f"bad interval {text!r}: expected 0 <= lo < hi")
     return lo, hi
+
+
+def parse_interval_steps(text: str | None) -> tuple[int, int] | None:
+    """'17,22' -> (17, 22): the first and last sampler step (0-based, both inclusive) that are guided."""
+    if text is None:
+        return None
+    parts = str(text).split(",")
+    try:
+        first, last = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"malformed --interval-steps {text!r}: expected 'first,last' step indices, "
+                         "e.g. 17,22") from None
+    if not 0 <= first <= last:
+        raise ValueError(f"bad --interval-steps {text!r}: expected 0 <= first <= last")
+    return first, last
 
 
 # --- guidance -----------------------------------------------------------------------------------------
@@ -203,6 +210,13 @@ def validate_guidance(args, has_gnet: bool | None = None) -> None:
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None
+    steps = parse_interval_steps(getattr(args, "interval_steps", None))
+    if steps is not None and getattr(args, "interval", None) is not None:
+        raise ValueError("give --interval (noise levels) or --interval-steps (step indices), not both")
+    num_steps = getattr(args, "steps", None)
+    if steps is not None and isinstance(num_steps, int) and steps[0] >= num_steps:
+        raise ValueError(f"--interval-steps {steps[0]},{steps[1]} starts after the last step ({num_steps - 1} of "
+                         f"--steps {num_steps}): no step would be guided")
     if method == "auto":
         if w != 1 and not has_gnet:
             raise ValueError(
@@ -250,6 +264,32 @@ def _check_gnet(net, gnet, method: str) -> None:
                          "classes, or none (an unconditional guide)")
 
 
+def _check_null_label(args, net, gnet, method: str) -> None:
+    """CFG / APG without ``--gnet`` take their unconditional branch from ``--net``'s null label, which only a
+    network trained with label dropout has learned. A network file that records ``label_dropout`` 0 is refused
+    (a warning with ``--force``); files that record nothing (official pickles, older files) are trusted."""
+    if gnet is not None or method not in ("cfg", "apg") or _weight(args) == 1:
+        return
+    recorded = (getattr(net, "checkpoint_extra", None) or {}).get("label_dropout")
+    if recorded is None or float(recorded) > 0:
+        return
+    problem = (f"--guidance-method {method} without --gnet guides with the null label of --net, but --net was "
+               "trained without label dropout (label_dropout 0 in its file), so its null label was never trained: "
+               "train it with --label-dropout (e.g. 0.1), or give an unconditional --gnet")
+    if not getattr(args, "force", False):
+        raise ValueError(problem + "; --force guides anyway")
+    print(f"warning: {problem}", file=sys.stderr)
+
+
+def check_network_files(args, *flags: str) -> None:
+    """A clear error (ValueError) for a network flag (``"net"``, ``"gnet"``) that names no existing file."""
+    for flag in flags:
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            what = "is a folder, not a network file" if os.path.isdir(path) else "not found"
+            raise ValueError(f"--{flag} {path}: {what}")
+
+
 def _fmt(v) -> str:
     return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -264,6 +304,7 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
     validate_guidance(args, has_gnet=gnet is not None)
     method, w = _method(args), _weight(args)
     interval = parse_interval(getattr(args, "interval", None))
+    steps = parse_interval_steps(getattr(args, "interval_steps", None))
     label_dim = int(getattr(net, "label_dim", 0) or 0)
     cads = bool(getattr(args, "cads", False))
     unconditional = "--net is unconditional (label_dim 0)"
@@ -276,12 +317,15 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
         raise ValueError(f"--cads anneals the class condition, so it needs a class-conditional --net; {unconditional}")
     if gnet is not None and (method != "auto" or w != 1):
         _check_gnet(net, gnet, method)
+    _check_null_label(args, net, gnet, method)
 
     g: Guidance | None
     # A guide without classes next to a conditional --net makes autoguidance CFG.
     as_cfg = gnet is not None and label_dim > 0 and not int(getattr(gnet, "label_dim", 0) or 0)
     if method == "auto":
         g = make_guidance(gnet, w, interval)  # the official semantics, unchanged
+        if g is not None and steps is not None:
+            g = Interval(g, steps=steps)
         if g is None:
             desc = "none (--guidance 1)"
         else:
@@ -320,36 +364,18 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
         desc = f"{method}, w={_fmt(w)}{' (w = 1: no guidance)' if w == 1 else ''}, {branch}{details}"
         if interval is not None:
             g = Interval(g, sigma=interval)
+        elif steps is not None:
+            g = Interval(g, steps=steps)
     if interval is not None and g is not None:
         desc += f", interval sigma in ({_fmt(interval[0])}, {_fmt(interval[1])}]"
+    if steps is not None and g is not None:
+        desc += f", interval steps {steps[0]}..{steps[1]} (both inclusive, a Heun correction with its step)"
     if cads:
         kw = _param_values(args, "cads")
         g = CADS(g, **kw)
         desc += ", cads (" + ", ".join(f"{p.name}={_fmt(_effective(args, p))}" for p in GUIDANCE_PARAMS
                                        if p.owner == "cads") + ")"
     return g, desc
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--net", required=True, help="main network: fastdiff .safetensors or official EDM2 .pkl")
-    parser.add_argument("--sampler", default="heun", choices=SAMPLERS, help="[default: heun]")
-    parser.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
-    parser.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,10-12 [default: 0-63]")
-    parser.add_argument("--class", dest="class_idx", type=int, default=None, help="class label [default: random]")
-    parser.add_argument("--batch", type=int, default=32, help="images per batch (per process) [default: 32]")
-    parser.add_argument("--outdir", default=None, help="where to save the PNGs")
-    parser.add_argument("--subdirs", action="store_true", help="one subdirectory per 1000 seeds")
-    parser.add_argument("--grid", default=None, metavar="PNG", help="also save all images as one grid image")
-    parser.add_argument("--device", default=None, help="[default: cuda if available, else cpu]")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="sampling dtype [default: float32]")
-    parser.add_argument("--S-churn", dest="S_churn", type=float, default=0.0, help="stochasticity [default: 0]")
-    parser.add_argument("--S-min", dest="S_min", type=float, default=0.0)
-    parser.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
-    parser.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay the networks from captured CUDA graphs (fastdiff.sampling.cuda_graphed; CUDA only)")
-    add_guidance_arguments(parser)
 
 
 def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -360,7 +386,11 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gnet", default=None, help="guiding network: autoguidance, or CFG with an unconditional net")
     group.add_argument("--guidance", type=float, default=None, metavar="W",
                        help="guidance weight (1 = none) [default: 1]")
-    group.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI]")
+    group.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI], "
+                       "decided per network evaluation")
+    group.add_argument("--interval-steps", dest="interval_steps", default=None, metavar="FIRST,LAST",
+                       help="apply guidance only at sampler steps FIRST..LAST (0-based, both inclusive; a Heun step's "
+                            "correction follows its step), the form of the official configurations (e.g. 17,22 of 32)")
     group.add_argument(
         "--guidance-method", dest="guidance_method", type=_guidance_method, default="auto",
         metavar="{" + ",".join(GUIDANCE_METHODS) + "}",
@@ -371,19 +401,12 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cads", action="store_true",
                        help="condition-annealed sampling (CADS) around the guidance, or alone; needs a class-"
                             "conditional --net")
+    group.add_argument("--force", action="store_true",
+                       help="guide even with --net's null label when its file says it was trained without label "
+                            "dropout (CFG / APG without --gnet; refused otherwise)")
     for p in GUIDANCE_PARAMS:
         group.add_argument(p.flag, dest=p.dest, type=float, default=None, metavar="X",
                            help=f"{p.help} [default: {_fmt(p.default)}]")
-
-
-def _validate(args, has_gnet: bool | None = None) -> None:
-    if args.outdir is None and args.grid is None:
-        raise ValueError("nothing to write: give --outdir and/or --grid")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    validate_guidance(args, has_gnet)
 
 
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
@@ -391,20 +414,17 @@ def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     return os.path.join(folder, f"{seed:06d}.png")
 
 
-def save_png(image: torch.Tensor, path: str) -> None:
-    """uint8 [C, H, W] -> PNG, written to a temporary file and renamed."""
+def save_png(image, path: str) -> None:
+    """A uint8 image as a PNG, written atomically (fastdiff._atomic): a tensor ``[C, H, W]`` (C = 1 or 3), or
+    an array ``[H, W]`` / ``[H, W, 3]``."""
+    import numpy as np
     from PIL import Image
 
-    arr = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        pil.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    arr = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    pil = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
+    atomic_write_with(path, lambda f: pil.save(f, format="PNG"))
 
 
 def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
@@ -420,96 +440,14 @@ def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
     return grid
 
 
-def run(args, net, gnet=None) -> int:
-    """Generates and writes the images with already loaded networks (this rank's share under
-    torch.distributed); rank 0 writes the grid."""
-    _validate(args, has_gnet=gnet is not None)
-    seeds = parse_seeds(args.seeds)
-    guidance, summary = build_guidance(args, net, gnet)
-    dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if rank == 0:
-        print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
-    batches = generate_images(
-        net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
-        class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
-        world_size=world,
-        S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
-    )
-    progress = None
-    if rank == 0 and getattr(args, "progress", True):
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(seeds), unit="img", desc="generate")
-    kept: list[tuple[int, torch.Tensor]] = []
-    for batch_seeds, images in batches:
-        if args.outdir is not None:
-            for seed, img in zip(batch_seeds, images):
-                save_png(img, image_path(args.outdir, seed, args.subdirs))
-        if args.grid is not None:
-            kept.extend(zip(batch_seeds, images))
-        if progress is not None:
-            progress.update(len(batch_seeds) * world)
-    if progress is not None:
-        progress.close()
-    if args.grid is not None:
-        if distributed:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, kept)
-            kept = [item for part in gathered for item in part]
-        if rank == 0:
-            kept.sort(key=lambda item: item[0])
-            save_png(make_grid([img for _, img in kept]), args.grid)
-    if distributed:
-        dist.barrier()
-    return 0
-
-
-def _init_distributed(device: str | None) -> tuple[bool, str | None]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = torch.distributed
-    if world <= 1 or not dist.is_available() or dist.is_initialized():
-        return False, device
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True, device
-
-
-def main(args) -> int:
+def parse_stds(text: str) -> list[float]:
     try:
-        _validate(args)
-        parse_seeds(args.seeds)
-        parse_interval(args.interval)
-    except ValueError as exc:
-        print(f"fastdiff generate: error: {exc}", file=sys.stderr)
-        return 2
-    started, args.device = _init_distributed(args.device)
-    try:
-        # fastdiff .safetensors, or an official EDM2 .pkl / torch.save file read safely (no code from it runs)
-        from fastdiff.io import load_any_network as load_network
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        net = load_network(args.net, device=device)
-        gnet = load_network(args.gnet, device=device) if args.gnet is not None else None
-        for m in (net, gnet):
-            if isinstance(m, torch.nn.Module):
-                m.eval().requires_grad_(False)
-        if getattr(args, "cuda_graphs", False):
-            if torch.device(device).type != "cuda":
-                raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
-            from fastdiff.sampling.graphs import cuda_graphed
-
-            net, gnet = cuda_graphed(net), (cuda_graphed(gnet) if gnet is not None else None)
-        return run(args, net, gnet)
-    except ValueError as exc:
-        print(f"fastdiff generate: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
+        stds = [float(s) for s in str(text).replace(" ", "").split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.05,0.10, got {text!r}")
+    if not stds:
+        raise argparse.ArgumentTypeError("expected at least one std")
+    for s in stds:
+        if not 0 < s <= MAX_STD:
+            raise argparse.ArgumentTypeError(f"each std must lie in (0, {MAX_STD:.4f}], got {s}")
+    return stds

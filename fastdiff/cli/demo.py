@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from fastdiff._atomic import atomic_write_with
+from fastdiff.cli.common import save_png
 
 __all__ = ["add_arguments", "main", "run_demo", "DigitClassifier", "labels_for_seeds",
            "parse_preset", "DEFAULTS", "FAST"]
@@ -245,14 +246,6 @@ def labels_for_seeds(seeds, shape, label_dim: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
-def _save_png(array: np.ndarray, path: str) -> None:
-    """uint8 [H, W] or [H, W, 3] -> PNG, atomically."""
-    from PIL import Image
-
-    img = Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
-    atomic_write_with(path, lambda f: img.save(f, format="PNG"))
-
-
 def _save_overview(grid: np.ndarray, names: list[str], path: str) -> None:
     """The overview grid (one row per setting) with the settings' names in a left margin."""
     from PIL import Image, ImageDraw
@@ -362,7 +355,7 @@ def run_demo(args) -> dict:
     from fastdiff.data import open_dataset
     from fastdiff.metrics import ModuleDetector
     from fastdiff.sampling import CFG, Autoguidance, Interval, generate_images
-    from fastdiff.sampling.cli import parse_interval
+    from fastdiff.cli.common import parse_interval
 
     t_start = time.perf_counter()
     opts = _resolved(args)
@@ -487,7 +480,7 @@ def run_demo(args) -> dict:
         sample_s = time.perf_counter() - t
         metrics = evaluate(out, s["key"])
         png = f"grid-{s['key']}.png"
-        _save_png(_grid(out[:grid_n], cols, scale), os.path.join(outdir, png))
+        save_png(_grid(out[:grid_n], cols, scale), os.path.join(outdir, png))
         overview_rows.append(out[:overview_n])
         row = dict(key=s["key"], method=s["method"], weight=s["weight"],
                    interval=list(interval) if s["method"] == "autoguidance+interval" else None,
