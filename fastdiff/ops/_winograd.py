@@ -105,10 +105,11 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
               device="cpu", kernel=(3, 3), threads: int | None = None) -> tuple[str, str]:
     """``("winograd" | "aten", reason)`` for an MP convolution of this shape.
 
-    The rule is a cost model fitted to measurements (BENCHMARKS.md, "Winograd MP convolution"): the
-    transform-domain GEMMs do 4x fewer multiplies than a direct convolution but pay three memory passes
-    (input and output transforms at 2.25x / 1x the activation size, the 36 transformed weights), which
-    only amortize with enough channels per pixel and enough tiles per GEMM. ``threads`` is accepted for
+    The rule is a small cost model checked against measurements (BENCHMARKS.md, "Winograd MP convolution",
+    benchmarks/bench_conv.py): the transform-domain GEMMs do 4x fewer multiplies than a direct
+    convolution but pay the input and output transforms (2.25x and 1x the activation size) and stream a
+    transformed weight 4x the size of the 3x3 one, which amortize only with >= 32 channels and >= 32
+    tiles of 4x4 per call. ``threads`` is accepted for
     the table in ``fastdiff info``; the measured crossover did not move between 1 and 2 threads.
     """
     if _FORCE[0] == "aten":
@@ -126,8 +127,11 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     tiles = batch * -(-height // 4) * -(-width // 4)
     if min(height, width) < 8:
         return "aten", f"{height}x{width} map < 8x8"
-    if tiles * min(cin, cout) < 2048:
-        return "aten", f"{tiles} tiles x {min(cin, cout)} channels: too small to amortize the transforms"
+    if tiles < 32:
+        # Each of the 36 per-point GEMMs streams its [cin, cout] slice of the transformed weight (4x the
+        # 3x3 weight) for `tiles` rows: below ~32 rows that weight traffic costs more than it saves
+        # (measured 0.7-1.0x at 4-16 tiles, 1.1-2x from 32 tiles on).
+        return "aten", f"{tiles} tiles < 32: the transformed weight (4x the 3x3 weight) is reused too little"
     return "winograd", f"{tiles} tiles of 4x4"
 
 
