@@ -43,7 +43,7 @@ def test_weight_transform_matches_reference(cin, cout, dtype):
     got = torch.ops.fastdiff.winograd_weight(w)
     want = R.winograd_weight(w)
     assert got.shape == (36, -(-cin // 8) * 8, -(-cout // 8) * 8) and got.dtype == dtype
-    assert rel(got, want) < (1e-15 if dtype == torch.float64 else 1e-7)
+    assert rel(got, want) < (1e-15 if dtype == torch.float64 else 1e-6)
     assert torch.all(got[:, cin:] == 0) and torch.all(got[:, :, cout:] == 0)
 
 

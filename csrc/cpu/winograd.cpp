@@ -35,11 +35,11 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
   at::Tensor w = w_in.contiguous();
   wg::Geometry g{};
   g.cout = w.size(0), g.cin = w.size(1), g.coutp = wg::round_up(g.cout), g.cinp = wg::round_up(g.cin);
-  at::Tensor u = at::zeros({36, g.cinp, g.coutp}, w.options());
+  at::Tensor u = at::empty({36, g.cinp, g.coutp}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "winograd_weight", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* up = u.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.cin, std::max<int64_t>(1, 4096 / g.cout), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, g.cinp, std::max<int64_t>(1, 4096 / g.coutp), [&](int64_t b, int64_t e) {
       wg::weight_transform<scalar_t>(wp, g, up, b, e);
     });
   });

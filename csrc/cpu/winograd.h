@@ -50,7 +50,8 @@ void input_transform(const T* xt, const Geometry& g, int64_t t0, int64_t ta, int
 template <typename T>
 void output_transform(const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, int64_t chunk,
                       const Epilogue<T>& ep, bool channels_last, T* y);
-// U from w [cout][cin][3][3] (contiguous) for input channels [c0, c1); computed in double.
+// U from w [cout][cin][3][3] (contiguous) for padded input channels [c0, c1) of [0, cinp) (rows past cin
+// and columns past cout written as zeros).
 template <typename T> void weight_transform(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
 
 }  // namespace winograd

@@ -280,20 +280,25 @@ FD_INLINE void output_transform_body(const T* m, const Geometry& g, int64_t t0, 
 
 template <typename T>
 FD_INLINE void weight_transform_body(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1) {
-  static const double G[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6},
-                                 {-1.0 / 6, 1.0 / 6, -1.0 / 6}, {1.0 / 24, 1.0 / 12, 1.0 / 6},
-                                 {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
+  constexpr int L = VT<T>::L;
+  const T G[6][3] = {{T(1) / 4, 0, 0},           {T(-1) / 6, T(-1) / 6, T(-1) / 6},
+                     {T(-1) / 6, T(1) / 6, T(-1) / 6}, {T(1) / 24, T(1) / 12, T(1) / 6},
+                     {T(1) / 24, T(-1) / 12, T(1) / 6}, {0, 0, 1}};
   const int64_t pstride = g.cinp * g.coutp;
   for (int64_t ci = c0; ci < c1; ci++) {
-    for (int64_t o = 0; o < g.cout; o++) {
-      const T* k = w + (o * g.cin + ci) * 9;
-      double gk[6][3];  // G g
+    for (int64_t ob = 0; ob < g.coutp; ob += L) {  // L output channels per vector
+      vec<T> k[9];
+      for (int tap = 0; tap < 9; tap++) {
+        k[tap] = vec<T>{};
+        if (ci < g.cin)
+          for (int j = 0; j < L && ob + j < g.cout; j++) k[tap][j] = w[((ob + j) * g.cin + ci) * 9 + tap];
+      }
+      vec<T> gk[6][3];  // G g
       for (int i = 0; i < 6; i++)
         for (int b = 0; b < 3; b++) gk[i][b] = G[i][0] * k[b] + G[i][1] * k[3 + b] + G[i][2] * k[6 + b];
       for (int i = 0; i < 6; i++)
         for (int j = 0; j < 6; j++)
-          u[(i * 6 + j) * pstride + ci * g.coutp + o] =
-              T(gk[i][0] * G[j][0] + gk[i][1] * G[j][1] + gk[i][2] * G[j][2]);
+          store(u + (i * 6 + j) * pstride + ci * g.coutp + ob, gk[i][0] * G[j][0] + gk[i][1] * G[j][1] + gk[i][2] * G[j][2]);
     }
   }
 }
