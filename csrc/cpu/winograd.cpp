@@ -110,29 +110,38 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u, const 
     }
     ep.clip = T(clip > 0 ? clip : 0);
 
-    // Tiles in chunks whose transform-domain buffers (V and M) stay near the last-level cache.
+    // Tiles in chunks whose transform-domain buffers (V and M) stay near the cache, and at least one
+    // chunk per thread; each thread runs whole chunks (transform, 36 GEMMs, output transform) on its own
+    // buffers, so a convolution is two parallel regions however many chunks it has.
     const int64_t tiles = g.tiles();
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t budget = int64_t(2) << 20;  // bytes per buffer (measured: 2 MiB beat 0.5 and 8 MiB)
     const int64_t per_tile = 36 * std::max(g.cinp, g.coutp) * int64_t(sizeof(T));
-    const int64_t chunk = std::min(tiles, std::max<int64_t>(32, budget / per_tile));
-    at::Tensor v = at::empty({36, chunk, g.cinp}, x.options());
-    at::Tensor m = at::empty({36, chunk, g.coutp}, x.options());
-    T* vp = v.mutable_data_ptr<T>();
-    const T* mp = m.const_data_ptr<T>();
+    int64_t chunk = std::min(tiles, std::max<int64_t>(32, budget / per_tile));
+    chunk = std::max<int64_t>(1, std::min(chunk, (tiles + threads - 1) / threads));
+    const int64_t nchunks = (tiles + chunk - 1) / chunk;
+    const int64_t slots = std::min(threads, nchunks);
+    at::Tensor v = at::empty({slots, 36, chunk, g.cinp}, x.options());
+    at::Tensor m = at::empty({slots, 36, chunk, g.coutp}, x.options());
+    const T* xtc = xt.const_data_ptr<T>();
     T* yp = y.mutable_data_ptr<T>();
-    for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
-      const int64_t t1 = std::min(tiles, t0 + chunk), nt = t1 - t0;
-      at::parallel_for(t0, t1, 8, [&](int64_t b, int64_t e) { wg::input_transform<T>(xt.const_data_ptr<T>(), g, t0, b, e, chunk, vp); });
-      if (nt == chunk) {
-        at::bmm_out(m, v, u);
-      } else {
-        at::Tensor mv = m.narrow(1, 0, nt);
-        at::bmm_out(mv, v.narrow(1, 0, nt), u);  // a strided view: M keeps the chunk's row stride
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      const int64_t slot = std::min<int64_t>(at::get_thread_num(), slots - 1);
+      at::Tensor vs = v[slot], ms = m[slot];
+      T* vp = vs.mutable_data_ptr<T>();
+      const T* mp = ms.const_data_ptr<T>();
+      for (int64_t ci = b; ci < e; ci++) {
+        const int64_t t0 = ci * chunk, t1 = std::min(tiles, t0 + chunk), nt = t1 - t0;
+        wg::input_transform<T>(xtc, g, t0, t0, t1, chunk, vp);
+        if (nt == chunk) {
+          at::bmm_out(ms, vs, u);
+        } else {
+          at::Tensor mv = ms.narrow(1, 0, nt);
+          at::bmm_out(mv, vs.narrow(1, 0, nt), u);  // a strided view: M keeps the chunk's row stride
+        }
+        wg::output_transform<T>(mp, g, t0, t0, t1, chunk, ep, cl, yp);
       }
-      at::parallel_for(t0, t1, 8, [&](int64_t b, int64_t e) {
-        wg::output_transform<T>(mp, g, t0, b, e, chunk, ep, cl, yp);
-      });
-    }
+    });
   });
   return y;
 }
