@@ -276,3 +276,16 @@ def test_sampler_trajectory_matches_plain_edm2():
             got = suites.plain_heun_loop(net, gnet, x, labels)
         want = suites.plain_heun_loop(pnet, gplain, x, labels)
     assert rel(got, want) < 1e-3
+
+
+def test_info_lists_the_path_of_every_conv_shape(capsys):
+    from fastdiff.cli import main
+    from fastdiff.cli.info import conv_paths
+
+    rows = conv_paths("small-32", batch=8)
+    by_name = {r[0]: r for r in rows}
+    assert by_name["enc.32x32_conv"][4] == "aten" and by_name["out_conv"][4] == "aten"  # 4 / 3 channels
+    assert by_name["enc.32x32_block0.conv_res0"][1:4] == (64, 64, 32)
+    assert by_name["enc.32x32_block0.conv_res0"][4] == ("winograd" if HAS else "aten")
+    assert main(["info", "--preset", "small-32", "--batch", "8"]) == 0
+    assert "3x3 convolutions of small-32" in capsys.readouterr().out
