@@ -58,6 +58,21 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "solver_step(Tensor x, Tensor d1, Tensor? d0, Tensor w, Tensor sigma_cur, Tensor sigma_next,"
       " Tensor? d_prev=None, Tensor? x_base=None) -> (Tensor, Tensor, Tensor)");
+
+  // --- Winograd MP convolution (3x3, stride 1, padding 1; CPU, float32 / float64) -------------------
+  // F(4x4, 3x3) weight transform G g G^T of a [out, in, 3, 3] weight: [36, in_p, out_p], channel counts
+  // zero-padded to multiples of 8, in w's dtype. Cached in eval mode (no normalization: the MP factor
+  // is the `scale` of winograd_conv).
+  m.def("winograd_weight(Tensor w) -> Tensor");
+  // The fused conv: y = conv2d(silu_in ? mp_silu(x) : x, weight) * scale[o] per output channel o, with
+  // u = winograd_weight(weight); then y = mp_silu(y * (1 + mod)) if mod ([N, out]) is given, then
+  // y = mp_sum(res, y, t) if res (shaped like y) is given, then clip(y, clip) if clip > 0. Output laid
+  // out like x (channels-last or contiguous). Not differentiable (the inference form).
+  m.def(
+      "winograd_conv(Tensor x, Tensor u, Tensor scale, bool silu_in=False, Tensor? mod=None, Tensor? res=None,"
+      " float t=0.5, float clip=0.) -> Tensor");
+  // mp_conv for a 3x3 weight on the Winograd path, differentiable (autograd in fastdiff/ops/_winograd.py).
+  m.def("mp_conv_winograd(Tensor x, Tensor w, Tensor gain, float eps) -> Tensor");
 }
 
 // The extension is loaded as a Python module (fastdiff._C) only for its side effect of running the

@@ -16,6 +16,49 @@ from fastdiff.ops import _ext, reference
 
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="device to self-check on (default: cpu)")
+    parser.add_argument("--preset", default=None,
+                        help="comma-separated network presets: print which path (Winograd or ATen) each 3x3 "
+                             "convolution shape takes")
+    parser.add_argument("--batch", type=int, default=1, help="batch size for --preset (default: 1)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"],
+                        help="activation dtype for --preset (default: float32)")
+
+
+def conv_paths(preset: str, batch: int = 1, dtype=torch.float32, device="cpu"):
+    """``(name, cin, cout, resolution, path, reason)`` for every 3x3 convolution of ``preset``'s network (built
+    on the meta device: no memory, no time)."""
+    import re
+
+    from fastdiff import nn as fnn
+
+    with torch.device("meta"):
+        net = fnn.build(preset)
+    unet = net.unet
+    rows = []
+    for name, m in unet.named_modules():
+        if not isinstance(m, fnn.MPConv) or m.kernel != (3, 3):
+            continue
+        found = re.search(r"(\d+)x\d+", name)
+        res = int(found.group(1)) if found else unet.img_resolution
+        path, why = ops.conv_path(m.in_channels, m.out_channels, res, res, batch, dtype, device)
+        rows.append((name, m.in_channels, m.out_channels, res, path, why))
+    return rows
+
+
+def _print_conv_paths(args) -> None:
+    dtype = getattr(torch, args.dtype)
+    for preset in args.preset.split(","):
+        print(f"3x3 convolutions of {preset} (batch {args.batch}, {args.dtype}, {args.device}, "
+              f"{torch.get_num_threads()} threads):")
+        seen = {}
+        for name, cin, cout, res, path, why in conv_paths(preset.strip(), args.batch, dtype, args.device):
+            key = (cin, cout, res)
+            if key in seen:
+                seen[key][0] += 1
+                continue
+            seen[key] = [1, name, path, why]
+        for (cin, cout, res), (count, name, path, why) in seen.items():
+            print(f"  {cin:4d} -> {cout:4d} at {res:3d}x{res:<3d} x{count:<3d} {path:8s} ({why}; e.g. {name})")
 
 
 def _forward_checks(device: str):
@@ -82,6 +125,8 @@ def main(args) -> int:
         print("compiled extension: loaded")
         for op, devices in _ext.kernels().items():
             print(f"  {op:28s} {', '.join(devices) or 'composite'}")
+    if args.preset:
+        _print_conv_paths(args)
     worst = 0.0
     print(f"self-check on {args.device} (every public op, fused vs reference, float32):")
     for name, got, want in [*_forward_checks(args.device), *_backward_checks(args.device)]:

@@ -56,6 +56,7 @@ class MPConv(torch.nn.Module):
         self.kernel = kernel
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
         self._cache = None  # (key, effective weight)
+        self._wcache = None  # (key, (Winograd weight transform, row scale)) for the Winograd path
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={self.kernel}"
@@ -64,6 +65,7 @@ class MPConv(torch.nn.Module):
 
     def clear_weight_cache(self) -> None:
         self._cache = None
+        self._wcache = None
 
     def _gain_key(self, gain):
         if isinstance(gain, torch.Tensor):
@@ -85,6 +87,41 @@ class MPConv(torch.nn.Module):
         self._cache = (key, w_hat)
         return w_hat
 
+    def winograd_weight(self, dtype: torch.dtype | None = None):
+        """The cached ``(winograd_weight(W), weight_norm_scale(W))`` pair of the Winograd path (no gradient),
+        keyed on the weight's version counter like ``effective_weight``. It holds the un-normalized weight's
+        transform: the MP factor ``gain * s_o / sqrt(fan_in)`` is applied per output channel in the fused
+        output transform, so a gain change needs no new transform."""
+        w = self.weight
+        dtype = dtype or w.dtype
+        key = (w._version, w.data_ptr(), w.device, dtype)
+        cache = self._wcache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.inference_mode(False), torch.no_grad():
+            wd = w.detach()
+            pair = (ops.winograd_weight(wd.to(dtype)), torch.ops.fastdiff.weight_norm_scale(wd, ops.EPS))
+        self._wcache = (key, pair)
+        return pair
+
+    def fused(self, x: torch.Tensor, gain=1.0, *, silu_in: bool = False, c=None, res=None, t: float = 0.5,
+              clip: float = 0.0) -> torch.Tensor:
+        """``ops.mp_conv_fused`` with this layer's weight: ``self(mp_silu(x))`` (``silu_in``), then
+        ``mp_silu(y * (1 + c))``, ``mp_sum(res, y, t)`` and ``clip`` where given; one Winograd pass in eval
+        mode where the selector (``ops.conv_path``) picks Winograd, the unfused chain otherwise."""
+        if _is_compiling() or len(self.kernel) != 2 or not ops.uses_winograd(x, self.weight):
+            o = _ops()
+            y = self(o.mp_silu(x) if silu_in else x, gain)
+            if c is not None:
+                y = o.mp_silu_modulate(y, c.to(y.dtype))
+            if res is not None:
+                y = o.mp_sum(res, y, t=t)
+            return o.clip(y, clip) if clip else y
+        if self.training:
+            ops.weight_norm_(self.weight)
+        cache = self.winograd_weight(x.dtype) if self._use_cache(gain) else None
+        return ops.mp_conv_fused(x, self.weight, gain, silu_in=silu_in, c=c, res=res, t=t, clip=clip, cache=cache)
+
     _normalized_by_parent = False  # set by UNet / Precond, which normalize all their layers at once
 
     def _use_cache(self, gain) -> bool:
@@ -98,6 +135,8 @@ class MPConv(torch.nn.Module):
     # --- forward ------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
+        if len(self.kernel) == 2 and not _is_compiling() and ops.uses_winograd(x, self.weight):
+            return self.fused(x, gain)
         if self.training:
             # Forced weight normalization (no grad through the write). Compiled, it is done eagerly: by the
             # enclosing UNet / Precond for all its layers at once, else here (one graph break per layer).
@@ -126,6 +165,7 @@ class MPConv(torch.nn.Module):
     def __getstate__(self):
         state = super().__getstate__().copy()
         state["_cache"] = None
+        state["_wcache"] = None
         return state
 
     def __deepcopy__(self, memo):
@@ -136,7 +176,7 @@ class MPConv(torch.nn.Module):
         import copy
 
         for k, v in self.__dict__.items():
-            new.__dict__[k] = None if k == "_cache" else copy.deepcopy(v, memo)
+            new.__dict__[k] = None if k in ("_cache", "_wcache") else copy.deepcopy(v, memo)
         return new
 
 

@@ -65,17 +65,17 @@ class Block(torch.nn.Module):
                 x = self.conv_skip(x)
             x = ops.pixel_norm(x)
 
-        # Residual branch.
-        y = self.conv_res0(ops.mp_silu(x))
+        # Residual branch: y = conv_res1(mp_silu(conv_res0(mp_silu(x)) * (1 + c))), x = mp_sum(x, y); each conv
+        # with its elementwise chain in one fused pass where the Winograd path is taken (MPConv.fused).
         c = self.emb_linear(emb, gain=self.emb_gain)
-        y = ops.mp_silu_modulate(y, c.to(y.dtype))
+        y = self.conv_res0.fused(x, silu_in=True, c=c)
         if self.training and self.dropout != 0:
             y = F.dropout(y, p=self.dropout, training=True)
-        y = self.conv_res1(y)
 
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
-        x = ops.mp_sum(x, y, t=self.res_balance)
+        clip_now = self.num_heads == 0 and self.clip_act is not None and self.clip_act != 0
+        x = self.conv_res1.fused(y, res=x, t=self.res_balance, clip=float(self.clip_act) if clip_now else 0.0)
 
         # Self-attention.
         if self.num_heads != 0:
@@ -84,7 +84,7 @@ class Block(torch.nn.Module):
             y = self.attn_proj(y)
             x = ops.mp_sum(x, y, t=self.attn_balance)
 
-        if self.clip_act is not None and self.clip_act != 0:
+        if self.num_heads != 0 and self.clip_act is not None and self.clip_act != 0:
             x = ops.clip(x, self.clip_act)
         return x
 

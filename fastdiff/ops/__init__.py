@@ -29,7 +29,7 @@ _force = [False]  # set by use_reference(); a plain list so torch.compile can re
 __all__ = [
     "HAS_EXTENSION", "kernels", "use_reference", "uses_kernel", "weight_norm", "weight_norm_", "mp_weight",
     "mp_conv", "mp_linear", "mp_silu", "mp_sum", "mp_cat", "pixel_norm", "mp_silu_modulate", "clip", "normalize",
-    "cosine_attention", "solver_step",
+    "cosine_attention", "solver_step", "mp_conv_fused", "winograd_weight", "conv_path", "use_aten_conv", "use_conv_path",
     "reference",
 ]
 
@@ -196,3 +196,11 @@ def fan_in(w: torch.Tensor) -> int:
 
 
 from fastdiff.ops._solver import solver_step, solver_step_reference  # noqa: E402,F401  (batched solver step)
+from fastdiff.ops._winograd import conv_path, mp_conv_fused, use_aten_conv, use_conv_path, uses_winograd  # noqa: E402,F401
+
+
+def winograd_weight(w: torch.Tensor) -> torch.Tensor:
+    """The F(4x4, 3x3) weight transform ``G g G^T`` of a 3x3 weight, ``[36, in_p, out_p]`` (no gradient)."""
+    if uses_kernel("winograd_weight", w) and w.dtype in (torch.float32, torch.float64):
+        return torch.ops.fastdiff.winograd_weight(w.detach())
+    return reference.winograd_weight(w.detach())

@@ -114,3 +114,66 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     att = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
     out = torch.einsum("nhqk,nhck->nhcq", att, v)
     return out.reshape(n, c3 // 3, h, w)
+
+
+# --- Winograd MP convolution ---------------------------------------------------------------------------
+# F(4x4, 3x3) (Lavin & Gray 2016): Y = A^T [(G g G^T) . (B^T d B)] A per 4x4 output tile and 6x6 input patch.
+WINOGRAD_BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+               [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+WINOGRAD_G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+WINOGRAD_AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+
+
+def _pad8(c: int) -> int:
+    return (c + 7) // 8 * 8
+
+
+def winograd_weight(w: torch.Tensor) -> torch.Tensor:
+    """``U = G g G^T`` of a 3x3 weight ``[out, in, 3, 3]`` as ``[36, in_p, out_p]`` (channels zero-padded to
+    multiples of 8), computed in float64 and returned in ``w``'s dtype."""
+    g = torch.tensor(WINOGRAD_G, dtype=torch.float64, device=w.device)
+    u = torch.einsum("ia,ocab,jb->ijco", g, w.double(), g)
+    out = torch.zeros(36, _pad8(w.shape[1]), _pad8(w.shape[0]), dtype=torch.float64, device=w.device)
+    out[:, : w.shape[1], : w.shape[0]] = u.reshape(36, w.shape[1], w.shape[0])
+    return out.to(w.dtype)
+
+
+def winograd_conv(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in: bool = False, mod=None, res=None,
+                  t: float = 0.5, clip: float = 0.0) -> torch.Tensor:
+    """The Winograd convolution with its fused chain, in plain PyTorch (tiles by ``unfold``): see the
+    ``winograd_conv`` schema in csrc/ops.cpp."""
+    n, cin, h, w = x.shape
+    cout = scale.shape[0]
+    th, tw = -(-h // 4), -(-w // 4)
+    if silu_in:
+        x = mp_silu(x)
+    d = F.pad(x, (1, 4 * tw + 1 - w, 1, 4 * th + 1 - h))  # [n, cin, 4 th + 2, 4 tw + 2]
+    d = d.unfold(2, 6, 4).unfold(3, 6, 4)  # [n, cin, th, tw, 6, 6]
+    bt = torch.tensor(WINOGRAD_BT, dtype=x.dtype, device=x.device)
+    at = torch.tensor(WINOGRAD_AT, dtype=x.dtype, device=x.device)
+    v = torch.einsum("ia,ncyxab,jb->ijnyxc", bt, d, bt)
+    m = torch.einsum("ijnyxc,ijco->ijnyxo", v, u.reshape(6, 6, *u.shape[1:])[:, :, :cin, :cout].to(x.dtype))
+    y = torch.einsum("ri,ijnyxo,sj->noyrxs", at, m, at).reshape(n, cout, 4 * th, 4 * tw)[:, :, :h, :w]
+    y = y * scale.to(x.dtype).reshape(-1, 1, 1)
+    if mod is not None:
+        y = mp_silu_modulate(y, mod)
+    if res is not None:
+        y = mp_sum(res, y, t)
+    if clip > 0:
+        y = y.clamp(-clip, clip)
+    return y.contiguous()
+
+
+def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool = False, c=None, res=None,
+                  t: float = 0.5, clip: float = 0.0, eps: float = EPS) -> torch.Tensor:
+    """The block chain the Winograd path fuses: ``mp_conv(mp_silu?(x))``, then ``mp_silu(y (1 + c))``,
+    ``mp_sum(res, y, t)`` and ``clip`` where given."""
+    y = mp_conv(mp_silu(x) if silu_in else x, w, gain, eps)
+    if c is not None:
+        y = mp_silu_modulate(y, c.to(y.dtype))
+    if res is not None:
+        y = mp_sum(res, y, t)
+    if clip:
+        y = y.clamp(-clip, clip)
+    return y

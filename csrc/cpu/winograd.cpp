@@ -1,0 +1,178 @@
+// CPU glue of the Winograd MP convolution (3x3, stride 1, padding 1): checks, layouts, tile chunks,
+// threading (at::parallel_for over rows and tiles) and the 36 per-point GEMMs of each chunk through
+// ATen's BLAS (at::bmm). The transforms are the raw loops of winograd_kernels.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../common.h"
+#include "winograd.h"
+
+namespace fastdiff {
+namespace {
+
+namespace wg = cpu::winograd;
+
+void check_winograd_dtype(const at::Tensor& t, const char* op, const char* name) {
+  check_float(t, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastdiff.", op, ": expected '", name,
+              "' in float32 or float64 (the Winograd kernels have no float16 / bfloat16 form), got ", t.scalar_type());
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// [36, round_up(cin), round_up(cout)] in w's dtype (float32 or float64).
+at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
+  check_winograd_dtype(w_in, "winograd_weight", "w");
+  TORCH_CHECK(w_in.dim() == 4 && w_in.size(2) == 3 && w_in.size(3) == 3 && w_in.size(0) > 0 && w_in.size(1) > 0,
+              "fastdiff.winograd_weight: expected a non-empty 3x3 weight [out, in, 3, 3], got shape ", w_in.sizes());
+  at::Tensor w = w_in.contiguous();
+  wg::Geometry g{};
+  g.cout = w.size(0), g.cin = w.size(1), g.coutp = wg::round_up(g.cout), g.cinp = wg::round_up(g.cin);
+  at::Tensor u = at::empty({36, g.cinp, g.coutp}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "winograd_weight", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* up = u.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.cinp, std::max<int64_t>(1, 4096 / g.coutp), [&](int64_t b, int64_t e) {
+      wg::weight_transform<scalar_t>(wp, g, up, b, e);
+    });
+  });
+  return u;
+}
+
+// A [rows] vector (rows <= padded) in `dtype`, zero-padded to `padded`, contiguous.
+at::Tensor padded_vector(const at::Tensor& v, int64_t padded, at::ScalarType dtype) {
+  at::Tensor out = at::zeros({padded}, v.options().dtype(dtype));
+  out.narrow(0, 0, v.numel()).copy_(v.reshape({-1}));
+  return out;
+}
+
+at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u, const at::Tensor& scale, bool silu_in,
+                             const std::optional<at::Tensor>& mod, const std::optional<at::Tensor>& res_in, double t,
+                             double clip) {
+  const char* op = "winograd_conv";
+  check_winograd_dtype(x_in, op, "x");
+  check_same(x_in, u, op, "x", "u", /*same_shape=*/false);
+  check_float(scale, op, "scale");
+  TORCH_CHECK(x_in.dim() == 4, "fastdiff.winograd_conv: expected x of shape [N, C, H, W], got ", x_in.sizes());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) > 0,
+              "fastdiff.winograd_conv: expected scale of shape [out_channels], got ", scale.sizes());
+  wg::Geometry g{};
+  g.n = x_in.size(0), g.cin = x_in.size(1), g.h = x_in.size(2), g.w = x_in.size(3);
+  g.cout = scale.size(0), g.cinp = wg::round_up(g.cin), g.coutp = wg::round_up(g.cout);
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == 36 && u.size(1) == g.cinp && u.size(2) == g.coutp,
+              "fastdiff.winograd_conv: expected u of shape [36, ", g.cinp, ", ", g.coutp,
+              "] (winograd_weight of a [", g.cout, ", ", g.cin, ", 3, 3] weight), got ", u.sizes());
+  g.th = (g.h + 3) / 4, g.tw = (g.w + 3) / 4, g.hp = 4 * g.th + 2, g.wp = 4 * g.tw + 2;
+
+  const bool cl = is_channels_last(x_in);
+  at::Tensor x = cl ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty({g.n, g.cout, g.h, g.w}, x.options());
+  if (cl) y = y.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::ScalarType st = x.scalar_type();
+
+  at::Tensor modf, res;
+  if (mod.has_value()) {
+    modf = modulation_factor(y, *mod, op);  // 1 + c, [N, C] in the accumulation type
+    if (modf.numel() > 0)
+      modf = at::constant_pad_nd(modf.to(st), {0, g.coutp - g.cout}).contiguous();
+  }
+  if (res_in.has_value()) {
+    check_same(*res_in, y, op, "res", "the output");
+    res = cl ? res_in->contiguous(at::MemoryFormat::ChannelsLast) : res_in->contiguous();
+  }
+  if (y.numel() == 0) return y;
+  at::Tensor sc = padded_vector(scale.to(x.device()), g.coutp, st);
+
+  AT_DISPATCH_FLOATING_TYPES(st, "winograd_conv", [&] {
+    using T = scalar_t;
+    at::Tensor xt = at::empty({g.n, g.hp, g.wp, g.cinp}, x.options());
+    const T* xp = x.const_data_ptr<T>();
+    T* xtp = xt.mutable_data_ptr<T>();
+    const int64_t rows = g.n * g.hp;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / (g.wp * g.cinp)), [&](int64_t b, int64_t e) {
+      wg::pack_input<T>(xp, cl, silu_in, g, xtp, b, e);
+    });
+
+    wg::Epilogue<T> ep;
+    ep.scale = sc.const_data_ptr<T>();
+    ep.mod = modf.defined() ? modf.const_data_ptr<T>() : nullptr;
+    ep.res = res.defined() ? res.const_data_ptr<T>() : nullptr;
+    if (ep.res) {
+      auto [wa, wb] = mp_sum_weights(t);
+      ep.wa = T(wa), ep.wb = T(wb);
+    }
+    ep.clip = T(clip > 0 ? clip : 0);
+
+    // Tiles in chunks whose transform-domain buffers (V and M) stay near the cache, and at least one
+    // chunk per thread; each thread runs whole chunks (transform, 36 GEMMs, output transform) on its own
+    // buffers, so a convolution is two parallel regions however many chunks it has.
+    const int64_t tiles = g.tiles();
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t budget = int64_t(2) << 20;  // bytes per buffer (measured: 2 MiB beat 0.5 and 8 MiB)
+    const int64_t per_tile = 36 * std::max(g.cinp, g.coutp) * int64_t(sizeof(T));
+    int64_t chunk = std::min(tiles, std::max<int64_t>(32, budget / per_tile));
+    chunk = std::max<int64_t>(1, std::min(chunk, (tiles + threads - 1) / threads));
+    const int64_t nchunks = (tiles + chunk - 1) / chunk;
+    const int64_t slots = std::min(threads, nchunks);
+    at::Tensor v = at::empty({slots, 36, chunk, g.cinp}, x.options());
+    at::Tensor m = at::empty({slots, 36, chunk, g.coutp}, x.options());
+    const T* xtc = xt.const_data_ptr<T>();
+    T* yp = y.mutable_data_ptr<T>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      const int64_t slot = std::min<int64_t>(at::get_thread_num(), slots - 1);
+      at::Tensor vs = v[slot], ms = m[slot];
+      T* vp = vs.mutable_data_ptr<T>();
+      const T* mp = ms.const_data_ptr<T>();
+      for (int64_t ci = b; ci < e; ci++) {
+        const int64_t t0 = ci * chunk, t1 = std::min(tiles, t0 + chunk), nt = t1 - t0;
+        wg::input_transform<T>(xtc, g, t0, t0, t1, chunk, vp);
+        if (nt == chunk) {
+          at::bmm_out(ms, vs, u);
+        } else {
+          at::Tensor mv = ms.narrow(1, 0, nt);
+          at::bmm_out(mv, vs.narrow(1, 0, nt), u);  // a strided view: M keeps the chunk's row stride
+        }
+        wg::output_transform<T>(mp, g, t0, t0, t1, chunk, ep, cl, yp);
+      }
+    });
+  });
+  return y;
+}
+
+template <typename Sig> c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// MP convolution on the Winograd path: conv2d(x, gain N(w) / sqrt(fan_in), padding 1), the per-row factor
+// applied in the output transform.
+at::Tensor mp_conv_winograd_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gain, double eps) {
+  check_winograd_dtype(x, "mp_conv_winograd", "x");
+  check_float(w, "mp_conv_winograd", "w");
+  check_float(gain, "mp_conv_winograd", "gain");
+  TORCH_CHECK(gain.numel() == 1, "fastdiff.mp_conv_winograd: expected a scalar gain, got shape ", gain.sizes());
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && x.dim() == 4 && x.size(1) == w.size(1),
+              "fastdiff.mp_conv_winograd: expected x [N, C, H, W] and a 3x3 weight [out, C, 3, 3], got ", x.sizes(),
+              " and ", w.sizes());
+  static auto norm_scale = find_op<at::Tensor(const at::Tensor&, double)>("fastdiff::weight_norm_scale");
+  at::Tensor s = norm_scale.call(w, eps);
+  s = s * (gain.to(s.device(), s.scalar_type()).reshape({}) / std::sqrt(double(w.numel() / w.size(0))));
+  return winograd_conv_cpu(x, winograd_weight_cpu(w.to(x.scalar_type())), s, false, std::nullopt, std::nullopt, 0.5,
+                           0.0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("winograd_weight", &winograd_weight_cpu);
+  m.impl("winograd_conv", &winograd_conv_cpu);
+  m.impl("mp_conv_winograd", &mp_conv_winograd_cpu);
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,59 @@
+// Raw loops of the Winograd F(4x4, 3x3) convolution (Lavin & Gray 2016, "Fast Algorithms for
+// Convolutional Neural Networks", Sec. 4): Y = A^T [ (G g G^T) . (B^T d B) ] A per 4x4 output tile,
+// 6x6 input patch d, 3x3 filter g, 36 points per tile. The per-point products are batched GEMMs that
+// the caller (winograd.cpp) runs through ATen's BLAS; these loops are the three transforms, written on
+// 32-byte vectors over channels (8 floats or 4 doubles) and built for AVX2+FMA and the baseline with
+// the run-time dispatch of isa.h.
+//
+// Layouts (channel counts padded to a multiple of kLanes with zeros):
+//   xt  [N][hp][wp][cp]          the input, zero-padded by one pixel (and up to whole tiles), NHWC
+//   V   [36][tiles][cp]          input transform of a chunk of tiles (t - t0)
+//   U   [36][cinp][coutp]        weight transform
+//   M   [36][tiles][coutp]       V[k] @ U[k]
+#pragma once
+#include <cstdint>
+
+namespace fastdiff {
+namespace cpu {
+namespace winograd {
+
+constexpr int64_t kLanes = 8;  // channel padding unit (a multiple of the lanes of every vector type)
+
+inline int64_t round_up(int64_t c) { return (c + kLanes - 1) / kLanes * kLanes; }
+
+struct Geometry {
+  int64_t n, h, w;  // batch and spatial size of input and output
+  int64_t th, tw;   // tiles per column / row: ceil(h / 4), ceil(w / 4)
+  int64_t hp, wp;   // padded input: 4 th + 2, 4 tw + 2
+  int64_t cin, cinp, cout, coutp;
+  int64_t tiles() const { return n * th * tw; }
+};
+
+// What follows the convolution in the output transform, per output element (n, o, p):
+//   y = conv * scale[o];  if mod: y = mp_silu(y * mod[n * coutp + o]);
+//   if res: y = wa * res + wb * y;  if clip > 0: y = clamp(y, -clip, clip).
+template <typename T> struct Epilogue {
+  const T* scale = nullptr;  // [coutp]
+  const T* mod = nullptr;    // [N][coutp] (the factor 1 + c), or null
+  const T* res = nullptr;    // residual in the output's layout, or null
+  T wa = 0, wb = 1, clip = 0;
+};
+
+// Rows [r0, r1) of the N * hp rows of xt from x ([N, C, H, W] channels-first, or channels-last),
+// applying mp_silu when `silu`.
+template <typename T>
+void pack_input(const T* x, bool channels_last, bool silu, const Geometry& g, T* xt, int64_t r0, int64_t r1);
+// V[k][t - t0][:] for tiles t in [ta, tb), tile index t = (n * th + ty) * tw + tx.
+template <typename T>
+void input_transform(const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, int64_t chunk, T* v);
+// Output elements of tiles [ta, tb) from M (rows t - t0), through the epilogue, into y.
+template <typename T>
+void output_transform(const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, int64_t chunk,
+                      const Epilogue<T>& ep, bool channels_last, T* y);
+// U from w [cout][cin][3][3] (contiguous) for padded input channels [c0, c1) of [0, cinp) (rows past cin
+// and columns past cout written as zeros).
+template <typename T> void weight_transform(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
+
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace fastdiff

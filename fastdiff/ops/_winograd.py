@@ -1,0 +1,195 @@
+"""The Winograd MP convolution: fake kernels, autograd, the per-shape choice Winograd vs ATen, and the
+fused block chain ``mp_conv_fused``.
+
+The kernels (csrc/cpu/winograd*.cpp) compute a 3x3, stride-1, padding-1 convolution by Winograd's minimal
+filtering F(4x4, 3x3) (Lavin & Gray 2016, Eq. 9 in 2-D nesting form: ``Y = A^T [U . V] A`` with
+``U = G g G^T``, ``V = B^T d B``), the 36 per-point products as batched GEMMs. ``winograd_conv`` fuses
+the EDM2 block's elementwise chain around it (EDM2 Alg. 1 / Fig. 21, the residual branch): ``mp_silu`` of
+the input, the MP weight factor per output channel, then ``mp_silu(y * (1 + c))`` or ``mp_sum(x, y, t)``
+and ``clip``. Only the CPU has these kernels; elsewhere (CUDA keeps cuDNN) the chain runs unfused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from fastdiff.ops import _ext, reference
+
+lib = "fastdiff::"
+_ENV = os.environ.get("FASTDIFF_CONV", "").strip().lower()
+if _ENV not in ("", "auto", "aten", "winograd"):
+    raise ValueError(f"FASTDIFF_CONV: expected 'aten', 'winograd' or 'auto', got {_ENV!r}")
+_FORCE = [_ENV if _ENV in ("aten", "winograd") else None]  # a plain list so torch.compile can read it
+_LANES = 8  # channel padding of the transformed weight (winograd.h kLanes)
+
+
+def _round_up(c: int) -> int:
+    return (c + _LANES - 1) // _LANES * _LANES
+
+
+def _cl_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _register() -> None:
+    reg = torch.library.register_fake
+    reg(lib + "winograd_weight")(lambda w: w.new_empty((36, _round_up(w.shape[1]), _round_up(w.shape[0]))))
+
+    @reg(lib + "winograd_conv")
+    def _(x, u, scale, silu_in=False, mod=None, res=None, t=0.5, clip=0.0):
+        return _cl_like(x, x.new_empty((x.shape[0], scale.shape[0], x.shape[2], x.shape[3])))
+
+    @reg(lib + "mp_conv_winograd")
+    def _(x, w, gain, eps):
+        return _cl_like(x, x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3])))
+
+    def setup(ctx, inputs, output):
+        x, w, gain, eps = inputs
+        ctx.save_for_backward(x, w, gain)
+        ctx.eps = eps
+
+    def backward(ctx, g):
+        x, w, gain = ctx.saved_tensors
+        ops = torch.ops.fastdiff
+        dx = dw = dgain = None
+        if ctx.needs_input_grad[0]:
+            # The input gradient is the convolution of g with the rotated, transposed weight (again 3x3,
+            # padding 1), so it runs on the Winograd path too; the MP factor is folded into that weight.
+            w_hat = ops.mp_weight(w, gain, ctx.eps, x.dtype)
+            u = ops.winograd_weight(w_hat.flip(2, 3).transpose(0, 1))
+            ones = torch.ones(w.shape[1], dtype=x.dtype, device=x.device)
+            dx = ops.winograd_conv(g.to(x.dtype), u, ones)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            mask = [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+            _, dw, dgain = ops.mp_conv_backward(g, x, w, gain, ctx.eps, mask)
+        return dx, dw, dgain, None
+
+    torch.library.register_autograd(lib + "mp_conv_winograd", backward, setup_context=setup)
+
+
+if _ext.LOADED and _ext.has_kernel("winograd_conv", "cpu"):
+    _register()
+
+
+# --- which path a convolution takes ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def use_conv_path(path: str = "auto"):
+    """Within this block 3x3 MP convolutions take ``path``: ``"aten"`` (ATen's convolution, oneDNN / cuDNN,
+    as with ``FASTDIFF_CONV=aten``), ``"winograd"`` (wherever a Winograd kernel exists: CPU, float32 or
+    float64, 3x3; for tests and measurements) or ``"auto"`` (the per-shape choice of ``conv_path``)."""
+    if path not in ("auto", "aten", "winograd"):
+        raise ValueError(f"use_conv_path: expected 'auto', 'aten' or 'winograd', got {path!r}")
+    old = _FORCE[0]
+    _FORCE[0] = None if path == "auto" else path
+    try:
+        yield
+    finally:
+        _FORCE[0] = old
+
+
+def use_aten_conv(enabled: bool = True):
+    """Within this block every 3x3 MP convolution runs on ATen's convolution, as with ``FASTDIFF_CONV=aten``
+    (the elementwise ops stay fused)."""
+    return use_conv_path("aten" if enabled else "auto")
+
+
+def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtype=torch.float32,
+              device="cpu", kernel=(3, 3), threads: int | None = None) -> tuple[str, str]:
+    """``("winograd" | "aten", reason)`` for an MP convolution of this shape.
+
+    The rule is a small cost model checked against measurements (BENCHMARKS.md, "Winograd MP convolution",
+    benchmarks/bench_conv.py): the transform-domain GEMMs do 4x fewer multiplies than a direct
+    convolution but pay the input and output transforms (2.25x and 1x the activation size) and stream a
+    transformed weight 4x the size of the 3x3 one, which amortize only with >= 32 channels and >= 32
+    tiles of 4x4 per call. ``threads`` is accepted for
+    the table in ``fastdiff info``; the measured crossover did not move between 1 and 2 threads.
+    """
+    if _FORCE[0] == "aten":
+        return "aten", "forced (FASTDIFF_CONV=aten / use_aten_conv)"
+    if torch.device(device).type != "cpu" or not _ext.has_kernel("winograd_conv", "cpu"):
+        return "aten", "no Winograd kernel on this device (CUDA keeps cuDNN)"
+    if tuple(kernel) != (3, 3):
+        return "aten", f"{kernel[0]}x{kernel[1]} kernel"
+    if _FORCE[0] == "winograd" and dtype in (torch.float32, torch.float64):
+        return "winograd", "forced (FASTDIFF_CONV=winograd / use_conv_path)"
+    if dtype not in (torch.float32,):
+        return "aten", f"{str(dtype).replace('torch.', '')} (Winograd is float32 only in the networks; float64 is slower)"
+    if min(cin, cout) < 32:
+        return "aten", f"{min(cin, cout)} channels < 32"
+    tiles = batch * -(-height // 4) * -(-width // 4)
+    if min(height, width) < 8:
+        return "aten", f"{height}x{width} map < 8x8"
+    if tiles < 32:
+        # Each of the 36 per-point GEMMs streams its [cin, cout] slice of the transformed weight (4x the
+        # 3x3 weight) for `tiles` rows: below ~32 rows that weight traffic costs more than it saves
+        # (measured 0.7-1.0x at 4-16 tiles, 1.1-2x from 32 tiles on).
+        return "aten", f"{tiles} tiles < 32: the transformed weight (4x the 3x3 weight) is reused too little"
+    return "winograd", f"{tiles} tiles of 4x4"
+
+
+def uses_winograd(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if w.ndim != 4 or x.ndim != 4:
+        return False
+    return conv_path(w.shape[1], w.shape[0], x.shape[2], x.shape[3], x.shape[0], x.dtype, x.device,
+                     tuple(w.shape[2:]))[0] == "winograd"
+
+
+def _needs_grad(*tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool = False, c=None, res=None,
+                  t: float = 0.5, clip: float = 0.0, eps: float = reference.EPS, cache=None) -> torch.Tensor:
+    """The EDM2 block's chain around a 3x3 MP convolution, fused on the Winograd path::
+
+        y = mp_conv(mp_silu(x) if silu_in else x, w, gain)
+        y = mp_silu(y * (1 + c))   if c is given ([N, out])
+        y = mp_sum(res, y, t)      if res is given (shaped like y)
+        y = clip(y, clip)          if clip > 0
+
+    Without a gradient the whole chain is one ``winograd_conv`` call (``cache``: the ``(u, row_scale)`` pair
+    of ``winograd_weight(w)`` and ``weight_norm_scale(w)``, e.g. cached by ``MPConv`` in eval mode); with a
+    gradient the convolution is the differentiable ``mp_conv_winograd`` and the rest the fused elementwise
+    ops. Shapes the selector gives to ATen (``conv_path``) run the same chain on ``ops.mp_conv``."""
+    from fastdiff import ops
+
+    if not (ops.uses_kernel("winograd_conv", x, w) and uses_winograd(x, w)):
+        return _chain(ops, x, w, gain, silu_in, c, res, t, clip)
+    if not _needs_grad(x, w, gain, c, res):
+        with torch._C._AutoDispatchBelowAutograd():
+            if cache is None:
+                cache = (torch.ops.fastdiff.winograd_weight(w.to(x.dtype)), torch.ops.fastdiff.weight_norm_scale(w, eps))
+            u, row = cache
+            scale = row * (gain.to(row) if isinstance(gain, torch.Tensor) else float(gain)) / math.sqrt(w[0].numel())
+            if c is not None:
+                c = c.to(x.dtype)
+            if res is not None:
+                res = res.to(x.dtype)
+            return torch.ops.fastdiff.winograd_conv(x, u, scale.reshape(-1), silu_in, c, res, float(t), float(clip))
+    y = torch.ops.fastdiff.mp_conv_winograd(ops.mp_silu(x) if silu_in else x, w, ops._gain_tensor(gain, w), eps)
+    return _epilogue(ops, y, c, res, t, clip)
+
+
+def _chain(ops, x, w, gain, silu_in, c, res, t, clip):
+    y = ops.mp_conv(ops.mp_silu(x) if silu_in else x, w, gain)
+    return _epilogue(ops, y, c, res, t, clip)
+
+
+def _epilogue(ops, y, c, res, t, clip):
+    if c is not None:
+        y = ops.mp_silu_modulate(y, c.to(y.dtype))
+    if res is not None:
+        y = ops.mp_sum(res, y, t=t)
+    if clip:
+        y = ops.clip(y, clip)
+    return y

@@ -1,0 +1,291 @@
+"""The Winograd MP convolution (fastdiff.ops.mp_conv_fused, torch.ops.fastdiff.winograd_*): kernels vs the
+plain-PyTorch references, gradients, the per-shape choice, and whole networks vs the plain EDM2 network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiff import ops
+from fastdiff.ops import reference as R
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HAS = ops.HAS_EXTENSION and ops._ext.has_kernel("winograd_conv", "cpu")
+requires_wg = pytest.mark.skipif(not HAS, reason="Winograd kernels not built")
+
+
+def rnd(*shape, dtype=torch.float64, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def chain64(x, w, gain=1.0, silu_in=False, c=None, res=None, t=0.5, clip=0.0):
+    """The unfused chain in float64 on ATen's convolution (the oracle)."""
+    d = lambda v: None if v is None else v.double()  # noqa: E731
+    return R.mp_conv_fused(x.double(), w.double(), gain, silu_in=silu_in, c=d(c), res=d(res), t=t, clip=clip)
+
+
+@requires_wg
+@pytest.mark.parametrize("cin,cout", [(1, 1), (5, 13), (16, 9), (33, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_transform_matches_reference(cin, cout, dtype):
+    w = rnd(cout, cin, 3, 3, dtype=dtype)
+    got = torch.ops.fastdiff.winograd_weight(w)
+    want = R.winograd_weight(w)
+    assert got.shape == (36, -(-cin // 8) * 8, -(-cout // 8) * 8) and got.dtype == dtype
+    assert rel(got, want) < (1e-15 if dtype == torch.float64 else 1e-6)
+    assert torch.all(got[:, cin:] == 0) and torch.all(got[:, :, cout:] == 0)
+
+
+SHAPES = [(1, 3, 5, 1, 1), (2, 5, 7, 5, 7), (1, 9, 16, 8, 8), (3, 17, 11, 13, 6)]  # n, cin, cout, h, w
+EPILOGUES = {
+    "plain": dict(),
+    "silu_mod": dict(silu_in=True, c=True),
+    "sum_clip": dict(res=True, t=0.3, clip=1.5),
+    "all": dict(silu_in=True, c=True, res=True, t=0.7, clip=0.8),
+}
+
+
+def _epilogue_args(kind, n, cout, h, w, dtype):
+    kw = dict(EPILOGUES[kind])
+    if kw.get("c"):
+        kw["c"] = rnd(n, cout, dtype=dtype, seed=3)
+    if kw.get("res"):
+        kw["res"] = rnd(n, cout, h, w, dtype=dtype, seed=4)
+    return kw
+
+
+@requires_wg
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", list(EPILOGUES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_winograd_conv_float64_matches_direct_conv(shape, kind, layout):
+    n, cin, cout, h, w = shape
+    x = rnd(n, cin, h, 2 * w, seed=1)[..., ::2] if layout == "strided" else rnd(n, cin, h, w, seed=1)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = rnd(cout, cin, 3, 3, seed=2)
+    scale = rnd(cout, seed=5).abs() + 0.5
+    kw = _epilogue_args(kind, n, cout, h, w, torch.float64)
+    u = torch.ops.fastdiff.winograd_weight(wt)
+    args = (kw.get("silu_in", False), kw.get("c"), kw.get("res"), kw.get("t", 0.5), kw.get("clip", 0.0))
+    got = torch.ops.fastdiff.winograd_conv(x, u, scale, *args)
+    # The reference Winograd (plain PyTorch) and the direct convolution both agree with the kernel.
+    assert rel(got, R.winograd_conv(x, u, scale, *args)) < 1e-12
+    y = F.conv2d(R.mp_silu(x) if args[0] else x, wt, padding=1) * scale.reshape(-1, 1, 1)
+    if args[1] is not None:
+        y = R.mp_silu_modulate(y, args[1])
+    if args[2] is not None:
+        y = R.mp_sum(args[2], y, args[3])
+    if args[4]:
+        y = y.clamp(-args[4], args[4])
+    assert rel(got, y) < 1e-12
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@requires_wg
+@pytest.mark.parametrize("kind", list(EPILOGUES))
+def test_winograd_conv_float32_error_at_edm2_shape(kind):
+    """float32 at a real block shape: within a few 1e-6 of float64 (Winograd rounds ~10x more than a direct
+    convolution, still far inside the network budget of 1e-4)."""
+    n, c, h = 2, 128, 16
+    x, wt = rnd(n, c, h, h, dtype=torch.float32, seed=1), rnd(c, c, 3, 3, dtype=torch.float32, seed=2)
+    kw = _epilogue_args(kind, n, c, h, h, torch.float32)
+    with ops.use_conv_path("winograd"):
+        got = ops.mp_conv_fused(x, wt, 1.3, **kw)
+    want = chain64(x, wt, 1.3, **kw)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 1e-5, err
+
+
+@requires_wg
+def test_nan_propagates_and_empty_batch():
+    x, wt = rnd(1, 8, 8, 8, dtype=torch.float32), rnd(8, 8, 3, 3, dtype=torch.float32)
+    x[0, 3, 1, 1] = float("nan")
+    with ops.use_conv_path("winograd"):
+        y = ops.mp_conv_fused(x, wt, silu_in=True)
+    # A non-finite input poisons the 4x4 output tiles whose 6x6 input patch holds it (a superset of the
+    # direct convolution's 3x3 neighbourhood); here only the top-left tile's.
+    assert torch.isnan(y[0, :, :4, :4]).all()
+    assert not torch.isnan(y[0, :, 4:]).any() and not torch.isnan(y[0, :, :, 4:]).any()
+    u = torch.ops.fastdiff.winograd_weight(wt)
+    e = torch.ops.fastdiff.winograd_conv(x[:0], u, torch.ones(8))
+    assert e.shape == (0, 8, 8, 8)
+
+
+@requires_wg
+def test_bad_input_errors_name_what_was_expected():
+    wt = rnd(8, 4, 3, 3, dtype=torch.float32)
+    u = torch.ops.fastdiff.winograd_weight(wt)
+    with pytest.raises(RuntimeError, match="expected u of shape"):
+        torch.ops.fastdiff.winograd_conv(rnd(1, 12, 4, 4, dtype=torch.float32), u, torch.ones(8))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.fastdiff.winograd_conv(rnd(1, 4, 4, 4, dtype=torch.float16), u.half(), torch.ones(8))
+    with pytest.raises(RuntimeError, match="3x3 weight"):
+        torch.ops.fastdiff.winograd_weight(rnd(8, 4, 1, 1, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match="expected c of shape"):
+        torch.ops.fastdiff.winograd_conv(rnd(1, 4, 4, 4, dtype=torch.float32), u, torch.ones(8), False,
+                                         torch.ones(2, 8))
+
+
+@requires_wg
+def test_gradcheck_float64():
+    x, wt = rnd(1, 6, 5, 6, seed=1).requires_grad_(), rnd(5, 6, 3, 3, seed=2).requires_grad_()
+    gain = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    c, res = rnd(1, 5, seed=3).requires_grad_(), rnd(1, 5, 5, 6, seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, g: torch.ops.fastdiff.mp_conv_winograd(x, w, g, 1e-4), (x, wt, gain))
+    with ops.use_conv_path("winograd"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, g, c, r: ops.mp_conv_fused(x, w, g, silu_in=True, c=c, res=r, t=0.3, clip=2.0),
+            (x, wt, gain, c, res))
+
+
+@requires_wg
+def test_float32_gradients_at_real_shape():
+    n, c, h = 2, 64, 16
+    x = rnd(n, c, h, h, dtype=torch.float32, seed=1)
+    wt = rnd(c, c, 3, 3, dtype=torch.float32, seed=2)
+    cc = rnd(n, c, dtype=torch.float32, seed=3)
+    outs = {}
+    for path in ("winograd", "aten"):
+        xs, ws, cs = (t.clone().requires_grad_() for t in (x, wt, cc))
+        with ops.use_conv_path(path):
+            y = ops.mp_conv_fused(xs, ws, 1.0, silu_in=True, c=cs)
+        y.square().sum().backward()
+        outs[path] = (y, xs.grad, ws.grad, cs.grad)
+    for a, b in zip(outs["winograd"], outs["aten"]):
+        assert ((a - b).norm() / b.norm()).item() < 2e-5
+
+
+@requires_wg
+def test_fake_kernels_match_real_outputs():
+    x = rnd(2, 9, 7, 6, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    wt = rnd(11, 9, 3, 3, dtype=torch.float32)
+    u = torch.ops.fastdiff.winograd_weight(wt)
+    for args in [(x, u, torch.ones(11)), (x, u, torch.ones(11), True, torch.ones(2, 11), torch.ones(2, 11, 7, 6))]:
+        torch.library.opcheck(torch.ops.fastdiff.winograd_conv.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastdiff.mp_conv_winograd.default, (x, wt, torch.tensor(1.0), 1e-4))
+    torch.library.opcheck(torch.ops.fastdiff.winograd_weight.default, (wt,), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_selector_falls_back_where_winograd_loses():
+    assert ops.conv_path(128, 128, 32, 32, 8)[0] == ("winograd" if HAS else "aten")
+    assert ops.conv_path(128, 128, 32, 32, 8, kernel=(1, 1))[0] == "aten"
+    assert ops.conv_path(4, 64, 32, 32, 8)[0] == "aten"           # the input conv: too few channels
+    assert ops.conv_path(128, 128, 4, 4, 1)[0] == "aten"          # tiny map
+    assert ops.conv_path(768, 768, 8, 8, 1)[0] == "aten"          # 4 tiles: the weight is reused too little
+    assert ops.conv_path(768, 768, 8, 8, 8)[0] == ("winograd" if HAS else "aten")
+    assert ops.conv_path(128, 128, 32, 32, 8, dtype=torch.bfloat16)[0] == "aten"
+    assert ops.conv_path(128, 128, 32, 32, 8, device="meta")[0] == "aten"
+    with ops.use_aten_conv():
+        assert ops.conv_path(128, 128, 32, 32, 8) == ("aten", "forced (FASTDIFF_CONV=aten / use_aten_conv)")
+    with pytest.raises(ValueError, match="expected 'auto'"):
+        with ops.use_conv_path("fast"):
+            pass
+
+
+def test_env_var_forces_aten():
+    code = "from fastdiff import ops; print(ops.conv_path(256, 256, 32, 32, 8)[0])"
+    env = dict(os.environ, FASTDIFF_CONV="aten")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "aten"
+    env["FASTDIFF_CONV"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FASTDIFF_CONV" in bad.stderr
+
+
+# --- networks --------------------------------------------------------------------------------------------
+
+
+def _nets(preset, training=False):
+    from fastdiff.bench import suites
+
+    opt = suites.Options()
+    net = suites.build_net(preset, opt)
+    net.train(training)
+    if not training:
+        net.requires_grad_(False)
+    pnet = suites._plain(net, opt, training=training)
+    return net, pnet, suites._inputs(net, 2, opt)
+
+
+@requires_wg
+@pytest.mark.parametrize("sigma", [0.002, 1.0, 80.0])
+def test_network_eval_matches_plain_edm2(sigma):
+    net, pnet, (x, _, labels) = _nets("tiny-16")
+    s = torch.full((2,), sigma)
+    with torch.no_grad(), ops.use_conv_path("winograd"):
+        got = net(x * sigma, s, labels)
+        got2 = net(x * sigma, s, labels)  # from the cached weight transforms
+    want = pnet(x * sigma, s, labels)
+    assert rel(got, want) < 1e-4
+    assert torch.equal(got, got2)
+
+
+@requires_wg
+def test_network_training_matches_plain_edm2():
+    net, pnet, (x, sigma, labels) = _nets("tiny-16", training=True)
+    with ops.use_conv_path("winograd"):
+        got = net(x, sigma, labels)
+    got.square().mean().backward()
+    want = pnet(x, sigma, labels)
+    want.square().mean().backward()
+    assert rel(got, want) < 1e-4
+    pg = dict(zip(pnet.p.keys(), pnet.p.values()))
+    worst = 0.0
+    for name, p in net.named_parameters():
+        q = pg[name]
+        if q.grad is not None and q.grad.abs().max() > 0:
+            worst = max(worst, ((p.grad - q.grad).norm() / q.grad.norm()).item())
+    assert worst < 1e-3, worst
+
+
+@requires_wg
+def test_weight_cache_follows_the_weight():
+    net, _, (x, sigma, labels) = _nets("tiny-16")
+    with torch.no_grad(), ops.use_conv_path("winograd"):
+        a = net(x, sigma, labels)
+        conv = net.unet.enc["16x16_block0"].conv_res0
+        conv.weight.mul_(-1)  # in place: the version counter moves, the cached transform must follow
+        b = net(x, sigma, labels)
+        with ops.use_aten_conv():
+            c = net(x, sigma, labels)
+    assert not torch.allclose(a, b) and rel(b, c) < 1e-4
+
+
+@requires_wg
+def test_sampler_trajectory_matches_plain_edm2():
+    from fastdiff.bench import suites
+
+    net, pnet, (x, _, labels) = _nets("tiny-16")
+    gnet = suites.build_net("tiny-16", suites.Options(), seed=1).eval().requires_grad_(False)
+    gplain = suites._plain(gnet, suites.Options())
+    with torch.no_grad():
+        with ops.use_conv_path("winograd"):
+            got = suites.plain_heun_loop(net, gnet, x, labels)
+        want = suites.plain_heun_loop(pnet, gplain, x, labels)
+    assert rel(got, want) < 1e-3
+
+
+def test_info_lists_the_path_of_every_conv_shape(capsys):
+    from fastdiff.cli import main
+    from fastdiff.cli.info import conv_paths
+
+    rows = conv_paths("small-32", batch=8)
+    by_name = {r[0]: r for r in rows}
+    assert by_name["enc.32x32_conv"][4] == "aten" and by_name["out_conv"][4] == "aten"  # 4 / 3 channels
+    assert by_name["enc.32x32_block0.conv_res0"][1:4] == (64, 64, 32)
+    assert by_name["enc.32x32_block0.conv_res0"][4] == ("winograd" if HAS else "aten")
+    assert main(["info", "--preset", "small-32", "--batch", "8"]) == 0
+    assert "3x3 convolutions of small-32" in capsys.readouterr().out
