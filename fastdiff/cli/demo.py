@@ -50,9 +50,9 @@ DEFAULTS = dict(data="builtin:mnist", preset="tiny-16", guide_preset="tiny-16?mo
                 kimg=12.0, guide_kimg=None, batch=64, num_images=256, steps=8, weights="1.1,1.2,1.35,1.5,2",
                 interval="0.28,5.42", classifier_epochs=5, grid=100, main_stds="0.05,0.1,0.2",
                 guide_stds="0.05,0.1,0.2", select_images=128, select_weight=1.5)
-FAST = dict(preset="tiny-16?model_channels=16&logvar_channels=16",
-            guide_preset="tiny-16?model_channels=8&logvar_channels=8", kimg=1.0, batch=32, num_images=32, steps=4,
-            weights="2", classifier_epochs=2, grid=32, main_stds="0.1", guide_stds="0.1", select_images=16)
+FAST = dict(preset="tiny-16?model_channels=8&logvar_channels=8",
+            guide_preset="tiny-16?model_channels=4&logvar_channels=4", kimg=0.5, batch=32, num_images=24, steps=3,
+            weights="2", classifier_epochs=1, grid=24, main_stds="0.1", guide_stds="0.1", select_images=8)
 METHODS = ("none", "CFG", "autoguidance", "autoguidance+interval")
 NAMES = {"none": "no guidance", "CFG": "CFG", "autoguidance": "autoguidance",
          "autoguidance+interval": "autoguidance + interval"}
