@@ -71,6 +71,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())
     assert again["main"]["resumed_from"] and again["settings"][0]["fd_classifier"] == pytest.approx(
         results["settings"][0]["fd_classifier"], rel=1e-6)
+    assert again["metric"]["classifier_heldout_accuracy"] == results["metric"]["classifier_heldout_accuracy"]
 
 
 def test_demo_verdicts_need_both_seed_halves():

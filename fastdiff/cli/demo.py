@@ -355,10 +355,16 @@ def run_demo(args) -> dict:
 
     # ---- the classifier: metric features + class consistency --------------------------------------------
     clock = _Clock()
-    clf, clf_acc, n_test = train_classifier(dataset.images, real_labels, label_dim,
-                                            epochs=int(opts["classifier_epochs"]), seed=args.seed, device=device,
-                                            progress=progress)
-    save_classifier(clf, os.path.join(outdir, "classifier.safetensors"), dict(data=dataset.name, accuracy=clf_acc))
+    clf_path = os.path.join(outdir, "classifier.safetensors")
+    wanted = dict(data=dataset.name, images=len(real), epochs=int(opts["classifier_epochs"]), seed=args.seed)
+    clf = _cached_classifier(clf_path, wanted, device)
+    if clf is not None:  # a rerun: the same classifier as before
+        clf, clf_acc, n_test = clf
+    else:
+        clf, clf_acc, n_test = train_classifier(dataset.images, real_labels, label_dim,
+                                                epochs=int(opts["classifier_epochs"]), seed=args.seed, device=device,
+                                                progress=progress)
+        save_classifier(clf, clf_path, dict(wanted, accuracy=clf_acc, heldout=n_test))
     detector = classifier_detector(clf, device=device)
     ref = compute_feature_stats(real.split(256), detector, num=len(real), progress=False).to_reference("classifier")
     ref.save(os.path.join(outdir, "ref-classifier.npz"))
@@ -492,6 +498,25 @@ def run_demo(args) -> dict:
                       lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
     atomic_write_with(os.path.join(outdir, "report.md"), lambda f: f.write(_report(results).encode()))
     return results
+
+
+def _cached_classifier(path: str, wanted: dict, device):
+    """(classifier, held-out accuracy, held-out size) from an earlier run with the same data, epochs and
+    seed, else None."""
+    from safetensors import safe_open
+
+    from fastdiff.metrics.classifier import load_classifier
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            extra = json.loads((f.metadata() or {}).get("fastdiff", "{}")).get("extra", {})
+        if any(extra.get(k) != v for k, v in wanted.items()):
+            return None
+        return load_classifier(path, device), float(extra["accuracy"]), int(extra["heldout"])
+    except Exception:  # any unreadable or foreign file: train a new classifier  # noqa: BLE001
+        return None
 
 
 def _fid_setup(args, device, real, progress, timings, log):
