@@ -1,4 +1,5 @@
-"""The EDM2 network: fastdiff.nn vs a plain-PyTorch implementation of SPEC.md (fastdiff/bench/plain_edm2.py, which
+"""The EDM2 network: fastdiff.nn vs a plain-PyTorch implementation of the EDM2 formulas
+(fastdiff/bench/plain_edm2.py, which
 normalizes every weight on every call, like the official code), side by side in one run.
 
 Cases: eval forward (``torch.no_grad``) at batch 1 and 8 on ``small-32`` and at batch 1 on ``edm2-img64-xs``;

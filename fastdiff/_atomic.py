@@ -2,20 +2,52 @@
 
 The data goes to a temporary file in the destination's folder, is flushed to disk, and is renamed over
 the destination (``os.replace`` is atomic on POSIX and Windows); on any error the temporary is removed.
+
+A temporary is named ``.<name>.~fdtmp-<random>.tmp`` beside its destination: a process killed mid-write
+(SIGKILL, power loss) leaves it behind, and :func:`remove_orphan_temps` finds exactly these names (and no
+other file) so that a tool owning a folder can clear them when it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import IO, Callable, Iterator
+
+
+TEMP_MARK = "~fdtmp-"
+_TEMP_NAME = re.compile(r"^\..+\." + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+\.tmp$")
 
 
 def _temp_beside(path: str) -> tuple[int, str]:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{TEMP_MARK}", suffix=".tmp", dir=folder)
+
+
+def is_orphan_temp(name: str) -> bool:
+    """Whether a file name is one of this module's temporaries (``.<name>.~fdtmp-<random>.tmp``)."""
+    return bool(_TEMP_NAME.match(os.path.basename(name)))
+
+
+def remove_orphan_temps(folder: str | os.PathLike) -> list[str]:
+    """Delete this module's temporaries (:func:`is_orphan_temp`) directly in ``folder``: what a killed writer
+    left behind. Call it only where no other process may be writing into ``folder`` at the moment (e.g. under
+    the run directory's lock). Returns the removed paths; a missing folder is no error."""
+    folder = os.fspath(folder)
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if is_orphan_temp(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(entry.path)
+                removed.append(entry.path)
+    return sorted(removed)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:

@@ -109,7 +109,7 @@ def _main(argv=None):
 
     from fastdiff.data import open_dataset
     from fastdiff.training import TrainConfig, training_loop
-    from fastdiff.training import distributed as D
+    from fastdiff import _dist as D
 
     argv = sys.argv[1:] if argv is None else argv
     outdir, duration, batch, batch_gpu = argv[:4]

@@ -15,3 +15,51 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# --- shared helpers (test modules import them: ``from conftest import tiny_net, rel_err, run_cli``) ---------------
+
+
+def randomize_gains(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give the zero-initialised learned gains (the 0-d parameters) values in [0.5, 2.5), so every path of the
+    network carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim == 0:
+                p.copy_(torch.rand([], generator=g) * 2 + 0.5)
+    return module
+
+
+def tiny_net(seed: int = 0, preset: str = "tiny-16", **overrides) -> torch.nn.Module:
+    """A small EDM2 network (``fastdiff.nn.build(preset, **overrides)``, weights from ``seed``) with non-zero
+    gains."""
+    import fastdiff.nn as fnn
+
+    torch.manual_seed(seed)
+    return randomize_gains(fnn.build(preset, **overrides), seed)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``||got - want|| / ||want||`` (Frobenius norms, in float64)."""
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``max |got - want| / max |want|`` (in float64): the worst element against the tensor's scale."""
+    scale = max(want.abs().max().item(), 1e-12)
+    return (got.double() - want.double()).abs().max().item() / scale
+
+
+def cli_args(module, *argv):
+    """The parsed arguments of a ``fastdiff.cli`` command module for ``argv`` (items turned into strings)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"fastdiff {module.__name__.rsplit('.', 1)[-1]}")
+    module.add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def run_cli(module, *argv) -> int:
+    """Run a ``fastdiff.cli`` command module as ``fastdiff <command> argv...`` would (its ``main``)."""
+    return module.main(cli_args(module, *argv))

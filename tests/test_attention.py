@@ -11,6 +11,8 @@ import torch
 from fastdiff import ops
 from fastdiff.ops import reference as R
 
+from conftest import max_rel_err as rel_err
+
 requires_ext = pytest.mark.skipif(
     not ops.HAS_EXTENSION or not ops.uses_kernel("cosine_attention", torch.zeros(1)),
     reason="compiled extension fastdiff._C with a CPU cosine_attention kernel not built",
@@ -52,11 +54,6 @@ def explicit_reference(qkv: torch.Tensor, heads: int):
     p = torch.exp(scores - lse[..., None])
     y = torch.einsum("nhij,nhcj->nhci", p, v)
     return y.reshape(n, c3 // 3, h, w), lse
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = max(want.abs().max().item(), 1e-12)
-    return (got.double() - want.double()).abs().max().item() / scale
 
 
 @requires_ext

@@ -3,7 +3,6 @@ and ``fastdiff dataset convert``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import zipfile
@@ -14,6 +13,8 @@ import torch
 
 from fastdiff.data import DatasetError, ImageDataset, InfiniteSampler, make_loader, open_dataset, to_model_input
 from fastdiff.data.builtin import shapes
+
+from conftest import run_cli
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -102,6 +103,24 @@ def test_bad_data_names_the_file(tmp_path):
         json.dump({"labels": table + [["00000/ghost.png", 1]]}, f)
     with pytest.raises(DatasetError, match="ghost.png"):
         ImageDataset(tmp_path / "c")
+    # Float, string or boolean labels, conflicting duplicates, entries that are not pairs: named errors.
+    for bad, match in (([table[0][0], 1.0], "must be an integer class index, got 1.0"),
+                       ([table[0][0], 2.7], "got 2.7"), ([table[0][0], "1"], "got '1'"),
+                       ([table[0][0], True], "got True"), ([table[0][0], 2**40], "class indices lie in"),
+                       ([table[0][0], 2], "labelled twice with different classes \\(0 and 2\\)"),
+                       ([table[0][0]], r"labels\[6\] must be \[name, int\]")):
+        with open(tmp_path / "c" / "dataset.json", "w") as f:
+            json.dump({"labels": table + [bad]}, f)
+        with pytest.raises(DatasetError, match=match) as e:
+            ImageDataset(tmp_path / "c")
+        assert "dataset.json" in str(e.value)
+    with open(tmp_path / "c" / "dataset.json", "w") as f:
+        json.dump({"labels": table + [table[0]]}, f)  # the same pair twice is harmless
+    assert ImageDataset(tmp_path / "c").label_dim == 3
+    with open(tmp_path / "c" / "dataset.json", "w") as f:
+        json.dump({"labels": {"00000/img00000000.png": 1}}, f)
+    with pytest.raises(DatasetError, match="must be a list"):
+        ImageDataset(tmp_path / "c")
     (tmp_path / "c" / "dataset.json").write_text("{broken")
     with pytest.raises(DatasetError, match="dataset.json"):
         ImageDataset(tmp_path / "c")
@@ -180,9 +199,7 @@ def test_loader_with_workers_follows_the_sampler():
 def _run_cli(argv):
     from fastdiff.cli import dataset as cli
 
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return cli.main(parser.parse_args(argv))
+    return run_cli(cli, *argv)
 
 
 def test_convert_folder_with_class_subfolders(tmp_path):

@@ -11,6 +11,8 @@ from fastdiff.cli import demo
 from fastdiff.metrics import ModuleDetector, compute_feature_stats, register_detector, unregister_detector
 from fastdiff.cli import metrics as metrics_cli
 
+from conftest import run_cli
+
 
 def _demo_args(*argv):
     parser = argparse.ArgumentParser(prog="fastdiff demo")
@@ -147,9 +149,7 @@ def pooldet():
 
 
 def _metrics_cli(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="fastdiff metrics")
-    metrics_cli.add_arguments(parser)
-    return metrics_cli.main(parser.parse_args(list(argv)))
+    return run_cli(metrics_cli, *argv)
 
 
 def test_metrics_gen(tmp_path, pooldet, capsys):
@@ -201,4 +201,4 @@ def test_metrics_gen(tmp_path, pooldet, capsys):
     assert "only 4 seeds" in capsys.readouterr().err
     assert _metrics_cli("gen", "--ref", str(tmp_path / "ref.npz"), "--net", str(tmp_path / "none.safetensors"),
                         "--seeds", "0-3", "--no-progress") == 1
-    assert "no such file" in capsys.readouterr().err
+    assert "none.safetensors: not found" in capsys.readouterr().err

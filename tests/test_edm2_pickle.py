@@ -1,4 +1,5 @@
-"""fastdiff.io.edm2_pickle: official EDM2 network pickles read without running any code from them.
+"""fastdiff.io.edm2_pickle (over the safe_pickle reader): official EDM2 network pickles read without running
+any code from them.
 
 The test pickles are written in the official FORMAT (torch_utils.persistence): every network object is a
 REDUCE of the global ``torch_utils.persistence._reconstruct_persistent_obj`` with a ``meta`` dict (type,
@@ -12,8 +13,8 @@ installed in ``sys.modules`` only while pickling; they are gone when fastdiff re
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import io
 import copy
 import os
 import pickle
@@ -28,13 +29,23 @@ import torch
 from fastdiff import nn as fnn
 from fastdiff.io import (
     EDM2ImportError,
+    MalformedPickleError,
+    SafePickleError,
     UnsafePickleError,
     load_any_network,
     load_edm2_pickle,
     load_network,
     save_network,
 )
-from fastdiff.io import edm2_pickle
+from fastdiff.io import safe_pickle
+
+from conftest import run_cli, tiny_net
+
+
+def tiny(**overrides):
+    """A tiny-16 network with non-zero gains, in eval mode (a training-mode forward renormalizes weights)."""
+    return tiny_net(**overrides).eval()
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # restored after each test
 
@@ -190,16 +201,6 @@ def write_official(path, net, dtype=torch.float16, src="# training/networks_edm2
     return path
 
 
-def tiny(**overrides):
-    torch.manual_seed(0)
-    net = fnn.build("tiny-16", **overrides)
-    with torch.no_grad():  # non-zero gains, so every path carries signal
-        for p in net.parameters():
-            if p.ndim == 0:
-                p.fill_(float(torch.rand([]) * 2 + 0.5))
-    return net.eval()
-
-
 def outputs(net, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, 16, 16, generator=g)
@@ -220,7 +221,7 @@ def rounded(net, dtype):
 
 @pytest.fixture(scope="module")
 def net():
-    return tiny()
+    return tiny().eval()
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +235,7 @@ def official(net, tmp_path_factory):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("labels", ["cond", "uncond"])
 def test_import_reproduces_network(tmp_path, dtype, labels):
-    net = tiny(label_dim=0) if labels == "uncond" else tiny()
+    net = (tiny(label_dim=0) if labels == "uncond" else tiny()).eval()
     path = write_official(tmp_path / "net.pkl", net, dtype=dtype)
     data = load_edm2_pickle(path)
     assert set(data) == {"encoder", "dataset_kwargs", "loss_fn", "ema"}
@@ -275,19 +276,19 @@ def test_real_torch_pickles_hold_only_allowed_globals(official, monkeypatch):
     """The globals a file written by the real pickler and torch asks for (including those inside the
     embedded storage streams): the persistence hook, torch's tensor rebuilders, EasyDict, ModuleDict..."""
     seen = set()
-    original = edm2_pickle.SafeUnpickler.find_class
+    original = safe_pickle.SafeUnpickler.find_class
 
     def recording(self, module, name):
         seen.add((module, name))
         return original(self, module, name)
 
-    monkeypatch.setattr(edm2_pickle.SafeUnpickler, "find_class", recording)
+    monkeypatch.setattr(safe_pickle.SafeUnpickler, "find_class", recording)
     load_edm2_pickle(official)
     assert {("torch_utils.persistence", "_reconstruct_persistent_obj"), ("torch.storage", "_load_from_bytes"),
             ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
             ("collections", "OrderedDict"), ("dnnlib.util", "EasyDict"), ("torch.nn.modules.container", "ModuleDict"),
             ("torch", "HalfStorage"), ("numpy", "dtype"), ("numpy", "ndarray")} <= seen
-    assert seen <= set(edm2_pickle.ALLOWED_GLOBALS)
+    assert seen <= set(safe_pickle.ALLOWED_GLOBALS)
 
 
 # --- (2) embedded source is never executed ------------------------------------------------------------------
@@ -308,7 +309,7 @@ def test_module_src_is_not_executed(tmp_path, net):
     assert not marker.exists() and MARK_ENV not in os.environ
     for a, b in zip(outputs(data["ema"]), outputs(net)):
         assert torch.equal(a, b)
-    raw = edm2_pickle._plain_tree(path)
+    raw = safe_pickle.read_plain(path)
     assert raw["ema"].module_src == _payload(marker)  # kept as text for inspection only
 
     # Control: the ordinary loading path (pickle.load + a persistence hook that runs module_src, as the
@@ -376,7 +377,7 @@ def _legacy_storage_bytes(payload_obj):
     """What ``torch.storage._load_from_bytes`` receives (a legacy torch.save stream), with ``payload_obj``
     as its main object."""
     head = b"".join(pickle.dumps(x, protocol=2) for x in (
-        edm2_pickle._LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
+        safe_pickle._LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
                                           "type_sizes": {"short": 2, "int": 4, "long": 4}}))
     return head + pickle.dumps(payload_obj, protocol=2) + pickle.dumps([], protocol=2)
 
@@ -407,20 +408,20 @@ def test_stand_ins_cannot_be_tampered_with(tmp_path):
     """A BUILD on an allowed global (to patch it for later loads) is refused; nothing is changed."""
     state = b"}X\x0c\x00\x00\x00__defaults__K\x01\x85s"  # {'__defaults__': (1,)}
     slot_state = b"N" + state + b"\x86"  # (None, {...}): the setattr path
-    defaults = edm2_pickle._rebuild_tensor.__defaults__
+    defaults = safe_pickle._rebuild_tensor.__defaults__
     for target in (b"ctorch._utils\n_rebuild_tensor_v2\n", b"cdnnlib.util\nEasyDict\n",
                    b"ctorch.nn.modules.container\nModuleDict\n", b"ccollections\nOrderedDict\n",
                    b"cnumpy\nndarray\n"):
         for st in (state, slot_state):
             path = tmp_path / "patch.pkl"
             path.write_bytes(b"\x80\x02" + target + st + b"b." )
-            with pytest.raises((UnsafePickleError, EDM2ImportError)):
+            with pytest.raises(SafePickleError):
                 load_edm2_pickle(path)
-    assert edm2_pickle._rebuild_tensor.__defaults__ == defaults
+    assert safe_pickle._rebuild_tensor.__defaults__ == defaults
     with pytest.raises(UnsafePickleError):
-        edm2_pickle.ALLOWED_GLOBALS[("dnnlib.util", "EasyDict")].__setstate__ = None
+        safe_pickle.ALLOWED_GLOBALS[("dnnlib.util", "EasyDict")].__setstate__ = None
     with pytest.raises(UnsafePickleError):
-        edm2_pickle.ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")].x = 1
+        safe_pickle.ALLOWED_GLOBALS[("torch._utils", "_rebuild_tensor_v2")].x = 1
 
 
 # --- (4) structural mismatches give clear errors ------------------------------------------------------------
@@ -491,7 +492,7 @@ def test_unknown_non_network_module_and_garbage(tmp_path, net):
     with pytest.raises(EDM2ImportError, match="unknown network class 'StyleGAN3Generator'"):
         load_any_network(tmp_path / "sg.pkl")
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(EDM2ImportError, match="not a valid pickle"):
+    with pytest.raises(MalformedPickleError, match="not a valid pickle"):
         load_edm2_pickle(tmp_path / "junk.pkl")
     (tmp_path / "list.pkl").write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(EDM2ImportError, match="expected a dict"):
@@ -506,7 +507,7 @@ def test_unknown_non_network_module_and_garbage(tmp_path, net):
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("overrides", [{}, {"label_dim": 0, "channel_mult_noise": 2}])
 def test_torch_save_state_dict(tmp_path, legacy, overrides):
-    net = tiny(**overrides)
+    net = tiny(**overrides).eval()
     path = tmp_path / "net.pt"
     torch.save(net.state_dict(), path, _use_new_zipfile_serialization=not legacy)
     got = load_any_network(path)
@@ -535,17 +536,11 @@ def test_safetensors_is_delegated(tmp_path, net):
 # --- (5) fastdiff convert --------------------------------------------------------------------------------------
 
 
-def run_cli(module, argv):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.main(parser.parse_args([str(a) for a in argv]))
-
-
 def test_convert_round_trip(tmp_path, official, net, capsys):
     from fastdiff.cli import convert as cli
 
     out = tmp_path / "converted.safetensors"
-    assert run_cli(cli, [official, out]) == 0
+    assert run_cli(cli, official, out) == 0
     back = load_network(out)
     ref = rounded(net, torch.float16)
     for a, b in zip(outputs(back), outputs(ref)):
@@ -557,14 +552,14 @@ def test_convert_round_trip(tmp_path, official, net, capsys):
         (np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28])).tolist())
     assert "wrote" in capsys.readouterr().out
 
-    assert run_cli(cli, [official, "--list"]) == 0
+    assert run_cli(cli, official, "--list") == 0
     listing = capsys.readouterr().out
     assert "ema: Precond(img_resolution=16" in listing and "loss_fn: EDM2Loss" in listing
 
-    assert run_cli(cli, [official, tmp_path / "x.safetensors", "--key", "loss_fn"]) == 2
+    assert run_cli(cli, official, tmp_path / "x.safetensors", "--key", "loss_fn") == 2
     assert "not a network" in capsys.readouterr().err
     evil = write_official(tmp_path / "evil.pkl", net, extra={"boom": Evil(os.system, "true")})
-    assert run_cli(cli, [evil, tmp_path / "y.safetensors"]) == 2
+    assert run_cli(cli, evil, tmp_path / "y.safetensors") == 2
     assert "allow-list" in capsys.readouterr().err and not (tmp_path / "y.safetensors").exists()
 
 
@@ -576,8 +571,91 @@ def test_generate_from_official_pickle(tmp_path, official, net):
 
     save_network(rounded(net, torch.float16), tmp_path / "ref.safetensors")
     common = ["--seeds", "0-1", "--steps", "2", "--batch", "2", "--device", "cpu", "--no-progress"]
-    assert run_cli(cli, ["--net", official, "--outdir", tmp_path / "a", *common]) == 0
-    assert run_cli(cli, ["--net", tmp_path / "ref.safetensors", "--outdir", tmp_path / "b", *common]) == 0
+    assert run_cli(cli, "--net", official, "--outdir", tmp_path / "a", *common) == 0
+    assert run_cli(cli, "--net", tmp_path / "ref.safetensors", "--outdir", tmp_path / "b", *common) == 0
     for seed in (0, 1):
         a = (tmp_path / "a" / f"{seed:06d}.png").read_bytes()
         assert a == (tmp_path / "b" / f"{seed:06d}.png").read_bytes()
+
+
+# --- (7) what a file may make the reader allocate ------------------------------------------------------------
+
+
+def test_honest_files_fit_the_default_budget_with_room(official):
+    """An official float16 pickle uses about 4x its size (storages, views, the float32 network): well under
+    the default of 8x."""
+    with safe_pickle.allocation_budget(official, os.path.getsize(official)) as budget:
+        load_edm2_pickle(official)
+    assert 0 < budget.used < 0.6 * budget.max_bytes
+
+
+def test_max_bytes_is_an_explicit_override(tmp_path, capsys):
+    """A file whose stride-0 views are small on disk but big in memory: refused by default, loaded with
+    ``max_bytes=`` / ``fastdiff convert --max-bytes``; a budget below what an honest file needs refuses it."""
+    from fastdiff.cli import convert as cli
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in fnn.build("tiny-16").state_dict().items()}
+    torch.save({k: torch.full([1] * len(s), 0.5).expand(s) for k, s in shapes.items()}, tmp_path / "x.pt")
+    with pytest.raises(safe_pickle.PickleLimitError, match=r"allocate more than .*pass max_bytes="):
+        load_any_network(tmp_path / "x.pt")
+    got = load_any_network(tmp_path / "x.pt", max_bytes=64 << 20)
+    assert all(torch.all(t == 0.5) for t in got.state_dict().values())
+    assert run_cli(cli, tmp_path / "x.pt", tmp_path / "x.safetensors") == 2
+    assert "--max-bytes" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert run_cli(cli, tmp_path / "x.pt", tmp_path / "x.safetensors", "--max-bytes", "64M") == 0
+    assert torch.all(load_network(tmp_path / "x.safetensors").unet.out_conv.weight == 0.5)
+    with pytest.raises(safe_pickle.PickleLimitError, match="more than 100 bytes.*raise max_bytes"):
+        load_edm2_pickle(write_official(tmp_path / "o.pkl", tiny()), max_bytes=100)
+
+
+def test_zip_members_and_views_are_checked(tmp_path):
+    import zipfile
+
+    from _crafted import torch_zip
+
+    data = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    torch_zip(tmp_path / "ok.pt", 4, data, size=(2, 2), stride=(2, 1))
+    assert torch.equal(safe_pickle.load_torch_file(tmp_path / "ok.pt")["w"], torch.arange(4.0).view(2, 2))
+    torch_zip(tmp_path / "deflated.pt", 4, data, compression=zipfile.ZIP_DEFLATED)
+    assert torch.equal(safe_pickle.load_torch_file(tmp_path / "deflated.pt")["w"], torch.arange(4.0))
+    cases = {
+        "past.pt": (dict(numel=4, data=data, size=(8,)), r"reach past its storage of 4 elements"),
+        "offset.pt": (dict(numel=4, data=data, size=(2, 2), stride=(3, 1)), r"reach past its storage"),
+        "short.pt": (dict(numel=4, data=data[:12]), r"declares 12 bytes, its record says 16"),
+        "bzip2.pt": (dict(numel=4, data=data, compression=zipfile.ZIP_BZIP2), r"compression method 12"),
+    }
+    for name, (kw, message) in cases.items():
+        torch_zip(tmp_path / name, **kw)
+        with pytest.raises(MalformedPickleError, match=message):
+            safe_pickle.load_torch_file(tmp_path / name)
+
+
+def test_build_is_only_for_the_stand_ins_that_take_it(tmp_path, net):
+    """Official files apply state to ModuleDict records, numpy arrays and dtypes (and torch's state dicts to
+    OrderedDicts): all still load. A rebuilt tensor, a parameter or a plain dict never takes state."""
+    from _crafted import tensor_build
+
+    tensor_build(tmp_path / "t.pkl")
+    with pytest.raises(UnsafePickleError, match=r"BUILD\) to a Tensor"):
+        load_edm2_pickle(tmp_path / "t.pkl")
+    for target in (b"}", b"]", b"ctorch._utils\n_rebuild_tensor_v2\n"):
+        path = tmp_path / "b.pkl"
+        path.write_bytes(b"\x80\x02" + target + b"}b.")
+        with pytest.raises(UnsafePickleError, match="BUILD"):
+            load_edm2_pickle(path)
+
+
+def test_stack_and_memo_are_capped(monkeypatch):
+    """The pre-pass bounds the unpickler's stack and memo (caps lowered here so the files stay small)."""
+    monkeypatch.setattr(safe_pickle, "MAX_STACK", 1000)
+    monkeypatch.setattr(safe_pickle, "MAX_MEMO", 1000)
+    flood = b"\x80\x04" + b")" * 1001 + b"."
+    with pytest.raises(safe_pickle.PickleLimitError, match="stack grows past 1,000 entries"):
+        safe_pickle.read_pickle(io.BytesIO(flood))
+    memo = b"\x80\x04]" + b"".join(b"r" + i.to_bytes(4, "little") for i in range(1001)) + b"."
+    with pytest.raises(safe_pickle.PickleLimitError, match="memoizes more than 1,000 objects"):
+        safe_pickle.read_pickle(io.BytesIO(memo))
+    # within the caps: fine, and the pickler's own batching of a long list stays far below them
+    assert safe_pickle.read_pickle(io.BytesIO(pickle.dumps(list(range(999)), protocol=4))) == list(range(999))
+    assert safe_pickle.read_pickle(io.BytesIO(b"\x80\x04" + b")" * 999 + b"0" * 998 + b".")) == ()

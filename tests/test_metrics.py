@@ -4,7 +4,6 @@ image loading and the ``fastdiff metrics`` command line. Small sizes throughout 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import zipfile
@@ -27,6 +26,8 @@ from fastdiff.metrics.kid import kernel_inception_distance, mmd2_unbiased
 from fastdiff.metrics.prdc import knn_radii, precision_recall
 from fastdiff.metrics.stats import FeatureStats, ReferenceStats, load_reference
 from fastdiff.metrics.vit import DinoVisionTransformer, dinov2_vitl14
+
+from conftest import run_cli
 
 
 def random_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
@@ -227,6 +228,41 @@ def test_reference_roundtrip_and_validation(tmp_path):
     (tmp_path / "garbage.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable"):
         load_reference(tmp_path / "garbage.npz")
+
+
+def test_reference_file_with_a_bad_sigma_is_refused_on_load(tmp_path):
+    rng = np.random.default_rng(11)
+    feats = rng.standard_normal((40, 6))
+    mu, good = feats.mean(0), np.cov(feats, rowvar=False)
+    w, v = np.linalg.eigh(good)
+    w[0] = -0.5 * w[-1]  # one clearly negative eigenvalue: not a covariance
+    not_psd = (v * w) @ v.T
+    not_psd = (not_psd + not_psd.T) / 2
+    asym = good.copy()
+    asym[0, 1] += 0.1 * np.abs(good).max()
+    nan = good.copy()
+    nan[2, 2] = np.nan
+    cases = {"not_psd": (not_psd, "not positive semi-definite"), "asym": (asym, "not symmetric"),
+             "nan": (nan, "NaN or Inf")}
+    for name, (sigma, match) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma, num_images=40, detector="inception")
+        with pytest.raises(ValueError, match=match) as e:
+            load_reference(tmp_path / f"{name}.npz")
+        assert f"{name}.npz" in str(e.value)
+    # Today's FD with the non-PSD sigma was a large negative number clamped to 0: now an error.
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(mu, good, mu + 0.1, not_psd)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(mu, not_psd, mu, good)
+    # Round-off is still fine: a singular covariance (fewer samples than dimensions) and a 1e-12 asymmetry.
+    few = rng.standard_normal((4, 6))
+    singular = np.cov(few, rowvar=False)
+    assert np.linalg.eigvalsh(singular)[0] < 1e-12
+    jitter = singular.copy()
+    jitter[0, 1] += 1e-12 * np.abs(singular).max()
+    np.savez(tmp_path / "ok.npz", mu=few.mean(0), sigma=jitter, num_images=4, detector="inception")
+    ref = load_reference(tmp_path / "ok.npz")
+    assert frechet_distance(ref.mu, ref.sigma, ref.mu, ref.sigma) == pytest.approx(0.0, abs=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -581,9 +617,7 @@ def test_calc_from_generator_hook(randproj, tmp_path):
 
 
 def _cli(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="fastdiff metrics")
-    metrics_cli.add_arguments(parser)
-    return metrics_cli.main(parser.parse_args(list(argv)))
+    return run_cli(metrics_cli, *argv)
 
 
 def test_cli_ref_and_calc(tmp_path, randproj, capsys):
@@ -624,6 +658,25 @@ def test_cli_ref_and_calc(tmp_path, randproj, capsys):
     assert _cli("calc", "--images", str(tmp_path / "same"), "--ref", str(ref), "--metrics", "fid", "--num", "20",
                 "--workers", "0", "--no-progress") == 1
     assert "conflicting detectors" in capsys.readouterr().err
+
+
+def test_cli_ref_takes_builtin_data_and_small_counts_warn(tmp_path, randproj, capsys):
+    """`metrics ref --data builtin:...` reads the data as `fastdiff train` does: the same statistics as the same
+    images written as PNG files; FID / FD from fewer images than the protocol's 50,000 comes with a warning."""
+    from fastdiff.data import open_dataset
+
+    common = ["--detector", "randproj", "--workers", "0", "--batch", "8", "--device", "cpu", "--no-progress"]
+    ref = tmp_path / "ref.npz"
+    assert _cli("ref", "--data", "builtin:shapes?n=12", "--dest", ref, "--num", "all", *common) == 0
+    ds = open_dataset("builtin:shapes?n=12")
+    _write_pngs(tmp_path / "files", torch.stack([ds[i][0] for i in range(12)]))
+    out = tmp_path / "r.json"
+    assert _cli("calc", "--images", tmp_path / "files", "--ref", ref, "--num", "12", "--out", out, *common) == 0
+    assert json.loads(out.read_text())["results"]["fd_randproj"] == pytest.approx(0.0, abs=1e-6)
+    err = capsys.readouterr().err
+    assert "warning: FID / FD from 12 images" in err and "biased" in err
+    assert _cli("ref", "--data", "builtin:nope", "--dest", ref, *common) == 1
+    assert "unknown built-in dataset" in capsys.readouterr().err
 
 
 def test_cli_gen_needs_a_network_and_bad_num_is_rejected(tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_extension_is_loaded_and_kernels_cover_every_op():
         assert ops.uses_kernel(op, torch.zeros(1))
 
 
-# --- the references themselves, against the formulas of SPEC.md ------------------------------------
+# --- the references themselves, against the formulas of the EDM2 paper ------------------------------
 
 
 def test_reference_matches_spec_formulas():

@@ -12,10 +12,12 @@ from fastdiff.sampling import (
     APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, edm_sampler, edm_sigma_steps, generate_images, rng,
     sample,
 )
-from fastdiff.sampling import _nvtx
+from fastdiff import _runtime as _nvtx
 from fastdiff.cli import generate as gen_cli
 from fastdiff.sampling.generate import split_batches
 from fastdiff.sampling.guidance import EvalContext
+
+from conftest import cli_args
 
 
 # --- test denoisers ---------------------------------------------------------------------------------
@@ -160,6 +162,24 @@ def _close(a, b, tol=1e-10):
 # --- schedule -----------------------------------------------------------------------------------------
 
 
+def test_sigma_per_sample_and_the_schedule_inverse():
+    from fastdiff.diffusion import edm_time_of_sigma, sigma_per_sample
+
+    assert sigma_per_sample(0.5, 3).tolist() == [0.5, 0.5, 0.5]
+    assert sigma_per_sample(0.1, 2, dtype=torch.float64).tolist() == [0.1, 0.1]  # not rounded through float32
+    s = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.equal(sigma_per_sample(s, 3), s)
+    assert sigma_per_sample(s, 3).dtype == torch.float64
+    assert sigma_per_sample(torch.tensor([2]), 4).tolist() == [2.0] * 4
+    assert sigma_per_sample(s.reshape(3, 1, 1, 1), 3, image_shaped=True).shape == (3,)
+    for bad, kw in [(torch.ones(2), {}), (torch.ones(3, 1, 1, 1), {}), (torch.ones(3, 2), {"image_shaped": True})]:
+        with pytest.raises(ValueError, match="who: expected sigma as a scalar"):
+            sigma_per_sample(bad, 3, who="who", **kw)
+    t = edm_sigma_steps(9, 0.01, 50.0, 5.0)
+    _close(edm_time_of_sigma(t[:-1], 0.01, 50.0, 5.0), 1 - torch.arange(9, dtype=torch.float64) / 8)
+    assert edm_time_of_sigma(torch.tensor([100.0, 0.0]), 0.01, 50.0, 5.0).tolist() == [1.0, 0.0]
+
+
 def test_edm_sigma_steps():
     t = edm_sigma_steps(32)
     assert t.shape == (33,) and t.dtype == torch.float64 and float(t[-1]) == 0
@@ -212,6 +232,36 @@ def test_euler_and_ancestral_match_formula():
     want = euler_direct(per_sample(MIX), noise, t, eta=1.0, randn=lambda x: rng.randn_like(x, gens))
     got = sample(MIX, noise, "euler_ancestral", steps=16, generators=rng.seed_generators(range(16)), dtype=torch.float64)
     _close(got, want)
+
+
+def test_euler_churn_and_ancestral_s_noise_match_formula():
+    """S_churn / S_noise reach euler (EDM churn before the step, taken from sigma_hat) and euler_ancestral
+    (S_noise scales the fresh noise); the CLI passes them through generate_images."""
+    noise, seeds = _noise(6), range(6)
+    t = [float(v) for v in edm_sigma_steps(10)]
+    gens = rng.seed_generators(seeds)
+    x = noise * t[0]
+    for i in range(10):
+        gamma = min(40 / 10, math.sqrt(2) - 1) if 0.05 <= t[i] <= 50 else 0.0
+        s_hat = t[i] * (1 + gamma)
+        if gamma > 0:
+            x = x + rng.randn_like(x, gens) * 1.003 * math.sqrt(s_hat**2 - t[i] ** 2)
+        x = x + (t[i + 1] - s_hat) * (x - per_sample(MIX)(x, s_hat, None)) / s_hat
+    got = sample(MIX, noise, "euler", steps=10, generators=rng.seed_generators(seeds), S_churn=40, S_min=0.05,
+                 S_max=50, S_noise=1.003, dtype=torch.float64)
+    _close(got, x)
+    assert not torch.allclose(got, sample(MIX, noise, "euler", steps=10, dtype=torch.float64))
+    gens = rng.seed_generators(seeds)
+    want = euler_direct(per_sample(MIX), noise, edm_sigma_steps(10), eta=1.0,
+                        randn=lambda x: 0.7 * rng.randn_like(x, gens))
+    got = sample(MIX, noise, "euler_ancestral", steps=10, generators=rng.seed_generators(seeds), S_noise=0.7,
+                 dtype=torch.float64)
+    _close(got, want)
+    # through the generate CLI's path: S_churn changes the images
+    net = TinyNet()
+    a = next(generate_images(net, [1, 2], sampler="euler", steps=4, S_churn=0.0))[1]
+    b = next(generate_images(net, [1, 2], sampler="euler", steps=4, S_churn=30.0))[1]
+    assert not torch.equal(a, b)
 
 
 def test_dpmpp_2m_matches_formula():
@@ -412,20 +462,42 @@ def test_icg_random_labels_batched():
     assert torch.equal(first[0], want[0])
 
 
+class _EmbNet(torch.nn.Module):
+    """A denoiser with a noise-embedding layer named emb_noise (as the EDM2 U-Net has): its output, the
+    embedding e [batch, 6], shifts D a little, so that a perturbed e is visible."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb_noise = torch.nn.Identity()
+        self.seen = []
+
+    def forward(self, x, sigma, labels=None):
+        e = self.emb_noise(torch.ones(x.shape[0], 6, dtype=torch.float64) * torch.arange(6.0, dtype=torch.float64))
+        self.seen.append(e)
+        return MIX(x, sigma, labels) + 0.01 * e.mean(1, keepdim=True).to(x.dtype)
+
+
 def test_tsg_hook_and_fallback():
-    calls = []
+    from fastdiff.sampling.graphs import cuda_graphed
+    from fastdiff.sampling.guidance import noise_embedding_layer
 
-    def net(x, sigma, labels, noise_embedding_perturbation=None):
-        e = torch.ones(x.shape[0], 6, dtype=torch.float64) * torch.arange(6.0, dtype=torch.float64)
-        e2 = noise_embedding_perturbation(e)
-        calls.append((e, e2))
-        return MIX(x, sigma, labels) + 0.01 * e2.mean(1, keepdim=True).to(x.dtype)
-
+    net = _EmbNet()
+    assert noise_embedding_layer(net) is net.emb_noise and noise_embedding_layer(cuda_graphed(net)) is net.emb_noise
+    assert noise_embedding_layer(MIX) is None
     sample(net, _noise(4), "euler", steps=2, guidance=TSG(2.0, scale=0.5), generators=rng.seed_generators(range(4)),
            dtype=torch.float64)
-    assert len(calls) == 2
-    e, e2 = calls[0]
-    assert e.shape[0] == 8 and torch.equal(e2[:4], e[:4]) and not torch.equal(e2[4:], e[4:])
+    assert len(net.seen) == 2 and not net.emb_noise._forward_hooks  # the hook is removed after each call
+    e = net.seen[0]
+    want = torch.arange(6.0, dtype=torch.float64).expand(4, 6)
+    noise = torch.stack([torch.randn(6, generator=g) for g in rng.seed_generators(range(4))]).double()
+    assert e.shape[0] == 8 and torch.equal(e[:4], want)
+    _close(e[4:], want + 0.5 * want[0].std() * noise, tol=1e-6)
+    # Through cuda_graphed (eager on the CPU; on CUDA the hook needs the eager forward too): same result.
+    a = sample(net, _noise(4), "euler", steps=2, guidance=TSG(2.0, scale=0.5), generators=rng.seed_generators(range(4)),
+               dtype=torch.float64)
+    b = sample(cuda_graphed(net), _noise(4), "euler", steps=2, guidance=TSG(2.0, scale=0.5),
+               generators=rng.seed_generators(range(4)), dtype=torch.float64)
+    assert torch.equal(a, b)
     # Fallback: the guiding half is evaluated at a perturbed sigma.
     f = Counter(MIX)
     sig_seen = []
@@ -436,21 +508,32 @@ def test_tsg_hook_and_fallback():
 
 
 def test_tsg_reaches_the_noise_embedding_of_fastdiff_networks():
-    """fastdiff's Precond takes the TSG hook: the perturbation sees emb_noise's [2N, C] output, identity
-    leaves D unchanged, and TSG at scale 0 is no guidance (the c_noise fallback would still perturb sigma)."""
+    """fastdiff's Precond has the noise-embedding layer TSG hooks: a hook sees emb_noise's [2N, C]
+    output, identity leaves D unchanged, and TSG at scale 0 is no guidance (the c_noise fallback would
+    still perturb sigma)."""
     from fastdiff.bench import Options
     from fastdiff.bench.suites import build_net
+    from fastdiff.sampling.guidance import noise_embedding_layer
 
     # every learned gain at 1: they start at 0, which would hide the embedding
     net = build_net("tiny-16", Options(), 0).eval().requires_grad_(False)
+    assert noise_embedding_layer(net) is net.unet.emb_noise
     g = torch.Generator().manual_seed(0)
     x, sigma = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([1.0, 3.0])
     labels = torch.nn.functional.one_hot(torch.tensor([1, 4]), 10).float()
     seen = []
+
+    def hooked(fn):
+        handle = net.unet.emb_noise.register_forward_hook(fn)
+        try:
+            return net(x, sigma, labels)
+        finally:
+            handle.remove()
+
     with torch.no_grad():
         d = net(x, sigma, labels)
-        d_id = net(x, sigma, labels, noise_embedding_perturbation=lambda e: (seen.append(e.shape), e)[1])
-        d_big = net(x, sigma, labels, noise_embedding_perturbation=lambda e: e + 3 * torch.randn_like(e))
+        d_id = hooked(lambda m, i, e: (seen.append(e.shape), e)[1])
+        d_big = hooked(lambda m, i, e: e + 3 * torch.randn_like(e))
         gens = rng.seed_generators(range(2))
         plain = sample(net, x, "euler", steps=3, labels=labels, generators=gens)
         tsg0 = sample(net, x, "euler", steps=3, labels=labels, guidance=TSG(2.0, scale=0.0),
@@ -489,13 +572,28 @@ def test_cads_schedule_and_rescale():
 
 @pytest.mark.parametrize("g", ["cfg", "icg", "tsg", "cads", "apg"])
 def test_every_guidance_with_every_sampler_runs(g):
+    """Each method with each sampler: it acts (w = 2 differs from no guidance), it is deterministic for the same
+    seeds, w = 1 is no guidance (CADS: the annealing acts on its own), and CFG equals sampling the guided denoiser
+    D_0 + w (D_1 - D_0) written out directly."""
     labels = torch.nn.functional.one_hot(torch.arange(4) % 3, 3).double()
-    make = {"cfg": lambda: CFG(2.0), "icg": lambda: ICG(2.0), "tsg": lambda: TSG(2.0), "cads": lambda: CADS(CFG(2.0)),
-            "apg": lambda: APG(2.0, r=5.0)}[g]
+    make = {"cfg": lambda w: CFG(w), "icg": lambda w: ICG(w), "tsg": lambda w: TSG(w), "cads": lambda w: CADS(CFG(w)),
+            "apg": lambda w: APG(w, r=5.0)}[g]
+    uncond = lambda x, s, lab: MIX(x, s, torch.zeros_like(lab))  # noqa: E731  (the null label)
     for sampler in ("heun", "euler", "euler_ancestral", "dpmpp_2m"):
-        x = sample(MIX, _noise(4), sampler, steps=6, guidance=make(), labels=labels,
-                   generators=rng.seed_generators(range(4)), dtype=torch.float64)
+        def run(guidance, denoiser=MIX):
+            return sample(denoiser, _noise(4), sampler, steps=6, guidance=guidance, labels=labels,
+                          generators=rng.seed_generators(range(4)), dtype=torch.float64)
+
+        x, plain = run(make(2.0)), run(None)
         assert x.shape == (4, 2) and torch.isfinite(x).all()
+        assert (x - plain).abs().max() > 1e-3, sampler
+        _close(run(make(2.0)), x)
+        if g == "cads":
+            assert (x - run(CFG(2.0))).abs().max() > 1e-3, sampler
+        else:
+            _close(run(make(1.0)), plain)
+        if g == "cfg":
+            _close(x, run(None, guided(MIX, uncond, 2.0)))
 
 
 # --- per-sample seeds ---------------------------------------------------------------------------------
@@ -547,7 +645,7 @@ def test_seed_independent_of_batch(reference):
 def test_generate_images_basic_and_errors():
     net = TinyNet()
     out = list(generate_images(net, range(5), batch=2, steps=4, class_idx=2))
-    assert [s for s, _ in out] == [[0, 1], [2, 3], [4]] or sum(len(s) for s, _ in out) == 5
+    assert [s for s, _ in out] == [[0, 1], [2, 3], [4]]  # ceil(5 / 2) = 3 nearly equal consecutive batches
     imgs = torch.cat([i for _, i in out])
     assert imgs.dtype == torch.uint8 and imgs.shape == (5, 3, 8, 8)
     with pytest.raises(ValueError, match="out of range"):
@@ -625,6 +723,30 @@ def test_cli_main_errors(tmp_path, capsys):
     assert gen_cli.main(_args()) == 2  # nothing to write
 
 
+def test_cli_every_sampler_and_its_options(tmp_path, capsys):
+    """--sampler knows every sampler; sampler options reach the sampler (the images change) and an option the
+    sampler has no use for exits 2 with the flag named, before any network is loaded."""
+    from fastdiff.sampling import SAMPLERS
+
+    parser = __import__("argparse").ArgumentParser()
+    gen_cli.add_arguments(parser)
+    for name in SAMPLERS:
+        assert parser.parse_args(["--net", "x", "--sampler", name]).sampler == name
+    out = {}
+    for name, extra in [("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", dict(eta=0.3)), ("dpm_adaptive", dict(rtol=0.2)),
+                        ("euler", dict(S_churn=20.0))]:
+        args = _args(seeds="0-1", grid=str(tmp_path / "g.png"), steps=3, device="cpu", sampler=name, **extra)
+        assert gen_cli.run(args, TinyNet()) == 0
+        out[(name, tuple(extra))] = (tmp_path / "g.png").read_bytes()
+    assert out[("dpmpp_2m_sde", ())] != out[("dpmpp_2m_sde", ("eta",))]
+    for flags, message in [(dict(sampler="dpmpp_2m", S_churn=2.0), "has no use for --S-churn"),
+                           (dict(sampler="euler", S_noise=float("inf")), "--S-noise must be a finite number"),
+                           (dict(sampler="heun", rtol=0.1), "takes no option 'rtol'"),
+                           (dict(sampler="lms", eta=0.5), "has no use for --eta")]:
+        assert gen_cli.main(_args(outdir=str(tmp_path), net="missing.safetensors", **flags)) == 2
+        assert message in capsys.readouterr().err
+
+
 def _dist_worker(rank, world, init_file, outdir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -653,11 +775,7 @@ def test_cli_distributed_two_processes(tmp_path):
 
 
 def _parse(*argv):
-    import argparse
-
-    p = argparse.ArgumentParser()
-    gen_cli.add_arguments(p)
-    return p.parse_args([str(a) for a in argv])
+    return cli_args(gen_cli, *argv)
 
 
 def _cli_images(tmp_path, name, net, gnet=None, flags=""):

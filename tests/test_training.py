@@ -228,6 +228,19 @@ def test_label_dropout_replaces_a_fraction_p_of_the_labels_by_the_null_label(tmp
     assert options["config"]["label_dropout"] == p
 
 
+def test_snapshots_record_the_label_dropout_and_phema_keeps_it(tmp_path):
+    """The network files say whether CFG's null label was trained (fastdiff generate refuses it otherwise)."""
+    from fastdiff.training.phema import reconstruct_phema
+    from fastdiff.training.snapshots import read_snapshot_meta
+
+    _train(tmp_path / "run", duration=64, batch=16, snapshot=32, checkpoint=0, ema_stds=(0.05, 0.10),
+           label_dropout=0.2)
+    snaps = list_snapshots(str(tmp_path / "run"))
+    assert snaps and all(read_snapshot_meta(s.path)["extra"]["label_dropout"] == 0.2 for s in snaps)
+    (path,) = reconstruct_phema(str(tmp_path / "run"), [0.07], str(tmp_path / "phema"), progress=False)
+    assert read_snapshot_meta(path)["extra"]["label_dropout"] == 0.2
+
+
 def test_label_dropout_masks_survive_a_resume(tmp_path):
     kw = {"label_dropout": 0.4, "batch_gpu": 8}  # two accumulation rounds per step
     full = _LabelRecorder()

@@ -1,4 +1,4 @@
-"""A straightforward plain-PyTorch EDM2 network written from SPEC.md sections 1-2: the baseline of
+"""A straightforward plain-PyTorch EDM2 network written from the EDM2 paper's formulas: the baseline of
 ``fastdiff bench`` and of benchmarks/, and an independent oracle in the tests. It imports nothing from
 fastdiff: it is a functional model over a flat state dict (the official parameter names), so the same
 weights can be fed to it and to ``fastdiff.nn.Precond``.

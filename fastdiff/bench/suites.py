@@ -15,6 +15,7 @@ Suites (sizes are the defaults; ``Options.quick`` shrinks everything to a smoke 
 - ``sampling``: 32-step Heun with autoguidance and a guidance interval: fastdiff.sampling vs the same loop in
   plain PyTorch (guide evaluated at every step, its result discarded outside the interval); images/s. On
   CUDA also fastdiff with both networks replayed from CUDA graphs (``fastdiff.sampling.cuda_graphed``).
+  Then every sampler of ``fastdiff.sampling.SAMPLERS`` on the same work, with its network forwards.
 - ``training``: one training step (EDM2 loss with learned uncertainty, backward, non-finite gradients
   zeroed, Adam, two power-function EMAs) under autocast: fastdiff vs plain; images/s and peak memory.
 """
@@ -335,6 +336,35 @@ def sampling_cases(opt: Options) -> Iterator[Case]:
     name = (f"Heun {steps} steps, autoguidance w={GUIDE_W} + interval {INTERVAL}, main {main}, guide {guide}"
             f"{' (half width)' if overrides else ''}, b{batch} {_dtype_name(opt.dtype)}")
     yield Case("sampling", name, impls, "img/s", batch, memory=True, check=_agreement(impls, "plain"))
+    yield every_sampler_case(opt, net, gnet, pnet, pgnet, noise, labels, steps, name)
+
+
+def every_sampler_case(opt: Options, net, gnet, pnet, pgnet, noise, labels, steps: int, name: str) -> Case:
+    """Every sampler of fastdiff.sampling.SAMPLERS on the same work (networks, guidance, noise, steps), after the
+    plain Heun loop as the baseline; the check reports Heun's agreement with it and each sampler's network
+    evaluations per image."""
+    from fastdiff.sampling import SAMPLERS, Autoguidance, Interval, rng, sample
+
+    def run(sampler: str, info=None):
+        g = Interval(Autoguidance(gnet, GUIDE_W), sigma=INTERVAL)
+        gens = rng.seed_generators(range(noise.shape[0]), device=noise.device)
+        return sample(net, noise, sampler, steps=steps, guidance=g, labels=labels, generators=gens, info=info)
+
+    impls = {"plain": lambda: plain_heun_loop(pnet, pgnet, noise, labels, num_steps=steps)}
+    impls.update({s: (lambda s=s: run(s)) for s in SAMPLERS})
+    impls = {k: torch.no_grad()(f) for k, f in impls.items()}
+
+    def check() -> str:
+        heun = _agreement({"plain": impls["plain"], "heun": impls["heun"]}, "plain")()
+        counts = []
+        for s in SAMPLERS:
+            info: dict = {}
+            with torch.no_grad():
+                run(s, info)
+            counts.append(f"{s} {info['evaluations']}")
+        return f"{heun}; network forwards per batch: " + ", ".join(counts)
+
+    return Case("sampling", name.replace("Heun ", "every sampler, ", 1), impls, "img/s", noise.shape[0], check=check)
 
 
 # --- training ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "info": ("fastdiff.cli.info", "show the compiled kernels and a quick self-check"),
     "train": ("fastdiff.cli.train", "train an EDM2 network (one process, or many under torchrun)"),
     "phema": ("fastdiff.cli.phema", "post-hoc EMA: reconstruct EMA weights from training snapshots"),
-    "dataset": ("fastdiff.cli.dataset", "prepare training data (convert an image folder, inspect a dataset)"),
+    "dataset": ("fastdiff.cli.dataset", "prepare training data (convert an image folder, encode it to VAE latents, inspect a dataset)"),
     "generate": ("fastdiff.cli.generate", "generate images from a trained network (EDM2 samplers and guidance)"),
     "convert": ("fastdiff.cli.convert", "convert an official EDM2 .pkl (read safely, no code run) or a torch.save state dict to a fastdiff network file"),
     "toy": ("fastdiff.cli.toy", "the 2-D toy of the autoguidance paper: CFG vs autoguidance, exact scores"),
@@ -28,7 +28,12 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__.splitlines()[0])
+    from fastdiff import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastdiff", description="Train, sample, guide and evaluate EDM2-family diffusion models on fused CPU "
+        "and CUDA kernels.", epilog="'fastdiff COMMAND --help' shows a command's options.")
+    parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -38,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] == "--version":
+        parser.parse_args(argv[:1])  # prints the version and exits
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             parser.error(f"unknown command {argv[0]!r}; expected one of: {', '.join(SUBCOMMANDS)}")
@@ -48,6 +55,12 @@ def main(argv=None) -> int:
     sub = argparse.ArgumentParser(prog=f"fastdiff {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    from fastdiff.cli.common import check_device
+
+    problem = check_device(getattr(args, "device", None))  # one device check for every command
+    if problem:
+        print(f"fastdiff {name}: error: {problem}", file=sys.stderr)
+        return 2
     return int(module.main(args) or 0)
 
 

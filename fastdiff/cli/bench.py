@@ -8,10 +8,10 @@ import time
 
 import torch
 
+from fastdiff._runtime import DTYPE_NAMES
 from fastdiff.bench.suites import SUITES
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = [name for name, dtype in DTYPE_NAMES.items() if dtype != torch.float64]
 
 
 def add_arguments(parser) -> None:
@@ -63,7 +63,7 @@ def main(args) -> int:
     except (RuntimeError, ValueError) as exc:
         print(f"fastdiff bench: {exc}", file=sys.stderr)
         return 2
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if dev.is_cuda else torch.float32)
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else (torch.bfloat16 if dev.is_cuda else torch.float32)
     compile_mode = args.compile or ("default" if dev.is_cuda else "none")
     presets = tuple(p.strip() for p in args.presets.split(",") if p.strip()) if args.presets else None
     if presets:

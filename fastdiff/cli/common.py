@@ -1,5 +1,6 @@
-"""What the ``fastdiff`` commands share: dtype names, seed / interval / std parsing, the guidance flags and
-their translation into guidance objects, device start-up under torchrun, and PNG / grid output.
+"""What the ``fastdiff`` commands share: the device check, dtype names, seed / interval / std parsing, the
+guidance flags and their translation into guidance objects, and PNG / grid output (torchrun start-up and
+the device rules themselves are library code, in ``fastdiff._dist``).
 
 Only command modules import this; library packages take plain Python values."""
 
@@ -11,15 +12,33 @@ import inspect
 import math
 import os
 import re
+import sys
 from collections.abc import Callable
 
 import torch
 
+from fastdiff._atomic import atomic_write_with
+from fastdiff._dist import resolve_device
+from fastdiff._runtime import DTYPE_NAMES
 from fastdiff.sampling.generate import MAX_SEED, make_guidance
 from fastdiff.training.phema import MAX_STD
-from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, _accepts
+from fastdiff.sampling.guidance import (
+    APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, noise_embedding_layer,
+)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = DTYPE_NAMES  # what --dtype accepts
+
+
+def check_device(device) -> str | None:
+    """What is wrong with ``--device`` on this machine (None: usable, or not given), the check every command
+    runs before it starts: e.g. ``--device cuda`` where no CUDA GPU is available."""
+    if device is None:
+        return None
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        return f"--device {device}: {exc}"
+    return None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -54,6 +73,21 @@ def parse_interval(text: str | None) -> tuple[float, float] | None:
     if not 0 <= lo < hi:
         raise ValueError(f"bad interval {text!r}: expected 0 <= lo < hi")
     return lo, hi
+
+
+def parse_interval_steps(text: str | None) -> tuple[int, int] | None:
+    """'17,22' -> (17, 22): the first and last sampler step (0-based, both inclusive) that are guided."""
+    if text is None:
+        return None
+    parts = str(text).split(",")
+    try:
+        first, last = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"malformed --interval-steps {text!r}: expected 'first,last' step indices, "
+                         "e.g. 17,22") from None
+    if not 0 <= first <= last:
+        raise ValueError(f"bad --interval-steps {text!r}: expected 0 <= first <= last")
+    return first, last
 
 
 # --- guidance -----------------------------------------------------------------------------------------
@@ -130,9 +164,9 @@ GUIDANCE_PARAMS = (
     GuidanceParam("--apg-momentum", "apg", APG, "beta", "APG: momentum beta (< 0; 0 = no momentum)", _nonpositive),
     GuidanceParam("--apg-rescale", "apg", APG, "r", "APG: rescale radius r, ||D_c - D_u|| clipped to r per sample "
                   "(none = no rescale)", _positive),
-    GuidanceParam("--tsg-scale", "tsg", TSG, "scale", "TSG: s in e~ = e + s std(e) n, for networks that take a "
-                  f"{TSG.HOOK} hook (fastdiff's, and official pickles loaded by fastdiff)", _nonneg),
-    GuidanceParam("--tsg-c-noise-scale", "tsg", TSG, "c_noise_scale", "TSG on networks without that hook (other "
+    GuidanceParam("--tsg-scale", "tsg", TSG, "scale", "TSG: s in e~ = e + s std(e) n, for networks with a noise "
+                  "embedding layer (fastdiff's, and official pickles loaded by fastdiff)", _nonneg),
+    GuidanceParam("--tsg-c-noise-scale", "tsg", TSG, "c_noise_scale", "TSG on networks without that layer (other "
                   "callables): std of the perturbation of c_noise = ln(sigma)/4", _nonneg),
     GuidanceParam("--cads-tau1", "cads", CADS, "tau1", "CADS: full condition below t = tau1 (t in [0, 1], 1 = noise)",
                   _unit),
@@ -178,6 +212,13 @@ def validate_guidance(args, has_gnet: bool | None = None) -> None:
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None
+    steps = parse_interval_steps(getattr(args, "interval_steps", None))
+    if steps is not None and getattr(args, "interval", None) is not None:
+        raise ValueError("give --interval (noise levels) or --interval-steps (step indices), not both")
+    num_steps = getattr(args, "steps", None)
+    if steps is not None and isinstance(num_steps, int) and steps[0] >= num_steps:
+        raise ValueError(f"--interval-steps {steps[0]},{steps[1]} starts after the last step ({num_steps - 1} of "
+                         f"--steps {num_steps}): no step would be guided")
     if method == "auto":
         if w != 1 and not has_gnet:
             raise ValueError(
@@ -225,6 +266,32 @@ def _check_gnet(net, gnet, method: str) -> None:
                          "classes, or none (an unconditional guide)")
 
 
+def _check_null_label(args, net, gnet, method: str) -> None:
+    """CFG / APG without ``--gnet`` take their unconditional branch from ``--net``'s null label, which only a
+    network trained with label dropout has learned. A network file that records ``label_dropout`` 0 is refused
+    (a warning with ``--force``); files that record nothing (official pickles, older files) are trusted."""
+    if gnet is not None or method not in ("cfg", "apg") or _weight(args) == 1:
+        return
+    recorded = (getattr(net, "checkpoint_extra", None) or {}).get("label_dropout")
+    if recorded is None or float(recorded) > 0:
+        return
+    problem = (f"--guidance-method {method} without --gnet guides with the null label of --net, but --net was "
+               "trained without label dropout (label_dropout 0 in its file), so its null label was never trained: "
+               "train it with --label-dropout (e.g. 0.1), or give an unconditional --gnet")
+    if not getattr(args, "force", False):
+        raise ValueError(problem + "; --force guides anyway")
+    print(f"warning: {problem}", file=sys.stderr)
+
+
+def check_network_files(args, *flags: str) -> None:
+    """A clear error (ValueError) for a network flag (``"net"``, ``"gnet"``) that names no existing file."""
+    for flag in flags:
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            what = "is a folder, not a network file" if os.path.isdir(path) else "not found"
+            raise ValueError(f"--{flag} {path}: {what}")
+
+
 def _fmt(v) -> str:
     return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -239,6 +306,7 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
     validate_guidance(args, has_gnet=gnet is not None)
     method, w = _method(args), _weight(args)
     interval = parse_interval(getattr(args, "interval", None))
+    steps = parse_interval_steps(getattr(args, "interval_steps", None))
     label_dim = int(getattr(net, "label_dim", 0) or 0)
     cads = bool(getattr(args, "cads", False))
     unconditional = "--net is unconditional (label_dim 0)"
@@ -251,12 +319,15 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
         raise ValueError(f"--cads anneals the class condition, so it needs a class-conditional --net; {unconditional}")
     if gnet is not None and (method != "auto" or w != 1):
         _check_gnet(net, gnet, method)
+    _check_null_label(args, net, gnet, method)
 
     g: Guidance | None
     # A guide without classes next to a conditional --net makes autoguidance CFG.
     as_cfg = gnet is not None and label_dim > 0 and not int(getattr(gnet, "label_dim", 0) or 0)
     if method == "auto":
         g = make_guidance(gnet, w, interval)  # the official semantics, unchanged
+        if g is not None and steps is not None:
+            g = Interval(g, steps=steps)
         if g is None:
             desc = "none (--guidance 1)"
         else:
@@ -277,15 +348,15 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
             g = ICG(w)
             branch = "random class"
         else:  # tsg
-            hook = _accepts(net, TSG.HOOK)
+            hook = noise_embedding_layer(net) is not None
             if not hook and "scale" in params:
                 raise ValueError(
-                    f"--tsg-scale has no effect on this network: it takes no {TSG.HOOK} hook, so TSG perturbs its "
+                    "--tsg-scale has no effect on this network: it has no noise embedding layer, so TSG perturbs its "
                     "noise conditioning c_noise instead (set that with --tsg-c-noise-scale)"
                 )
             if hook and "c_noise_scale" in params:
                 raise ValueError(
-                    f"--tsg-c-noise-scale has no effect on this network: it takes the {TSG.HOOK} hook, so TSG "
+                    "--tsg-c-noise-scale has no effect on this network: it has a noise embedding layer, so TSG "
                     "perturbs its noise embedding (set that with --tsg-scale)"
                 )
             g = TSG(w, **params)
@@ -295,8 +366,12 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
         desc = f"{method}, w={_fmt(w)}{' (w = 1: no guidance)' if w == 1 else ''}, {branch}{details}"
         if interval is not None:
             g = Interval(g, sigma=interval)
+        elif steps is not None:
+            g = Interval(g, steps=steps)
     if interval is not None and g is not None:
         desc += f", interval sigma in ({_fmt(interval[0])}, {_fmt(interval[1])}]"
+    if steps is not None and g is not None:
+        desc += f", interval steps {steps[0]}..{steps[1]} (both inclusive, a Heun correction with its step)"
     if cads:
         kw = _param_values(args, "cads")
         g = CADS(g, **kw)
@@ -313,7 +388,11 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gnet", default=None, help="guiding network: autoguidance, or CFG with an unconditional net")
     group.add_argument("--guidance", type=float, default=None, metavar="W",
                        help="guidance weight (1 = none) [default: 1]")
-    group.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI]")
+    group.add_argument("--interval", default=None, metavar="LO,HI", help="apply guidance only for sigma in (LO, HI], "
+                       "decided per network evaluation")
+    group.add_argument("--interval-steps", dest="interval_steps", default=None, metavar="FIRST,LAST",
+                       help="apply guidance only at sampler steps FIRST..LAST (0-based, both inclusive; a Heun step's "
+                            "correction follows its step), the form of the official configurations (e.g. 17,22 of 32)")
     group.add_argument(
         "--guidance-method", dest="guidance_method", type=_guidance_method, default="auto",
         metavar="{" + ",".join(GUIDANCE_METHODS) + "}",
@@ -324,6 +403,9 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cads", action="store_true",
                        help="condition-annealed sampling (CADS) around the guidance, or alone; needs a class-"
                             "conditional --net")
+    group.add_argument("--force", action="store_true",
+                       help="guide even with --net's null label when its file says it was trained without label "
+                            "dropout (CFG / APG without --gnet; refused otherwise)")
     for p in GUIDANCE_PARAMS:
         group.add_argument(p.flag, dest=p.dest, type=float, default=None, metavar="X",
                            help=f"{p.help} [default: {_fmt(p.default)}]")
@@ -334,20 +416,17 @@ def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     return os.path.join(folder, f"{seed:06d}.png")
 
 
-def save_png(image: torch.Tensor, path: str) -> None:
-    """uint8 [C, H, W] -> PNG, written to a temporary file and renamed."""
+def save_png(image, path: str) -> None:
+    """A uint8 image as a PNG, written atomically (fastdiff._atomic): a tensor ``[C, H, W]`` (C = 1 or 3), or
+    an array ``[H, W]`` / ``[H, W, 3]``."""
+    import numpy as np
     from PIL import Image
 
-    arr = image.permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        pil.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    arr = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    pil = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
+    atomic_write_with(path, lambda f: pil.save(f, format="PNG"))
 
 
 def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
@@ -363,20 +442,6 @@ def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
     return grid
 
 
-def init_distributed(device: str | None) -> tuple[bool, str | None]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = torch.distributed
-    if world <= 1 or not dist.is_available() or dist.is_initialized():
-        return False, device
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True, device
-
-
 def parse_stds(text: str) -> list[float]:
     try:
         stds = [float(s) for s in str(text).replace(" ", "").split(",") if s]
@@ -388,3 +453,55 @@ def parse_stds(text: str) -> list[float]:
         if not 0 < s <= MAX_STD:
             raise argparse.ArgumentTypeError(f"each std must lie in (0, {MAX_STD:.4f}], got {s}")
     return stds
+
+
+# ---- latent networks: the VAE decoder (generate, metrics gen) ---------------------------------------------
+
+
+def add_vae_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("latent networks (EDM2 img512)")
+    group.add_argument("--vae", default=None, metavar="PATH",
+                       help="decode latents to pixels with this local VAE: a diffusers folder or a .safetensors "
+                            "file, e.g. stabilityai/sd-vae-ft-mse fetched by hand (never downloaded; needs "
+                            "pip install \"fastdiff[latent]\")")
+    group.add_argument("--vae-device", default=None, help="device of the VAE [default: the network's]")
+    group.add_argument("--vae-batch", type=int, default=8, metavar="N", help="latents per VAE call [default: 8]")
+
+
+def make_vae_decoder(args, net, device) -> tuple[Callable | None, bool]:
+    """``(decoder, latent)``: whether ``net`` makes latents (its encoder record says so, or ``--vae`` is given
+    for a 4-channel network without a record: EDM2's scaling is assumed) and, with ``--vae``, the VAE that
+    decodes them (a ``decoder`` for :func:`fastdiff.sampling.generate_images`)."""
+    from fastdiff.data.latent import OFFICIAL_SCALING, encoder_record_of, scaling_of
+
+    scaling = scaling_of(net)
+    if args.vae is None:
+        return None, scaling is not None
+    if args.vae_batch < 1:
+        raise ValueError(f"--vae-batch must be >= 1, got {args.vae_batch}")
+    if scaling is None:
+        if encoder_record_of(net) is not None:
+            raise ValueError("--vae given, but the network makes pixels (its encoder record is the pixel encoder)")
+        if int(net.img_channels) != 4:
+            raise ValueError(f"--vae given, but the network has {net.img_channels} channels, not the 4 latent "
+                             f"channels of the Stable Diffusion VAE")
+        scaling = OFFICIAL_SCALING
+    from fastdiff.vae import load_vae
+
+    from fastdiff._dist import resolve_device
+
+    vae_device = resolve_device(args.vae_device) if args.vae_device else device
+    try:
+        vae = load_vae(args.vae, device=vae_device, batch_size=args.vae_batch, scaling=scaling)
+    except (FileNotFoundError, ImportError) as exc:  # the commands report ValueErrors as usage errors
+        raise ValueError(f"--vae: {exc}") from None
+    if vae.latent_channels != int(net.img_channels):
+        raise ValueError(f"the VAE has {vae.latent_channels} latent channels, the network {net.img_channels}")
+    return vae.decode, True
+
+
+def save_npy(array: torch.Tensor, path: str) -> None:
+    """A float tensor (e.g. latents) -> ``.npy`` float32, written to a temporary file and renamed."""
+    import numpy as np
+
+    atomic_write_with(path, lambda f: np.save(f, array.detach().cpu().to(torch.float32).numpy(), allow_pickle=False))

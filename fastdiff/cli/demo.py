@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from fastdiff._atomic import atomic_write_with
+from fastdiff.cli.common import save_png
 from fastdiff.metrics.classifier import DigitClassifier, classify, train_classifier
 
 __all__ = ["add_arguments", "main", "run_demo", "DigitClassifier", "labels_for_seeds", "parse_preset",
@@ -172,14 +173,6 @@ def labels_for_seeds(seeds, shape, label_dim: int) -> torch.Tensor:
         torch.randn(tuple(shape), generator=g, dtype=torch.float32)
         out.append(int(torch.randint(label_dim, (1,), generator=g)))
     return torch.tensor(out, dtype=torch.int64)
-
-
-def _save_png(array: np.ndarray, path: str) -> None:
-    """uint8 [H, W] or [H, W, 3] -> PNG, atomically."""
-    from PIL import Image
-
-    img = Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
-    atomic_write_with(path, lambda f: img.save(f, format="PNG"))
 
 
 def _grid(images: torch.Tensor, cols: int, scale: int, pad: int = 1, fill: int = 64) -> np.ndarray:
@@ -451,7 +444,7 @@ def run_demo(args) -> dict:
             m["fid"] = _fd(compute_feature_stats(out.split(64), fid_detector, num=num, progress=False), fid_ref)
         ev = sweep._cell_evaluations(cell, steps, 1, net, 80.0)
         png = f"grid-{key}.png"
-        _save_png(_grid(out[:grid_n], cols, scale), os.path.join(outdir, png))
+        save_png(_grid(out[:grid_n], cols, scale), os.path.join(outdir, png))
         rows.append(dict(key=key, method=method, weight=w, interval=list(interval) if cell.interval else None,
                          grid=png, evaluations_main=ev["main"], evaluations_guide=ev["guide"], **m))
     real_row = _real_floor(real, real_labels, num, half, detector, ref, clf, device, args.seed, fid_detector, fid_ref)

@@ -2,12 +2,16 @@
 
     fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
     fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
+    fastdiff generate --expert=low.safetensors:0,1 --expert=high.safetensors:1,inf --outdir=out  # experts by sigma
     fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
     fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
+    fastdiff generate --net=edm2-img512-s-2147483-0.130.pkl --vae=sd-vae-ft-mse/ --grid=grid.png   # latents -> PNGs
 
 Under torchrun the seeds are split across the ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
-PNGs are written atomically (temporary file, then rename).
+PNGs are written atomically (temporary file, then rename); the temporaries a killed run leaves are removed
+when the next one starts on that --outdir. A sample holding NaN or Inf (a diverged network) is not written:
+its seed is named and the exit status is 1.
 
 Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
 
@@ -22,26 +26,53 @@ Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
 - ``icg``: independent condition guidance (random classes instead of the null label).
 - ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
 
-``--interval LO,HI`` limits any of them to sigma in (LO, HI]; ``--cads`` (``--cads-tau1`` ...) anneals the
+Samplers (``--sampler``, fastdiff.sampling.SAMPLERS): EDM's ``heun`` (default), ``euler``,
+``euler_ancestral``, ``dpmpp_2m`` and k-diffusion's ``dpm_2``, ``dpm_2_ancestral``, ``lms``,
+``dpmpp_2s_ancestral``, ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpm_adaptive`` (``--rtol``,
+``--atol``; ``--steps`` does not apply). ``--S-churn`` etc. (heun, euler, dpm_2), ``--S-noise`` (also the
+ancestral and SDE samplers) and ``--eta`` go to the samplers that take them; an option the chosen
+sampler has no use for is an error.
+
+``--interval LO,HI`` limits any guidance method to sigma in (LO, HI], decided per network evaluation;
+``--interval-steps FIRST,LAST`` to the sampler steps FIRST..LAST (0-based, both inclusive), the form of the
+official configurations, where a Heun step's correction follows its step's decision (the two forms differ
+only at the corrections next to the boundary); ``--cads`` (``--cads-tau1`` ...) anneals the
 class condition around any of them (also without guidance). The parameters' defaults are those of the
 guidance classes. The set-up is printed as one line to stderr at the start.
+
+Latent networks (EDM2's img512, or any trained on a latent dataset): ``--vae PATH`` decodes the latents with a
+local Stable Diffusion VAE (fastdiff.vae; ``--vae-device``, ``--vae-batch``) and writes PNGs; without it the
+latents are written as ``.npy`` files (float32 ``[4, 64, 64]``), and the command says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 import torch
 
-from fastdiff.cli.common import (DTYPES, add_guidance_arguments, build_guidance, image_path, init_distributed,
-                                 make_grid, parse_interval, parse_seeds, save_png, validate_guidance)
+from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shutdown_distributed
+from fastdiff.cli.common import (DTYPES, add_guidance_arguments, add_vae_arguments, build_guidance,
+                                 check_network_files, image_path, make_grid, make_vae_decoder, parse_interval,
+                                 parse_interval_steps, parse_seeds, save_npy, save_png, validate_guidance)
+from fastdiff.sampling.experts import Experts, parse_sigma_range
 from fastdiff.sampling.generate import generate_images
-from fastdiff.sampling.samplers import SAMPLERS
+from fastdiff.sampling.samplers import SAMPLERS, sampler_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--net", required=True, help="main network: fastdiff .safetensors or official EDM2 .pkl")
+    parser.add_argument("--net", default=None, help="main network: fastdiff .safetensors or official EDM2 .pkl "
+                        "(required unless --expert networks cover every noise level)")
+    parser.add_argument("--expert", action="append", default=[], metavar="NET:LO,HI",
+                        help="expert denoiser for sigma in (LO, HI] (HI may be inf; repeatable): each evaluation goes "
+                             "to the network of its noise level (eDiffi's ensemble of experts); --net, if given, "
+                             "serves the noise levels no expert covers. Train one with `fastdiff train --init BASE "
+                             "--sigma-range LO,HI`")
+    parser.add_argument("--gexpert", action="append", default=[], metavar="NET:LO,HI",
+                        help="the same for the guiding network (--gnet serves the rest, if given)")
     parser.add_argument("--sampler", default="heun", choices=SAMPLERS, help="[default: heun]")
     parser.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
     parser.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,10-12 [default: 0-63]")
@@ -56,39 +87,102 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--S-min", dest="S_min", type=float, default=0.0)
     parser.add_argument("--S-max", dest="S_max", type=float, default=float("inf"))
     parser.add_argument("--S-noise", dest="S_noise", type=float, default=1.0)
+    parser.add_argument("--eta", type=float, default=None,
+                        help="ancestral / SDE samplers: scale of the fresh noise [default: the sampler's]")
+    parser.add_argument("--rtol", type=float, default=None, help="dpm_adaptive: relative tolerance [default: 0.05]")
+    parser.add_argument("--atol", type=float, default=None, help="dpm_adaptive: absolute tolerance [default: 0.0078]")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the networks from captured CUDA graphs (fastdiff.sampling.cuda_graphed; CUDA only)")
     add_guidance_arguments(parser)
+    add_vae_arguments(parser)
+
+
+def parse_expert(spec: str) -> tuple[str, float, float]:
+    """``'net.safetensors:lo,hi'`` -> ``(path, lo, hi)``."""
+    path, sep, rng = str(spec).rpartition(":")
+    if not sep or not path:
+        raise ValueError(f"malformed --expert {spec!r}: expected NET:LO,HI, e.g. low.safetensors:0,1.5")
+    lo, hi = parse_sigma_range(rng, f"--expert range in {spec!r}")
+    return path, lo, hi
 
 
 def _validate(args, has_gnet: bool | None = None) -> None:
+    for spec in list(getattr(args, "expert", None) or []) + list(getattr(args, "gexpert", None) or []):
+        parse_expert(spec)
     if args.outdir is None and args.grid is None:
         raise ValueError("nothing to write: give --outdir and/or --grid")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if has_gnet is None:
+        has_gnet = getattr(args, "gnet", None) is not None or bool(getattr(args, "gexpert", None))
     validate_guidance(args, has_gnet)
+    _sampler_kwargs(args)
 
 
-def run(args, net, gnet=None) -> int:
+def _sampler_kwargs(args) -> dict:
+    """The sampler options given on the command line, checked against --sampler."""
+    extra = {k: getattr(args, k, None) for k in ("eta", "rtol", "atol")}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    kw = dict(S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, **extra)
+    try:
+        sampler_kwargs(args.sampler, **kw)
+    except ValueError as exc:
+        flags = {"S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max", "S_noise": "--S-noise", "eta": "--eta"}
+        message = re.sub(r"(?<![\w-])(S_churn|S_min|S_max|S_noise|eta)[= ]", lambda m: flags[m.group(1)] + " ", str(exc))
+        raise ValueError(message) from None
+    return kw
+
+
+def _remove_orphans(outdir: str) -> None:
+    """Temporaries left in ``outdir`` (and its ``--subdirs`` folders) by a killed run: PNGs that never got
+    their name."""
+    from fastdiff._atomic import remove_orphan_temps
+
+    folders = [outdir] + [os.path.join(outdir, d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else ())
+                          if re.fullmatch(r"\d{6}", d) and os.path.isdir(os.path.join(outdir, d))]
+    removed = [p for folder in folders for p in remove_orphan_temps(folder)]
+    if removed:
+        print(f"fastdiff generate: removed {len(removed)} temporary file(s) left by a killed run "
+              f"(e.g. {removed[0]})", file=sys.stderr, flush=True)
+
+
+def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
     """Generates and writes the images with already loaded networks (this rank's share under
-    torch.distributed); rank 0 writes the grid."""
+    torch.distributed); rank 0 writes the grid. ``decoder``: latents -> uint8 images (a VAE's);
+    ``latent`` without a decoder: write the raw latents as ``.npy`` files."""
     _validate(args, has_gnet=gnet is not None)
+    raw = latent and decoder is None
+    if raw and args.grid is not None:
+        raise ValueError("the network makes latents: a --grid needs pixels, give --vae PATH to decode them")
     seeds = parse_seeds(args.seeds)
     guidance, summary = build_guidance(args, net, gnet)
-    dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = rank_and_world()
+    distributed = world > 1
+    device = resolve_device(args.device)
     if rank == 0:
         print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
+        if raw:
+            print("fastdiff generate: the network makes latents and no --vae was given: writing .npy latents "
+                  "(give --vae PATH to decode them to PNGs)", file=sys.stderr, flush=True)
+        for role, m in (("main", net), ("guide", gnet)):
+            if isinstance(m, Experts):
+                print(f"fastdiff generate: {role} network: {len(m)} experts, sigma ranges {m.extra_repr()[7:]}",
+                      file=sys.stderr, flush=True)
+        if args.outdir is not None:
+            _remove_orphans(args.outdir)
+    if distributed:
+        torch.distributed.barrier()  # no rank writes before rank 0 has cleared the temporaries
+    bad_seeds: set[int] = set()
     batches = generate_images(
         net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
         class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
         world_size=world,
-        S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
+        decoder=(lambda x: x.float().cpu()) if raw else decoder,
+        on_nonfinite=bad_seeds.update,
+        **_sampler_kwargs(args),
     )
     progress = None
     if rank == 0 and getattr(args, "progress", True):
@@ -99,7 +193,13 @@ def run(args, net, gnet=None) -> int:
     for batch_seeds, images in batches:
         if args.outdir is not None:
             for seed, img in zip(batch_seeds, images):
-                save_png(img, image_path(args.outdir, seed, args.subdirs))
+                if seed in bad_seeds:  # a NaN sample would be a black PNG that looks like a result
+                    continue
+                path = image_path(args.outdir, seed, args.subdirs)
+                if raw:
+                    save_npy(img, os.path.splitext(path)[0] + ".npy")
+                else:
+                    save_png(img, path)
         if args.grid is not None:
             kept.extend(zip(batch_seeds, images))
         if progress is not None:
@@ -109,45 +209,93 @@ def run(args, net, gnet=None) -> int:
     if args.grid is not None:
         if distributed:
             gathered: list = [None] * world
-            dist.all_gather_object(gathered, kept)
+            torch.distributed.all_gather_object(gathered, kept)
             kept = [item for part in gathered for item in part]
         if rank == 0:
             kept.sort(key=lambda item: item[0])
             save_png(make_grid([img for _, img in kept]), args.grid)
     if distributed:
-        dist.barrier()
+        parts: list = [None] * world
+        torch.distributed.all_gather_object(parts, sorted(bad_seeds))
+        bad_seeds = {s for part in parts for s in part}
+        torch.distributed.barrier()
+    if bad_seeds:
+        if rank == 0:
+            listed = sorted(bad_seeds)
+            shown = ", ".join(map(str, listed[:20])) + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
+            skipped = "; their PNGs were not written" if args.outdir is not None else ""
+            tiles = "; their grid tiles are black" if args.grid is not None else ""
+            print(f"fastdiff generate: error: {len(listed)} of {len(seeds)} samples are not finite (NaN or Inf: the "
+                  f"network diverged), seeds {shown}{skipped}{tiles}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _with_experts(base, specs, load):
+    """``base`` alone, or the ensemble of the ``--expert`` specs (``base`` filling the uncovered ranges)."""
+    if not specs:
+        return base
+    from fastdiff.sampling.experts import Experts, fill_gaps
+
+    experts = []
+    for spec in specs:
+        path, lo, hi = parse_expert(spec)
+        experts.append((lo, hi, load(path)))
+    return Experts(fill_gaps(experts, base) if base is not None else experts)
 
 
 def main(args) -> int:
     try:
+        if getattr(args, "net", None) is None and not getattr(args, "expert", None):
+            raise ValueError("no network: give --net and/or --expert NET:LO,HI")
         _validate(args)
         parse_seeds(args.seeds)
         parse_interval(args.interval)
+        parse_interval_steps(args.interval_steps)
+        check_network_files(args, "net", "gnet")
+        for flag in ("expert", "gexpert"):
+            for spec in getattr(args, flag, None) or []:
+                path = parse_expert(spec)[0]
+                if not os.path.isfile(path):
+                    raise ValueError(f"--{flag} {spec}: {path} " + ("is a folder, not a network file"
+                                                                    if os.path.isdir(path) else "not found"))
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2
-    started, args.device = init_distributed(args.device)
+    try:
+        info = init_distributed(args.device)
+    except ValueError as exc:
+        print(f"fastdiff generate: error: --device: {exc}", file=sys.stderr)
+        return 2
+    args.device = device = str(info.device)
     try:
         # fastdiff .safetensors, or an official EDM2 .pkl / torch.save file read safely (no code from it runs)
         from fastdiff.io import load_any_network as load_network
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        net = load_network(args.net, device=device)
-        gnet = load_network(args.gnet, device=device) if args.gnet is not None else None
-        for m in (net, gnet):
+        graphed = getattr(args, "cuda_graphs", False)
+        if graphed and torch.device(device).type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
+
+        loaded = []
+
+        def load(path):
+            m = load_network(path, device=device)
             if isinstance(m, torch.nn.Module):
                 m.eval().requires_grad_(False)
-        if getattr(args, "cuda_graphs", False):
-            if torch.device(device).type != "cuda":
-                raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
-            from fastdiff.sampling.graphs import cuda_graphed
+            loaded.append(m)
+            if graphed:  # each network graphed on its own: an ensemble routes whole batches to one of them
+                from fastdiff.sampling.graphs import cuda_graphed
 
-            net, gnet = cuda_graphed(net), (cuda_graphed(gnet) if gnet is not None else None)
-        return run(args, net, gnet)
+                m = cuda_graphed(m)
+            return m
+
+        net = _with_experts(load(args.net) if args.net is not None else None, getattr(args, "expert", []), load)
+        gnet = _with_experts(load(args.gnet) if args.gnet is not None else None, getattr(args, "gexpert", []), load)
+        # Latents or pixels, from the first network loaded (--net, else the first --expert), before graphing.
+        decoder, latent = make_vae_decoder(args, loaded[0], device)
+        return run(args, net, gnet, decoder=decoder, latent=latent)
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if started:
-            torch.distributed.destroy_process_group()
+        shutdown_distributed(info)

@@ -1,9 +1,10 @@
 """``fastdiff metrics``: reference statistics and FID / FD_DINOv2 / precision-recall / KID.
 
-    fastdiff metrics ref  --data DIR_OR_ZIP --dest ref.npz [--detector inception] [--metrics fd,pr,kid]
+    fastdiff metrics ref  --data DIR_OR_ZIP|builtin:digits --dest ref.npz [--detector inception] [--metrics fd,pr,kid]
     fastdiff metrics calc --images DIR_OR_ZIP --ref ref.npz [--metrics fid,pr,kid] [--out results.json]
     fastdiff metrics gen  --net net.safetensors --ref ref.npz [--gnet guide.safetensors --guidance 2]
-                          [--interval LO,HI] [--steps 32] [--seeds 0-49999] [--out results.json]
+                          [--interval LO,HI | --interval-steps FIRST,LAST] [--steps 32] [--seeds 0-49999]
+                          [--out results.json]
                           (every guidance flag of fastdiff generate: --guidance-method cfg|apg|..., --cads)
 
 The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless
@@ -23,6 +24,7 @@ from fastdiff.metrics._util import atomic_write
 from fastdiff.metrics.detectors import available_detectors
 from fastdiff.metrics.evaluate import (DEFAULT_MAX_FEATURES, DEFAULT_NUM, calc_from_images, make_reference,
                                        resolve_metrics)
+from fastdiff.metrics.images import open_images
 from fastdiff.metrics.stats import load_reference
 
 __all__ = ["add_arguments", "main"]
@@ -73,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("ref", parents=[common], help="compute reference statistics of a dataset",
                        description="Compute reference statistics (.npz) of a folder or .zip of images. With "
                                    "--metrics including pr or kid the raw features are stored too.")
-    p.add_argument("--data", required=True, metavar="DIR_OR_ZIP", help="folder (recursive) or .zip of PNG/JPG")
+    p.add_argument("--data", required=True, metavar="DIR_OR_ZIP", help="folder (recursive) or .zip of PNG/JPG, or a "
+                   "built-in dataset as fastdiff train takes it (builtin:digits, builtin:mnist, builtin:shapes)")
     p.add_argument("--dest", required=True, metavar="FILE.npz", help="output reference file")
     p = sub.add_parser("calc", parents=[common], help="metrics of a folder of images against a reference",
                        description="Compute metrics of a folder or .zip of images against reference statistics.")
@@ -88,10 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "0..49999).")
     p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
-    p.add_argument("--net", required=True, help="network file (fastdiff.io.load_network)")
-    from fastdiff.cli.common import add_guidance_arguments
+    p.add_argument("--net", required=True,
+                   help="main network: fastdiff .safetensors or official EDM2 .pkl (fastdiff.io.load_any_network)")
+    from fastdiff.cli.common import add_guidance_arguments, add_vae_arguments
 
     add_guidance_arguments(p)  # the same guidance flags as fastdiff generate (every method)
+    add_vae_arguments(p)  # latent networks: --vae decodes before the detector
     p.add_argument("--sampler", default="heun", help="heun, euler, euler_ancestral, dpmpp_2m [default: heun]")
     p.add_argument("--steps", type=int, default=32, help="sampling steps [default: 32]")
     p.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 or 1,5,10-12 [default: 0..num-1]")
@@ -111,6 +116,15 @@ def _options(args) -> dict:
                 workers=args.workers, max_features=args.max_features, seed=args.seed, progress=args.progress)
 
 
+def _warn_if_biased(num: int, metrics: list[str], mode: str) -> None:
+    """The Frechet distance's estimate from n images is biased (upward, more the smaller n): say so below the
+    protocol's count."""
+    if num < DEFAULT_NUM and "fd" in metrics:
+        print(f"fastdiff metrics {mode}: warning: FID / FD from {num:,} images, fewer than the protocol's "
+              f"{DEFAULT_NUM:,}, is biased (upward, the more the fewer images): compare it only with values computed "
+              f"from the same number of images", file=sys.stderr)
+
+
 def _run_ref(args) -> int:
     ref = make_reference(args.data, args.dest, detector=args.detector, **_options(args))
     extra = f", {len(ref.features):,} raw features" if ref.features is not None else ""
@@ -121,8 +135,9 @@ def _run_ref(args) -> int:
 
 def _run_calc(args) -> int:
     ref = load_reference(args.ref)
-    _, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
+    canonical, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
     results = calc_from_images(args.images, ref, detector=detector, **_options(args))
+    _warn_if_biased(args.num if args.num is not None else len(open_images(args.images)), canonical, "calc")
     print(_format_table(results))
     if args.out:
         record = dict(images=args.images, ref=args.ref, detector=detector, num=args.num, results=results)
@@ -133,9 +148,10 @@ def _run_calc(args) -> int:
 
 
 def _run_gen(args) -> int:
-    from fastdiff.io import load_network
+    from fastdiff.io import load_any_network
     from fastdiff.metrics.evaluate import calc_from_generator
-    from fastdiff.cli.common import build_guidance, parse_interval, parse_seeds, validate_guidance
+    from fastdiff.cli.common import (build_guidance, check_network_files, make_vae_decoder, parse_interval,
+                                     parse_interval_steps, parse_seeds, validate_guidance)
     from fastdiff.sampling.generate import generate_images
 
     if args.steps < 1:
@@ -144,6 +160,7 @@ def _run_gen(args) -> int:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     interval = parse_interval(args.interval)
     validate_guidance(args, has_gnet=args.gnet is not None)
+    check_network_files(args, "net", "gnet")
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
         num = len(seeds) if args.num is None else args.num
@@ -154,22 +171,29 @@ def _run_gen(args) -> int:
         num = DEFAULT_NUM if args.num is None else args.num
         seeds = list(range(num))
     ref = load_reference(args.ref)
-    _, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
-    net = load_network(args.net, device=args.device).requires_grad_(False)
-    gnet = load_network(args.gnet, device=args.device).requires_grad_(False) if args.gnet is not None else None
+    canonical, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
+    net = load_any_network(args.net, device=args.device).requires_grad_(False)
+    gnet = load_any_network(args.gnet, device=args.device).requires_grad_(False) if args.gnet is not None else None
+    decoder, latent = make_vae_decoder(args, net, args.device)
+    if latent and decoder is None:
+        raise ValueError("the network makes latents: give --vae PATH (a local Stable Diffusion VAE) to decode them")
     guidance, summary = build_guidance(args, net, gnet)
     print(f"fastdiff metrics gen: guidance: {summary}", file=sys.stderr, flush=True)
     images = generate_images(net, seeds[:num], guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
-                             class_idx=args.class_idx, batch=args.batch, device=args.device)
+                             class_idx=args.class_idx, batch=args.batch, device=args.device, decoder=decoder)
     with torch.inference_mode():
         results = calc_from_generator((batch for _seeds, batch in images), ref, metrics=args.metrics,
                                       detector=detector, num=num, device=args.device, batch_size=args.batch,
                                       weights=args.weights, max_features=args.max_features, seed=args.seed,
                                       progress=args.progress)
+    _warn_if_biased(num, canonical, "gen")
     print(_format_table(results))
     if args.out:
-        record = dict(net=args.net, gnet=args.gnet, guidance=1.0 if args.guidance is None else args.guidance,
-                      guidance_setup=summary, interval=interval, sampler=args.sampler,
+        record = dict(net=args.net, gnet=args.gnet, vae=args.vae,
+                      guidance=1.0 if args.guidance is None else args.guidance,
+                      guidance_setup=summary, interval=interval,
+                      interval_steps=parse_interval_steps(args.interval_steps),
+                      sampler=args.sampler,
                       steps=args.steps, class_idx=args.class_idx, num=num, seeds=args.seeds or f"0-{num - 1}",
                       ref=args.ref, detector=detector, results=results)
         with atomic_write(args.out, "w") as f:

@@ -5,7 +5,9 @@
         --preset edm2-img512-s --data latents.zip --outdir runs/s --batch-gpu 32
 
 Counts of images take the suffixes Ki, Mi, Gi (binary, as the official tool) or K, M, G (decimal).
-Training resumes automatically from the newest complete checkpoint in ``--outdir``.
+Training resumes automatically from the newest complete checkpoint in ``--outdir``; a run holds a lock on
+``--outdir`` (a second run there is refused), and a folder whose checkpoints are all unusable is an error
+unless ``--restart`` says to start over.
 ``--label-dropout 0.1`` trains a class-conditional network that is also its own unconditional model
 (the null label), as classifier-free guidance needs.
 
@@ -65,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decay", type=float, default=None, help="learning-rate decay time t_ref in steps (0: none)")
     g.add_argument("--rampup", type=float, default=None, help="learning-rate warm-up in Mimg (default: preset, 10 for "
                    "EDM2 presets, else a tenth of the duration)")
+    g.add_argument("--init", default=None, metavar="NET", help="start from this network's weights (a .safetensors "
+                   "network or snapshot of the same --preset) instead of a random initialization: fine-tuning")
+    g.add_argument("--sigma-range", dest="sigma_range", default=None, metavar="LO,HI", help="train on noise levels "
+                   "in (LO, HI] only (the loss's log-normal truncated to it; HI may be inf): an expert denoiser "
+                   "for `fastdiff generate --expert NET:LO,HI`, usually with --init from a base network")
     g.add_argument("--P-mean", dest="P_mean", type=float, default=None, help="loss: mean of ln(sigma)")
     g.add_argument("--P-std", dest="P_std", type=float, default=None, help="loss: std of ln(sigma)")
     g.add_argument("--dropout", type=float, default=None, help="dropout probability (default: preset)")
@@ -78,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("housekeeping")
     g.add_argument("--workers", type=int, default=2, help="data loader worker processes (default 2)")
     g.add_argument("--keep-checkpoints", type=int, default=0, help="keep only this many newest checkpoints (0: all)")
-    g.add_argument("--no-resume", action="store_true", help="start afresh even if --outdir has checkpoints")
+    g.add_argument("--restart", "--no-resume", dest="no_resume", action="store_true",
+                   help="start over from 0 images even if --outdir has checkpoints (they are removed); without "
+                   "it a run resumes from the newest usable checkpoint and refuses to start when none is usable")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
 
@@ -87,7 +96,7 @@ def _round_to(n: int, batch: int) -> int:
     return max(batch, (int(n) // batch) * batch)
 
 
-def build_run(args, device=None):
+def build_run(args):
     """(net, loss_fn, dataset, TrainConfig) from parsed arguments."""
     import torch
 
@@ -120,7 +129,7 @@ def build_run(args, device=None):
         if args.precision != "fp32":
             # The network runs its activations in the reduced dtype itself (MP weights normalized in float32),
             # the official mixed-precision scheme; the parameters stay float32.
-            kwargs["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}[args.precision]
+            kwargs["dtype"] = args.precision  # a dtype name (fastdiff._runtime.DTYPE_NAMES)
             precision_in_net = True
         net = fnn.build(args.preset, **kwargs)
         loss_fn = None
@@ -130,6 +139,21 @@ def build_run(args, device=None):
         loss_fn = EDM2Loss(P_mean=args.P_mean if args.P_mean is not None else training.get("P_mean", -0.4),
                            P_std=args.P_std if args.P_std is not None else training.get("P_std", 1.0),
                            sigma_data=getattr(net, "sigma_data", 0.5))
+    sigma_range = getattr(args, "sigma_range", None)
+    if sigma_range is not None:
+        from fastdiff.diffusion import EDM2Loss
+        from fastdiff.sampling.experts import parse_sigma_range
+        from fastdiff.training.experts import TruncatedEDM2Loss
+
+        if not isinstance(loss_fn, EDM2Loss):
+            raise ValueError(f"--sigma-range needs the EDM2 loss, but --preset {args.preset} brings "
+                             f"{type(loss_fn).__name__}")
+        sigma_range = parse_sigma_range(sigma_range, "--sigma-range")
+        loss_fn = TruncatedEDM2Loss(loss_fn.P_mean, loss_fn.P_std, loss_fn.sigma_data, sigma_range)
+    if getattr(args, "init", None) is not None:
+        from fastdiff.training.experts import load_init_weights
+
+        load_init_weights(net, args.init)
 
     batch = args.batch or int(training.get("batch", 2048))
     duration = args.duration or int(training.get("duration", 1 << 27))
@@ -158,25 +182,28 @@ def build_run(args, device=None):
         workers=args.workers, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
         tensorboard=args.tensorboard, resume=not args.no_resume,
         extra=dict(preset=args.preset, data=args.data, xflip=args.xflip, network_precision=args.precision
-                   if precision_in_net else None),
+                   if precision_in_net else None, init=getattr(args, "init", None),
+                   sigma_range=getattr(args, "sigma_range", None)),
     )
     return net, loss_fn, dataset, config
 
 
 def main(args) -> int:
     from fastdiff.data import DatasetError
-    from fastdiff.training import distributed as D
+    from fastdiff import _dist as D
+    from fastdiff.training.checkpoint import CheckpointError
     from fastdiff.training.loop import training_loop
+    from fastdiff.training.rundir import RunDirectoryBusy
 
     try:
         info = D.init_distributed(args.device)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)
         return 1
     try:
-        net, loss_fn, dataset, config = build_run(args, info.device)
+        net, loss_fn, dataset, config = build_run(args)
         result = training_loop(net, loss_fn, dataset, args.outdir, config, device=info.device)
-    except (ValueError, DatasetError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, DatasetError, FileNotFoundError, ImportError, CheckpointError, RunDirectoryBusy) as exc:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)
         return 1
     finally:

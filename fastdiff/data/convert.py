@@ -3,6 +3,12 @@
 Output: a zip (``--dest out.zip``) or folder of PNGs named ``00000/img00000000.png`` with ``dataset.json``
 labels, written atomically (a temporary zip or folder renamed into place at the end).
 
+Transforms: ``center-crop`` (the largest centered square, then Lanczos to the resolution), ``center-crop-wide``
+(a centered 2:1 strip padded to square), ``center-crop-dhariwal`` (the ImageNet preparation of ADM, Dhariwal &
+Nichol 2021, that EDM2 uses for its ImageNet-64 and -512 sets: halve with a box filter while the short side is
+at least twice the resolution, resize bicubically so that the short side is the resolution, crop the center),
+``resize`` (Lanczos, no crop) and ``none``.
+
 Labels come from the source's ``dataset.json`` if it has one, else from first-level subfolders (one class
 per subfolder, in sorted order) when every image lies in one, else there are none.
 """
@@ -19,11 +25,11 @@ import zipfile
 
 import numpy as np
 
-from fastdiff.data.dataset import IMAGE_EXTENSIONS, DatasetError
+from fastdiff.data.dataset import IMAGE_EXTENSIONS, DatasetError, parse_label_table
 
 __all__ = ["convert_dataset", "TRANSFORMS"]
 
-TRANSFORMS = ("center-crop", "center-crop-wide", "resize", "none")
+TRANSFORMS = ("center-crop", "center-crop-wide", "center-crop-dhariwal", "resize", "none")
 
 
 def _transform(img, resolution: int | None, transform: str, where: str):
@@ -52,6 +58,13 @@ def _transform(img, resolution: int | None, transform: str, where: str):
         canvas = Image.new(img.mode, (cw, cw))
         canvas.paste(img, (0, (cw - ch) // 2))
         img = canvas
+    elif transform == "center-crop-dhariwal":
+        while min(img.size) >= 2 * resolution:
+            img = img.resize((img.size[0] // 2, img.size[1] // 2), Image.Resampling.BOX)
+        scale = resolution / min(img.size)
+        img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.BICUBIC)
+        left, top = (img.size[0] - resolution) // 2, (img.size[1] - resolution) // 2
+        return img.crop((left, top, left + resolution, top + resolution))
     elif transform != "resize":
         raise DatasetError(f"unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)}")
     if img.size != (resolution, resolution):
@@ -78,7 +91,7 @@ def _iter_folder(source: str, resolution, transform, channels):
             with open(meta) as f:
                 raw = json.load(f).get("labels")
             if raw is not None:
-                table = {str(n).replace("\\", "/"): int(v) for n, v in raw}
+                table = parse_label_table(raw, meta)
                 missing = [n for n in names if n not in table]
                 if missing:
                     raise DatasetError(f"{meta}: no label for {missing[0]!r}")

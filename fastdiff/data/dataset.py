@@ -21,7 +21,8 @@ import zipfile
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "ImageDataset", "ArrayDataset", "IMAGE_EXTENSIONS", "to_model_input", "DatasetError"]
+__all__ = ["Dataset", "ImageDataset", "ArrayDataset", "IMAGE_EXTENSIONS", "to_model_input", "DatasetError",
+           "parse_label_table"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _ALL_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
@@ -36,6 +37,30 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images.to(torch.float32) / 127.5 - 1.0
     return images.to(torch.float32)
+
+
+def parse_label_table(raw, where: str) -> dict[str, int]:
+    """``dataset.json``'s ``"labels"`` list ``[[name, int], ...]`` as ``{name: class}`` (names with ``/``).
+    ``DatasetError`` naming ``where`` for anything else: a label that is not an integer (``3.0``, ``"3"``,
+    ``true``), an entry that is not a pair, or one file labelled twice with different classes (the same pair
+    twice is harmless)."""
+    if not isinstance(raw, list):
+        raise DatasetError(f'{where}: "labels" must be a list of [name, int] pairs or null, '
+                           f"got {type(raw).__name__}")
+    table: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise DatasetError(f"{where}: labels[{i}] must be [name, int], got {entry!r:.80}")
+        name, lab = entry[0].replace("\\", "/"), entry[1]
+        if isinstance(lab, bool) or not isinstance(lab, int):
+            raise DatasetError(f"{where}: the label of {name!r} must be an integer class index, got {lab!r} "
+                               f"({type(lab).__name__})")
+        if not 0 <= lab < 2**31:
+            raise DatasetError(f"{where}: the label of {name!r} is {lab}; class indices lie in [0, 2^31)")
+        if table.setdefault(name, lab) != lab:
+            raise DatasetError(f"{where}: {name!r} is labelled twice with different classes "
+                               f"({table[name]} and {lab})")
+    return table
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -178,7 +203,9 @@ class ImageDataset(Dataset):
         if resolution is not None and h != int(resolution):
             raise DatasetError(f"{self._describe_file(0)}: {w}x{h} image, expected {resolution}x{resolution} "
                                f"(convert with `fastdiff dataset convert --resolution {resolution}`)")
-        if channels is not None and self.num_channels != int(channels):
+        # Stored VAE mean/std (EDM2's latent datasets) have twice the channels of the latents they give.
+        mean_std = self.is_latent and channels is not None and self.num_channels == 2 * int(channels)
+        if channels is not None and self.num_channels != int(channels) and not mean_std:
             raise DatasetError(f"{self._describe_file(0)}: {self.num_channels} channels, expected {channels}")
 
     # ---- files ----------------------------------------------------------------------------------------
@@ -220,10 +247,7 @@ class ImageDataset(Dataset):
         raw = data["labels"]
         if raw is None:
             return None
-        try:
-            table = {str(name).replace("\\", "/"): int(lab) for name, lab in raw}
-        except (TypeError, ValueError) as exc:
-            raise DatasetError(f"{where}: each label must be [name, int] ({exc})") from exc
+        table = parse_label_table(raw, where)
         missing = [n for n in self._fnames if n not in table]
         if missing:
             raise DatasetError(f"{where}: no label for {missing[0]!r}" +

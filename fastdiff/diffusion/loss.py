@@ -1,4 +1,5 @@
-"""The EDM2 training loss with learned uncertainty (SPEC.md section 3)."""
+"""The EDM2 training loss with learned uncertainty (EDM2 Eqs. 14-16, 21; the loss weight and the sigma
+distribution of EDM Table 1)."""
 
 from __future__ import annotations
 

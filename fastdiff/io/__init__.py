@@ -1,16 +1,20 @@
-"""Checkpoint formats: safetensors for fastdiff's own network files, and a safe importer (no code from the
-file is run) for the official EDM2 network pickles, ``torch.save`` files and state dicts."""
+"""Network files: fastdiff's own format (safetensors, ``fastdiff.io.checkpoint``), a restricted unpickler that
+reads pickles and ``torch.save`` files without running any code from them and with bounded allocation
+(``fastdiff.io.safe_pickle``), and the import of the official EDM2 networks through it
+(``fastdiff.io.edm2_pickle``). ``load_any_network`` reads any of these: it is what every ``--net`` takes."""
 
 from fastdiff.io.checkpoint import atomic_write, load_network, read_network_config, save_network
-from fastdiff.io.edm2_pickle import (
-    EDM2ImportError,
+from fastdiff.io.edm2_pickle import EDM2ImportError, load_any_network, load_edm2_pickle
+from fastdiff.io.safe_pickle import (
+    MalformedPickleError,
+    PickleLimitError,
+    SafePickleError,
     UnsafePickleError,
-    load_any_network,
-    load_edm2_pickle,
     load_torch_file,
 )
 
 __all__ = [
     "save_network", "load_network", "read_network_config", "atomic_write",
-    "load_edm2_pickle", "load_any_network", "load_torch_file", "UnsafePickleError", "EDM2ImportError",
+    "load_edm2_pickle", "load_any_network", "load_torch_file", "SafePickleError", "UnsafePickleError",
+    "MalformedPickleError", "PickleLimitError", "EDM2ImportError",
 ]

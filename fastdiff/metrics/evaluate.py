@@ -21,10 +21,11 @@ import torch
 
 from fastdiff.metrics.detectors import Detector, fd_metric_name, fd_metric_names, get_detector
 from fastdiff.metrics.frechet import frechet_distance
-from fastdiff.metrics.images import ImageFiles, iterate_image_batches
+from fastdiff.metrics.images import iterate_image_batches, open_images
 from fastdiff.metrics.kid import kernel_inception_distance
 from fastdiff.metrics.prdc import precision_recall
-from fastdiff.metrics.stats import FeatureStats, ReferenceStats, _dist_world, load_reference
+from fastdiff._dist import rank_and_world
+from fastdiff.metrics.stats import FeatureStats, ReferenceStats, load_reference
 
 __all__ = ["DEFAULT_NUM", "DEFAULT_MAX_FEATURES", "parse_metrics", "resolve_metrics", "compute_feature_stats",
            "compute_metrics", "calc_from_generator", "calc_from_images", "make_reference", "select_indices"]
@@ -90,7 +91,7 @@ def select_indices(total: int, num: int | None, seed: int = 0) -> np.ndarray:
         raise ValueError(f"num must be >= 1, got {num}")
     if total < num:
         raise ValueError(f"found {total} images but {num} are required; the standard protocol uses {DEFAULT_NUM:,} "
-                         f"images. Pass --num {total} (num={total}) to evaluate fewer, knowing the values are then "
+                         f"images. Pass --num {total} to evaluate fewer, knowing the values are then "
                          "not comparable with published numbers.")
     if total == num:
         return np.arange(total)
@@ -112,7 +113,7 @@ def compute_feature_stats(batches: Iterable[torch.Tensor], detector: Detector, *
     """
     from tqdm.auto import tqdm
 
-    rank, world = _dist_world()
+    rank, world = rank_and_world()
     local = None if num is None else _rank_share(num, rank, world)
     stats = FeatureStats(max_features=max_features, seed=seed + rank)
     it = iter(batches)
@@ -193,11 +194,11 @@ def calc_from_generator(batches: Iterable[torch.Tensor], ref: ReferenceStats | s
 
 def _image_batches(path, num: int | None, batch_size: int, workers: int, seed: int, progress: bool):
     """(batches of this rank's share of the selected images, number selected in total)."""
-    files = ImageFiles(path)
+    files = open_images(path)
     indices = select_indices(len(files), num, seed)
     if progress and len(indices) < len(files):
         print(f"using a random subset of {len(indices):,} of the {len(files):,} images in {path}", file=sys.stderr)
-    rank, world = _dist_world()
+    rank, world = rank_and_world()
     return iterate_image_batches(files, indices[rank::world], batch_size, workers), len(indices)
 
 
@@ -224,6 +225,6 @@ def make_reference(data, dest=None, *, metrics: str | Sequence[str] = "fd", dete
     stats = compute_feature_stats(batches, det, num=total, max_features=keep, seed=seed, progress=progress,
                                   desc=f"{det.name} features")
     ref = stats.to_reference(det.name)
-    if dest is not None and _dist_world()[0] == 0:
+    if dest is not None and rank_and_world()[0] == 0:
         ref.save(dest)
     return ref

@@ -77,6 +77,32 @@ class ImageFiles(torch.utils.data.Dataset):
         return state
 
 
+class BuiltinImages(torch.utils.data.Dataset):
+    """A built-in dataset (``builtin:digits``, ``builtin:mnist``, ``builtin:shapes?n=..``, as ``fastdiff train``
+    takes them; options such as ``?resolution=32`` included) as uint8 RGB [3, H, W] images, in order."""
+
+    def __init__(self, spec: str):
+        from fastdiff.data import open_dataset
+
+        self.path = str(spec)
+        self.dataset = open_dataset(self.path, use_labels=False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.dataset[index][0]
+        return image.expand(3, *image.shape[1:]).contiguous() if image.shape[0] == 1 else image
+
+
+def open_images(path) -> torch.utils.data.Dataset:
+    """The images a metrics command reads: ``builtin:NAME`` (:class:`BuiltinImages`), else a folder or a
+    ``.zip`` (:class:`ImageFiles`)."""
+    if str(path).startswith("builtin:"):
+        return BuiltinImages(str(path))
+    return ImageFiles(path)
+
+
 def _collate_same_size(items: list[torch.Tensor]) -> torch.Tensor:
     sizes = {tuple(x.shape[1:]) for x in items}
     if len(sizes) > 1:
@@ -85,7 +111,7 @@ def _collate_same_size(items: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(items)
 
 
-def iterate_image_batches(files: ImageFiles, indices: Sequence[int], batch_size: int,
+def iterate_image_batches(files: torch.utils.data.Dataset, indices: Sequence[int], batch_size: int,
                           num_workers: int = 0) -> Iterator[torch.Tensor]:
     """Yield uint8 [n, 3, H, W] batches of ``files[i] for i in indices``, in order."""
     subset = torch.utils.data.Subset(files, list(indices))

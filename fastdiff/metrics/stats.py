@@ -21,19 +21,13 @@ import os
 import numpy as np
 import torch
 
+from fastdiff._dist import rank_and_world
 from fastdiff.metrics._util import atomic_write, check_features
 
 __all__ = ["FeatureStats", "ReferenceStats", "save_reference", "load_reference"]
 
 REF_FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("mu", "sigma", "num_images", "detector")
-
-
-def _dist_world() -> tuple[int, int]:
-    """(rank, world_size) of the default torch.distributed group, (0, 1) when not initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class FeatureStats:
@@ -94,7 +88,7 @@ class FeatureStats:
         Every rank must call it once, after its last ``update``; afterwards each rank holds the
         totals. Kept features are gathered and, when more than ``max_features``, subsampled.
         """
-        rank, world = _dist_world()
+        rank, world = rank_and_world()
         if world == 1:
             return
         if self._reduced:
@@ -184,6 +178,17 @@ class ReferenceStats:
     def feature_dim(self) -> int:
         return self.mu.shape[0]
 
+    def validate(self) -> None:
+        """``ValueError`` unless ``mu`` is finite and ``sigma`` a finite, symmetric, positive semi-definite
+        matrix (within round-off; ``fastdiff.metrics.frechet.check_covariance``) and ``num_images >= 2``."""
+        from fastdiff.metrics.frechet import check_covariance
+
+        if not np.isfinite(self.mu).all():
+            raise ValueError("reference mu contains NaN or Inf values")
+        if self.num_images < 2:
+            raise ValueError(f"reference statistics of {self.num_images} image(s): a covariance needs at least 2")
+        check_covariance(self.sigma, "reference sigma")
+
     def save(self, path: str | os.PathLike) -> None:
         """Write an ``.npz`` atomically (temporary file, then ``os.replace``)."""
         arrays = dict(mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images),
@@ -195,7 +200,8 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReferenceStats":
-        """Read a file written by ``save``, with clear errors for missing or malformed content."""
+        """Read a file written by ``save``, with clear errors for missing or malformed content; the statistics
+        are validated (:meth:`validate`: finite, symmetric positive semi-definite sigma)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reference statistics file not found: {path} "
@@ -210,8 +216,10 @@ class ReferenceStats:
             raise ValueError(f"{path} is not a fastdiff reference file: missing key(s) {missing} "
                              f"(found {sorted(arrays)}; expected {list(_REQUIRED_KEYS)} and optionally 'features')")
         try:
-            return cls(mu=arrays["mu"], sigma=arrays["sigma"], num_images=arrays["num_images"].item(),
-                       detector=arrays["detector"].item(), features=arrays.get("features"))
+            ref = cls(mu=arrays["mu"], sigma=arrays["sigma"], num_images=arrays["num_images"].item(),
+                      detector=arrays["detector"].item(), features=arrays.get("features"))
+            ref.validate()
+            return ref
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
 

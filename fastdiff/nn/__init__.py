@@ -4,12 +4,12 @@ Module and parameter names match the official EDM2 release, so its state dicts l
 """
 
 from fastdiff.nn.layers import MPConv, MPFourier, clear_weight_caches, resample
-from fastdiff.nn.precond import Precond, precond_coefficients
+from fastdiff.nn.precond import Precond
 from fastdiff.nn.presets import PRESETS, build, get_preset, preset_names
 from fastdiff.nn.unet import Block, UNet
 
 __all__ = [
-    "MPConv", "MPFourier", "Block", "UNet", "Precond", "resample", "clear_weight_caches", "precond_coefficients",
+    "MPConv", "MPFourier", "Block", "UNet", "Precond", "resample", "clear_weight_caches",
     "PRESETS", "build", "get_preset", "preset_names", "count_parameters",
 ]
 

@@ -1,51 +1,26 @@
-"""EDM preconditioning around the EDM2 U-Net, with the learned uncertainty ``logvar`` (SPEC.md section 2)."""
+"""EDM preconditioning (EDM Eq. 7) around the EDM2 U-Net, with the learned uncertainty ``logvar`` (EDM2 Eq. 21)."""
 
 from __future__ import annotations
 
 import torch
 
+from fastdiff._runtime import DTYPE_NAMES
+from fastdiff._runtime import is_compiling as _is_compiling
+from fastdiff.diffusion import precond_coefficients, sigma_per_sample
 from fastdiff.nn.layers import MPConv, MPFourier, force_normalize_
-from fastdiff.nn.unet import UNet, _is_compiling
+from fastdiff.nn.unet import UNet
 
-__all__ = ["Precond", "precond_coefficients"]
-
-
-def precond_coefficients(sigma, sigma_data: float = 0.5):
-    """``(c_skip, c_out, c_in, c_noise)`` for noise level(s) ``sigma`` (a tensor or a number).
-
-    ``c_skip = sd^2 / (s^2 + sd^2)``, ``c_out = s sd / sqrt(s^2 + sd^2)``, ``c_in = 1 / sqrt(s^2 + sd^2)``,
-    ``c_noise = ln(s) / 4``; each has ``sigma``'s shape.
-    """
-    sigma = torch.as_tensor(sigma)
-    if not sigma.is_floating_point():
-        sigma = sigma.to(torch.float32)
-    sd2 = sigma_data**2
-    s2 = sigma * sigma + sd2
-    c_skip = sd2 / s2
-    c_out = sigma * sigma_data / s2.sqrt()
-    c_in = 1 / s2.sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
+__all__ = ["Precond"]
 
 
-_DTYPES = {
-    None: None,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
+_NET_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _as_dtype(dtype):
-    if isinstance(dtype, torch.dtype) or dtype is None:
+    if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if isinstance(dtype, str):
-        key = dtype.replace("torch.", "")
-        if key in _DTYPES:
-            return _DTYPES[key]
+    if isinstance(dtype, str) and DTYPE_NAMES.get(dtype.replace("torch.", "")) in _NET_DTYPES:
+        return DTYPE_NAMES[dtype.replace("torch.", "")]
     raise ValueError(f"Precond: expected dtype None, torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
 
 
@@ -106,22 +81,10 @@ class Precond(torch.nn.Module):
 
     def _prepare_sigma(self, sigma, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device)
-        if True:
-            ok = sigma.ndim == 0 or (sigma.ndim == 1 and sigma.shape[0] in (1, n)) or (
-                sigma.ndim == 4 and sigma.shape[0] in (1, n) and sigma.shape[1:] == (1, 1, 1)
-            )
-            if not ok:
-                raise ValueError(
-                    f"Precond: expected sigma as a scalar, [N={n}] or [N={n}, 1, 1, 1], got shape {tuple(sigma.shape)}"
-                )
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
-        if sigma.shape[0] != n:
-            sigma = sigma.expand(n, 1, 1, 1)
-        return sigma
+        sigma = sigma_per_sample(sigma, n, device=x.device, dtype=torch.float32, image_shaped=True, who="Precond")
+        return sigma.reshape(-1, 1, 1, 1)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False,
-                noise_embedding_perturbation=None):
+    def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
         self.unet.check_image(x, "Precond")
         x = x.to(torch.float32)
         sigma = self._prepare_sigma(sigma, x)
@@ -130,7 +93,7 @@ class Precond(torch.nn.Module):
 
         c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
         x_in = (c_in * x).to(dtype)
-        f_x = self.unet(x_in, c_noise.flatten(), labels, noise_embedding_perturbation)
+        f_x = self.unet(x_in, c_noise.flatten(), labels)
         d_x = c_skip * x + c_out * f_x.to(torch.float32)
         if return_logvar:
             if self.training and _is_compiling():

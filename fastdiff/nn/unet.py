@@ -1,4 +1,4 @@
-"""The EDM2 U-Net (SPEC.md section 2) on the fused MP ops.
+"""The EDM2 U-Net (EDM2 Fig. 21) on the fused MP ops.
 
 Module and parameter names follow the official EDM2 release, so its state dicts load with
 ``load_state_dict(strict=True)``.
@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdiff.nn.layers import MPConv, MPFourier, _is_compiling, _ops, force_normalize_, resample
+from fastdiff._runtime import is_compiling as _is_compiling
+from fastdiff.nn.layers import MPConv, MPFourier, _ops, force_normalize_, resample
 
 __all__ = ["Block", "UNet"]
 
@@ -195,12 +196,9 @@ class UNet(torch.nn.Module):
 
     # --- forward ------------------------------------------------------------------------------------
 
-    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-              noise_embedding_perturbation=None) -> torch.Tensor:
+    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         ops = _ops()
         emb = self.emb_noise(self.emb_fourier(noise_labels))
-        if noise_embedding_perturbation is not None:  # TSG: e -> e~ on the noise embedding, before the label
-            emb = noise_embedding_perturbation(emb)
         if self.emb_label is not None:
             if class_labels is None:
                 class_labels = torch.zeros([1, self.label_dim], device=emb.device, dtype=emb.dtype)
@@ -210,10 +208,7 @@ class UNet(torch.nn.Module):
             emb = ops.mp_sum(emb, lab, t=self.label_balance)
         return ops.mp_silu(emb)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                noise_embedding_perturbation=None):
-        """``noise_embedding_perturbation``: an optional callable ``e -> e~`` applied to the ``[N, C]`` noise
-        embedding (``emb_noise`` output) before the class embedding is mixed in (time-step guidance)."""
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None):
         if self.training and _is_compiling():  # forced weight normalization, eagerly (see force_normalize_)
             force_normalize_([m.weight for m in self.modules() if isinstance(m, MPConv)])
         self.check_image(x)
@@ -226,7 +221,7 @@ class UNet(torch.nn.Module):
         noise_labels = noise_labels.reshape(-1)
         if noise_labels.shape[0] != x.shape[0]:
             noise_labels = noise_labels.expand(x.shape[0])
-        emb = self.embed(noise_labels, class_labels, noise_embedding_perturbation)
+        emb = self.embed(noise_labels, class_labels)
 
         ops = _ops()
         # Encoder: a constant channel of ones is appended to the input.

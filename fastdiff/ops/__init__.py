@@ -14,6 +14,7 @@ import math
 import torch
 import torch.autograd.forward_ad as _fw_ad
 
+from fastdiff._runtime import is_compiling as _is_compiling
 from fastdiff.ops import _ext, reference
 from fastdiff.ops import _register  # noqa: F401  (autograd + fake kernels)
 from fastdiff.ops._ext import LOADED as HAS_EXTENSION
@@ -54,13 +55,6 @@ def uses_kernel(op: str, *tensors: torch.Tensor) -> bool:
         if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
             return False
     return _KERNELS.get((op, tensors[0].device.type), False)
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - older torch
-        return False
 
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd

@@ -11,12 +11,9 @@ from __future__ import annotations
 import torch
 
 from fastdiff.ops import _ext
+from fastdiff.ops.reference import acc_dtype as _lse_dtype
 
 HEAD_DIM = 64
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _register() -> None:

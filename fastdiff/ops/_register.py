@@ -12,12 +12,9 @@ import math
 import torch
 
 from fastdiff.ops import _ext
+from fastdiff.ops.reference import acc_dtype as _acc
 
 lib = "fastdiff::"
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _channels_last(x: torch.Tensor):

@@ -19,15 +19,12 @@ from __future__ import annotations
 import torch
 
 from fastdiff.ops import _ext
+from fastdiff.ops.reference import acc_dtype as _acc
 from fastdiff.ops._register import _dense
 
 __all__ = ["solver_step", "solver_step_reference"]
 
 _OP = "fastdiff::solver_step"
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_sample(v, n: int, like: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Plain-PyTorch reference of every fastdiff op.
 
 These functions are the oracle in the tests and the fallback whenever no compiled kernel fits the
-input (no extension built, an unsupported device or dtype). They follow ../shared/SPEC.md section 1
-literally and favour clarity over speed. All of them are differentiable with ordinary autograd.
+input (no extension built, an unsupported device or dtype). They follow the formulas of the EDM2
+paper (MP conv / linear Eq. 47 with forced weight normalization Eq. 66, mp_silu Eq. 81, mp_sum Eq. 88,
+mp_cat Eq. 103) literally and favour clarity over speed. All of them are differentiable with ordinary autograd.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ MP_SILU_DIVISOR = 0.596
 CLIP_LIMIT = 256.0
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and sums accumulate in: float64 for float64 tensors, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def row_scale(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Per-output-row factor ``1 / (eps + ||w_o|| / sqrt(n))`` in float32 (float64 for float64)."""
     n = w[0].numel() if w.shape[0] > 0 else 1
-    norm = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1, dtype=_acc_dtype(w.dtype))
+    norm = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1, dtype=acc_dtype(w.dtype))
     return 1.0 / (eps + norm / math.sqrt(n))
 
 
@@ -32,7 +34,7 @@ def normalize(x: torch.Tensor, dim=None, eps: float = EPS) -> torch.Tensor:
     """``N(x)``: unit RMS over ``dim`` (default: all dims but the first), norm accumulated in fp32."""
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=_acc_dtype(x.dtype))
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=acc_dtype(x.dtype))
     n = x.numel() / max(norm.numel(), 1)
     norm = eps + norm / math.sqrt(n)
     return x / norm.to(x.dtype)
@@ -46,13 +48,13 @@ def weight_norm(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 def weight_norm_(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Forced weight normalization in place (no gradient through the write)."""
     with torch.no_grad():
-        w.copy_(normalize(w.to(_acc_dtype(w.dtype)), eps=eps))
+        w.copy_(normalize(w.to(acc_dtype(w.dtype)), eps=eps))
     return w
 
 
 def mp_weight(w: torch.Tensor, gain=1.0, eps: float = EPS) -> torch.Tensor:
     """``W_hat = gain * N(W) / sqrt(fan_in)`` computed in fp32 (fp64 for fp64 weights)."""
-    wf = w.to(_acc_dtype(w.dtype))
+    wf = w.to(acc_dtype(w.dtype))
     fan_in = w[0].numel()
     return normalize(wf, eps=eps) * (gain / math.sqrt(fan_in))
 

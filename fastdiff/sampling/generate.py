@@ -9,15 +9,17 @@ Generators live on the CPU, so a seed gives the same noise on every device.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from fastdiff._dist import rank_and_world
 from fastdiff.sampling import rng
 from fastdiff.sampling.guidance import Autoguidance, Guidance, Interval
-from fastdiff.sampling.samplers import SAMPLERS, sample
+from fastdiff.sampling.samplers import SAMPLERS, check_churn_options, sample
 
-__all__ = ["generate_images", "to_uint8", "split_batches", "MAX_SEED"]
+__all__ = ["generate_images", "to_uint8", "split_batches", "MAX_SEED", "check_churn_options", "nonfinite_rows"]
 
 MAX_SEED = 2**32 - 1
 
@@ -25,6 +27,11 @@ MAX_SEED = 2**32 - 1
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> uint8 [0, 255] (``x * 127.5 + 128``, clipped), on the CPU."""
     return (x.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[N]``: which samples of a batch ``[N, ...]`` hold a NaN or an Inf."""
+    return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -77,6 +84,7 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
                     class_idx: int | None = None, batch: int = 32, device=None, dtype: torch.dtype = torch.float32,
                     interval: tuple[float, float] | None = None, guidance_obj: Guidance | None = None,
                     rank: int | None = None, world_size: int | None = None, decoder: Callable | None = None,
+                    on_nonfinite: Callable[[list[int]], None] | None = None,
                     **sample_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yields ``(batch_seeds, images)`` with ``images`` uint8 ``[n, C, H, W]`` on the CPU.
 
@@ -87,8 +95,13 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
     ``rank``/``world_size``) only this rank's share of the seeds is generated. ``decoder`` turns the
     sampler's output into uint8 images (e.g. a VAE for latent networks); default: pixels in [-1, 1].
     Remaining keyword arguments go to :func:`fastdiff.sampling.sample` (``S_churn``, ``sigma_min``...).
+
+    A sample holding NaN or Inf (a diverged network) would come out as a black image: the seeds of each batch's
+    such samples go to ``on_nonfinite(seeds)`` (default: a ``RuntimeWarning`` naming them); the images are
+    still yielded.
     """
     seeds = check_seeds(seeds)
+    check_churn_options(**{k: sample_kwargs[k] for k in ("S_churn", "S_min", "S_max", "S_noise") if k in sample_kwargs})
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     for attr in ("img_resolution", "img_channels", "label_dim"):
@@ -105,11 +118,7 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
     if guidance_obj is None:
         guidance_obj = make_guidance(gnet, float(guidance), interval)
     if rank is None or world_size is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world_size = 0, 1
+        rank, world_size = rank_and_world()
     if device is None:
         device = next((p.device for p in getattr(net, "parameters", lambda: iter(()))()), torch.device("cpu"))
     device = torch.device(device)
@@ -132,5 +141,18 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
             labels = labels.to(device=device, dtype=torch.float32)
         x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance_obj, labels=labels, generators=gens,
                    dtype=dtype, **sample_kwargs)
+        bad = nonfinite_rows(x)
+        if bool(bad.any()):
+            bad_seeds = [s for s, b in zip(batch_seeds, bad.tolist()) if b]
+            if on_nonfinite is not None:
+                on_nonfinite(bad_seeds)
+            else:
+                warnings.warn(f"{len(bad_seeds)} sample(s) hold NaN or Inf (seeds {_seed_list(bad_seeds)}): the network "
+                              f"diverged; their images are meaningless", RuntimeWarning, stacklevel=2)
         images = decoder(x) if decoder is not None else to_uint8(x)
         yield batch_seeds, images.cpu()
+
+
+def _seed_list(seeds: Sequence[int], limit: int = 20) -> str:
+    head = ", ".join(str(s) for s in seeds[:limit])
+    return head + (f" and {len(seeds) - limit} more" if len(seeds) > limit else "")

@@ -10,7 +10,8 @@ then serves each call by copying the inputs in, replaying the graph and returnin
     x = sample(cuda_graphed(net), noise, guidance=Interval(Autoguidance(cuda_graphed(gnet), 2.0), sigma=(0.28, 2.9)))
 
 Falls back to calling ``net`` directly (same results) when it cannot help: CPU tensors, autograd enabled with
-parameters that need gradients, or extra keyword arguments (e.g. TSG's perturbed embedding). The network must
+parameters that need gradients, or extra keyword arguments; TSG calls the wrapped network itself, since its
+forward hook on the noise embedding must run in an eager forward. The network must
 not synchronize with the host inside its forward (fastdiff's networks do not, given float labels); at most
 ``max_graphs`` signatures are kept (least recently used dropped), each with its own memory pool.
 """
@@ -22,6 +23,8 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
+
+from fastdiff.diffusion import sigma_per_sample
 
 __all__ = ["cuda_graphed", "GraphedDenoiser"]
 
@@ -59,7 +62,7 @@ class GraphedDenoiser:
         self._graphs: OrderedDict = OrderedDict()
         self.captures = 0  # how many graphs were captured (for tests and diagnostics)
         fn = net.forward if isinstance(net, torch.nn.Module) else net
-        try:  # guidance looks at the signature (e.g. TSG's keyword); show the network's own
+        try:  # show the network's own signature
             self.__signature__ = inspect.signature(fn)
         except (TypeError, ValueError):
             pass
@@ -90,9 +93,7 @@ class GraphedDenoiser:
         if not self._eligible(x, sigma, labels, kwargs):
             return self.net(x, sigma, labels, **kwargs)
         n = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device)
-        sigma = (sigma.reshape(-1) if sigma.numel() == n else sigma.reshape(()).expand(n)).to(
-            torch.float32 if not sigma.is_floating_point() else sigma.dtype)
+        sigma = sigma_per_sample(sigma, n, device=x.device, image_shaped=True, who="GraphedDenoiser")
         tensors = self._tensors()
         key = (tuple(x.shape), x.dtype, x.device, x.stride(), sigma.dtype,
                None if labels is None else (tuple(labels.shape), labels.dtype),

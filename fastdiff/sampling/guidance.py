@@ -21,16 +21,17 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Callable
 
 import torch
 
+from fastdiff._runtime import nvtx_range
+from fastdiff.diffusion import edm_time_of_sigma
 from fastdiff.sampling import rng
-from fastdiff.sampling._nvtx import nvtx_range
 
 __all__ = [
     "Guided", "EvalContext", "Guidance", "CFG", "Autoguidance", "Interval", "APG", "ICG", "TSG", "CADS",
+    "noise_embedding_layer",
 ]
 
 
@@ -86,20 +87,17 @@ class EvalContext:
         """Network forwards issued through :meth:`call` so far in this run."""
         return self._count[0]
 
-    def call(self, net: Callable, x: torch.Tensor, sigma: torch.Tensor, labels, **kwargs) -> torch.Tensor:
+    def call(self, net: Callable, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
         """One network forward inside an NVTX range; the output is cast to the sampling dtype."""
         self._count[0] += 1
         with nvtx_range("network"):
-            out = net(x, sigma, labels, **kwargs) if kwargs else net(x, sigma, labels)
+            out = net(x, sigma, labels)
         return out.to(self.dtype)
 
     def t_of(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Normalized time in [0, 1] (1 = pure noise): the position of ``sigma`` on the EDM schedule,
-        ``(sigma^(1/rho) - smin^(1/rho)) / (smax^(1/rho) - smin^(1/rho))``; equals ``1 - i/(N-1)`` at step i."""
-        r = 1.0 / self.rho
-        lo, hi = self.sigma_min**r, self.sigma_max**r
-        t = (sigma.double().clamp_min(0) ** r - lo) / max(hi - lo, 1e-30)
-        return t.clamp(0.0, 1.0)
+        """Normalized time in [0, 1] (1 = pure noise): the position of ``sigma`` on this run's EDM schedule
+        (:func:`fastdiff.diffusion.edm_time_of_sigma`); equals ``1 - i/(N-1)`` at step i."""
+        return edm_time_of_sigma(sigma, self.sigma_min, self.sigma_max, self.rho)
 
     def select(self, index: torch.Tensor) -> "EvalContext":
         """A view of this context for the batch rows ``index`` (same memory, subset of generators)."""
@@ -117,13 +115,13 @@ def copy_context(ctx: EvalContext) -> EvalContext:
     return new
 
 
-def _pair(ctx: EvalContext, net, x, sigma, labels_a, labels_b, sigma_b=None, **kwargs):
+def _pair(ctx: EvalContext, net, x, sigma, labels_a, labels_b, sigma_b=None):
     """The same network on two branches in one batched forward; returns (out_a, out_b)."""
     n = x.shape[0]
     labels = None
     if labels_a is not None or labels_b is not None:
         labels = torch.cat([labels_a, labels_b])
-    out = ctx.call(net, torch.cat([x, x]), torch.cat([sigma, sigma if sigma_b is None else sigma_b]), labels, **kwargs)
+    out = ctx.call(net, torch.cat([x, x]), torch.cat([sigma, sigma if sigma_b is None else sigma_b]), labels)
     return out[:n], out[n:]
 
 
@@ -217,7 +215,6 @@ class Interval(Guidance):
         self.inner = inner
         self.sigma = sigma
         self.steps = set(int(s) for s in steps) if steps is not None else None
-        self.weight = getattr(inner, "weight", 1.0)
 
     def inside(self, sigma: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
         if self.steps is not None:
@@ -307,28 +304,41 @@ class ICG(Guidance):
         return Guided(d1, d0, self.weight)
 
 
-def _accepts(net: Callable, name: str) -> bool:
-    fn = net.forward if isinstance(net, torch.nn.Module) else net
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
+def noise_embedding_layer(net: Callable) -> torch.nn.Module | None:
+    """The module whose output is ``net``'s noise embedding: the one submodule named ``emb_noise`` (the
+    EDM2 U-Net's, in fastdiff's networks and official pickles loaded by fastdiff), looked for in ``net``
+    and in what it wraps (``net.net`` of a wrapper such as ``cuda_graphed``). None when there is not
+    exactly one."""
+    seen = set()
+    while net is not None and id(net) not in seen:
+        seen.add(id(net))
+        if isinstance(net, torch.nn.Module):
+            found = [m for name, m in net.named_modules() if name.split(".")[-1] == "emb_noise"]
+            return found[0] if len(found) == 1 else None
+        net = getattr(net, "net", None)
+    return None
+
+
+def _eager(net: Callable) -> Callable:
+    """``net`` without a graph-replaying wrapper: a forward hook has to run in the eager forward."""
+    from fastdiff.sampling.graphs import GraphedDenoiser
+
+    while isinstance(net, GraphedDenoiser):
+        net = net.net
+    return net
 
 
 class TSG(Guidance):
     """Time-step guidance: the guiding branch is the main network with a perturbed noise embedding
     ``e~ = e + s * std(e) * n`` (``n ~ N(0, I)`` per sample, std over the embedding of each sample).
 
-    How the embedding is reached: if the denoiser accepts a keyword argument
-    ``noise_embedding_perturbation`` (a callable ``e -> e~`` applied to the ``[batch, C]`` noise
-    embedding), it is used, with the perturbation applied to the guiding half of the batched forward
-    only. Otherwise (a generic callable) the noise conditioning itself is perturbed: the guiding branch
-    is evaluated at ``c_noise~ = c_noise + c_noise_scale * n`` with ``c_noise = ln(sigma) / 4``, i.e.
-    at ``sigma * exp(4 c_noise_scale n)``, which also changes the network's preconditioning and is
-    only an approximation of TSG. Both branches in one batched forward."""
-
-    HOOK = "noise_embedding_perturbation"
+    How the embedding is reached: if the denoiser has a noise-embedding layer (see
+    :func:`noise_embedding_layer`), a forward hook on that layer, registered for the one batched
+    forward of both branches and removed after it, perturbs the guiding half of its ``[2N, C]`` output.
+    Otherwise (a generic callable) the noise conditioning itself is perturbed: the guiding branch is
+    evaluated at ``c_noise~ = c_noise + c_noise_scale * n`` with ``c_noise = ln(sigma) / 4``, i.e. at
+    ``sigma * exp(4 c_noise_scale n)``, which also changes the network's preconditioning and is only an
+    approximation of TSG. Both branches in one batched forward."""
 
     def __init__(self, weight: float, scale: float = 1.0, c_noise_scale: float = 0.1):
         self.weight = float(weight)
@@ -339,16 +349,24 @@ class TSG(Guidance):
         if self.weight == 1:
             return Guided(ctx.call(net, x, sigma, labels))
         n = x.shape[0]
-        if _accepts(net, self.HOOK):
+        layer = noise_embedding_layer(net)
+        if layer is not None:
             gens, scale = ctx.generators, self.scale
 
-            def perturb(e: torch.Tensor) -> torch.Tensor:
+            def perturb(module, inputs, e: torch.Tensor) -> torch.Tensor:
+                if e.shape[0] != 2 * n:
+                    raise ValueError(f"TSG: expected the noise embedding of both branches, [{2 * n}, ...], got "
+                                     f"{tuple(e.shape)}")
                 noise = rng.randn(gens, n, e.shape[1:], device=e.device, dtype=torch.float32)
                 guide = e[n:].float()
                 std = guide.reshape(n, -1).std(dim=1).reshape((n,) + (1,) * (e.ndim - 1))
                 return torch.cat([e[:n], (guide + scale * std * noise).to(e.dtype)])
 
-            d1, d0 = _pair(ctx, net, x, sigma, labels, labels, **{self.HOOK: perturb})
+            handle = layer.register_forward_hook(perturb)
+            try:
+                d1, d0 = _pair(ctx, _eager(net), x, sigma, labels, labels)
+            finally:
+                handle.remove()
         else:
             noise = rng.randn(ctx.generators, n, (), device=sigma.device, dtype=torch.float64)
             sigma_b = (sigma.double() * torch.exp(4.0 * self.c_noise_scale * noise)).to(sigma.dtype)
@@ -372,7 +390,6 @@ class CADS(Guidance):
             raise ValueError(f"CADS: expected 0 <= tau1 <= tau2 <= 1, got tau1={tau1}, tau2={tau2}")
         self.inner = inner if inner is not None else Guidance()
         self.tau1, self.tau2, self.s, self.psi, self.rescale = float(tau1), float(tau2), float(s), float(psi), rescale
-        self.weight = getattr(self.inner, "weight", 1.0)
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:
         if self.tau2 == self.tau1:

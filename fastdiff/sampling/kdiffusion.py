@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from fastdiff.sampling.samplers import edm_sigma_steps
+from fastdiff.diffusion import edm_sigma_steps, sigma_per_sample
 
 __all__ = ["KDiffusionDenoiser", "KDiffusionModel", "as_kdiffusion", "LABEL_NAMES"]
 
@@ -32,16 +32,9 @@ LABEL_NAMES = ("class_labels", "cond", "labels", "class_cond", "y")
 
 
 def _sigma_vector(sigma, x: torch.Tensor) -> torch.Tensor:
-    """A number, 0-d, [1] or [N] tensor -> a per-sample [N] tensor on x's device."""
-    n = x.shape[0]
-    if isinstance(sigma, torch.Tensor):
-        if sigma.ndim == 0 or sigma.numel() == 1:
-            return sigma.reshape(()).to(x.device).expand(n)
-        if sigma.ndim != 1 or sigma.shape[0] != n:
-            raise ValueError(f"sigma must be a number or a tensor of shape [N] = [{n}], got {tuple(sigma.shape)}")
-        return sigma.to(x.device)
-    dtype = x.dtype if x.is_floating_point() else torch.float32
-    return torch.full((n,), float(sigma), dtype=dtype, device=x.device)
+    """A number, 0-d, [1] or [N] tensor -> a per-sample [N] tensor on x's device (a number in x's dtype)."""
+    dtype = None if isinstance(sigma, torch.Tensor) or not x.is_floating_point() else x.dtype
+    return sigma_per_sample(sigma, x.shape[0], device=x.device, dtype=dtype, who="k-diffusion model")
 
 
 class KDiffusionDenoiser(torch.nn.Module):

@@ -1,5 +1,5 @@
 """Training: the EDM2 training loop, learning-rate schedule, power-function EMA, post-hoc EMA,
-checkpoints and torch.distributed set-up.
+checkpoints and snapshots (the torch.distributed set-up it uses is fastdiff._dist).
 
 Heavy pieces are imported lazily so that ``import fastdiff.training.phema`` stays light.
 """

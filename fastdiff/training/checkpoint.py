@@ -5,7 +5,8 @@ states; ``training-state-<nimg>.json`` holds the step, the image count, the opti
 numpy / Python RNG states, the data sampler's position and the run's configuration, and names the weights
 file with its size and SHA-256. Both are written to temporary files and renamed, the JSON last: a checkpoint
 is complete when its JSON exists and the weights file it names has the recorded size and checksum. A crash
-at any moment leaves at worst an ignored orphan weights file.
+at any moment leaves at worst an orphan weights file (no JSON) and a temporary file, which the training loop
+removes when it next starts in that folder (under the run directory's lock).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from fastdiff.training.snapshots import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoints", "latest_checkpoint", "prune_checkpoints",
-           "capture_rng", "restore_rng", "CheckpointError"]
+           "capture_rng", "restore_rng", "CheckpointError", "checkpoint_records", "orphan_weights"]
 
 FORMAT = "fastdiff.training-state/1"
 _NAME = re.compile(r"^training-state-(\d+)\.json$")
@@ -101,24 +102,54 @@ def save_checkpoint(outdir, nimg: int, tensors: dict[str, torch.Tensor], state: 
     return json_path
 
 
-def find_checkpoints(outdir) -> list[tuple[int, str]]:
+def _record_problem(outdir: str, path: str) -> tuple[int | None, str | None]:
+    """``(nimg, None)`` for a checkpoint JSON whose weights file exists with the recorded size, else
+    ``(None, why)``."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except OSError as exc:
+        return None, f"cannot read the record ({exc})"
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"the record is not valid JSON (truncated or corrupt: {exc})"
+    if not isinstance(record, dict):
+        return None, "the record is not a JSON object"
+    if record.get("format") != FORMAT:
+        return None, f"unknown format {record.get('format')!r} (expected {FORMAT!r})"
+    try:
+        weights = os.path.join(outdir, os.path.basename(str(record["weights"])))
+        size, nimg = int(record["weights_size"]), int(record["nimg"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, f"the record lacks weights / weights_size / nimg ({type(exc).__name__}: {exc})"
+    if not os.path.isfile(weights):
+        return None, f"its weights file {weights} is missing"
+    actual = os.path.getsize(weights)
+    if actual != size:
+        return None, f"its weights file {weights} has {actual} bytes, the record says {size} (truncated)"
+    return nimg, None
+
+
+def checkpoint_records(outdir) -> list[str]:
+    """Every ``training-state-<nimg>.json`` in ``outdir``, complete or not, newest name first."""
+    outdir = os.fspath(outdir)
+    paths = [p for p in glob.glob(os.path.join(glob.escape(outdir), "training-state-*.json"))
+             if _NAME.match(os.path.basename(p))]
+    return sorted(paths, reverse=True)
+
+
+def find_checkpoints(outdir, log=None) -> list[tuple[int, str]]:
     """``(nimg, json_path)`` of every checkpoint JSON in ``outdir`` whose weights file exists with the
-    recorded size, newest first (the checksum is verified by :func:`load_checkpoint`)."""
+    recorded size, newest first (the checksum is verified by :func:`load_checkpoint`). Each skipped record
+    is reported through ``log`` (a callable taking a message), with the reason."""
     outdir = os.fspath(outdir)
     out = []
-    for path in glob.glob(os.path.join(outdir, "training-state-*.json")):
-        m = _NAME.match(os.path.basename(path))
-        if not m:
+    for path in checkpoint_records(outdir):
+        nimg, why = _record_problem(outdir, path)
+        if why is not None:
+            if log:
+                log(f"skipping checkpoint {path}: {why}")
             continue
-        try:
-            with open(path) as f:
-                record = json.load(f)
-            weights = os.path.join(outdir, record["weights"])
-            if record.get("format") != FORMAT or os.path.getsize(weights) != int(record["weights_size"]):
-                continue
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        out.append((int(record["nimg"]), path))
+        out.append((nimg, path))
     out.sort(reverse=True)
     return out
 
@@ -131,8 +162,8 @@ def load_checkpoint(json_path, device="cpu") -> tuple[dict[str, torch.Tensor], d
     try:
         with open(json_path) as f:
             state = json.load(f)
-        weights = os.path.join(os.path.dirname(json_path), state["weights"])
-    except (OSError, ValueError, KeyError) as exc:
+        weights = os.path.join(os.path.dirname(json_path), os.path.basename(str(state["weights"])))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{json_path}: unreadable checkpoint record ({exc})") from exc
     if not os.path.isfile(weights) or os.path.getsize(weights) != state.get("weights_size"):
         raise CheckpointError(f"{json_path}: weights file {weights} missing or of the wrong size")
@@ -146,9 +177,12 @@ def load_checkpoint(json_path, device="cpu") -> tuple[dict[str, torch.Tensor], d
 
 
 def latest_checkpoint(outdir, device="cpu", log=None):
-    """The newest checkpoint in ``outdir`` that loads and verifies, as ``(tensors, state, json_path)``, or None.
-    Corrupt newer ones are skipped (and reported through ``log``)."""
-    for _nimg, path in find_checkpoints(outdir):
+    """The newest checkpoint in ``outdir`` that loads and verifies, as ``(tensors, state, json_path)``, or None
+    when there is no checkpoint record at all. Every skipped one (truncated, missing weights, unreadable JSON,
+    checksum mismatch) is reported through ``log``; when records exist but none is usable, ``CheckpointError``
+    (resuming is impossible, and starting over would overwrite them: the caller must be told to)."""
+    outdir = os.fspath(outdir)
+    for _nimg, path in find_checkpoints(outdir, log=log):
         try:
             tensors, state = load_checkpoint(path, device=device)
         except CheckpointError as exc:
@@ -156,11 +190,30 @@ def latest_checkpoint(outdir, device="cpu", log=None):
                 log(f"skipping checkpoint: {exc}")
             continue
         return tensors, state, path
+    records = checkpoint_records(outdir)
+    if records:
+        names = ", ".join(os.path.basename(p) for p in records[:4]) + (" ..." if len(records) > 4 else "")
+        raise CheckpointError(
+            f"{outdir}: none of its {len(records)} checkpoint(s) is usable ({names}; reasons logged above); "
+            f"refusing to start over from 0 images and overwrite them. Repair or move them away, or start over "
+            f"on purpose (--restart / TrainConfig(resume=False))")
     return None
 
 
+def orphan_weights(outdir) -> list[str]:
+    """``training-state-<nimg>.safetensors`` files without their JSON record: left by a run killed between
+    writing a checkpoint's weights and its record (such a checkpoint was never complete)."""
+    outdir = os.fspath(outdir)
+    out = []
+    for path in glob.glob(os.path.join(glob.escape(outdir), "training-state-*.safetensors")):
+        if re.match(r"^training-state-\d+\.safetensors$", os.path.basename(path)):
+            if not os.path.exists(path[: -len(".safetensors")] + ".json"):
+                out.append(path)
+    return sorted(out)
+
+
 def prune_checkpoints(outdir, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints (``keep <= 0``: keep all), and orphan weights."""
+    """Delete all but the ``keep`` newest complete checkpoints (``keep <= 0``: keep all)."""
     if keep <= 0:
         return
     complete = find_checkpoints(outdir)

@@ -1,4 +1,4 @@
-"""The EDM2 training loop (SPEC.md section 3).
+"""The EDM2 training loop (EDM2 Sec. 3 and Appendix B: loss, Adam, inverse-sqrt learning-rate decay).
 
 ``training_loop(net, loss_fn, dataset, outdir, config)`` trains ``net`` (a ``Precond``, or anything called as
 ``net(x, sigma, labels, return_logvar=True) -> (D, logvar)``) with ``loss_fn(net, images, labels)`` (an
@@ -19,10 +19,18 @@ unconditional denoiser that CFG's null-label branch evaluates (``fastdiff.sampli
 micro-batch comes from its own generator, seeded like the noise by (seed, step, position of the micro-batch
 in the global batch): deterministic, resume-safe, and independent of the number of processes in the same
 sense. ``p = 0`` draws nothing, so the trajectory is exactly that of a run without the option.
+
+Latent datasets (EDM2's ImageNet-512 set-up): when the dataset holds stored VAE posterior mean/std (float
+``.npy`` items with twice the network's channels, as ``fastdiff dataset encode`` and the official tool write
+them), every use of an image draws a fresh latent ``mean + std * n`` and normalizes it per channel with EDM2's
+constants (``fastdiff.data.latent.sample_latents``). ``n`` comes from a generator seeded like the noise, by
+(seed, step, position of the micro-batch in the global batch), so a resumed run stays exact. The snapshots
+record the latent scaling (``extra['encoder']``), so ``fastdiff generate --vae`` knows how to decode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -36,10 +44,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fastdiff.training.checkpoint import capture_rng, latest_checkpoint, prune_checkpoints, restore_rng, save_checkpoint
+from fastdiff._runtime import dtype_of, nvtx_range
+from fastdiff.data.latent import OFFICIAL_SCALING, mean_std_channels
+from fastdiff.training.checkpoint import (capture_rng, checkpoint_records, latest_checkpoint, orphan_weights,
+                                          prune_checkpoints, restore_rng, save_checkpoint)
+from fastdiff.training.rundir import RunDirectoryBusy, RunLock
 from fastdiff.training.phema import PowerFunctionEMA, std_to_exp
 from fastdiff.training.snapshots import atomic_write, network_config, save_snapshot, snapshot_name
-from fastdiff.training.stats import StatsLog, memory_gib, nvtx_range
+from fastdiff.training.stats import StatsLog, memory_gib, trim_stats
 
 __all__ = ["learning_rate_schedule", "TrainConfig", "training_loop"]
 
@@ -87,7 +99,7 @@ class TrainConfig:
         return d
 
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISIONS = ("fp32", "bf16", "fp16")  # fp32: no autocast; the others autocast to that dtype
 
 
 def _seed_of(*values: int) -> int:
@@ -150,11 +162,66 @@ def _log(msg: str, rank: int) -> None:
         print(f"fastdiff train: {msg}", file=sys.stderr, flush=True)
 
 
+def _own_run_directory(outdir: str, cfg: TrainConfig, rank: int, world: int, device) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (``RunDirectoryBusy`` on every rank when another run holds it),
+    then clears what a killed run left: temporaries of the atomic writes and checkpoint weights whose JSON
+    record was never written; when starting over (``cfg.resume`` False), the old checkpoints too."""
+    from fastdiff._atomic import remove_orphan_temps
+    from fastdiff import _dist as D
+
+    lock, busy = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(outdir).acquire()
+        except RunDirectoryBusy as exc:
+            busy = exc
+    if world > 1:
+        flag = torch.tensor([0.0 if busy is None else 1.0], device=device)
+        D.all_reduce_sum(flag)
+        if busy is None and flag.item() > 0:
+            busy = RunDirectoryBusy(f"run directory {outdir} is in use by another training run (rank 0 could not "
+                                    f"lock it)")
+    if busy is not None:
+        raise busy
+    if rank == 0:
+        try:
+            for path in remove_orphan_temps(outdir):
+                _log(f"removed {path} (a temporary file left by a killed run)", rank)
+            for path in orphan_weights(outdir):
+                os.remove(path)
+                _log(f"removed {path} (the weights of a checkpoint whose record was never written)", rank)
+            if not cfg.resume:
+                for path in checkpoint_records(outdir):
+                    weights = path[: -len(".json")] + ".safetensors"
+                    for p in (path, weights):  # the JSON first: never a JSON without its weights
+                        if os.path.exists(p):
+                            os.remove(p)
+                    _log(f"starting over: removed checkpoint {path}", rank)
+        except BaseException:
+            lock.release()
+            raise
+    return lock
+
+
 def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: TrainConfig | None = None,
                   device="cpu") -> dict:
-    """Train; returns ``{'nimg', 'step', 'stopped', 'resumed_from'}``. See the module docstring."""
+    """Train; returns ``{'nimg', 'step', 'stopped', 'resumed_from'}``. See the module docstring.
+
+    The run owns ``outdir`` while it trains: a second run on the same folder gets ``RunDirectoryBusy``
+    (an flock, see ``fastdiff.training.rundir``; under torch.distributed rank 0 holds it)."""
+    locks: list = []  # filled by _training_loop once the arguments are checked (nothing is written before)
+    try:
+        return _training_loop(net, loss_fn, dataset, os.fspath(outdir), config, device, locks)
+    finally:
+        for lock in locks:
+            if lock is not None:
+                lock.release()
+
+
+def _training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: TrainConfig | None, device,
+                   locks: list) -> dict:
     from fastdiff.data import InfiniteSampler, make_loader, to_model_input
-    from fastdiff.training import distributed as D
+    from fastdiff import _dist as D
 
     cfg = config or TrainConfig()
     device = torch.device(device)
@@ -172,12 +239,13 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     rounds = per_rank // batch_gpu
     if cfg.precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {cfg.precision!r}")
-    amp_dtype = _PRECISIONS[cfg.precision]
+    amp_dtype = None if cfg.precision == "fp32" else dtype_of(cfg.precision)
     label_dropout = _check_label_dropout(cfg.label_dropout)
 
     # ---- data vs network ----------------------------------------------------------------------------------
     res, chans, label_dim = int(net.img_resolution), int(net.img_channels), int(getattr(net, "label_dim", 0))
-    if dataset.resolution != res or dataset.num_channels != chans:
+    latent = OFFICIAL_SCALING if mean_std_channels(dataset, chans) else None  # stored VAE mean/std
+    if dataset.resolution != res or (dataset.num_channels != chans and latent is None):
         raise ValueError(f"dataset {dataset.name} has {dataset.num_channels}x{dataset.resolution}x{dataset.resolution}"
                          f" items, the network expects {chans}x{res}x{res}")
     use_labels = bool(cfg.cond) and label_dim > 0
@@ -194,6 +262,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     if len(dataset) < 1:
         raise ValueError(f"dataset {dataset.name} is empty")
 
+    locks.append(_own_run_directory(outdir, cfg, rank, world, device))
     os.makedirs(outdir, exist_ok=True)
     net = net.to(device).train().requires_grad_(True)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -215,13 +284,18 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
         tensors, state, resumed_from = found
         if int(state["batch"]) != batch and int(state["nimg"]) % batch:
             raise ValueError(f"{resumed_from}: cannot resume at {state['nimg']} images with --batch {batch}")
-        _load_state(net, optimizer, ema, tensors, state)
+        _check_resume_compatible(resumed_from, state, tensors, net, cfg)
+        _load_state(net, optimizer, ema, tensors, state, resumed_from)
         restore_rng(tensors, state.get("rng", {}))
         cur_nimg, step = int(state["nimg"]), int(state["step"])
         totals.update(state.get("totals", {}))
         log(f"resuming from {resumed_from} at {cur_nimg} images, step {step}")
         del tensors
     start_nimg = cur_nimg
+    if rank == 0:
+        dropped = trim_stats(os.path.join(outdir, "stats.jsonl"), start_nimg)
+        if dropped:
+            log(f"stats.jsonl: dropped {dropped} record(s) past {start_nimg} images (written again by this run)")
 
     if rank == 0:
         options = dict(config=cfg.to_json(), network=network_config(net), world_size=world, batch_gpu=batch_gpu,
@@ -230,7 +304,8 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
         atomic_write(os.path.join(outdir, "training_options.json"),
                      lambda tmp: open(tmp, "w").write(json.dumps(options, indent=1, default=str)))
         log(f"{dataset.describe()}; batch {batch} = {world} process(es) x {rounds} round(s) x {batch_gpu}; "
-            f"{cfg.precision}; device {device}" + (f"; label dropout {label_dropout:g}" if label_dropout else ""))
+            f"{cfg.precision}; device {device}" + (f"; label dropout {label_dropout:g}" if label_dropout else "")
+            + ("; latents drawn from the stored VAE mean/std" if latent is not None else ""))
 
     # ---- data -----------------------------------------------------------------------------------------------
     sampler = InfiniteSampler(len(dataset), batch, rank, world, cfg.seed, start_nimg=cur_nimg)
@@ -238,6 +313,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     data_iter = iter(loader)
     gen = torch.Generator(device=device)
     drop_gen = torch.Generator(device=device) if label_dropout > 0 else None
+    latent_gen = torch.Generator(device=device) if latent is not None else None
     gen_kw = {"generator": gen} if _takes_generator(loss_fn) else {}
 
     stats = StatsLog(outdir, tensorboard=cfg.tensorboard, enabled=rank == 0)
@@ -257,7 +333,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     def crossed(every: int) -> bool:
         return every > 0 and cur_nimg // every > (cur_nimg - batch) // every
 
-    def report(done: bool) -> None:
+    def report() -> None:
         vals = torch.stack([acc["loss"], acc["gnorm"], acc["nonfinite"].to(torch.float64),
                             torch.tensor(float(interval["steps"]), dtype=torch.float64, device=device)])
         D.all_reduce_sum(vals)
@@ -296,7 +372,8 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
         for (ema_net, _suffix), std in zip(ema.get(), ema.stds):
             save_snapshot(ema_net, os.path.join(outdir, snapshot_name(cur_nimg, std)),
                           {"kind": "ema", "nimg": cur_nimg, "step": step, "batch_size": batch, "std": std,
-                           "exponent": float(std_to_exp(std))})
+                           "exponent": float(std_to_exp(std)), "label_dropout": float(cfg.label_dropout),
+                           **({"encoder": latent.record()} if latent is not None else {})})
 
     def write_checkpoint() -> None:
         if rank == 0:
@@ -325,7 +402,7 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
             first = cur_nimg == start_nimg
             if first or done or crossed(cfg.status):
                 if not (first and interval["steps"] == 0 and cur_nimg > 0):
-                    report(done)
+                    report()
             if cur_nimg != start_nimg and ((done and not stopped and cfg.snapshot >= 0) or crossed(cfg.snapshot)):
                 write_snapshots()
             if cur_nimg != start_nimg and ((done and cfg.checkpoint >= 0) or crossed(cfg.checkpoint)):
@@ -336,19 +413,24 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
             # ---- one optimizer step -------------------------------------------------------------------------
             optimizer.zero_grad(set_to_none=True)
             for r in range(rounds):
+                offset = rank * per_rank + r * batch_gpu  # this micro-batch's place in the global batch
                 with nvtx_range("data"):
                     images, labels = next(data_iter)
-                    images = to_model_input(images.to(device, non_blocking=True))
+                    images = images.to(device, non_blocking=True)
+                    if latent is not None:  # a fresh latent from the stored mean/std, seeded like the noise
+                        latent_gen.manual_seed(_seed_of(cfg.seed, step, offset, 4))
+                        images = latent.sample(images, latent_gen)
+                    else:
+                        images = to_model_input(images)
                     onehot = None
                     if use_labels:
                         onehot = torch.nn.functional.one_hot(labels.to(device), label_dim).to(torch.float32)
-                offset = rank * per_rank + r * batch_gpu  # this micro-batch's place in the global batch
                 gen.manual_seed(_seed_of(cfg.seed, step, offset, 1))
                 torch.manual_seed(_seed_of(cfg.seed, step, offset, 2))
                 if drop_gen is not None:
                     drop_gen.manual_seed(_seed_of(cfg.seed, step, offset, 3))
                     onehot = _drop_labels(onehot, label_dropout, drop_gen)
-                sync = ddp.no_sync() if (world > 1 and r < rounds - 1) else _null()
+                sync = ddp.no_sync() if (world > 1 and r < rounds - 1) else contextlib.nullcontext()
                 with sync:
                     with nvtx_range("forward"), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                                                                enabled=amp_dtype is not None):
@@ -391,14 +473,6 @@ def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: T
     return {"nimg": cur_nimg, "step": step, "stopped": stopped, "resumed_from": resumed_from}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------- state <-> tensors
 
 
@@ -423,9 +497,54 @@ def _gather_state(net, optimizer, ema) -> tuple[dict, dict]:
     return tensors, state
 
 
-def _load_state(net, optimizer, ema, tensors: dict, state: dict) -> None:
+def _describe_network(config: dict) -> str:
+    kwargs = config.get("kwargs") or {}
+    return f"preset {config.get('preset')!r}, class {config.get('class')}, label_dim {kwargs.get('label_dim', '?')}"
+
+
+def _check_resume_compatible(path: str, state: dict, tensors: dict, net, cfg: TrainConfig) -> None:
+    """A clear error when the checkpoint was written by a run with another network (class, or parameters of
+    other names / shapes; options that change no parameter, such as the compute dtype, may differ) or
+    another conditioning."""
+    have, want = state.get("network") or {}, network_config(net)
+    old_cfg = state.get("config") or {}
+    hint = "; resume with the options of that run, or train into another --outdir (or start over with --restart)"
+    if "cond" in old_cfg and bool(old_cfg["cond"]) != bool(cfg.cond):
+        what = {True: "class-conditional", False: "unconditional (--uncond)"}
+        raise ValueError(f"{path}: the checkpoint is from a {what[bool(old_cfg['cond'])]} run, this run is "
+                         f"{what[bool(cfg.cond)]}{hint}")
+    old_range = (old_cfg.get("extra") or {}).get("sigma_range")
+    new_range = (cfg.extra or {}).get("sigma_range")
+    if old_range != new_range:
+        name = lambda r: "all noise levels" if r is None else f"sigma in ({r.replace(',', ', ')}]"  # noqa: E731
+        raise ValueError(f"{path}: the checkpoint was trained on {name(old_range)}, this run asks for "
+                         f"{name(new_range)} (--sigma-range); to make an expert from that run, fine-tune one of its "
+                         f"snapshots into another --outdir with --init")
+    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    theirs = {k[4:]: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
+    if mine == theirs and have.get("class", want["class"]) == want["class"]:
+        return
+    diffs = [f"{k}: {have.get(k)!r} vs {want.get(k)!r}" for k in ("class", "preset") if have.get(k) != want.get(k)]
+    hk, wk = have.get("kwargs") or {}, want.get("kwargs") or {}
+    diffs += [f"{k}: {hk.get(k)!r} vs {wk.get(k)!r}" for k in sorted(set(hk) | set(wk)) if hk.get(k) != wk.get(k)]
+    if mine != theirs:
+        bad = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs.get(k)]
+        diffs.append(f"{len(set(mine) ^ set(theirs))} parameter name(s) and "
+                     f"{sum(mine[k] != theirs[k] for k in set(mine) & set(theirs))} shape(s) differ, e.g. {bad[0]}")
+    if diffs:
+        raise ValueError(f"{path}: the checkpoint holds another network ({_describe_network(have)}) than this run "
+                         f"builds ({_describe_network(want)}); differences (checkpoint vs this run): "
+                         f"{', '.join(diffs)}{hint}")
+
+
+def _load_state(net, optimizer, ema, tensors: dict, state: dict, path: str = "checkpoint") -> None:
     net_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
-    net.load_state_dict(net_sd)
+    try:
+        net.load_state_dict(net_sd)
+    except RuntimeError as exc:  # names / shapes differ (a network without a recorded config)
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{path}: the checkpoint's network does not fit this run's ({first[0] if first else exc}"
+                         f" ...); resume with the options of that run, or train into another --outdir") from None
     if ema is not None:
         stds = state.get("ema_stds") or []
         if [round(s, 6) for s in stds] != [round(s, 6) for s in ema.stds]:

@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc EMA reconstruction (SPEC.md section 3).
+"""Power-function EMA and post-hoc EMA reconstruction (EDM2 Sec. 3 and Appendix C).
 
 A power-function EMA with exponent ``g`` averages the training trajectory ``theta(tau)`` over ``[0, t]``
 with the weight profile ``p(tau) = (g + 1) tau^g / t^(g + 1)``. Its relative standard deviation
@@ -318,6 +318,9 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
         config["extra"] = {
             "kind": "phema", "nimg": out_nimg, "std": std, "exponent": float(std_to_exp(std)),
             "num_inputs": len(snaps), "max_abs_coef": float(np.abs(coefs[:, j]).max()),
+            # how the inputs were trained (the label dropout tells whether CFG's null label was trained; the
+            # encoder record, a latent network's scaling)
+            **{k: v for k, v in (base.get("extra") or {}).items() if k in ("label_dropout", "encoder")},
         }
         path = os.path.join(outdir, snapshot_name(out_nimg, std, prefix="phema"))
         save_tensors(tensors, path, config)

@@ -1,8 +1,7 @@
-"""Training statistics: NVTX ranges, the JSONL log, console lines, optional TensorBoard."""
+"""Training statistics: the JSONL log, console lines, optional TensorBoard."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -11,18 +10,7 @@ import time
 
 import torch
 
-__all__ = ["nvtx_range", "StatsLog", "memory_gib"]
-
-try:  # the `nvtx` package (NVIDIA Tools Extension); ranges show in Nsight Systems
-    import nvtx as _nvtx
-
-    def nvtx_range(name: str):
-        return _nvtx.annotate(name, domain="fastdiff")
-
-except Exception:  # pragma: no cover - nvtx not installed
-
-    def nvtx_range(name: str):
-        return contextlib.nullcontext()
+__all__ = ["StatsLog", "memory_gib", "trim_stats"]
 
 
 def memory_gib(device: torch.device) -> dict:
@@ -34,6 +22,34 @@ def memory_gib(device: torch.device) -> dict:
         return out
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"cpu_peak_rss_gib": rss_kib / 2**20}
+
+
+def trim_stats(path: str, nimg: int) -> int:
+    """Drop the records a resumed run will write again: those past ``nimg`` (the resumed checkpoint; with
+    ``nimg == 0``, a run starting over, all of them) and any line that does not parse (an append cut short by
+    a kill). The file is rewritten atomically, and only when something goes. Returns the number of lines
+    dropped (0 when the file does not exist)."""
+    from fastdiff._atomic import atomic_open
+
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            at = int(rec["nimg"])
+        except (ValueError, KeyError, TypeError):
+            continue  # unreadable: dropped
+        if at < nimg or (at == nimg and nimg > 0):  # a resumed run writes no record at its start point
+            keep.append(line if line.endswith(b"\n") else line + b"\n")
+    dropped = len(lines) - len(keep)
+    if dropped:
+        with atomic_open(path, "wb") as f:
+            f.writelines(keep)
+    return dropped
 
 
 class StatsLog:

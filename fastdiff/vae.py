@@ -1,0 +1,225 @@
+"""The VAE stage of EDM2's latent models: the Stable Diffusion VAE (diffusers' ``AutoencoderKL``), from local files.
+
+EDM2's ImageNet-512 networks (Karras et al. 2024, Sec. 5) denoise 4x64x64 latents of the Stable Diffusion VAE
+``sd-vae-ft-mse``. :class:`VAE` is that stage as EDM2 defines it:
+
+* :meth:`VAE.encode`: uint8 pixels ``[N, 3, H, W]`` -> the encoder's posterior mean and std, concatenated to
+  ``[N, 8, H/8, W/8]`` float32 ("raw latents", what a latent dataset stores; :func:`fastdiff.data.latent`).
+  The pixels enter the VAE as ``x / 255`` in ``[0, 1]``, as the official encoder feeds them (the official
+  latents and networks were made that way, so fastdiff keeps it).
+* :meth:`VAE.sample_latents`: one latent per image from the stored mean/std, normalized per channel with
+  EDM2's constants (:class:`fastdiff.data.latent.LatentScaling`).
+* :meth:`VAE.decode`: the network's latents -> uint8 pixels: undo the normalization, run the VAE decoder,
+  ``clamp(0, 1) * 255`` truncated to uint8 (the official decoding).
+
+The VAE is read from a local folder in the diffusers layout (``config.json`` and
+``diffusion_pytorch_model.safetensors``; a Stable Diffusion pipeline folder's ``vae/`` is found too) or from a
+single ``.safetensors`` file (e.g. ``vae-ft-mse-840000-ema-pruned.safetensors``, in the original LDM naming, or
+a diffusers state dict); a single file is built with the Stable Diffusion VAE configuration
+(:data:`SD_VAE_CONFIG`) unless ``config`` says otherwise. Nothing is ever downloaded: the hub is switched
+off (``HF_HUB_OFFLINE``) and every load is ``local_files_only``. Pickled weights (``.ckpt``, ``.bin``,
+``.pt``) are refused, since loading them can run code.
+
+Needs ``pip install "fastdiff[latent]"`` (diffusers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from fastdiff.data.latent import OFFICIAL_SCALING, LatentScaling
+
+__all__ = ["VAE", "load_vae", "fingerprint", "SD_VAE_CONFIG", "VAEError"]
+
+# The Stable Diffusion VAE (sd-vae-ft-mse, and the original SD 1.x VAE) in diffusers' terms.
+SD_VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+}
+
+_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_HOW_TO_GET = ("fastdiff never downloads it: fetch the Stable Diffusion VAE by hand, e.g. the folder of "
+               "stabilityai/sd-vae-ft-mse (config.json + diffusion_pytorch_model.safetensors) or the single file "
+               "vae-ft-mse-840000-ema-pruned.safetensors (stabilityai/sd-vae-ft-mse-original)")
+
+
+class VAEError(ValueError):
+    """A VAE that cannot be loaded or used: the message says what was expected."""
+
+
+def _diffusers():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub reads it: no request ever leaves the machine
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise ImportError(f"the VAE needs diffusers: pip install \"fastdiff[latent]\" ({exc})") from None
+    diffusers.utils.logging.set_verbosity_error()
+    return diffusers
+
+
+def _read_config(config) -> dict:
+    if config is None:
+        return dict(SD_VAE_CONFIG)
+    if isinstance(config, dict):
+        return dict(config)
+    path = os.fspath(config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VAEError(f"VAE config {path}: cannot read a JSON config ({exc})") from None
+    if not isinstance(data, dict):
+        raise VAEError(f"VAE config {path}: expected a JSON object")
+    return data
+
+
+def _load_autoencoder(path, config=None):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no VAE at {path!r}: give a local folder (diffusers layout) or a .safetensors "
+                                f"file; {_HOW_TO_GET}")
+    AutoencoderKL = _diffusers().AutoencoderKL
+    kw = dict(local_files_only=True, low_cpu_mem_usage=False)
+    if os.path.isdir(path):
+        for sub in ("", "vae"):
+            folder = os.path.join(path, sub) if sub else path
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                if not os.path.isfile(os.path.join(folder, _WEIGHTS)):
+                    raise VAEError(f"{folder}: has config.json but no {_WEIGHTS} (only safetensors weights are "
+                                   f"read; pickled .bin weights can run code)")
+                try:
+                    return AutoencoderKL.from_pretrained(folder, use_safetensors=True, **kw)
+                except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+                    raise VAEError(f"{folder}: not a diffusers AutoencoderKL folder ({exc})") from None
+        raise VAEError(f"{path}: no config.json (nor vae/config.json): not a diffusers VAE folder; {_HOW_TO_GET}")
+    if not path.lower().endswith(".safetensors"):
+        raise VAEError(f"{path}: expected a .safetensors file or a diffusers folder (pickled weights such as "
+                       f".ckpt / .pt / .bin are refused: loading them can run code)")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types
+        raise VAEError(f"{path}: not a safetensors file ({exc})") from None
+    cfg = _read_config(config)
+    if any(k.startswith("encoder.down_blocks.") for k in keys):  # already in diffusers' naming
+        model = AutoencoderKL.from_config(cfg)
+        try:
+            model.load_state_dict(load_file(path), strict=True)
+        except RuntimeError as exc:
+            raise VAEError(f"{path}: the weights do not fit the VAE config ({exc})") from None
+        return model
+    if not any(k.startswith(("encoder.down.", "first_stage_model.encoder.down.")) for k in keys):
+        raise VAEError(f"{path}: no VAE encoder weights (encoder.down... or encoder.down_blocks...) found")
+    with tempfile.TemporaryDirectory(prefix="fastdiff-vae-config.") as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        try:
+            return AutoencoderKL.from_single_file(path, config=tmp, **kw)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise VAEError(f"{path}: cannot read it as a Stable Diffusion VAE checkpoint ({exc})") from None
+
+
+class VAE:
+    """EDM2's VAE stage around a diffusers ``AutoencoderKL`` (module docstring). ``batch_size`` images (or
+    latents) go through the VAE at a time; ``scaling``: the latent normalization (default EDM2's)."""
+
+    def __init__(self, model, scaling: LatentScaling | None = None, batch_size: int = 8, device="cpu"):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval().requires_grad_(False).to(device)
+        if any(p.dtype != torch.float32 for p in self.model.parameters()):
+            self.model.float()  # the official encoder runs the VAE in float32
+        self.scaling = OFFICIAL_SCALING if scaling is None else scaling
+        self.batch_size = int(batch_size)
+        cfg = model.config
+        self.latent_channels = int(cfg.latent_channels)
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)  # pixels per latent, per side
+        if self.scaling.channels != self.latent_channels:
+            raise VAEError(f"the latent scaling has {self.scaling.channels} channels, the VAE "
+                           f"{self.latent_channels}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, 3, H, W]`` (H, W multiples of :attr:`factor`) -> float32 ``[N, 2C, H/f, W/f]`` on the CPU:
+        the posterior means, then the stds (``exp(logvar / 2)``)."""
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
+                or images.shape[1] != 3:
+            what = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"VAE.encode: expected uint8 RGB images [N, 3, H, W], got {what}")
+        h, w = images.shape[2:]
+        if h % self.factor or w % self.factor or h == 0 or w == 0:
+            raise ValueError(f"VAE.encode: image size {w}x{h} must be a positive multiple of {self.factor}")
+        out = []
+        for chunk in images.split(self.batch_size):
+            x = chunk.to(self.device, torch.float32) / 255
+            dist = self.model.encode(x).latent_dist
+            out.append(torch.cat([dist.mean, dist.std], dim=1).float().cpu())
+        if not out:
+            return torch.empty((0, 2 * self.latent_channels, h // self.factor, w // self.factor))
+        return torch.cat(out)
+
+    def sample_latents(self, mean_std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The network's latents from stored mean/std (:meth:`LatentScaling.sample`)."""
+        return self.scaling.sample(mean_std, generator)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The network's latents ``[N, C, h, w]`` -> uint8 pixels ``[N, 3, h*f, w*f]`` on the CPU (a ``decoder``
+        for :func:`fastdiff.sampling.generate_images`)."""
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            what = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"VAE.decode: expected latents [N, {self.latent_channels}, h, w], got {what}")
+        out = []
+        for chunk in latents.split(self.batch_size):
+            raw = self.scaling.denormalize(chunk.to(self.device))
+            pixels = self.model.decode(raw).sample
+            out.append(pixels.float().clamp(0, 1).mul(255).to(torch.uint8).cpu())
+        if not out:
+            h, w = latents.shape[2:]
+            return torch.empty((0, 3, h * self.factor, w * self.factor), dtype=torch.uint8)
+        return torch.cat(out)
+
+
+def load_vae(path, device="cpu", batch_size: int = 8, scaling: LatentScaling | None = None, config=None) -> VAE:
+    """:class:`VAE` from a local folder or ``.safetensors`` file (module docstring); ``config``: a diffusers
+    config (dict, JSON file or folder) for a single file that is not the Stable Diffusion VAE."""
+    return VAE(_load_autoencoder(path, config), scaling=scaling, batch_size=batch_size, device=device)
+
+
+def fingerprint(path) -> str:
+    """A cheap identity of a VAE on disk (its absolute path and the sizes of its files), e.g. to check that a
+    resumed encode uses the same VAE."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(path):
+        return f"{path} ({os.path.getsize(path)} bytes)"
+    sizes = []
+    for root, _dirs, files in os.walk(path):
+        for f in sorted(files):
+            full = os.path.join(root, f)
+            sizes.append(f"{os.path.relpath(full, path)}:{os.path.getsize(full)}")
+    return f"{path} ({', '.join(sorted(sizes))})"
