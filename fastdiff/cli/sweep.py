@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
-from fastdiff.cli.common import init_distributed, parse_seeds, parse_stds
+from fastdiff._dist import init_distributed, rank_and_world, shutdown_distributed
+from fastdiff.cli.common import check_device, parse_seeds, parse_stds
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -100,6 +100,9 @@ def main(args) -> int:
             raise ValueError("--guide-snapshots needs --guide-stds")
         if args.steps < 1 or args.batch < 1 or args.refine < 0:
             raise ValueError("--steps and --batch must be >= 1, --refine >= 0")
+        bad_device = check_device(args.device)
+        if bad_device:
+            raise ValueError(bad_device)
         ref = load_reference(args.ref)
         canonical, det_name = resolve_metrics(args.metric, args.detector, ref.detector)
         if canonical != ["fd"]:
@@ -107,16 +110,15 @@ def main(args) -> int:
     except (ValueError, argparse.ArgumentTypeError, FileNotFoundError) as exc:
         print(f"fastdiff sweep: error: {exc}", file=sys.stderr)
         return 2
-    started, device = init_distributed(args.device)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = init_distributed(args.device)
+    device = str(info.device)
     try:
         detector = get_detector(det_name, weights=args.detector_weights, device=device)
         summary = run_sweep(spec, args.outdir, detector=detector, ref=ref, seeds=seeds, steps=args.steps,
                             main_net=args.net, main_snapshots=args.main_snapshots, guide_net=args.gnet,
                             guide_snapshots=args.guide_snapshots, batch=args.batch, device=device,
                             refine=args.refine, metric_name=fd_metric_name(det_name), progress=args.progress)
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        if rank_and_world()[0] == 0:
             paths = write_outputs(summary, args.outdir, plots=not args.no_plot)
             best = summary["best"]
             print(f"{len(summary['rows'])} cells; best {summary['metric']} {best['value']:.4g}: main std "
@@ -130,5 +132,4 @@ def main(args) -> int:
         print(f"fastdiff sweep: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if started:
-            torch.distributed.destroy_process_group()
+        shutdown_distributed(info)
