@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from fastdiff._dist import init_distributed, rank_and_world, shutdown_distributed
 from fastdiff.cli.common import check_device, parse_seeds, parse_stds
 
