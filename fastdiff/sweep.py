@@ -478,7 +478,7 @@ def _evaluate(spec, outdir, mains, guides, scorer, seeds, steps, batch, device, 
         wall, cpu = time.perf_counter() - t, time.process_time() - cpu
         # Per-cell evaluations: each setting's share (rows are N per setting; the guide only where active).
         for j, c in enumerate(cells):
-            evals = _cell_evaluations(c, steps, len(seeds), net, sigma_max)
+            evals = _cell_evaluations(c, steps, len(seeds), sigma_max)
             rec = dict(cell=c.as_dict(), key=c.key, value=scorer.score(stats[j]), metric=metric_name,
                        num_images=len(seeds), steps=steps, evaluations=evals, round=round_,
                        group_seconds=round(wall, 3), group_cpu_seconds=round(cpu, 3), group_cells=len(cells),
@@ -493,7 +493,7 @@ def _evaluate(spec, outdir, mains, guides, scorer, seeds, steps, batch, device, 
         dist.barrier()
 
 
-def _cell_evaluations(cell: Cell, steps: int, n: int, net, sigma_max: float) -> dict:
+def _cell_evaluations(cell: Cell, steps: int, n: int, sigma_max: float = 80.0) -> dict:
     """Image-evaluations of the main network and of the guiding branch for ``n`` images of this cell
     under the deterministic Heun schedule (2 steps - 1 evaluations, the guide only inside the interval)."""
     from fastdiff.sampling.samplers import edm_sigma_steps

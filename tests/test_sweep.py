@@ -94,7 +94,7 @@ def test_per_row_guidance_matches_one_setting_at_a_time(setup, tmp_path):
         diff = (torch.cat(got[j]).int() - want.int()).abs()
         assert diff.max() <= 1, (j, diff.max())  # batch composition may flip a rounding
     # evaluations: the guide only where guided (w != 1, inside the interval)
-    ev = [sweep._cell_evaluations(c, STEPS, len(SEEDS), net, 80.0) for c in settings]
+    ev = [sweep._cell_evaluations(c, STEPS, len(SEEDS)) for c in settings]
     evals = 2 * STEPS - 1
     assert counts["main"] == sum(e["main"] for e in ev) == 4 * evals * len(SEEDS)
     assert counts["guide"] == sum(e["guide"] for e in ev)

@@ -54,7 +54,6 @@ DEFAULTS = dict(data="builtin:mnist", preset="tiny-16", guide_preset="tiny-16?mo
 FAST = dict(preset="tiny-16?model_channels=8&logvar_channels=8",
             guide_preset="tiny-16?model_channels=4&logvar_channels=4", kimg=0.5, batch=32, num_images=24, steps=3,
             weights="2", classifier_epochs=1, grid=24, main_stds="0.1", guide_stds="0.1", select_images=8)
-METHODS = ("none", "CFG", "autoguidance", "autoguidance+interval")
 NAMES = {"none": "no guidance", "CFG": "CFG", "autoguidance": "autoguidance",
          "autoguidance+interval": "autoguidance + interval"}
 
@@ -442,7 +441,7 @@ def run_demo(args) -> dict:
                  accuracy=float((pred == intended).double().mean()))
         if fid_detector is not None:
             m["fid"] = _fd(compute_feature_stats(out.split(64), fid_detector, num=num, progress=False), fid_ref)
-        ev = sweep._cell_evaluations(cell, steps, 1, net, 80.0)
+        ev = sweep._cell_evaluations(cell, steps, 1)
         png = f"grid-{key}.png"
         save_png(_grid(out[:grid_n], cols, scale), os.path.join(outdir, png))
         rows.append(dict(key=key, method=method, weight=w, interval=list(interval) if cell.interval else None,
