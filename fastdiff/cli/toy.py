@@ -1,5 +1,5 @@
 """``fastdiff toy``: the 2-D toy of the autoguidance paper (Karras et al. 2024, "Guiding a diffusion
-model with a bad version of itself"), end to end on the CPU in about a minute.
+model with a bad version of itself"), end to end on the CPU.
 
 1. The data: a two-class tree-shaped 2-D Gaussian mixture with an exact denoiser
    (:func:`fastdiff.toy.mixture.tree_mixture`).
@@ -15,10 +15,6 @@ model with a bad version of itself"), end to end on the CPU in about a minute.
    distance to exact samples (which grows when guidance trades diversity for fidelity).
 5. ``toy.png`` (the density and the sample sets), ``report.md`` and ``results.json`` in ``--outdir``,
    each written to a temporary file and renamed.
-
-Register in ``fastdiff/cli.py`` with::
-
-    "toy": ("fastdiff.toy.cli", "the 2-D toy of the autoguidance paper: CFG vs autoguidance, exact scores"),
 """
 
 from __future__ import annotations
@@ -37,7 +33,9 @@ from fastdiff.sampling import CFG, Autoguidance, sample
 from fastdiff.toy.mixture import GaussianMixture, tree_mixture
 from fastdiff.toy.model import ToyDenoiser, train_denoiser
 
-__all__ = ["add_arguments", "main", "run_toy", "evaluate_samples", "PRESETS"]
+__all__ = ["add_arguments", "main", "run_toy", "evaluate_samples", "PRESETS", "SIGMA_MAX"]
+
+SIGMA_MAX = 5.0  # the toy's sampler starts at sigma = 5 (the data's std is 0.5), as the paper's toy does
 
 # Network and training sizes: (channels, blocks, training steps, batch).
 PRESETS = {
@@ -72,12 +70,12 @@ def _frechet_2d(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def evaluate_samples(mixture: GaussianMixture, x: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
-                     ref_labels: torch.Tensor) -> dict:
+                     ref_labels: torch.Tensor, ref_logp: torch.Tensor | None = None) -> dict:
     """Exact-density numbers for samples ``x`` with one-hot ``labels`` against exact ``reference``
-    samples (see the module docstring)."""
+    samples (see the module docstring); ``ref_logp``: the reference's log p, when already computed."""
     x, labels = x.double(), labels.double()
     lp = mixture.log_prob(x, 0.0, labels)
-    ref_lp = mixture.log_prob(reference, 0.0, ref_labels)
+    ref_lp = mixture.log_prob(reference, 0.0, ref_labels) if ref_logp is None else ref_logp
     cls, ref_cls = labels.argmax(1), ref_labels.argmax(1)
     inside = torch.zeros_like(lp, dtype=torch.bool)
     outlier = torch.zeros_like(lp, dtype=torch.bool)
@@ -150,15 +148,19 @@ def run_toy(outdir: str = "toy-out", seed: int = 0, guidance: float = 3.0, steps
     t = time.perf_counter()
     settings = {
         "exact samples": mixture.sample(n, labels, g).float(),
-        "exact denoiser": sample(mixture, noise.double(), steps=steps, labels=labels.double(), dtype=torch.float64),
-        "guide only": sample(guide_net, noise, steps=steps, labels=labels),
-        "no guidance": sample(main_net, noise, steps=steps, labels=labels),
-        f"CFG w={guidance:g}": sample(main_net, noise, steps=steps, labels=labels, guidance=CFG(guidance)),
+        "exact denoiser": sample(mixture, noise.double(), steps=steps, labels=labels.double(), dtype=torch.float64,
+                                 sigma_max=SIGMA_MAX),
+        "guide only": sample(guide_net, noise, steps=steps, labels=labels, sigma_max=SIGMA_MAX),
+        "no guidance": sample(main_net, noise, steps=steps, labels=labels, sigma_max=SIGMA_MAX),
+        f"CFG w={guidance:g}": sample(main_net, noise, steps=steps, labels=labels, guidance=CFG(guidance),
+                                      sigma_max=SIGMA_MAX),
         f"autoguidance w={guidance:g}": sample(main_net, noise, steps=steps, labels=labels,
-                                               guidance=Autoguidance(guide_net, guidance)),
+                                               guidance=Autoguidance(guide_net, guidance), sigma_max=SIGMA_MAX),
     }
     timings["sampling_s"] = time.perf_counter() - t
-    metrics = {name: evaluate_samples(mixture, x, labels, reference, ref_labels) for name, x in settings.items()}
+    ref_logp = mixture.log_prob(reference, 0.0, ref_labels)
+    metrics = {name: evaluate_samples(mixture, x, labels, reference, ref_labels, ref_logp)
+               for name, x in settings.items()}
 
     results = {
         "settings": metrics,
@@ -170,6 +172,7 @@ def run_toy(outdir: str = "toy-out", seed: int = 0, guidance: float = 3.0, steps
         "main": dict(zip(("channels", "blocks", "train_steps", "batch"), main_sizes)),
         "guide": dict(zip(("channels", "blocks", "train_steps", "batch"), guide_sizes)),
         "components": len(mixture),
+        "sigma_max": SIGMA_MAX,
         "torch_threads": torch.get_num_threads(),
     }
     os.makedirs(outdir, exist_ok=True)
@@ -207,10 +210,10 @@ def _report(results: dict) -> str:
     verdict = "higher" if ag["mean_logp"] > ng["mean_logp"] else "NOT higher"
     return f"""# fastdiff toy: CFG vs autoguidance on a 2-D tree
 
-Two-class tree-shaped Gaussian mixture ({results['components']} anisotropic components, exact
-denoiser): each class is a binary tree of depth 6 grown from a common base (class 0 leaning left,
-class 1 right); every branch is 3 Gaussians elongated along it, children split at +-24-36 degrees
-with length x0.62-0.78 and width x0.72 per level (`fastdiff.toy.mixture.tree_mixture`). Main model: MP-MLP {mn['channels']} channels x {mn['blocks']} blocks, {mn['train_steps']}
+The autoguidance paper's two-class tree ({results['components']} anisotropic Gaussian components, exact
+denoiser; `fastdiff.toy.mixture.tree_mixture`): per class a binary tree of 7 levels, every branch 8
+Gaussians elongated along it, the two classes grown from a common root in opposite directions, with
+prior masses 0.477 / 0.523. The sampler starts at sigma_max = {results.get('sigma_max', 5):g}. Main model: MP-MLP {mn['channels']} channels x {mn['blocks']} blocks, {mn['train_steps']}
 steps of batch {mn['batch']} (label dropout 0.1, so a zero label is its unconditional version).
 Guide: {gd['channels']} channels x {gd['blocks']} blocks, {gd['train_steps']} steps. EDM Heun,
 {results['sampler_steps']} steps, {results['samples']} samples per setting (same noise and labels),

@@ -14,6 +14,7 @@ files only (see ``InceptionV3Detector`` and ``DINOv2Detector``).
 from fastdiff.metrics.detectors import (DINOv2Detector, Detector, InceptionV3Detector, ModuleDetector,
                                         available_detectors, fd_metric_name, get_detector, register_detector,
                                         unregister_detector)
+from fastdiff.metrics import classifier  # noqa: F401  (registers the 'classifier' detector)
 from fastdiff.metrics.evaluate import (DEFAULT_NUM, calc_from_generator, calc_from_images, compute_feature_stats,
                                        compute_metrics, make_reference)
 from fastdiff.metrics.frechet import frechet_distance

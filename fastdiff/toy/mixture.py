@@ -3,7 +3,8 @@
 Every component ``k`` is an anisotropic Gaussian with mean ``mu_k``, a unit axis ``u_k`` (the
 orthogonal axis is ``v_k = (-u_k[1], u_k[0])``), standard deviations ``a_k`` along ``u_k`` and ``b_k``
 along ``v_k`` (so ``Sigma_k = a_k^2 u u^T + b_k^2 v v^T``), a class ``c_k`` and a weight ``pi_k``
-(normalised to sum to 1 within each class; the classes are equally likely).
+(normalised to sum to 1 within each class); the classes have prior masses ``class_weights`` (default:
+equally likely).
 
 Diffusing the data with noise of std ``sigma`` keeps it a mixture: ``p(x; sigma) = sum_k pi_k
 N(x; mu_k, Sigma_k + sigma^2 I)``, and in the component's own frame the covariance stays diagonal,
@@ -44,6 +45,7 @@ class GaussianMixture:
     weight: torch.Tensor  # [K]  pi_k, summing to 1 within each class
     cls: torch.Tensor  # [K]  int64 class of each component
     num_classes: int = 2
+    class_weights: torch.Tensor | None = None  # [num_classes] prior masses (None: uniform)
 
     def __post_init__(self):
         f = dict(dtype=torch.float64)
@@ -61,6 +63,12 @@ class GaussianMixture:
         if bool((totals <= 0).any()):
             raise ValueError("GaussianMixture: every class needs at least one component of positive weight")
         self.weight = weight / totals[self.cls]
+        if self.class_weights is None:
+            self.class_weights = torch.full((self.num_classes,), 1.0 / self.num_classes, **f)
+        cw = torch.as_tensor(self.class_weights, **f).reshape(-1)
+        if cw.shape != (self.num_classes,) or bool((cw <= 0).any()) or not bool(torch.isfinite(cw).all()):
+            raise ValueError(f"GaussianMixture: class_weights must be {self.num_classes} positive numbers")
+        self.class_weights = cw / cw.sum()
 
     # --- basic facts ---------------------------------------------------------------------------------
 
@@ -79,7 +87,7 @@ class GaussianMixture:
         )[:, None, None] * v[:, :, None] * v[:, None, :]
 
     def class_prior(self) -> torch.Tensor:
-        return torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
+        return self.class_weights.clone()
 
     def moments(self, cls: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact mean ``[2]`` and covariance ``[2, 2]`` of the data (one class, or all)."""
@@ -203,47 +211,50 @@ class GaussianMixture:
         return torch.nn.functional.one_hot(c, self.num_classes).to(torch.float64)
 
 
-def tree_mixture(depth: int = 6, per_segment: int = 3, seed: int = 2, sigma_data: float = 0.5) -> GaussianMixture:
-    """The two-class 'tree' distribution of the toy.
+def tree_mixture(depth: int = 7, per_branch: int = 8, seed: int = 2, sigma_data: float = 0.5,
+                 class_masses=(0.477, 0.523), angle: float = math.pi / 4) -> GaussianMixture:
+    """The two-class 'tree' distribution of the autoguidance paper's 2-D toy (Karras et al. 2024, Sec. 4
+    and Fig. 1): per class a binary tree of ``depth`` levels whose every branch is ``per_branch``
+    Gaussians elongated along it; the two classes grow from a common root in opposite directions
+    (``angle`` and ``angle + pi``), with prior masses ``class_masses`` (0.477 / 0.523).
 
-    Construction (deterministic for a given ``seed``): each class is a binary tree grown from a
-    common base at the bottom. A branch is a straight segment from ``p`` in direction ``theta`` of
-    length ``L`` and half-width ``w``; it contributes ``per_segment`` components spaced evenly along
-    it, each elongated along the segment (std along ``0.6 L / per_segment``, across ``w``) with weight
-    proportional to ``L * 0.8^level`` (thin twigs carry less mass). At its end the branch splits into
-    two children at angles ``theta +- spread`` with ``spread`` ~ 24-36 degrees (jittered), length
-    ``L * U(0.62, 0.78)`` and width ``w * 0.72``, down to ``depth`` levels (``2^depth - 1`` branches
-    per class). Class 0 grows leaning left, class 1 leaning right, so the two trunks overlap near the
-    base while the crowns separate. Finally the whole distribution is shifted to zero mean and scaled
-    so that its standard deviation (RMS over the two coordinates) is ``sigma_data``.
+    The construction (written for fastdiff; deterministic for a given ``seed``): the branch of level
+    ``l`` (0 = trunk) has length ``0.8^l (1 + 0.2 z)`` and half-thickness ``0.06 * 0.72^l`` (std across
+    it); its components sit at ``t = (j + 1/2) / per_branch`` along it, each with std along
+    ``0.7 L / per_branch`` and weight ``0.5^l`` (every level carries the same mass). At its end it splits
+    into two children at ``+-0.55 * 0.85^l (1 + 0.2 z)`` radians. ``z`` are standard normal draws clipped
+    to +-2. Finally every coordinate is scaled (about the root) so that the standard deviation of the
+    whole distribution (RMS over the two coordinates) is ``sigma_data``.
     """
+    if depth < 1 or per_branch < 1:
+        raise ValueError(f"tree_mixture: depth and per_branch must be >= 1, got {depth}, {per_branch}")
     g = torch.Generator().manual_seed(int(seed))
 
-    def uniform(lo, hi):
-        return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+    def jitter() -> float:
+        return 1.0 + 0.2 * float(torch.randn((), generator=g, dtype=torch.float64).clamp(-2, 2))
 
     means, axes, along, across, weights, classes = [], [], [], [], [], []
-    for c, lean in ((0, +0.22), (1, -0.22)):
-        stack = [((0.0, 0.0), math.pi / 2 + lean, 1.0, 0.045, 0)]
+    for c, theta0 in ((0, angle), (1, angle + math.pi)):
+        stack = [((0.0, 0.0), theta0, 0)]
         while stack:
-            (px, py), theta, length, width, level = stack.pop()
+            (px, py), theta, level = stack.pop()
+            length = 0.8**level * jitter()
             ux, uy = math.cos(theta), math.sin(theta)
-            for j in range(per_segment):
-                t = (j + 0.5) / per_segment
+            for j in range(per_branch):
+                t = (j + 0.5) / per_branch
                 means.append((px + t * length * ux, py + t * length * uy))
                 axes.append((ux, uy))
-                along.append(0.6 * length / per_segment)
-                across.append(width)
-                weights.append(length * 0.8**level)
+                along.append(0.7 * length / per_branch)
+                across.append(0.06 * 0.72**level)
+                weights.append(0.5**level)
                 classes.append(c)
             if level + 1 < depth:
                 end = (px + length * ux, py + length * uy)
                 for sign in (+1, -1):
-                    spread = uniform(0.42, 0.62)
-                    stack.append((end, theta + sign * spread + uniform(-0.08, 0.08), length * uniform(0.62, 0.78),
-                                  width * 0.72, level + 1))
+                    stack.append((end, theta + sign * 0.55 * 0.85**level * jitter(), level + 1))
     mix = GaussianMixture(torch.tensor(means), torch.tensor(axes), torch.tensor(along), torch.tensor(across),
-                          torch.tensor(weights), torch.tensor(classes), num_classes=2)
-    mu, cov = mix.moments()
-    scale = sigma_data / math.sqrt(float(torch.trace(cov)) / 2)
-    return mix.transformed(scale, -mu * scale)
+                          torch.tensor(weights), torch.tensor(classes), num_classes=2,
+                          class_weights=torch.tensor(class_masses, dtype=torch.float64))
+    _, cov = mix.moments()
+    std = math.sqrt(float(torch.trace(cov)) / 2)
+    return mix.transformed(sigma_data / std, torch.zeros(2, dtype=torch.float64))
