@@ -105,12 +105,12 @@ def _train(name, sizes, mixture, seed, quiet):
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc=f"train {name} ({channels}ch x {blocks} blocks)", leave=False)
-    progress = None
-    if bar is not None:
-        def progress(step, loss):
-            bar.update(1)
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
+    def report(step, loss):
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    progress = report if bar is not None else None
     ema = train_denoiser(net, mixture, steps, batch=batch, seed=seed, progress=progress)
     if bar is not None:
         bar.close()
