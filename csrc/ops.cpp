@@ -4,6 +4,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
+
+namespace fastdiff::cpu {
+std::string isa_op(std::optional<std::string> level);  // cpu/isa.cpp
+}
+
 TORCH_LIBRARY(fastdiff, m) {
   // --- forced weight normalization and MP conv / linear -------------------------------------
   // Per-output-row factor 1 / (eps + ||w_o|| / sqrt(n)); float32 (float64 for float64 weights).
@@ -58,6 +65,11 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "solver_step(Tensor x, Tensor d1, Tensor? d0, Tensor w, Tensor sigma_cur, Tensor sigma_next,"
       " Tensor? d_prev=None, Tensor? x_base=None) -> (Tensor, Tensor, Tensor)");
+
+  // --- private: the CPU kernels' instruction set ---------------------------------------------------
+  // Returns "family:isa,..." (e.g. "elementwise:avx512,solver:avx512,attention:avx2"); a level
+  // ("avx512", "avx2", "baseline") lowers it first, capped at what the CPU has (used by the tests).
+  m.def("_isa(str? level=None) -> str", &fastdiff::cpu::isa_op);
 }
 
 // The extension is loaded as a Python module (fastdiff._C) only for its side effect of running the
