@@ -6,7 +6,7 @@ the ATen expression (what EDM2's code computes, e.g. ``F.silu(x) / 0.596``) on t
 Two ways to run it:
 - ``pytest benchmarks/bench_ops.py`` (pytest-benchmark; CI runs it once with ``--benchmark-disable``);
 - ``python benchmarks/bench_ops.py --threads 1 2`` prints a table timed interleaved (fused and ATen in
-  turns, median of the rounds), with GB/s (bytes read + written per second), a copy of the same size as
+  turns; the fastest round of each, the least disturbed estimate on a shared machine), with GB/s (bytes read + written per second), a copy of the same size as
   the yardstick, and the ratio ATen time / fused time. ``--isa avx2`` lowers the kernels' instruction set.
 """
 
@@ -184,7 +184,7 @@ def _table(threads: int, rounds: int, dtype: torch.dtype) -> None:
 
     torch.set_num_threads(threads)
     dev = timing.Device("cpu", "cpu", None, None, threads=threads)
-    print(f"\n{threads} thread(s), {dtype}, kernels: {_ext.isa()}")
+    print(f"\n{threads} thread(s), {dtype}, kernels: {_ext.isa()}; fastest of {rounds} interleaved rounds")
     print(f"| shape | op | fused ms | ATen ms | fused GB/s | ATen GB/s | copy GB/s | ATen / fused |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     with torch.no_grad():
@@ -194,7 +194,7 @@ def _table(threads: int, rounds: int, dtype: torch.dtype) -> None:
                 fns = {"fused": lambda f=fused, a=args: f(*a), "aten": lambda f=aten, a=args: f(*a)}
                 if name.startswith("copy"):
                     fns = {"fused": fns["fused"]}
-                t = {k: sorted(v)[len(v) // 2] for k, v in timing.time_interleaved(fns, dev, rounds=rounds).items()}
+                t = {k: min(v) for k, v in timing.time_interleaved(fns, dev, rounds=rounds).items()}
                 if name.startswith("copy"):
                     copy_gbs = nbytes / t["fused"] / 1e9
                     continue
@@ -204,7 +204,7 @@ def _table(threads: int, rounds: int, dtype: torch.dtype) -> None:
         for shape in WEIGHT_SHAPES:
             w1, w2 = torch.randn(*shape), torch.randn(*shape)
             fns = {"fused": lambda: ops.weight_norm_(w1), "aten": lambda: aten_weight_norm_(w2)}
-            t = {k: sorted(v)[len(v) // 2] for k, v in timing.time_interleaved(fns, dev, rounds=rounds).items()}
+            t = {k: min(v) for k, v in timing.time_interleaved(fns, dev, rounds=rounds).items()}
             nbytes = 3 * w1.numel() * 4  # read twice (norms, scaling), written once
             print(f"| {'x'.join(map(str, shape))} | weight_norm_ | {t['fused'] * 1e3:.3f} | {t['aten'] * 1e3:.3f} | "
                   f"{nbytes / t['fused'] / 1e9:.1f} | {nbytes / t['aten'] / 1e9:.1f} | | {t['aten'] / t['fused']:.2f} |",
