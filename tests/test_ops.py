@@ -481,11 +481,14 @@ def test_mixed_devices_are_rejected():
         torch.ops.fastdiff.mp_sum(torch.randn(4), torch.randn(4, device="cuda"), 0.5)
 
 
-def test_info_command_self_check_passes():
+def test_info_command_self_check_passes(capsys):
     from fastdiff.cli import main
 
     assert main(["info"]) == 0
     assert fastdiff.__version__
+    if ops.HAS_EXTENSION:  # the instruction set of each CPU kernel family, e.g. "elementwise: avx512"
+        out = capsys.readouterr().out
+        assert f"elementwise: {_ext.isa()['elementwise']}, solver: " in out and "_isa" not in out
 
 
 # --- instruction sets: every level this CPU has runs the same formulas ---------------------------------

@@ -69,10 +69,11 @@ def has_kernel(op: str, device_type: str) -> bool:
 
 
 def kernels() -> dict[str, list[str]]:
-    """Every fastdiff op and the devices it has kernels for."""
+    """Every public fastdiff op (private ones such as ``_isa`` left out) and the devices it has kernels for."""
     if not LOADED:
         return {}
-    ops = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastdiff::"))
+    ops = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastdiff::")
+                 and not n.startswith("fastdiff::_"))
     return {op: [d for d in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", _KEYS[d])] for op in ops}
 
 
