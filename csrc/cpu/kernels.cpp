@@ -48,7 +48,11 @@ FD_INLINE float exp_f(float x) {
 }
 FD_INLINE double exp_f(double x) { return std::exp(x); }
 
-template <typename A> FD_INLINE A sigmoid(A x) { return A(1) / (A(1) + exp_f(-x)); }
+// sigmoid from t = e^-|x|, which never overflows (as simd_body.inc's vsigmoid).
+template <typename A> FD_INLINE A sigmoid(A x) {
+  const A t = exp_f(x < A(0) ? x : -x);
+  return (x >= A(0) ? A(1) : t) / (A(1) + t);
+}
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // silu(x) = x sigmoid(x), with its limit 0 at x = -inf (where the product is -inf * 0).
 template <typename A> FD_INLINE A silu(A x) { return x == A(-kInf) ? A(0) : x * sigmoid(x); }
