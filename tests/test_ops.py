@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fastdiff
 from fastdiff import ops
+from fastdiff.ops import _ext
 from fastdiff.ops import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -492,8 +493,6 @@ def test_info_command_self_check_passes(capsys):
 
 
 # --- instruction sets: every level this CPU has runs the same formulas ---------------------------------
-
-from fastdiff.ops import _ext  # noqa: E402
 
 
 def _host_levels():
