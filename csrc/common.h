@@ -39,7 +39,8 @@ struct ChannelView {
 inline ChannelView channel_view(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.dim() >= 2, "fastdiff.", op, ": expected '", name,
               "' with at least 2 dims [N, C, ...], got shape ", x.sizes());
-  int64_t n = x.size(0), c = x.size(1), s = x.numel() / std::max<int64_t>(n * c, 1);
+  int64_t n = x.size(0), c = x.size(1), s = 1;
+  for (int64_t d = 2; d < x.dim(); d++) s *= x.size(d);  // not numel / (n c): n or c may be 0
   if (x.dim() == 2) return {x.contiguous(), n, c, s, true};  // [N, C]: both layouts coincide
   if (x.is_contiguous()) return {x, n, c, s, false};
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {x, n, c, s, true};
@@ -69,8 +70,13 @@ inline void check_weight(const at::Tensor& w, const char* op) {
               ": expected a non-empty weight [out_channels, ...], got shape ", w.sizes());
 }
 
+inline void check_t(double t, const char* op) {
+  TORCH_CHECK(std::isfinite(t), "fastdiff.", op, ": expected a finite blend weight t, got ", t);
+}
+
 // mp_sum's weights on a and b: (1-t, t) / sqrt((1-t)^2 + t^2).
 inline std::pair<double, double> mp_sum_weights(double t) {
+  check_t(t, "mp_sum");
   const double d = std::sqrt((1 - t) * (1 - t) + t * t);
   return {(1 - t) / d, t / d};
 }
@@ -107,9 +113,10 @@ inline CatPlan plan_mp_cat(const at::Tensor& a_in, const at::Tensor& b_in, doubl
   p.y = at::empty(shape, p.a.options());
   if (p.channels_last)
     p.y = p.y.contiguous(p.a.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+  check_t(t, "mp_cat");
   const double k = std::sqrt(double(p.ca + p.cb) / ((1 - t) * (1 - t) + t * t));
-  p.wa = k / std::sqrt(double(p.ca)) * (1 - t);
-  p.wb = k / std::sqrt(double(p.cb)) * t;
+  p.wa = p.ca > 0 ? k / std::sqrt(double(p.ca)) * (1 - t) : 0.0;  // an empty half has no weight
+  p.wb = p.cb > 0 ? k / std::sqrt(double(p.cb)) * t : 0.0;
   return p;
 }
 

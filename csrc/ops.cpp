@@ -1,8 +1,36 @@
 // Every fastdiff op's schema, in one place. Kernels register themselves per backend in
 // cpu/*.cpp and cuda/*.cpp; device-agnostic compositions live in composite.cpp. Autograd and fake
 // (meta) kernels are registered from Python (fastdiff/ops/_register.py).
+//
+// Where each op's code lives (glue = checks, layouts, threads or streams; loops = raw pointer code):
+//   op                               CPU glue -> loops                    CUDA glue -> kernels
+//   weight_norm*, scale_rows,        cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/reduce.cu
+//     scale_channels_                  (-> simd_*.cpp, see below)           (scale_*: cuda/elementwise.cu)
+//   mp_silu(_backward), mp_sum,      cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/elementwise.cu
+//     mp_cat, clip(_backward),
+//     mp_silu_modulate
+//   pixel_norm(_backward),           cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/reduce.cu
+//     mp_silu_modulate_backward
+//   mp_weight, mp_conv(_backward)    composite.cpp (ATen conv/matmul + the ops above, any device)
+//   cosine_attention(_backward)      cpu/attention.cpp -> cpu/attention_kernels.cpp
+//                                                                         cuda/attention_cuda.cpp -> cuda/attention.cu
+//   solver_step                      cpu/solver.cpp (+ simd loop)         cuda/solver_cuda.cpp -> cuda/solver.cu
+//   _isa (private)                   cpu/isa.cpp
+// Shared ATen-side helpers: common.h (checks, channel views, mp_sum/mp_cat weights), solver.h,
+// attention_checks.h; CUDA: cuda/launch.h (dtype tag, device guard + launch check), cuda/dtype.h,
+// cuda/device.cuh (device-side helpers). CPU loops: cpu/kernels.h declares them; float32/16/bf16 run
+// the AVX-512 or AVX2 code of cpu/simd_body.inc (compiled per ISA in cpu/simd_avx512.cpp and
+// cpu/simd_avx2.cpp), float64 and the baseline level the scalar loops of cpu/kernels.cpp; the level
+// comes from cpu/isa.h.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+namespace fastdiff::cpu {
+std::string isa_op(std::optional<std::string> level);  // cpu/isa.cpp
+}
 
 TORCH_LIBRARY(fastdiff, m) {
   // --- forced weight normalization and MP conv / linear -------------------------------------
@@ -73,6 +101,11 @@ TORCH_LIBRARY(fastdiff, m) {
       " float t=0.5, float clip=0.) -> Tensor");
   // mp_conv for a 3x3 weight on the Winograd path, differentiable (autograd in fastdiff/ops/_winograd.py).
   m.def("mp_conv_winograd(Tensor x, Tensor w, Tensor gain, float eps) -> Tensor");
+
+  // --- private: the CPU kernels' instruction set ---------------------------------------------------
+  // Returns "family:isa,..." (e.g. "elementwise:avx512,solver:avx512,attention:avx2"); a level
+  // ("avx512", "avx2", "baseline") lowers it first, capped at what the CPU has (used by the tests).
+  m.def("_isa(str? level=None) -> str", &fastdiff::cpu::isa_op);
 }
 
 // The extension is loaded as a Python module (fastdiff._C) only for its side effect of running the

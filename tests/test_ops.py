@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import fastdiff
 from fastdiff import ops
+from fastdiff.ops import _ext
 from fastdiff.ops import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -481,8 +482,194 @@ def test_mixed_devices_are_rejected():
         torch.ops.fastdiff.mp_sum(torch.randn(4), torch.randn(4, device="cuda"), 0.5)
 
 
-def test_info_command_self_check_passes():
+def test_info_command_self_check_passes(capsys):
     from fastdiff.cli import main
 
     assert main(["info"]) == 0
     assert fastdiff.__version__
+    if ops.HAS_EXTENSION:  # the instruction set of each CPU kernel family, e.g. "elementwise: avx512"
+        out = capsys.readouterr().out
+        assert f"elementwise: {_ext.isa()['elementwise']}, solver: " in out and "_isa" not in out
+
+
+# --- instruction sets: every level this CPU has runs the same formulas ---------------------------------
+
+
+def _host_levels():
+    """The ISA levels this host can run (the active one at import and every lower one)."""
+    if not ops.HAS_EXTENSION:
+        return []
+    top = _ext.isa()["elementwise"]
+    return list(_ext.ISA_LEVELS[_ext.ISA_LEVELS.index(top):])
+
+
+def _tricky(n, dtype, seed):
+    """n values with every tail length's worth of randoms plus +-inf, NaN, +-0 and large magnitudes."""
+    x = make((n,), torch.float64, seed=seed, scale=3.0)
+    special = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0, 90.0, -90.0, 104.0, -104.0, 1e30, -1e30],
+                           dtype=torch.float64)
+    k = min(n, special.numel())
+    x[:k] = special[:k]
+    return x[torch.randperm(n, generator=torch.Generator().manual_seed(seed))].to(dtype)
+
+
+def assert_same_nonfinite(got, want, dtype, what):
+    """NaN where the reference has NaN, the same infinities, finite values within the dtype's tolerance."""
+    got, want = got.double(), want.double()
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN at {got.isnan().nonzero().flatten().tolist()} vs {want.isnan().nonzero().flatten().tolist()}"
+    inf = want.isinf()
+    assert torch.equal(got[inf], want[inf]) and not got[~inf].isinf().any(), f"{what}: infinities differ"
+    fin = want.isfinite()
+    scale = max(want[fin].abs().max().item(), 1.0) if fin.any() else 1.0
+    err = (got[fin] - want[fin]).abs().max().item() if fin.any() else 0.0
+    assert err <= TOL[dtype] * scale * 2, f"{what}: max abs error {err:.3g} ({dtype})"
+
+
+@requires_ext
+@pytest.mark.parametrize("level", _host_levels())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_isa_level_matches_reference_at_every_tail_length_and_at_inf_nan(level, dtype):
+    with _ext.force_isa(level) as active:
+        assert active["elementwise"] == level and active["solver"] == level
+        for n in list(range(1, 35)) + [257]:
+            x, b = _tricky(n, dtype, 1), _tricky(n, dtype, 2)
+            g = make((n,), dtype, seed=3)
+            assert_same_nonfinite(ops.mp_silu(x), R.mp_silu(x.double()), dtype, f"mp_silu n={n}")
+            assert_same_nonfinite(torch.ops.fastdiff.mp_silu_backward(g, x),
+                                  torch.func.vjp(R.mp_silu, x.double())[1](g.double())[0], dtype, f"mp_silu' n={n}")
+            assert_same_nonfinite(ops.mp_sum(x, b, 0.3), R.mp_sum(x.double(), b.double(), 0.3), dtype, f"mp_sum n={n}")
+            assert_same_nonfinite(ops.clip(x, 2.5), R.clip(x.double(), 2.5), dtype, f"clip n={n}")
+            # Channel-wise ops on [2, n, 3] (channels-first rows of 3) and its channels-last transpose.
+            y = _tricky(2 * n * 3, dtype, 4).reshape(2, n, 3)
+            c = make((2, n), torch.float32, seed=5)
+            for yy in (y, y.transpose(1, 2).contiguous().transpose(1, 2)):
+                assert_same_nonfinite(ops.mp_silu_modulate(yy, c), R.mp_silu_modulate(yy.double(), c.double()),
+                                      dtype, f"mp_silu_modulate n={n}")
+                # float32 accumulation on both sides: a squared norm past float32's range is inf in both.
+                assert_same_nonfinite(ops.pixel_norm(yy), R.pixel_norm(yy.float()), dtype, f"pixel_norm n={n}")
+            # Finite inputs through every backward and the weight-norm rows.
+            yf, gf = make((2, n, 5), dtype, seed=6), make((2, n, 5), dtype, seed=7)
+            check_against_reference(ops.mp_silu_modulate, R.mp_silu_modulate, [yf, c], dtype, f"modulate n={n}")
+            check_against_reference(ops.pixel_norm, R.pixel_norm, [yf], dtype, f"pixel_norm n={n}")
+            check_against_reference(lambda t: ops.clip(t, 0.7), lambda t: R.clip(t, 0.7), [yf], dtype, f"clip n={n}")
+            w = make((3, n, 3), dtype, seed=8)
+            assert_close(ops.weight_norm(w), ref64(R.weight_norm, w), dtype, f"weight_norm n={n}",
+                         R.weight_norm(w))
+            x1, d1, d0 = make((2, n, 3), dtype, seed=9), make((2, n, 3), dtype, seed=10), make((2, n, 3), dtype, seed=11)
+            s = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 0.25]), torch.tensor([1.7, 2.0])
+            got = ops.solver_step(x1, d1, d0, s[2], s[0], s[1], d_prev=d0, x_base=x1)
+            want = ops.solver_step_reference(x1.double(), d1.double(), d0.double(), s[2].double(), s[0].double(),
+                                             s[1].double(), d_prev=d0.double(), x_base=x1.double())
+            for a, r in zip(got, want):
+                assert_close(a, r, dtype, f"solver_step n={n}")
+    assert _ext.isa()["elementwise"] == _host_levels()[0]
+
+
+@requires_ext
+def test_nonfinite_values_are_the_limits():
+    inv = 1 / 0.596
+    x = torch.tensor([-math.inf, math.inf, math.nan, -200.0, 200.0])
+    for fn in (ops.mp_silu, R.mp_silu):
+        y = fn(x)
+        assert y[0].item() == 0 and y[1].item() == math.inf and math.isnan(y[2].item()), fn
+        assert abs(y[3].item()) < 1e-30 and abs(y[4].item() - 200 * inv) < 1e-3
+    xr = x.clone().requires_grad_(True)
+    R.mp_silu(xr).backward(torch.ones_like(x))
+    for grad in (xr.grad, torch.ops.fastdiff.mp_silu_backward(torch.ones_like(x), x)):
+        assert grad[0].item() == 0 and abs(grad[1].item() - inv) < 1e-6 and math.isnan(grad[2].item())
+    a, b = torch.tensor([math.inf, -math.inf, math.inf]), torch.tensor([1.0, 1.0, -math.inf])
+    for fn in (ops.mp_sum, R.mp_sum):
+        y = fn(a, b, 0.3)
+        assert y[0].item() == math.inf and y[1].item() == -math.inf and math.isnan(y[2].item())
+    y, c = torch.tensor([[-math.inf, math.inf, math.inf]]).reshape(1, 3, 1), torch.tensor([[0.5, 0.5, -1.0]])
+    for fn in (ops.mp_silu_modulate, R.mp_silu_modulate):
+        out = fn(y, c).flatten()
+        assert out[0].item() == 0 and out[1].item() == math.inf and math.isnan(out[2].item())  # inf * 0 = NaN
+    p = torch.tensor([[1.0, math.inf, 2.0], [1.0, 2.0, 2.0]]).reshape(2, 3, 1)
+    for fn in (ops.pixel_norm, R.pixel_norm):
+        out = fn(p.transpose(0, 1).contiguous().transpose(0, 1)).flatten().tolist()
+        assert out[0] == 0 and math.isnan(out[1]) and out[2] == 0, fn
+
+
+def test_integer_inputs_to_mp_conv_linear_weight_raise():
+    xi, wi = torch.ones(1, 3, 4, 4, dtype=torch.int32), torch.ones(5, 3, 3, 3, dtype=torch.int32)
+    for ctx in (ops.use_reference(False), ops.use_reference(True)):
+        with ctx:
+            with pytest.raises(RuntimeError, match="'w' to be a floating-point tensor"):
+                ops.mp_weight(wi)
+            with pytest.raises(RuntimeError, match="'w' to be a floating-point tensor"):
+                ops.mp_conv(torch.ones(1, 3, 4, 4), wi)
+            with pytest.raises(RuntimeError, match="'x' to be a floating-point tensor"):
+                ops.mp_conv(xi, wi.float())
+            with pytest.raises(RuntimeError, match="'x' to be a floating-point tensor"):
+                ops.mp_linear(torch.ones(2, 3, dtype=torch.int64), torch.ones(4, 3))
+            with pytest.raises(RuntimeError, match="floating-point"):
+                ops.mp_linear(torch.ones(2, 3), torch.ones(4, 3, dtype=torch.int32))
+
+
+def test_mp_sum_and_mp_cat_reject_a_nonfinite_t():
+    a = torch.randn(2, 3, 4, 4)
+    for t in (math.nan, math.inf, -math.inf):
+        for fn in (ops.mp_sum, R.mp_sum, lambda a, b, t: ops.mp_cat(a, b, t=t), lambda a, b, t: R.mp_cat(a, b, t=t)):
+            with pytest.raises(ValueError, match="finite blend weight t"):
+                fn(a, a, t)
+        if ops.HAS_EXTENSION:
+            with pytest.raises(RuntimeError, match="finite blend weight t"):
+                torch.ops.fastdiff.mp_sum(a, a, t)
+
+
+def test_reference_and_kernels_accept_empty_inputs():
+    a = torch.randn(2, 0, 3, 3, requires_grad=True)
+    b = torch.randn(2, 4, 3, 3, requires_grad=True)
+    for fn in (ops.mp_cat, R.mp_cat):
+        y = fn(a, b)  # mp_cat with an empty half: the other half keeps unit magnitude
+        assert y.shape == (2, 4, 3, 3)
+        assert torch.allclose(y, b * math.sqrt(4 / 4) * 0.5 / math.sqrt(0.5))
+        y.sum().backward()
+        assert a.grad.shape == a.shape and torch.isfinite(b.grad).all()
+        a.grad = b.grad = None
+    for shape in [(0, 192, 4, 4), (2, 192, 0, 4)]:
+        qkv = torch.randn(shape, requires_grad=True)
+        for fn in (ops.cosine_attention, R.cosine_attention):
+            y = fn(qkv, 1)
+            assert y.shape == (shape[0], 64, *shape[2:])
+            y.sum().backward()
+            assert qkv.grad.shape == qkv.shape
+            qkv.grad = None
+    e = torch.zeros(0, 3, 4, 4)
+    for fn in (R.mp_silu, R.pixel_norm, R.clip, lambda t: R.mp_sum(t, t), lambda t: R.mp_silu_modulate(t, torch.zeros(0, 3))):
+        assert fn(e).shape == e.shape
+
+
+@pytest.mark.parametrize("level", ["baseline", "bogus"])
+def test_fastdiff_isa_environment_variable(level):
+    code = "from fastdiff.ops import _ext; print(_ext.isa())"
+    env = dict(os.environ, FASTDIFF_ISA=level)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if level == "bogus":
+        assert out.returncode != 0 and "FASTDIFF_ISA must be one of avx512, avx2, baseline" in out.stderr
+    elif ops.HAS_EXTENSION:
+        assert out.returncode == 0, out.stderr
+        assert "'elementwise': 'baseline'" in out.stdout and "'attention': 'baseline'" in out.stdout
+
+
+@requires_ext
+@pytest.mark.parametrize("level", _host_levels())
+def test_mp_silu_float32_is_within_a_few_ulp_everywhere(level):
+    """The vectorized exp behind mp_silu: on a dense grid from the subnormal range of e^x to overflow of e^-x,
+    the whole silu(x) / 0.596 stays within 4 ulp of the float64 value where e^x is normal (measured: 2.4)."""
+    x = torch.linspace(-110.0, 100.0, 400_001)
+    xd = x.double()
+    want = xd * torch.sigmoid(xd) / 0.596
+    with _ext.force_isa(level):
+        got = ops.mp_silu(x).double()
+        dgot = torch.ops.fastdiff.mp_silu_backward(torch.ones_like(x), x).double()
+    normal = x > -87.0  # where sigmoid(x) = e^x / (1 + e^x) is a float32 normal
+    ulp = (got - want).abs()[normal] / (want.abs()[normal] * 2.0**-23)
+    assert ulp.max().item() <= 4.0, f"max error {ulp.max().item():.2f} ulp at {level}"
+    # Below, e^x is subnormal (fewer bits), but the result is not flushed to 0 by an overflowing e^-x.
+    tiny = ~normal & (want.abs() > 1e-40)
+    assert (got[tiny] != 0).all() and (got - want).abs()[~normal].max().item() <= 2e-42
+    s = torch.sigmoid(xd)
+    dwant = s * (1 + xd * (1 - s)) / 0.596
+    assert (dgot - dwant).abs().max().item() <= 4e-6  # the gradient's s (1 + x (1 - s)) cancels a little

@@ -1,7 +1,10 @@
-// Definitions of the raw CPU loops declared in kernels.h. Only light headers here: this file is the
-// hot code, compiled once per instruction set by target_clones.
+// Definitions of the raw CPU loops declared in kernels.h. float32, float16 and bfloat16 run the
+// explicitly vectorized loops of simd.h (AVX-512 or AVX2, by active_isa()); float64, and every type at
+// the baseline level (no AVX2 on the CPU, or FASTDIFF_ISA=baseline), run the scalar loops below, which
+// compute the same formulas with the same limits at +-inf.
 #include "kernels.h"
 #include "isa.h"
+#include "simd.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -9,7 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-
+#include <limits>
 
 namespace fastdiff {
 namespace cpu {
@@ -17,14 +20,12 @@ namespace {
 
 constexpr double kSiluDiv = 0.596;  // A(kSiluDiv) is exact to each compute type
 
-// exp for float that the compiler can vectorize (no branches, no libm call): range reduction
-// x = k ln2 + r with k rounded by the 1.5*2^23 shifter trick, Cody-Waite split of ln2, a degree-6
-// polynomial for e^r on [-ln2/2, ln2/2] (Cephes coefficients), and 2^k built in the exponent bits.
-// Relative error about 2e-7 on the clamped range [-87, 88].
+// Scalar e^x for float, the same reduction and polynomial as simd_body.inc's vexp (see there):
+// branch-free, so the baseline build can still auto-vectorize it; -inf -> 0, +inf -> +inf, NaN -> NaN.
 FD_INLINE float exp_f(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float shifter = 12582912.0f;
+  x = x < -104.0f ? -104.0f : x;
+  x = x > 89.0f ? 89.0f : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float t = x * 1.44269504088896341f + shifter;
   const float fk = t - shifter;
   int32_t k;
@@ -38,17 +39,29 @@ FD_INLINE float exp_f(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (k + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof(two_k));
-  return p * two_k;
+  const int32_t k1 = k >> 1, k2 = k - k1;
+  const int32_t b1 = (k1 + 127) << 23, b2 = (k2 + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &b1, sizeof(s1));
+  std::memcpy(&s2, &b2, sizeof(s2));
+  return p * s1 * s2;
 }
 FD_INLINE double exp_f(double x) { return std::exp(x); }
 
-template <typename A> FD_INLINE A sigmoid(A x) { return A(1) / (A(1) + exp_f(-x)); }
+// sigmoid from t = e^-|x|, which never overflows (as simd_body.inc's vsigmoid).
+template <typename A> FD_INLINE A sigmoid(A x) {
+  const A t = exp_f(x < A(0) ? x : -x);
+  return (x >= A(0) ? A(1) : t) / (A(1) + t);
+}
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// silu(x) = x sigmoid(x), with its limit 0 at x = -inf (where the product is -inf * 0).
+template <typename A> FD_INLINE A silu(A x) { return x == A(-kInf) ? A(0) : x * sigmoid(x); }
+// silu'(x) = s (1 + x (1 - s)), with its limits 1 at +inf and 0 at -inf.
 template <typename A> FD_INLINE A silu_grad(A x) {
   A s = sigmoid(x);
-  return s * (A(1) + x * (A(1) - s));
+  A d = s * (A(1) + x * (A(1) - s));
+  d = x == A(kInf) ? A(1) : d;
+  return x == A(-kInf) ? A(0) : d;
 }
 template <typename T> FD_INLINE acc_t<T> ld(T v) { return static_cast<acc_t<T>>(v); }
 
@@ -59,7 +72,7 @@ template <typename T> FD_INLINE void impl_mp_silu(const T* x, T* y, int64_t n) {
   const A inv = A(1) / A(kSiluDiv);
   for (int64_t i = 0; i < n; i++) {
     A v = ld(x[i]);
-    y[i] = static_cast<T>(v * sigmoid(v) * inv);
+    y[i] = static_cast<T>(silu(v) * inv);
   }
 }
 
@@ -115,12 +128,12 @@ template <typename T> FD_INLINE void impl_modulate(const T* y, const acc_t<T>* m
     const A f = m[0];
     for (int64_t i = 0; i < n; i++) {
       A z = ld(y[i]) * f;
-      out[i] = static_cast<T>(z * sigmoid(z) * inv);
+      out[i] = static_cast<T>(silu(z) * inv);
     }
   } else {
     for (int64_t i = 0; i < n; i++) {
       A z = ld(y[i]) * m[i];
-      out[i] = static_cast<T>(z * sigmoid(z) * inv);
+      out[i] = static_cast<T>(silu(z) * inv);
     }
   }
 }
@@ -184,20 +197,83 @@ template <typename T> FD_INLINE void impl_norm_bwd(const T* g, const T* x, const
   }
 }
 
-FD_MULTIVERSION(void, mp_silu, impl_mp_silu, (const T* x, T* y, int64_t n), (x, y, n))
-FD_MULTIVERSION(void, mp_silu_bwd, impl_mp_silu_bwd, (const T* g, const T* x, T* dx, int64_t n), (g, x, dx, n))
-FD_MULTIVERSION(void, axpby, impl_axpby, (const T* a, const T* b, T* y, int64_t n, double wa, double wb), (a, b, y, n, wa, wb))
-FD_MULTIVERSION(void, scale, impl_scale, (const T* x, T* y, int64_t n, double w), (x, y, n, w))
-FD_MULTIVERSION(void, scale_by, impl_scale_by, (const T* x, const acc_t<T>* s, int64_t s_step, T* y, int64_t n), (x, s, s_step, y, n))
-FD_MULTIVERSION(void, clip, impl_clip, (const T* x, T* y, int64_t n, float limit), (x, y, n, limit))
-FD_MULTIVERSION(void, clip_bwd, impl_clip_bwd, (const T* g, const T* x, T* dx, int64_t n, float limit), (g, x, dx, n, limit))
-FD_MULTIVERSION(void, modulate, impl_modulate, (const T* y, const acc_t<T>* m, int64_t m_step, T* out, int64_t n), (y, m, m_step, out, n))
-FD_MULTIVERSION(acc_t<T>, modulate_bwd, impl_modulate_bwd, (const T* g, const T* y, const acc_t<T>* m, int64_t m_step, T* dy, acc_t<T>* dm, int64_t n), (g, y, m, m_step, dy, dm, n))
-FD_MULTIVERSION(acc_t<T>, sumsq, impl_sumsq, (const T* x, int64_t n), (x, n))
-FD_MULTIVERSION(void, sumsq_dot, impl_sumsq_dot, (const T* g, const T* x, int64_t n, acc_t<T>* ss, acc_t<T>* gx), (g, x, n, ss, gx))
-FD_MULTIVERSION(void, sumsq_acc, impl_sumsq_acc, (const T* x, acc_t<T>* acc, int64_t n), (x, acc, n))
-FD_MULTIVERSION(void, dot_acc, impl_dot_acc, (const T* g, const T* x, acc_t<T>* acc, int64_t n), (g, x, acc, n))
-FD_MULTIVERSION(void, norm_bwd, impl_norm_bwd, (const T* g, const T* x, const acc_t<T>* s, const acc_t<T>* k, int64_t step, T* dx, int64_t n), (g, x, s, k, step, dx, n))
+// The vectorized table for storage type T at the active level, or nullptr for the scalar loops.
+template <typename T> const simd::Table* simd_table() {
+  if constexpr (std::is_same<T, double>::value) {
+    return nullptr;
+  } else {
+    const simd::Dtype dt = std::is_same<T, float>::value       ? simd::kF32
+                           : std::is_same<T, c10::Half>::value ? simd::kF16
+                                                               : simd::kBF16;
+    switch (active_isa()) {
+      case Isa::kAvx512: return simd::table_avx512(dt);
+      case Isa::kAvx2: return simd::table_avx2(dt);
+      default: return nullptr;
+    }
+  }
+}
+
+template <typename T> void mp_silu(const T* x, T* y, int64_t n) {
+  if (auto* t = simd_table<T>()) return t->mp_silu(x, y, n);
+  impl_mp_silu(x, y, n);
+}
+template <typename T> void mp_silu_bwd(const T* g, const T* x, T* dx, int64_t n) {
+  if (auto* t = simd_table<T>()) return t->mp_silu_bwd(g, x, dx, n);
+  impl_mp_silu_bwd(g, x, dx, n);
+}
+template <typename T> void axpby(const T* a, const T* b, T* y, int64_t n, double wa, double wb) {
+  if (auto* t = simd_table<T>()) return t->axpby(a, b, y, n, float(wa), float(wb));
+  impl_axpby(a, b, y, n, wa, wb);
+}
+template <typename T> void scale(const T* x, T* y, int64_t n, double w) {
+  if (auto* t = simd_table<T>()) return t->scale(x, y, n, float(w));
+  impl_scale(x, y, n, w);
+}
+template <typename T> void scale_by(const T* x, const acc_t<T>* s, int64_t s_step, T* y, int64_t n) {
+  if (auto* t = simd_table<T>()) return t->scale_by(x, reinterpret_cast<const float*>(s), s_step, y, n);
+  impl_scale_by(x, s, s_step, y, n);
+}
+template <typename T> void clip(const T* x, T* y, int64_t n, float limit) {
+  if (auto* t = simd_table<T>()) return t->clip(x, y, n, limit);
+  impl_clip(x, y, n, limit);
+}
+template <typename T> void clip_bwd(const T* g, const T* x, T* dx, int64_t n, float limit) {
+  if (auto* t = simd_table<T>()) return t->clip_bwd(g, x, dx, n, limit);
+  impl_clip_bwd(g, x, dx, n, limit);
+}
+template <typename T> void modulate(const T* y, const acc_t<T>* m, int64_t m_step, T* out, int64_t n) {
+  if (auto* t = simd_table<T>()) return t->modulate(y, reinterpret_cast<const float*>(m), m_step, out, n);
+  impl_modulate(y, m, m_step, out, n);
+}
+template <typename T>
+acc_t<T> modulate_bwd(const T* g, const T* y, const acc_t<T>* m, int64_t m_step, T* dy, acc_t<T>* dm, int64_t n) {
+  if (auto* t = simd_table<T>())
+    return t->modulate_bwd(g, y, reinterpret_cast<const float*>(m), m_step, dy, reinterpret_cast<float*>(dm), n);
+  return impl_modulate_bwd(g, y, m, m_step, dy, dm, n);
+}
+template <typename T> acc_t<T> sumsq(const T* x, int64_t n) {
+  if (auto* t = simd_table<T>()) return t->sumsq(x, n);
+  return impl_sumsq(x, n);
+}
+template <typename T> void sumsq_dot(const T* g, const T* x, int64_t n, acc_t<T>* ss, acc_t<T>* gx) {
+  if (auto* t = simd_table<T>())
+    return t->sumsq_dot(g, x, n, reinterpret_cast<float*>(ss), reinterpret_cast<float*>(gx));
+  impl_sumsq_dot(g, x, n, ss, gx);
+}
+template <typename T> void sumsq_acc(const T* x, acc_t<T>* acc, int64_t n) {
+  if (auto* t = simd_table<T>()) return t->sumsq_acc(x, reinterpret_cast<float*>(acc), n);
+  impl_sumsq_acc(x, acc, n);
+}
+template <typename T> void dot_acc(const T* g, const T* x, acc_t<T>* acc, int64_t n) {
+  if (auto* t = simd_table<T>()) return t->dot_acc(g, x, reinterpret_cast<float*>(acc), n);
+  impl_dot_acc(g, x, acc, n);
+}
+template <typename T>
+void norm_bwd(const T* g, const T* x, const acc_t<T>* s, const acc_t<T>* k, int64_t step, T* dx, int64_t n) {
+  if (auto* t = simd_table<T>())
+    return t->norm_bwd(g, x, reinterpret_cast<const float*>(s), reinterpret_cast<const float*>(k), step, dx, n);
+  impl_norm_bwd(g, x, s, k, step, dx, n);
+}
 
 #define FD_INSTANTIATE(T)                                                                        \
   template void mp_silu<T>(const T*, T*, int64_t);                                               \

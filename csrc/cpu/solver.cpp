@@ -1,6 +1,7 @@
 // CPU kernel of fastdiff::solver_step (schema and meaning in csrc/ops.cpp): one pass over the batch
-// forms the guided D, the derivative and the Euler or Heun update. The inner loop is built for several
-// instruction sets and picked at load time (target_clones), like cpu/kernels.cpp.
+// forms the guided D, the derivative and the Euler or Heun update. float32/float16/bfloat16 run the
+// vectorized loop of simd.h (AVX-512 or AVX2, by active_isa()); float64 and the baseline level run the
+// scalar loop below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,8 +10,8 @@
 #include <algorithm>
 
 #include "../solver.h"
-
-#define FD_SOLVER_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#include "isa.h"
+#include "simd.h"
 
 namespace fastdiff {
 namespace cpu {
@@ -22,7 +23,7 @@ using solver_acc_t = typename std::conditional<std::is_same<T, double>::value, d
 // sigma (sigma_cur for Euler, sigma_next for a Heun correction) and h = sigma_next - sigma_cur are
 // that sample's scalars.
 template <typename T, bool GUIDED, bool HEUN>
-FD_SOLVER_CLONES void solver_run(const T* x, const T* d1, const T* d0, const T* dp, const T* xb,
+void solver_run(const T* x, const T* d1, const T* d0, const T* dp, const T* xb,
                                  solver_acc_t<T> w, solver_acc_t<T> s_eval, solver_acc_t<T> h, T* xo,
                                  T* dout, T* den, int64_t len) {
   using A = solver_acc_t<T>;
@@ -72,8 +73,25 @@ namespace {
 
 constexpr int64_t kSolverGrain = 16384;
 
+// The vectorized loop for storage type T at the active level, or nullptr for the scalar one.
+template <typename T> cpu::simd::SolverFn solver_simd(bool guided, bool heun) {
+  if constexpr (std::is_same<T, double>::value) {
+    return nullptr;
+  } else {
+    const cpu::simd::Dtype dt = std::is_same<T, float>::value       ? cpu::simd::kF32
+                                : std::is_same<T, c10::Half>::value ? cpu::simd::kF16
+                                                                    : cpu::simd::kBF16;
+    const cpu::Isa isa = cpu::active_isa();
+    const cpu::simd::Table* t = isa == cpu::Isa::kAvx512 ? cpu::simd::table_avx512(dt)
+                                : isa == cpu::Isa::kAvx2 ? cpu::simd::table_avx2(dt)
+                                                         : nullptr;
+    return t != nullptr ? t->solver[guided][heun] : nullptr;
+  }
+}
+
 template <typename T, bool GUIDED, bool HEUN> void solver_cpu_impl(solver::Step& s) {
   using A = cpu::solver_acc_t<T>;
+  const cpu::simd::SolverFn vec = solver_simd<T>(GUIDED, HEUN);
   const T* x = s.x.const_data_ptr<T>();
   const T* d1 = s.d1.const_data_ptr<T>();
   const T* d0 = solver::ptr_or_null<T>(s.d0);
@@ -92,9 +110,13 @@ template <typename T, bool GUIDED, bool HEUN> void solver_cpu_impl(solver::Step&
       const int64_t k = i / m;
       const int64_t stop = std::min(end, (k + 1) * m);
       const A s_eval = HEUN ? sn[k] : sc[k];
-      cpu::solver_run<T, GUIDED, HEUN>(x + i, d1 + i, GUIDED ? d0 + i : nullptr, HEUN ? dp + i : nullptr,
-                                       HEUN ? xb + i : nullptr, w[k], s_eval, sn[k] - sc[k], xo + i,
-                                       dout + i, den + i, stop - i);
+      if (vec != nullptr)
+        vec(x + i, d1 + i, GUIDED ? d0 + i : nullptr, HEUN ? dp + i : nullptr, HEUN ? xb + i : nullptr,
+            float(w[k]), float(s_eval), float(sn[k] - sc[k]), xo + i, dout + i, den + i, stop - i);
+      else
+        cpu::solver_run<T, GUIDED, HEUN>(x + i, d1 + i, GUIDED ? d0 + i : nullptr, HEUN ? dp + i : nullptr,
+                                         HEUN ? xb + i : nullptr, w[k], s_eval, sn[k] - sc[k], xo + i,
+                                         dout + i, den + i, stop - i);
       i = stop;
     }
   });

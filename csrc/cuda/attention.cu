@@ -292,26 +292,24 @@ void backward_impl(const void* grad, const void* qkv, const void* y, const void*
 
 }  // namespace
 
-void attn_forward(int dtype, const void* qkv, void* y, void* lse, int64_t bh, int64_t hw, cudaStream_t stream) {
+void attn_forward(DType dtype, const void* qkv, void* y, void* lse, int64_t bh, int64_t hw, cudaStream_t stream) {
   switch (dtype) {
-    case kAttnF32: forward_impl<float, float, 32>(qkv, y, lse, bh, hw, stream); break;
-    case kAttnF64: forward_impl<double, double, 16>(qkv, y, lse, bh, hw, stream); break;
-    case kAttnF16: forward_impl<__half, float, 32>(qkv, y, lse, bh, hw, stream); break;
-    case kAttnBF16: forward_impl<__nv_bfloat16, float, 32>(qkv, y, lse, bh, hw, stream); break;
-    default: break;
+    case DType::Float: forward_impl<float, float, 32>(qkv, y, lse, bh, hw, stream); break;
+    case DType::Double: forward_impl<double, double, 16>(qkv, y, lse, bh, hw, stream); break;
+    case DType::Half: forward_impl<__half, float, 32>(qkv, y, lse, bh, hw, stream); break;
+    case DType::BFloat16: forward_impl<__nv_bfloat16, float, 32>(qkv, y, lse, bh, hw, stream); break;
   }
 }
 
-void attn_backward(int dtype, const void* grad, const void* qkv, const void* y, const void* lse, void* dscratch,
+void attn_backward(DType dtype, const void* grad, const void* qkv, const void* y, const void* lse, void* dscratch,
                    void* gx, int64_t bh, int64_t hw, cudaStream_t stream) {
   switch (dtype) {
-    case kAttnF32: backward_impl<float, float, 32>(grad, qkv, y, lse, dscratch, gx, bh, hw, stream); break;
-    case kAttnF64: backward_impl<double, double, 16>(grad, qkv, y, lse, dscratch, gx, bh, hw, stream); break;
-    case kAttnF16: backward_impl<__half, float, 32>(grad, qkv, y, lse, dscratch, gx, bh, hw, stream); break;
-    case kAttnBF16:
+    case DType::Float: backward_impl<float, float, 32>(grad, qkv, y, lse, dscratch, gx, bh, hw, stream); break;
+    case DType::Double: backward_impl<double, double, 16>(grad, qkv, y, lse, dscratch, gx, bh, hw, stream); break;
+    case DType::Half: backward_impl<__half, float, 32>(grad, qkv, y, lse, dscratch, gx, bh, hw, stream); break;
+    case DType::BFloat16:
       backward_impl<__nv_bfloat16, float, 32>(grad, qkv, y, lse, dscratch, gx, bh, hw, stream);
       break;
-    default: break;
   }
 }
 

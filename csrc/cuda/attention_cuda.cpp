@@ -1,9 +1,6 @@
 // CUDA glue of the fused cosine attention: checks, layouts, outputs, stream, launch-error checks and
 // registration. The kernels are in attention.cu (no ATen there).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -12,20 +9,10 @@
 #include "../attention_checks.h"
 #include "../common.h"
 #include "attention_cuda.h"
+#include "launch.h"
 
 namespace fastdiff {
 namespace {
-
-int attn_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::kAttnF32;
-    case at::kDouble: return cuda::kAttnF64;
-    case at::kHalf: return cuda::kAttnF16;
-    case at::kBFloat16: return cuda::kAttnBF16;
-    default: TORCH_CHECK(false, "fastdiff.cosine_attention: unsupported dtype ", t);
-  }
-  return -1;
-}
 
 void check_cuda_qkv(const at::Tensor& qkv, const char* op) {
   TORCH_CHECK(qkv.is_cuda(), "fastdiff.", op, ": expected a CUDA tensor, got ", qkv.device());
@@ -34,15 +21,15 @@ void check_cuda_qkv(const at::Tensor& qkv, const char* op) {
 std::tuple<at::Tensor, at::Tensor> cosine_attention_cuda(const at::Tensor& qkv_in, int64_t num_heads) {
   const AttnShape sh = check_attention_qkv(qkv_in, num_heads, "cosine_attention");
   check_cuda_qkv(qkv_in, "cosine_attention");
-  const c10::cuda::CUDAGuard guard(qkv_in.device());
   at::Tensor qkv = qkv_in.contiguous();
   const int64_t n = sh.n, hw = sh.hw;
   at::Tensor y = at::empty({n, sh.c, qkv.size(2), qkv.size(3)}, qkv.options());
   at::Tensor lse = at::empty({n, num_heads, hw}, qkv.options().dtype(acc_type(qkv.scalar_type())));
   if (y.numel() == 0) return {y, lse};
-  cuda::attn_forward(attn_dtype(qkv.scalar_type()), qkv.const_data_ptr(), y.mutable_data_ptr(),
-                     lse.mutable_data_ptr(), n * num_heads, hw, c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cuda::DType dt = cuda::dtype_of(qkv, "cosine_attention");
+  cuda::launch_on(qkv, [&](cudaStream_t st) {
+    cuda::attn_forward(dt, qkv.const_data_ptr(), y.mutable_data_ptr(), lse.mutable_data_ptr(), n * num_heads, hw, st);
+  });
   return {y, lse};
 }
 
@@ -52,15 +39,15 @@ at::Tensor cosine_attention_backward_cuda(const at::Tensor& grad_in, const at::T
   check_cuda_qkv(qkv_in, "cosine_attention_backward");
   const int64_t n = sh.n, hw = sh.hw;
   const at::ScalarType acc = acc_type(qkv_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(qkv_in.device());
   at::Tensor qkv = qkv_in.contiguous(), g = grad_in.contiguous(), y = y_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor gx = at::empty(qkv.sizes(), qkv.options());
   if (gx.numel() == 0) return gx;
   at::Tensor dscratch = at::empty({n * num_heads * hw}, qkv.options().dtype(acc));
-  cuda::attn_backward(attn_dtype(qkv.scalar_type()), g.const_data_ptr(), qkv.const_data_ptr(), y.const_data_ptr(),
-                      lse.const_data_ptr(), dscratch.mutable_data_ptr(), gx.mutable_data_ptr(), n * num_heads, hw,
-                      c10::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cuda::DType dt = cuda::dtype_of(qkv, "cosine_attention_backward");
+  cuda::launch_on(qkv, [&](cudaStream_t st) {
+    cuda::attn_backward(dt, g.const_data_ptr(), qkv.const_data_ptr(), y.const_data_ptr(), lse.const_data_ptr(),
+                        dscratch.mutable_data_ptr(), gx.mutable_data_ptr(), n * num_heads, hw, st);
+  });
   return gx;
 }
 

@@ -53,9 +53,13 @@ inline bool aligned(const void* p, int64_t bytes) {
 template <typename A> __device__ __forceinline__ A silu_inv() { return A(1) / A(0.596); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 __device__ __forceinline__ double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+// silu(x) = x sigmoid(x) with its limit 0 at x = -inf (where the product is -inf * 0), and silu'(x)
+// = s (1 + x (1 - s)) with its limits 1 at +inf and 0 at -inf; as the CPU kernels.
+template <typename A> __device__ __forceinline__ A silu(A x) { return x == A(-INFINITY) ? A(0) : x * sigmoid(x); }
 template <typename A> __device__ __forceinline__ A silu_grad(A x) {
   const A s = sigmoid(x);
-  return s * (A(1) + x * (A(1) - s));
+  const A d = x == A(INFINITY) ? A(1) : s * (A(1) + x * (A(1) - s));
+  return x == A(-INFINITY) ? A(0) : d;
 }
 
 // Sum over the G threads (threadIdx.x) that share a threadIdx.y, G a power of two <= 1024, the

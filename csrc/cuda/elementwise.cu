@@ -21,7 +21,7 @@ constexpr int kThreads = 256;
 
 template <typename A> struct SiluOp {
   static constexpr bool kBinary = false;
-  __device__ __forceinline__ A operator()(A x, A) const { return x * sigmoid(x) * silu_inv<A>(); }
+  __device__ __forceinline__ A operator()(A x, A) const { return silu(x) * silu_inv<A>(); }
 };
 template <typename A> struct SiluBwdOp {  // (grad, x)
   static constexpr bool kBinary = true;
@@ -96,7 +96,7 @@ template <typename A> struct ScaleOp {
 template <typename A> struct ModulateOp {
   __device__ __forceinline__ A operator()(A y, A m) const {
     const A z = y * m;
-    return z * sigmoid(z) * silu_inv<A>();
+    return silu(z) * silu_inv<A>();
   }
 };
 

@@ -2,16 +2,16 @@
 // a stream, and know nothing of tensors: cuda/ops_cuda.cpp does the checks, layouts and allocation.
 // Storage types are double, float, half, bfloat16; arithmetic is in float (double for double), and
 // every "acc" pointer below points to float (double when the storage dtype is double).
-// Launchers return after enqueueing; the caller checks cudaGetLastError. Zero sizes are no-ops.
+// Launchers return after enqueueing; the caller checks the launch (launch.h). Zero sizes are no-ops.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace fastdiff {
 namespace cuda {
-
-enum class DType : int { Double = 0, Float = 1, Half = 2, BFloat16 = 3 };
 
 // --- elementwise on flat dense memory (all pointers share one layout) ------------------------------
 // y = silu(x) / 0.596 and its backward dx = g * silu'(x) / 0.596.

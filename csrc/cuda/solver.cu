@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, int V, bool GUIDED, bool HEUN>
-cudaError_t launch_typed(const SolverArgs& a, cudaStream_t stream) {
+void launch_typed(const SolverArgs& a, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t packs = a.m / V;
   int64_t bx = (packs + kThreads - 1) / kThreads;
@@ -99,36 +99,37 @@ cudaError_t launch_typed(const SolverArgs& a, cudaStream_t stream) {
       static_cast<const T*>(a.d_prev), static_cast<const T*>(a.x_base), static_cast<const A*>(a.w),
       static_cast<const A*>(a.sigma_cur), static_cast<const A*>(a.sigma_next), static_cast<T*>(a.x_next),
       static_cast<T*>(a.d), static_cast<T*>(a.denoised), a.n, a.m);
-  return cudaGetLastError();
 }
 
-template <typename T, bool GUIDED, bool HEUN> cudaError_t launch_vec(const SolverArgs& a, cudaStream_t stream) {
+template <typename T, bool GUIDED, bool HEUN> void launch_vec(const SolverArgs& a, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
   const bool vec = a.m % V == 0 && aligned16(a.x) && aligned16(a.d1) && aligned16(a.d0) &&
                    aligned16(a.d_prev) && aligned16(a.x_base) && aligned16(a.x_next) && aligned16(a.d) &&
                    aligned16(a.denoised);
-  return vec ? launch_typed<T, V, GUIDED, HEUN>(a, stream) : launch_typed<T, 1, GUIDED, HEUN>(a, stream);
+  if (vec)
+    launch_typed<T, V, GUIDED, HEUN>(a, stream);
+  else
+    launch_typed<T, 1, GUIDED, HEUN>(a, stream);
 }
 
-template <typename T> cudaError_t launch_modes(const SolverArgs& a, cudaStream_t stream) {
+template <typename T> void launch_modes(const SolverArgs& a, cudaStream_t stream) {
   const bool guided = a.d0 != nullptr, heun = a.d_prev != nullptr;
-  if (guided && heun) return launch_vec<T, true, true>(a, stream);
-  if (guided) return launch_vec<T, true, false>(a, stream);
-  if (heun) return launch_vec<T, false, true>(a, stream);
-  return launch_vec<T, false, false>(a, stream);
+  if (guided && heun) launch_vec<T, true, true>(a, stream);
+  else if (guided) launch_vec<T, true, false>(a, stream);
+  else if (heun) launch_vec<T, false, true>(a, stream);
+  else launch_vec<T, false, false>(a, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_solver_step(const SolverArgs& args, SolverDtype dtype, cudaStream_t stream) {
-  if (args.n <= 0 || args.m <= 0) return cudaSuccess;
+void launch_solver_step(const SolverArgs& args, DType dtype, cudaStream_t stream) {
+  if (args.n <= 0 || args.m <= 0) return;
   switch (dtype) {
-    case SolverDtype::kFloat: return launch_modes<float>(args, stream);
-    case SolverDtype::kDouble: return launch_modes<double>(args, stream);
-    case SolverDtype::kHalf: return launch_modes<__half>(args, stream);
-    case SolverDtype::kBFloat16: return launch_modes<__nv_bfloat16>(args, stream);
+    case DType::Float: launch_modes<float>(args, stream); break;
+    case DType::Double: launch_modes<double>(args, stream); break;
+    case DType::Half: launch_modes<__half>(args, stream); break;
+    case DType::BFloat16: launch_modes<__nv_bfloat16>(args, stream); break;
   }
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace cuda

@@ -5,10 +5,10 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace fastdiff {
 namespace cuda {
-
-enum class SolverDtype : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
 
 struct SolverArgs {
   // [N, M] sample-major images of the storage dtype; d0, d_prev, x_base may be null.
@@ -17,7 +17,7 @@ struct SolverArgs {
   const void* d0;
   const void* d_prev;
   const void* x_base;
-  // [N] per-sample scalars: float (double for kDouble).
+  // [N] per-sample scalars: float (double for DType::Double).
   const void* w;
   const void* sigma_cur;
   const void* sigma_next;
@@ -28,8 +28,8 @@ struct SolverArgs {
   int64_t m;  // elements per sample
 };
 
-// Enqueues the kernel on `stream`; returns the launch error (cudaSuccess when fine).
-cudaError_t launch_solver_step(const SolverArgs& args, SolverDtype dtype, cudaStream_t stream);
+// Enqueues the kernel on `stream`; the caller checks the launch (launch.h).
+void launch_solver_step(const SolverArgs& args, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastdiff

@@ -123,6 +123,7 @@ def main(args) -> int:
         print(f"compiled extension: NOT LOADED ({_ext.LOAD_ERROR}); using the reference ops")
     else:
         print("compiled extension: loaded")
+        print("CPU instruction set per kernel family: " + ", ".join(f"{k}: {v}" for k, v in _ext.isa().items()))
         for op, devices in _ext.kernels().items():
             print(f"  {op:28s} {', '.join(devices) or 'composite'}")
     if args.preset:

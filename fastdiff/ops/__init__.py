@@ -110,6 +110,7 @@ def weight_norm_(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 def mp_weight(w: torch.Tensor, gain=1.0, eps: float = EPS, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The effective MP weight ``gain * N(W) / sqrt(fan_in)``, e.g. to cache in eval mode."""
+    reference.check_floating("mp_weight", w=w, gain=gain)
     if uses_kernel("mp_weight", w):
         return _call(torch.ops.fastdiff.mp_weight.default, w, _gain_tensor(gain, w), eps, dtype)
     out = reference.mp_weight(w, gain, eps)
@@ -118,6 +119,7 @@ def mp_weight(w: torch.Tensor, gain=1.0, eps: float = EPS, dtype: torch.dtype | 
 
 def mp_conv(x: torch.Tensor, w: torch.Tensor, gain=1.0, eps: float = EPS) -> torch.Tensor:
     """MP convolution (4-D weight, 'same' padding) or MP linear (2-D weight), no bias."""
+    reference.check_floating("mp_conv", x=x, w=w, gain=gain)
     if uses_kernel("mp_conv", x, w):
         return _call(torch.ops.fastdiff.mp_conv.default, x, w, _gain_tensor(gain, w), eps)
     return reference.mp_conv(x, w, gain, eps)
@@ -140,14 +142,16 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
-    """``((1-t) a + t b) / sqrt((1-t)^2 + t^2)``."""
+    """``((1-t) a + t b) / sqrt((1-t)^2 + t^2)``; ``t`` must be finite."""
+    reference.mp_sum_weights(t)  # checks t
     if uses_kernel("mp_sum", a, b) and a.shape == b.shape and a.dtype == b.dtype:
         return _call(torch.ops.fastdiff.mp_sum.default, a, b, float(t))
     return reference.mp_sum(a, b, t)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
-    """Magnitude-preserving concatenation along ``dim``."""
+    """Magnitude-preserving concatenation along ``dim``; ``t`` must be finite."""
+    reference.mp_cat_weights(1, 1, t)  # checks t
     if dim in (1, 1 - a.ndim) and a.ndim >= 2 and uses_kernel("mp_cat", a, b):
         return _call(torch.ops.fastdiff.mp_cat.default, a, b, float(t))
     return reference.mp_cat(a, b, dim=dim, t=t)

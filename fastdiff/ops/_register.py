@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fastdiff.ops import _ext
+from fastdiff.ops import _ext, reference
 from fastdiff.ops.reference import acc_dtype as _acc
 
 lib = "fastdiff::"
@@ -128,9 +128,7 @@ def _register_autograd() -> None:
 
     # mp_sum: linear, so the gradient is two scalings.
     def sum_setup(ctx, inputs, output):
-        t = inputs[2]
-        d = math.sqrt((1 - t) ** 2 + t**2)
-        ctx.wa, ctx.wb = (1 - t) / d, t / d
+        ctx.wa, ctx.wb = reference.mp_sum_weights(inputs[2])
 
     torch.library.register_autograd(
         lib + "mp_sum", lambda ctx, g: (g * ctx.wa, g * ctx.wb, None), setup_context=sum_setup
@@ -139,9 +137,8 @@ def _register_autograd() -> None:
     # mp_cat: the gradient is the two scaled halves.
     def cat_setup(ctx, inputs, output):
         a, b, t = inputs
-        na, nb = a.shape[1], b.shape[1]
-        k = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
-        ctx.na, ctx.wa, ctx.wb = na, k / math.sqrt(na) * (1 - t), k / math.sqrt(nb) * t
+        ctx.na = a.shape[1]
+        ctx.wa, ctx.wb = reference.mp_cat_weights(a.shape[1], b.shape[1], t)
 
     torch.library.register_autograd(
         lib + "mp_cat",

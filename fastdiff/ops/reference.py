@@ -4,6 +4,17 @@ These functions are the oracle in the tests and the fallback whenever no compile
 input (no extension built, an unsupported device or dtype). They follow the formulas of the EDM2
 paper (MP conv / linear Eq. 47 with forced weight normalization Eq. 66, mp_silu Eq. 81, mp_sum Eq. 88,
 mp_cat Eq. 103) literally and favour clarity over speed. All of them are differentiable with ordinary autograd.
+
+Non-finite values (the kernels give the same):
+- ``mp_silu``: the limits, ``mp_silu(-inf) = 0`` and ``mp_silu(+inf) = +inf`` (gradient: 0 and 1/0.596); NaN
+  stays NaN.
+- ``mp_silu_modulate(y, c)``: ``mp_silu`` of the IEEE product ``y * (1 + c)`` (so ``inf * 0`` is NaN).
+- ``mp_sum``: the IEEE weighted sum ``wa * a + wb * b`` (``inf + finite = inf``, ``inf - inf = NaN``, and a zero
+  weight at ``t = 0`` or ``1`` times an infinite input is NaN); a non-finite ``t`` is an error.
+- ``pixel_norm`` (and ``weight_norm`` per row): a pixel (row) holding an infinite value has an infinite
+  norm, so its finite entries become 0 and its infinite entries NaN (``inf / inf``); NaN spreads over the
+  pixel (row). The squared norm is accumulated in float32 (float64 for float64), so a pixel whose squared
+  norm passes float32's range (entries beyond about 1e19) also has an infinite norm and becomes 0.
 """
 
 from __future__ import annotations
@@ -21,6 +32,22 @@ CLIP_LIMIT = 256.0
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype norms and sums accumulate in: float64 for float64 tensors, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_floating(op: str, **tensors: torch.Tensor) -> None:
+    """A clear error for a non-floating-point argument (an int32 weight would otherwise be normalized and
+    cast back to zeros)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and not t.is_floating_point():
+            raise RuntimeError(
+                f"fastdiff.{op}: expected '{name}' to be a floating-point tensor (float32, float64, float16 or "
+                f"bfloat16), got {t.dtype}"
+            )
+
+
+def _check_t(op: str, t: float) -> None:
+    if not math.isfinite(t):
+        raise ValueError(f"fastdiff.{op}: expected a finite blend weight t, got {t}")
 
 
 def row_scale(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -54,6 +81,7 @@ def weight_norm_(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 def mp_weight(w: torch.Tensor, gain=1.0, eps: float = EPS) -> torch.Tensor:
     """``W_hat = gain * N(W) / sqrt(fan_in)`` computed in fp32 (fp64 for fp64 weights)."""
+    check_floating("mp_weight", w=w, gain=gain)
     wf = w.to(acc_dtype(w.dtype))
     fan_in = w[0].numel()
     return normalize(wf, eps=eps) * (gain / math.sqrt(fan_in))
@@ -61,6 +89,7 @@ def mp_weight(w: torch.Tensor, gain=1.0, eps: float = EPS) -> torch.Tensor:
 
 def mp_conv(x: torch.Tensor, w: torch.Tensor, gain=1.0, eps: float = EPS) -> torch.Tensor:
     """MP convolution (4-D weight, padding k//2) or MP linear (2-D weight), no bias."""
+    check_floating("mp_conv", x=x, w=w, gain=gain)
     w_hat = mp_weight(w, gain, eps).to(x.dtype)
     if w.ndim == 2:
         return x @ w_hat.t()
@@ -72,18 +101,36 @@ def mp_linear(x: torch.Tensor, w: torch.Tensor, gain=1.0, eps: float = EPS) -> t
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x) / MP_SILU_DIVISOR
+    """``silu(x) / 0.596`` (EDM2 Eq. 81), with the limits at +-inf: ``F.silu(-inf)`` is ``-inf * 0 = NaN``, so
+    infinite entries take ``relu(x)`` instead, and ``silu`` sees a 0 there so no NaN reaches the gradient."""
+    inf = torch.isinf(x)
+    return torch.where(inf, x.clamp_min(0), F.silu(torch.where(inf, 0, x))) / MP_SILU_DIVISOR
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    """``((1 - t) a + t b) / sqrt((1 - t)^2 + t^2)`` (EDM2 Eq. 88). Written as the weighted sum rather than
+    ``a.lerp(b, t)``, whose ``a + t (b - a)`` is NaN for an infinite ``a``."""
+    wa, wb = mp_sum_weights(t)
+    return a * wa + b * wb
+
+
+def mp_sum_weights(t: float) -> tuple[float, float]:
+    """The weights of ``a`` and ``b`` in ``mp_sum``: ``(1 - t, t) / sqrt((1 - t)^2 + t^2)``."""
+    _check_t("mp_sum", t)
+    d = math.sqrt((1 - t) ** 2 + t**2)
+    return (1 - t) / d, t / d
+
+
+def mp_cat_weights(na: int, nb: int, t: float) -> tuple[float, float]:
+    """The weights of ``a`` (``na`` channels) and ``b`` (``nb``) in ``mp_cat``; an empty input has weight 0."""
+    _check_t("mp_cat", t)
+    k = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
+    return (k / math.sqrt(na) * (1 - t) if na else 0.0), (k / math.sqrt(nb) * t if nb else 0.0)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
-    na, nb = a.shape[dim], b.shape[dim]
-    k = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
-    wa = k / math.sqrt(na) * (1 - t)
-    wb = k / math.sqrt(nb) * t
+    """Concatenation that keeps unit magnitude (EDM2 Eq. 89); an empty input (0 channels) has no weight."""
+    wa, wb = mp_cat_weights(a.shape[dim], b.shape[dim], t)
     return torch.cat([wa * a, wb * b], dim=dim)
 
 
@@ -109,7 +156,7 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     over their per-head channels, scores are ``q^T k / sqrt(head_dim)``, softmax over keys.
     """
     n, c3, h, w = qkv.shape
-    y = qkv.reshape(n, num_heads, -1, 3, h * w)
+    y = qkv.reshape(n, num_heads, c3 // (3 * num_heads), 3, h * w)  # no -1: works for empty inputs too
     q, k, v = normalize(y, dim=2).unbind(3)
     att = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
     out = torch.einsum("nhqk,nhck->nhcq", att, v)

@@ -1,0 +1,56 @@
+// Interface of the explicitly vectorized CPU loops (float32, float16 and bfloat16 storage, float32
+// arithmetic). Each instruction set has its own translation unit that includes simd_body.inc once:
+// simd_avx2.cpp (AVX2+FMA+F16C, 8 lanes) and simd_avx512.cpp (AVX-512 F/BW/VL/DQ, 16 lanes). Those files
+// include no c10/ATen header, so no inline function of a shared header is ever compiled there with
+// wider instructions than the baseline (an ODR trap of per-ISA files). kernels.cpp and solver.cpp pick
+// a table per call from active_isa() (isa.h); float64 and the baseline level run the scalar loops.
+//
+// The meaning of each entry is that of the function of the same name in kernels.h (storage pointers
+// passed as void*, scalars and factor arrays as float).
+#pragma once
+#include <cstdint>
+
+namespace fastdiff {
+namespace cpu {
+namespace simd {
+
+// Storage tags with the bit layout of c10::Half and c10::BFloat16.
+struct f16 {
+  uint16_t bits;
+};
+struct bf16 {
+  uint16_t bits;
+};
+
+enum Dtype : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+using SolverFn = void (*)(const void* x, const void* d1, const void* d0, const void* dp, const void* xb,
+                          float w, float s_eval, float h, void* xo, void* dout, void* den, int64_t n);
+
+struct Table {
+  void (*mp_silu)(const void* x, void* y, int64_t n);
+  void (*mp_silu_bwd)(const void* g, const void* x, void* dx, int64_t n);
+  void (*axpby)(const void* a, const void* b, void* y, int64_t n, float wa, float wb);
+  void (*scale)(const void* x, void* y, int64_t n, float w);
+  void (*scale_by)(const void* x, const float* s, int64_t s_step, void* y, int64_t n);
+  void (*clip)(const void* x, void* y, int64_t n, float limit);
+  void (*clip_bwd)(const void* g, const void* x, void* dx, int64_t n, float limit);
+  void (*modulate)(const void* y, const float* m, int64_t m_step, void* out, int64_t n);
+  float (*modulate_bwd)(const void* g, const void* y, const float* m, int64_t m_step, void* dy, float* dm,
+                        int64_t n);
+  float (*sumsq)(const void* x, int64_t n);
+  void (*sumsq_dot)(const void* g, const void* x, int64_t n, float* ss, float* gx);
+  void (*sumsq_acc)(const void* x, float* acc, int64_t n);
+  void (*dot_acc)(const void* g, const void* x, float* acc, int64_t n);
+  void (*norm_bwd)(const void* g, const void* x, const float* s, const float* k, int64_t step, void* dx,
+                   int64_t n);
+  // solver_step's loop, indexed [guided][heun] (see cpu/solver.cpp).
+  SolverFn solver[2][2];
+};
+
+const Table* table_avx2(Dtype dt);
+const Table* table_avx512(Dtype dt);
+
+}  // namespace simd
+}  // namespace cpu
+}  // namespace fastdiff
