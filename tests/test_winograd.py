@@ -185,6 +185,7 @@ def test_selector_falls_back_where_winograd_loses():
     assert ops.conv_path(4, 64, 32, 32, 8)[0] == "aten"           # the input conv: too few channels
     assert ops.conv_path(128, 128, 4, 4, 1)[0] == "aten"          # tiny map
     assert ops.conv_path(768, 768, 8, 8, 1)[0] == "aten"          # 4 tiles: the weight is reused too little
+    assert ops.conv_path(256, 256, 16, 16, 1)[0] == ("winograd" if HAS else "aten")  # 16 tiles: pays
     assert ops.conv_path(768, 768, 8, 8, 8)[0] == ("winograd" if HAS else "aten")
     assert ops.conv_path(128, 128, 32, 32, 8, dtype=torch.bfloat16)[0] == "aten"
     assert ops.conv_path(128, 128, 32, 32, 8, device="meta")[0] == "aten"

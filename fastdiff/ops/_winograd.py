@@ -108,7 +108,7 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     The rule is a small cost model checked against measurements (BENCHMARKS.md, "Winograd MP convolution",
     benchmarks/bench_conv.py): the transform-domain GEMMs do 4x fewer multiplies than a direct
     convolution but pay the input and output transforms (2.25x and 1x the activation size) and stream a
-    transformed weight 4x the size of the 3x3 one, which amortize only with >= 32 channels and >= 32
+    transformed weight 4x the size of the 3x3 one, which amortize only with >= 32 channels and >= 16
     tiles of 4x4 per call. ``threads`` is accepted for
     the table in ``fastdiff info``; the measured crossover did not move between 1 and 2 threads.
     """
@@ -127,11 +127,11 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     tiles = batch * -(-height // 4) * -(-width // 4)
     if min(height, width) < 8:
         return "aten", f"{height}x{width} map < 8x8"
-    if tiles < 32:
+    if tiles < 16:
         # Each of the 36 per-point GEMMs streams its [cin, cout] slice of the transformed weight (4x the
-        # 3x3 weight) for `tiles` rows: below ~32 rows that weight traffic costs more than it saves
-        # (measured 0.7-1.0x at 4-16 tiles, 1.1-2x from 32 tiles on).
-        return "aten", f"{tiles} tiles < 32: the transformed weight (4x the 3x3 weight) is reused too little"
+        # 3x3 weight) for `tiles` rows: below ~16 rows that weight traffic costs about what it saves
+        # (idle AMD EPYC, 1 thread: 1.0-1.4x at 4 tiles, 1.45-1.67x at 16, 1.5-2.0x from 32 tiles on).
+        return "aten", f"{tiles} tiles < 16: the transformed weight (4x the 3x3 weight) is reused too little"
     return "winograd", f"{tiles} tiles of 4x4"
 
 
