@@ -72,6 +72,18 @@ class Loop:
         with nvtx_range("solver_step"):
             return ops.solver_step(x, g.d1, g.d0, g.w, sigma_cur, sigma_next, d_prev, x_base)
 
+    def churn(self, x: torch.Tensor, sigma: torch.Tensor, s_churn: float, s_tmin: float, s_tmax: float,
+              s_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """EDM's churn before a step from ``sigma`` (EDM Algorithm 2, lines 4-6): with ``gamma`` of
+        :func:`churn_gamma`, ``sigma_hat = (1 + gamma) sigma`` and ``x += sqrt(sigma_hat^2 - sigma^2) s_noise n``;
+        returns ``(x, sigma_hat)`` (unchanged where ``gamma`` is 0)."""
+        gamma = churn_gamma(float(sigma), len(self.sigmas) - 1, s_churn, s_tmin, s_tmax)
+        if gamma > 0:
+            sigma_hat = sigma * (gamma + 1)
+            x = x + self.noise(x) * s_noise * (sigma_hat**2 - sigma**2).sqrt()
+            sigma = sigma_hat
+        return x, sigma
+
     def noise(self, x: torch.Tensor) -> torch.Tensor:
         """Standard normal like ``x``: row i from ``generators[i]`` (else ``randn_like``)."""
         if self.generators is not None:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from fastdiff.sampling._loop import Loop, ancestral_step, churn_gamma
+from fastdiff.sampling._loop import Loop, ancestral_step
 
 __all__ = [
     "sample_dpm_2", "sample_dpm_2_ancestral", "sample_lms", "lms_coefficient", "sample_dpmpp_2s_ancestral",
@@ -35,11 +35,7 @@ def sample_dpm_2(denoiser, x, sigmas, *, guidance=None, labels=None, generators=
     num_steps = len(run.sigmas) - 1
     for i in range(num_steps):
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
-        gamma = churn_gamma(float(sigma), num_steps, s_churn, s_tmin, s_tmax)
-        if gamma > 0:
-            sigma_hat = sigma * (gamma + 1)
-            x = x + run.noise(x) * s_noise * (sigma_hat**2 - sigma**2).sqrt()
-            sigma = sigma_hat
+        x, sigma = run.churn(x, sigma, s_churn, s_tmin, s_tmax, s_noise)
         g = run.evaluate(x, sigma, i)
         if float(sigma_next) == 0:
             x, _, denoised = run.step(x, g, run.sig(sigma), run.sig(sigma_next))

@@ -30,7 +30,7 @@ import torch
 from fastdiff._runtime import nvtx_range
 from fastdiff.diffusion import edm_sigma_steps
 from fastdiff.sampling import adaptive, dpm, rng
-from fastdiff.sampling._loop import Loop, ancestral_step, churn_gamma
+from fastdiff.sampling._loop import Loop, ancestral_step
 from fastdiff.sampling.guidance import Autoguidance
 
 __all__ = [
@@ -79,11 +79,7 @@ def sample_euler(denoiser, x, sigmas, *, guidance=None, labels=None, generators=
     num_steps = len(run.sigmas) - 1
     for i in range(num_steps):
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
-        gamma = churn_gamma(float(sigma), num_steps, s_churn, s_tmin, s_tmax)
-        if gamma > 0:
-            sigma_hat = sigma * (gamma + 1)
-            x = x + run.noise(x) * s_noise * (sigma_hat**2 - sigma**2).sqrt()
-            sigma = sigma_hat
+        x, sigma = run.churn(x, sigma, s_churn, s_tmin, s_tmax, s_noise)
         x, _, denoised = run.step(x, run.evaluate(x, sigma, i), run.sig(sigma), run.sig(sigma_next))
         if callback is not None:
             callback(i, x, denoised)
