@@ -111,12 +111,7 @@ class MPConv(torch.nn.Module):
         mode where the selector (``ops.conv_path``) picks Winograd, the unfused chain otherwise."""
         if _is_compiling() or len(self.kernel) != 2 or not ops.uses_winograd(x, self.weight):
             o = _ops()
-            y = self(o.mp_silu(x) if silu_in else x, gain)
-            if c is not None:
-                y = o.mp_silu_modulate(y, c.to(y.dtype))
-            if res is not None:
-                y = o.mp_sum(res, y, t=t)
-            return o.clip(y, clip) if clip else y
+            return ops.conv_epilogue(o, self(o.mp_silu(x) if silu_in else x, gain), c, res, t, clip)
         if self.training:
             ops.weight_norm_(self.weight)
         cache = self.winograd_weight(x.dtype) if self._use_cache(gain) else None

@@ -177,15 +177,17 @@ def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool =
                 res = res.to(x.dtype)
             return torch.ops.fastdiff.winograd_conv(x, u, scale.reshape(-1), silu_in, c, res, float(t), float(clip))
     y = torch.ops.fastdiff.mp_conv_winograd(ops.mp_silu(x) if silu_in else x, w, ops._gain_tensor(gain, w), eps)
-    return _epilogue(ops, y, c, res, t, clip)
+    return conv_epilogue(ops, y, c, res, t, clip)
 
 
 def _chain(ops, x, w, gain, silu_in, c, res, t, clip):
     y = ops.mp_conv(ops.mp_silu(x) if silu_in else x, w, gain)
-    return _epilogue(ops, y, c, res, t, clip)
+    return conv_epilogue(ops, y, c, res, t, clip)
 
 
-def _epilogue(ops, y, c, res, t, clip):
+def conv_epilogue(ops, y, c=None, res=None, t: float = 0.5, clip: float = 0.0):
+    """The block chain after a convolution with the op set ``ops`` (fastdiff.ops, or its reference under
+    torch.compile): ``mp_silu(y * (1 + c))``, ``mp_sum(res, y, t)``, ``clip``, each where given."""
     if c is not None:
         y = ops.mp_silu_modulate(y, c.to(y.dtype))
     if res is not None:
