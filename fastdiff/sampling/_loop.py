@@ -77,6 +77,8 @@ class Loop:
         """EDM's churn before a step from ``sigma`` (EDM Algorithm 2, lines 4-6): with ``gamma`` of
         :func:`churn_gamma`, ``sigma_hat = (1 + gamma) sigma`` and ``x += sqrt(sigma_hat^2 - sigma^2) s_noise n``;
         returns ``(x, sigma_hat)`` (unchanged where ``gamma`` is 0)."""
+        if s_churn <= 0:  # no churn: no host read of sigma (a device sync on a GPU) on every step
+            return x, sigma
         gamma = churn_gamma(float(sigma), len(self.sigmas) - 1, s_churn, s_tmin, s_tmax)
         if gamma > 0:
             sigma_hat = sigma * (gamma + 1)
