@@ -7,6 +7,7 @@ Only command modules import this; library packages take plain Python values."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -505,3 +506,15 @@ def save_npy(array: torch.Tensor, path: str) -> None:
     import numpy as np
 
     atomic_write_with(path, lambda f: np.save(f, array.detach().cpu().to(torch.float32).numpy(), allow_pickle=False))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Within this block torch uses ``threads`` CPU threads (``None`` or ``<= 0``: unchanged); restored after."""
+    old = torch.get_num_threads()
+    if threads and threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

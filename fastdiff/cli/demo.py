@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from fastdiff._atomic import atomic_write_with
-from fastdiff.cli.common import save_png
+from fastdiff.cli.common import save_png, torch_threads
 from fastdiff.metrics.classifier import DigitClassifier, classify, train_classifier
 
 __all__ = ["add_arguments", "main", "run_demo", "DigitClassifier", "labels_for_seeds", "parse_preset",
@@ -732,16 +732,12 @@ def _plot(path: str, results: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    old_threads = torch.get_num_threads()
-    if args.threads and args.threads > 0:
-        torch.set_num_threads(args.threads)
     try:
-        results = run_demo(args)
+        with torch_threads(args.threads):
+            results = run_demo(args)
     except (ValueError, ImportError, FileNotFoundError) as exc:
         print(f"fastdiff demo: error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        torch.set_num_threads(old_threads)
     print(_table(results))
     print()
     print(_verdict(results))

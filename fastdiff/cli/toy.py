@@ -29,6 +29,7 @@ import torch
 
 from fastdiff._atomic import atomic_write_with
 
+from fastdiff.cli.common import torch_threads
 from fastdiff.sampling import CFG, Autoguidance, sample
 from fastdiff.toy.mixture import GaussianMixture, tree_mixture
 from fastdiff.toy.model import ToyDenoiser, train_denoiser
@@ -274,15 +275,10 @@ def _plot(path, mixture, settings, labels, metrics, grid):
 
 
 def main(args: argparse.Namespace) -> int:
-    old_threads = torch.get_num_threads()
-    if args.threads and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         results = run_toy(outdir=args.outdir, seed=args.seed, guidance=args.guidance, steps=args.steps,
                           fast=args.fast, samples=args.samples, train_steps=args.train_steps, quiet=args.quiet,
                           plot=not args.no_plot)
-    finally:
-        torch.set_num_threads(old_threads)
     print(_table(results))
     tm = results["timings"]
     if results.get("plot_error"):
