@@ -74,8 +74,8 @@ class Block(torch.nn.Module):
 
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
-        clip_now = self.num_heads == 0 and self.clip_act is not None and self.clip_act != 0
-        x = self.conv_res1.fused(y, res=x, t=self.res_balance, clip=float(self.clip_act) if clip_now else 0.0)
+        clip = float(self.clip_act or 0)  # fused into conv_res1's pass when no attention follows
+        x = self.conv_res1.fused(y, res=x, t=self.res_balance, clip=0.0 if self.num_heads else clip)
 
         # Self-attention.
         if self.num_heads != 0:
@@ -84,8 +84,8 @@ class Block(torch.nn.Module):
             y = self.attn_proj(y)
             x = ops.mp_sum(x, y, t=self.attn_balance)
 
-        if self.num_heads != 0 and self.clip_act is not None and self.clip_act != 0:
-            x = ops.clip(x, self.clip_act)
+        if self.num_heads != 0 and clip:
+            x = ops.clip(x, clip)
         return x
 
 
