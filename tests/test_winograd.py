@@ -108,6 +108,35 @@ def test_winograd_conv_float32_error_at_edm2_shape(kind):
     assert err < 1e-5, err
 
 
+# float32 shapes that reach every edge of the per-point GEMM micro-kernel (csrc/cpu/winograd_gemm.inc):
+# tile counts that are not a multiple of the register block rows (1, 5, 13, 27 tiles), padded output
+# channels 8, 16 and 24 past a multiple of 32 (the 1-vector and 8-float column remainders), and input
+# channels past one K block (256 rows for AVX-512, 512 for AVX2) so later blocks accumulate.
+GEMM_SHAPES = [(1, 8, 8, 4, 4), (1, 40, 24, 9, 7), (1, 16, 56, 13, 20), (3, 33, 48, 12, 12),
+               (1, 264, 40, 8, 8), (2, 520, 16, 4, 9), (1, 64, 64, 17, 11)]  # n, cin, cout, h, w
+
+
+@requires_wg
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+def test_winograd_conv_float32_gemm_edges_every_isa(shape, isa):
+    if isa == "avx512" and ops._ext.isa()["elementwise"] != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    if isa == "avx2" and ops._ext.isa()["elementwise"] == "baseline":
+        pytest.skip("this CPU has no AVX2")
+    n, cin, cout, h, w = shape
+    x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 3, 3, dtype=torch.float32, seed=2)
+    scale = (rnd(cout, seed=5).abs() + 0.5).float()
+    res = rnd(n, cout, h, w, dtype=torch.float32, seed=4)
+    u = torch.ops.fastdiff.winograd_weight(wt)
+    with ops._ext.force_isa(isa) as levels:
+        assert levels["winograd_gemm"] == {"baseline": "blas"}.get(isa, isa)
+        got = torch.ops.fastdiff.winograd_conv(x, u, scale, False, None, res, 0.4, 0.0)
+    want = R.mp_sum(res.double(), F.conv2d(x.double(), wt.double(), padding=1) * scale.double().reshape(-1, 1, 1), 0.4)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 2e-6 * max(1.0, (cin / 64) ** 0.5), err
+
+
 @requires_wg
 def test_nan_propagates_and_empty_batch():
     x, wt = rnd(1, 8, 8, 8, dtype=torch.float32), rnd(8, 8, 3, 3, dtype=torch.float32)

@@ -73,12 +73,15 @@ Isa set_active_isa(Isa isa) {
 
 // fastdiff::_isa(level): with a level, sets it (capped at the host's); returns, for each kernel family,
 // the instruction set it runs now, as "family:isa" pairs joined by commas. The elementwise and solver
-// loops have AVX-512 code; the attention loops go up to AVX2.
+// loops and the Winograd per-point GEMMs have AVX-512 code (below AVX2 those GEMMs are ATen's BLAS); the
+// attention loops and the Winograd transforms go up to AVX2.
 std::string isa_op(std::optional<std::string> level) {
   if (level.has_value()) set_active_isa(parse_isa(*level, "fastdiff._isa's level"));
   const Isa now = active_isa();
-  const char* attn = isa_name(lower(now, Isa::kAvx2));
-  return std::string("elementwise:") + isa_name(now) + ",solver:" + isa_name(now) + ",attention:" + attn;
+  const char* avx2_max = isa_name(lower(now, Isa::kAvx2));
+  const char* gemm = now == Isa::kBaseline ? "blas" : isa_name(now);
+  return std::string("elementwise:") + isa_name(now) + ",solver:" + isa_name(now) + ",attention:" + avx2_max +
+         ",winograd_transforms:" + avx2_max + ",winograd_gemm:" + gemm;
 }
 
 }  // namespace cpu

@@ -8,9 +8,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "../common.h"
+#include "isa.h"
 #include "winograd.h"
+#include "winograd_gemm.h"
 
 namespace fastdiff {
 namespace {
@@ -46,6 +49,15 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
   return u;
 }
 
+// The per-point GEMMs of the active instruction set (winograd_gemm.h), or null: ATen's bmm.
+using GemmFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
+GemmFn point_gemms() {
+  const cpu::Isa isa = cpu::active_isa();
+  if (isa >= cpu::Isa::kAvx512 && wg::have_point_gemms_avx512()) return &wg::point_gemms_avx512;
+  if (isa >= cpu::Isa::kAvx2 && wg::have_point_gemms_avx2()) return &wg::point_gemms_avx2;
+  return nullptr;
+}
+
 // A [rows] vector (rows <= padded) in `dtype`, zero-padded to `padded`, contiguous.
 at::Tensor padded_vector(const at::Tensor& v, int64_t padded, at::ScalarType dtype) {
   at::Tensor out = at::zeros({padded}, v.options().dtype(dtype));
@@ -53,12 +65,13 @@ at::Tensor padded_vector(const at::Tensor& v, int64_t padded, at::ScalarType dty
   return out;
 }
 
-at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u, const at::Tensor& scale, bool silu_in,
+at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, const at::Tensor& scale, bool silu_in,
                              const std::optional<at::Tensor>& mod, const std::optional<at::Tensor>& res_in, double t,
                              double clip) {
   const char* op = "winograd_conv";
   check_winograd_dtype(x_in, op, "x");
-  check_same(x_in, u, op, "x", "u", /*same_shape=*/false);
+  check_same(x_in, u_in, op, "x", "u", /*same_shape=*/false);
+  const at::Tensor u = u_in.contiguous();
   check_float(scale, op, "scale");
   TORCH_CHECK(x_in.dim() == 4, "fastdiff.winograd_conv: expected x of shape [N, C, H, W], got ", x_in.sizes());
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) > 0,
@@ -110,36 +123,37 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u, const 
     }
     ep.clip = T(clip > 0 ? clip : 0);
 
-    // Tiles in chunks whose transform-domain buffers (V and M) stay near the cache, and at least one
-    // chunk per thread; each thread runs whole chunks (transform, 36 GEMMs, output transform) on its own
-    // buffers, so a convolution is two parallel regions however many chunks it has.
+    // Tiles in chunks whose transform-domain buffers (V and M, together about 1 MiB) stay in L2, and at
+    // least one chunk per thread; each thread runs whole chunks (transform, 36 GEMMs, output transform) on
+    // its own buffers, so a convolution is two parallel regions however many chunks it has.
     const int64_t tiles = g.tiles();
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t budget = int64_t(2) << 20;  // bytes per buffer (measured: 2 MiB beat 0.5 and 8 MiB)
+    const int64_t budget = int64_t(512) << 10;  // bytes per buffer (measured: 0.5 MiB beat 2 MiB, 0.25 similar)
     const int64_t per_tile = 36 * std::max(g.cinp, g.coutp) * int64_t(sizeof(T));
     int64_t chunk = std::min(tiles, std::max<int64_t>(32, budget / per_tile));
     chunk = std::max<int64_t>(1, std::min(chunk, (tiles + threads - 1) / threads));
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
     const int64_t slots = std::min(threads, nchunks);
-    at::Tensor v = at::empty({slots, 36, chunk, g.cinp}, x.options());
-    at::Tensor m = at::empty({slots, 36, chunk, g.coutp}, x.options());
+    at::Tensor v = at::empty({slots, chunk, 36, g.cinp}, x.options());
+    at::Tensor m = at::empty({slots, chunk, 36, g.coutp}, x.options());
     const T* xtc = xt.const_data_ptr<T>();
+    const GemmFn gemm = std::is_same_v<T, float> ? point_gemms() : nullptr;
     T* yp = y.mutable_data_ptr<T>();
     at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
       const int64_t slot = std::min<int64_t>(at::get_thread_num(), slots - 1);
       at::Tensor vs = v[slot], ms = m[slot];
       T* vp = vs.mutable_data_ptr<T>();
-      const T* mp = ms.const_data_ptr<T>();
+      T* mp = ms.mutable_data_ptr<T>();
       for (int64_t ci = b; ci < e; ci++) {
         const int64_t t0 = ci * chunk, t1 = std::min(tiles, t0 + chunk), nt = t1 - t0;
-        wg::input_transform<T>(xtc, g, t0, t0, t1, chunk, vp);
-        if (nt == chunk) {
-          at::bmm_out(ms, vs, u);
-        } else {
-          at::Tensor mv = ms.narrow(1, 0, nt);
-          at::bmm_out(mv, vs.narrow(1, 0, nt), u);  // a strided view: M keeps the chunk's row stride
+        wg::input_transform<T>(xtc, g, t0, t0, t1, vp);
+        if (gemm != nullptr) {
+          gemm(reinterpret_cast<const float*>(vp), reinterpret_cast<const float*>(u.const_data_ptr<T>()),
+               reinterpret_cast<float*>(mp), nt, g.cinp, g.coutp);
+        } else {  // float64, or no AVX2: ATen's bmm on [36, nt, c] views of the tile-major buffers
+          ms.narrow(0, 0, nt).transpose(0, 1).copy_(at::bmm(vs.narrow(0, 0, nt).transpose(0, 1), u));
         }
-        wg::output_transform<T>(mp, g, t0, t0, t1, chunk, ep, cl, yp);
+        wg::output_transform<T>(mp, g, t0, t0, t1, ep, cl, yp);
       }
     });
   });

@@ -7,9 +7,9 @@
 //
 // Layouts (channel counts padded to a multiple of kLanes with zeros):
 //   xt  [N][hp][wp][cp]          the input, zero-padded by one pixel (and up to whole tiles), NHWC
-//   V   [36][tiles][cp]          input transform of a chunk of tiles (t - t0)
+//   V   [tiles][36][cinp]        input transform of a chunk of tiles (t - t0), a tile's points together
 //   U   [36][cinp][coutp]        weight transform
-//   M   [36][tiles][coutp]       V[k] @ U[k]
+//   M   [tiles][36][coutp]       M[:, k] = V[:, k] @ U[k] (rows 36 cinp / 36 coutp apart)
 #pragma once
 #include <cstdint>
 
@@ -43,13 +43,13 @@ template <typename T> struct Epilogue {
 // applying mp_silu when `silu`.
 template <typename T>
 void pack_input(const T* x, bool channels_last, bool silu, const Geometry& g, T* xt, int64_t r0, int64_t r1);
-// V[k][t - t0][:] for tiles t in [ta, tb), tile index t = (n * th + ty) * tw + tx.
+// V[t - t0][k][:] for tiles t in [ta, tb), tile index t = (n * th + ty) * tw + tx.
 template <typename T>
-void input_transform(const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, int64_t chunk, T* v);
+void input_transform(const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* v);
 // Output elements of tiles [ta, tb) from M (rows t - t0), through the epilogue, into y.
 template <typename T>
-void output_transform(const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, int64_t chunk,
-                      const Epilogue<T>& ep, bool channels_last, T* y);
+void output_transform(const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, const Epilogue<T>& ep,
+                      bool channels_last, T* y);
 // U from w [cout][cin][3][3] (contiguous) for padded input channels [c0, c1) of [0, cinp) (rows past cin
 // and columns past cout written as zeros).
 template <typename T> void weight_transform(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);

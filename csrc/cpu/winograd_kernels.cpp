@@ -176,39 +176,39 @@ FD_INLINE void pack_input_body(const T* x, bool channels_last, bool silu, const 
 
 template <typename T>
 FD_INLINE void input_transform_body(const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb,
-                                    int64_t chunk, T* v) {
+                                    T* v) {
   constexpr int L = VT<T>::L;
-  const int64_t cp = g.cinp, pstride = chunk * cp;  // between transform points in V
+  const int64_t cp = g.cinp;
   for (int64_t t = ta; t < tb; t++) {
     const int64_t tx = t % g.tw, ty = (t / g.tw) % g.th, n = t / (g.tw * g.th);
     const T* base = xt + ((n * g.hp + 4 * ty) * g.wp + 4 * tx) * cp;
-    T* dst = v + (t - t0) * cp;
+    T* dst = v + (t - t0) * 36 * cp;  // the tile's 36 points, one after another
     for (int64_t cb = 0; cb < cp; cb += L) {
       vec<T> d[36], s[36];
       for (int i = 0; i < 6; i++)
         for (int j = 0; j < 6; j++) d[i * 6 + j] = load(base + (i * g.wp + j) * cp + cb);
       for (int j = 0; j < 6; j++) bt6<T>(d + j, 6, s + j, 6);      // columns: s = B^T d
       for (int i = 0; i < 6; i++) bt6<T>(s + 6 * i, 1, d + 6 * i, 1);  // rows: d = s B
-      for (int k = 0; k < 36; k++) store(dst + k * pstride + cb, d[k]);
+      for (int k = 0; k < 36; k++) store(dst + k * cp + cb, d[k]);
     }
   }
 }
 
 template <typename T>
 FD_INLINE void output_transform_body(const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb,
-                                     int64_t chunk, const Epilogue<T>& ep, bool channels_last, T* y) {
+                                     const Epilogue<T>& ep, bool channels_last, T* y) {
   constexpr int L = VT<T>::L;
-  const int64_t cp = g.coutp, co = g.cout, pstride = chunk * cp, hw = g.h * g.w;
+  const int64_t cp = g.coutp, co = g.cout, hw = g.h * g.w;
   const bool has_res = ep.res != nullptr, has_clip = ep.clip > 0;
   for (int64_t t = ta; t < tb; t++) {
     const int64_t tx = t % g.tw, ty = (t / g.tw) % g.th, n = t / (g.tw * g.th);
     const int64_t nr = std::min<int64_t>(4, g.h - 4 * ty), ns = std::min<int64_t>(4, g.w - 4 * tx);
-    const T* src = m + (t - t0) * cp;
+    const T* src = m + (t - t0) * 36 * cp;
     for (int64_t cb = 0; cb < cp; cb += L) {
       const int64_t nl = std::min<int64_t>(L, co - cb);
       if (nl <= 0) break;
       vec<T> a[36], s[24], o[16];
-      for (int k = 0; k < 36; k++) a[k] = load(src + k * pstride + cb);
+      for (int k = 0; k < 36; k++) a[k] = load(src + k * cp + cb);
       for (int j = 0; j < 6; j++) at6<T>(a + j, 6, s + j, 6);      // s = A^T a  (4 x 6)
       for (int i = 0; i < 4; i++) at6<T>(s + 6 * i, 1, o + 4 * i, 1);  // o = s A  (4 x 4)
       const vec<T> sc = load(ep.scale + cb);
@@ -224,17 +224,20 @@ FD_INLINE void output_transform_body(const T* m, const Geometry& g, int64_t t0, 
           vec<T> v[L];
           for (int i = 0; i < L; i++) v[i] = o[r0 * 4 + i];
           transpose(v);  // v[j] = channel cb + j, rows r0 .. r0 + L/4 - 1, 4 columns each
+          typedef T q4 __attribute__((vector_size(4 * sizeof(T))));
+          typedef T q4u __attribute__((vector_size(4 * sizeof(T)), aligned(sizeof(T)), may_alias));
           for (int j = 0; j < L; j++) {
             T* dst = y + (n * co + cb + j) * hw + (4 * ty + r0) * g.w + 4 * tx;
-            const T* rs = has_res ? ep.res + (dst - y) : nullptr;
-            for (int q = 0; q < L / 4; q++) {
+            for (int q = 0; q < L / 4; q++) {  // one output row of 4 at a time
+              q4 val;
+              std::memcpy(&val, reinterpret_cast<const T*>(&v[j]) + 4 * q, sizeof(q4));
               T* d = dst + q * g.w;
-              for (int e = 0; e < 4; e++) {
-                T val = v[j][4 * q + e];
-                if (has_res) val = ep.wa * rs[q * g.w + e] + ep.wb * val;
-                if (has_clip) val = std::min(std::max(val, -ep.clip), ep.clip);
-                d[e] = val;
+              if (has_res) val = ep.wa * *reinterpret_cast<const q4u*>(ep.res + (d - y)) + ep.wb * val;
+              if (has_clip) {
+                val = val > ep.clip ? q4{} + ep.clip : val;
+                val = val < -ep.clip ? q4{} - ep.clip : val;
               }
+              *reinterpret_cast<q4u*>(d) = val;
             }
           }
         }
@@ -309,20 +312,20 @@ FD_MULTIVERSION(void, pack_input, pack_input_body,
                 (const T* x, bool channels_last, bool silu, const Geometry& g, T* xt, int64_t r0, int64_t r1),
                 (x, channels_last, silu, g, xt, r0, r1))
 FD_MULTIVERSION(void, input_transform, input_transform_body,
-                (const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, int64_t chunk, T* v),
-                (xt, g, t0, ta, tb, chunk, v))
+                (const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* v),
+                (xt, g, t0, ta, tb, v))
 FD_MULTIVERSION(void, output_transform, output_transform_body,
-                (const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, int64_t chunk,
-                 const Epilogue<T>& ep, bool channels_last, T* y),
-                (m, g, t0, ta, tb, chunk, ep, channels_last, y))
+                (const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, const Epilogue<T>& ep,
+                 bool channels_last, T* y),
+                (m, g, t0, ta, tb, ep, channels_last, y))
 FD_MULTIVERSION(void, weight_transform, weight_transform_body,
                 (const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1), (w, g, u, c0, c1))
 
 #define FD_INSTANTIATE(T)                                                                                       \
   template void pack_input<T>(const T*, bool, bool, const Geometry&, T*, int64_t, int64_t);                    \
-  template void input_transform<T>(const T*, const Geometry&, int64_t, int64_t, int64_t, int64_t, T*);         \
-  template void output_transform<T>(const T*, const Geometry&, int64_t, int64_t, int64_t, int64_t,             \
-                                    const Epilogue<T>&, bool, T*);                                             \
+  template void input_transform<T>(const T*, const Geometry&, int64_t, int64_t, int64_t, T*);                  \
+  template void output_transform<T>(const T*, const Geometry&, int64_t, int64_t, int64_t, const Epilogue<T>&,  \
+                                    bool, T*);                                                                 \
   template void weight_transform<T>(const T*, const Geometry&, T*, int64_t, int64_t);
 FD_INSTANTIATE(float)
 FD_INSTANTIATE(double)

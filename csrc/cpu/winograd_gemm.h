@@ -1,0 +1,27 @@
+// The 36 per-point products of the Winograd convolution, M[k] = V[k] @ U[k] (k = 0 .. 35), on our own
+// register-blocked FMA micro-kernel (float32), one translation unit per instruction set:
+// winograd_gemm_avx2.cpp (8-float vectors) and winograd_gemm_avx512.cpp (16-float vectors), each
+// including winograd_gemm.inc once after its `#pragma GCC target` (no c10/ATen header there, as in
+// simd.h). Layouts of winograd.h: V [nt][36][cinp], U [36][cinp][coutp], M [nt][36][coutp]; cinp and
+// coutp are multiples of winograd::kLanes.
+//
+// Why not ATen's bmm: at EDM2 shapes (tens of tiles per chunk, 64-768 channels) the BLAS packs both
+// operands and zero-fills the output for each of the 36 small products; here U[k]'s panels are read in
+// place (its layout is already the B panel) and each output block is written once.
+#pragma once
+#include <cstdint>
+
+namespace fastdiff {
+namespace cpu {
+namespace winograd {
+
+// Runs all 36 products for nt tiles; returns false (nothing done) when this build has no kernel for
+// the instruction set (the caller then uses the BLAS).
+void point_gemms_avx2(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp);
+void point_gemms_avx512(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp);
+bool have_point_gemms_avx2();
+bool have_point_gemms_avx512();
+
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace fastdiff

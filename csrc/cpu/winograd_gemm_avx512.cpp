@@ -1,0 +1,45 @@
+// The Winograd per-point GEMMs (winograd_gemm.h) for AVX-512 F: 16-float vectors, 12 x 32 register
+// blocks (24 accumulators, 2 panel vectors and a broadcast in the 32 zmm registers); a column
+// remainder of 16 runs 1-vector blocks, one of 8 the 8-float form.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "winograd_gemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx512f,avx512vl,avx2,fma")
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define FD_GEMM_INLINE inline __attribute__((always_inline))
+#define FD_GEMM_NAME point_gemms_avx512
+#define FD_GEMM_HAVE_512 1
+#define VW 512
+#define FD_GEMM_PREFETCH 32
+#ifndef MR_W
+#define MR_W 12
+#endif
+#ifndef MR_H
+#define MR_H 13
+#endif
+
+namespace fastdiff {
+namespace cpu {
+namespace winograd {
+#include "winograd_gemm.inc"
+bool have_point_gemms_avx512() { return true; }
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace fastdiff
+
+#else
+namespace fastdiff {
+namespace cpu {
+namespace winograd {
+void point_gemms_avx512(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
+bool have_point_gemms_avx512() { return false; }
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace fastdiff
+#endif
