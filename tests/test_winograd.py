@@ -211,11 +211,15 @@ def test_fake_kernels_match_real_outputs():
 def test_selector_falls_back_where_winograd_loses():
     assert ops.conv_path(128, 128, 32, 32, 8)[0] == ("winograd" if HAS else "aten")
     assert ops.conv_path(128, 128, 32, 32, 8, kernel=(1, 1))[0] == "aten"
+    wg = "winograd" if HAS else "aten"
     assert ops.conv_path(4, 64, 32, 32, 8)[0] == "aten"           # the input conv: too few channels
+    assert ops.conv_path(64, 3, 32, 32, 1)[0] == wg               # the output conv: many input channels
+    assert ops.conv_path(8, 8, 8, 8, 1)[0] == "aten" and ops.conv_path(8, 8, 16, 16, 1)[0] == wg
     assert ops.conv_path(128, 128, 4, 4, 1)[0] == "aten"          # tiny map
-    assert ops.conv_path(768, 768, 8, 8, 1)[0] == "aten"          # 4 tiles: the weight is reused too little
-    assert ops.conv_path(256, 256, 16, 16, 1)[0] == ("winograd" if HAS else "aten")  # 16 tiles: pays
-    assert ops.conv_path(768, 768, 8, 8, 8)[0] == ("winograd" if HAS else "aten")
+    assert ops.conv_path(768, 768, 8, 8, 1)[0] == "aten"          # 4 tiles: an 81 MiB weight reused too little
+    assert ops.conv_path(256, 256, 8, 8, 1)[0] == wg              # 4 tiles, but the weight stays in cache
+    assert ops.conv_path(256, 256, 16, 16, 1)[0] == wg
+    assert ops.conv_path(768, 768, 8, 8, 2)[0] == wg
     assert ops.conv_path(128, 128, 32, 32, 8, dtype=torch.bfloat16)[0] == "aten"
     assert ops.conv_path(128, 128, 32, 32, 8, device="meta")[0] == "aten"
     with ops.use_aten_conv():
@@ -314,7 +318,8 @@ def test_info_lists_the_path_of_every_conv_shape(capsys):
 
     rows = conv_paths("small-32", batch=8)
     by_name = {r[0]: r for r in rows}
-    assert by_name["enc.32x32_conv"][4] == "aten" and by_name["out_conv"][4] == "aten"  # 4 / 3 channels
+    assert by_name["enc.32x32_conv"][4] == "aten"  # 4 input channels
+    assert by_name["out_conv"][4] == ("winograd" if HAS else "aten")  # 64 in, 3 out
     assert by_name["enc.32x32_block0.conv_res0"][1:4] == (64, 64, 32)
     assert by_name["enc.32x32_block0.conv_res0"][4] == ("winograd" if HAS else "aten")
     assert main(["info", "--preset", "small-32", "--batch", "8"]) == 0

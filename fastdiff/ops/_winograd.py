@@ -106,11 +106,13 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     """``("winograd" | "aten", reason)`` for an MP convolution of this shape.
 
     The rule is a small cost model checked against measurements (BENCHMARKS.md, "Winograd MP convolution",
-    benchmarks/bench_conv.py): the transform-domain GEMMs do 4x fewer multiplies than a direct
-    convolution but pay the input and output transforms (2.25x and 1x the activation size) and stream a
-    transformed weight 4x the size of the 3x3 one, which amortize only with >= 32 channels and >= 16
-    tiles of 4x4 per call. ``threads`` is accepted for
-    the table in ``fastdiff info``; the measured crossover did not move between 1 and 2 threads.
+    benchmarks/bench_conv.py). The transform-domain GEMMs do 4x fewer multiplies than a direct convolution,
+    on fastdiff's own micro-kernel at near the FMA peak, but pay the input and output transforms (per 8
+    input channels, so an input of fewer than 8 channels is mostly padding) and stream a transformed weight
+    of ``36 cin cout`` floats (4x the 3x3 weight) once per chunk of tiles: with fewer than 8 tiles of 4x4 in
+    the whole batch and a transform too large for the last-level cache, that stream costs more than the
+    saved arithmetic. ``threads`` is accepted for the table in ``fastdiff info``; the measured crossovers
+    did not move between 1 and 2 threads.
     """
     if _FORCE[0] == "aten":
         return "aten", "forced (FASTDIFF_CONV=aten / use_aten_conv)"
@@ -122,16 +124,20 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
         return "winograd", "forced (FASTDIFF_CONV=winograd / use_conv_path)"
     if dtype not in (torch.float32,):
         return "aten", f"{str(dtype).replace('torch.', '')} (Winograd is float32 only in the networks; float64 is slower)"
-    if min(cin, cout) < 32:
-        return "aten", f"{min(cin, cout)} channels < 32"
     tiles = batch * -(-height // 4) * -(-width // 4)
     if min(height, width) < 8:
         return "aten", f"{height}x{width} map < 8x8"
-    if tiles < 16:
-        # Each of the 36 per-point GEMMs streams its [cin, cout] slice of the transformed weight (4x the
-        # 3x3 weight) for `tiles` rows: below ~16 rows that weight traffic costs about what it saves
-        # (idle AMD EPYC, 1 thread: 1.0-1.4x at 4 tiles, 1.45-1.67x at 16, 1.5-2.0x from 32 tiles on).
-        return "aten", f"{tiles} tiles < 16: the transformed weight (4x the 3x3 weight) is reused too little"
+    # Idle AMD EPYC (Zen 4), 1 thread, Winograd / ATen time: 3 or 4 input channels 0.5-0.75x (but 3.4x at
+    # batch 8 of 32x32); 8 -> 8 channels 0.87x at 4 tiles, 1.2-2.3x from 16; 16 and more 1.3-3.5x.
+    if cin < 8:
+        return "aten", f"{cin} input channels < 8 (the transforms run on 8 padded channels)"
+    if cin < 16 and tiles < 16:
+        return "aten", f"{cin} input channels < 16 and {tiles} tiles < 16"
+    weight_mib = 36 * _round_up(cin) * _round_up(cout) * 4 / 2**20
+    if tiles < 8 and weight_mib > 16:
+        # 4 tiles (an 8x8 map at batch 1): 2.8-3.4x up to 256 channels (transform <= 9 MiB, in cache),
+        # 0.85-1.1x from 384 (20-81 MiB streamed from memory); at 8 tiles 1.4x even with 768 channels.
+        return "aten", f"{tiles} tiles < 8 and a {weight_mib:.0f} MiB transformed weight: it is reused too little"
     return "winograd", f"{tiles} tiles of 4x4"
 
 
