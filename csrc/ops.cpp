@@ -101,6 +101,10 @@ TORCH_LIBRARY(fastdiff, m) {
       " float t=0.5, float clip=0.) -> Tensor");
   // mp_conv for a 3x3 weight on the Winograd path, differentiable (autograd in fastdiff/ops/_winograd.py).
   m.def("mp_conv_winograd(Tensor x, Tensor w, Tensor gain, float eps) -> Tensor");
+  // The gradient of conv2d(x, weight, padding=1) (3x3) w.r.t. the weight for the output gradient grad
+  // ([N, out, H, W]): [out, in, 3, 3] in x's dtype, by the Winograd form dU = sum over tiles of
+  // (A^T)^T grad_tile A^T . (B^T d B), dW = G^T dU G. Not differentiable (a backward).
+  m.def("winograd_weight_grad(Tensor x, Tensor grad) -> Tensor");
 
   // --- private: the CPU kernels' instruction set ---------------------------------------------------
   // Returns "family:isa,..." (e.g. "elementwise:avx512,solver:avx512,attention:avx2"); a level

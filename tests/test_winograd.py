@@ -138,6 +138,54 @@ def test_winograd_conv_float32_gemm_edges_every_isa(shape, isa):
 
 
 @requires_wg
+@pytest.mark.parametrize("shape", SHAPES + [(3, 33, 48, 12, 12)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_weight_grad_float64_matches_aten(shape, layout):
+    n, cin, cout, h, w = shape
+    x = rnd(n, cin, h, 2 * w, seed=1)[..., ::2] if layout == "strided" else rnd(n, cin, h, w, seed=1)
+    g = rnd(n, cout, h, w, seed=2)
+    if layout == "channels_last":
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    got = torch.ops.fastdiff.winograd_weight_grad(x, g)
+    want = torch.nn.grad.conv2d_weight(x, (cout, cin, 3, 3), g, padding=1)
+    assert got.shape == want.shape and rel(got, want) < 1e-12
+    assert rel(R.winograd_weight_grad(x, g), want) < 1e-12
+
+
+@requires_wg
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("shape", GEMM_SHAPES + [(32, 32, 32, 16, 16)])
+def test_weight_grad_float32_every_isa(shape, isa):
+    if isa == "avx512" and ops._ext.isa()["elementwise"] != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    if isa == "avx2" and ops._ext.isa()["elementwise"] == "baseline":
+        pytest.skip("this CPU has no AVX2")
+    n, cin, cout, h, w = shape
+    x, g = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(n, cout, h, w, dtype=torch.float32, seed=2)
+    with ops._ext.force_isa(isa):
+        got = torch.ops.fastdiff.winograd_weight_grad(x, g)
+    want = torch.nn.grad.conv2d_weight(x.double(), (cout, cin, 3, 3), g.double(), padding=1)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 1e-5, err  # sums over up to 512 tiles in float32: a few 1e-6
+
+
+@requires_wg
+def test_weight_grad_edge_cases():
+    x, g = rnd(2, 8, 8, 8, dtype=torch.float32), rnd(2, 5, 8, 8, dtype=torch.float32)
+    x[1, 2, 3, 3] = float("inf")
+    dw = torch.ops.fastdiff.winograd_weight_grad(x, g)
+    assert not torch.isfinite(dw[:, 2]).any() and torch.isfinite(dw[:, [0, 1, 3]]).all()
+    e = torch.ops.fastdiff.winograd_weight_grad(x[:0], g[:0])
+    assert e.shape == (5, 8, 3, 3) and torch.all(e == 0)
+    with pytest.raises(RuntimeError, match=r"expected x \[N, C_in, H, W\] and grad \[N, C_out, H, W\]"):
+        torch.ops.fastdiff.winograd_weight_grad(x, g[:, :, :4])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.fastdiff.winograd_weight_grad(x.half(), g.half())
+    torch.library.opcheck(torch.ops.fastdiff.winograd_weight_grad.default, (x, g),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@requires_wg
 def test_nan_propagates_and_empty_batch():
     x, wt = rnd(1, 8, 8, 8, dtype=torch.float32), rnd(8, 8, 3, 3, dtype=torch.float32)
     x[0, 3, 1, 1] = float("nan")

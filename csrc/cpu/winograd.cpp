@@ -65,6 +65,27 @@ at::Tensor padded_vector(const at::Tensor& v, int64_t padded, at::ScalarType dty
   return out;
 }
 
+// x ([N, C, H, W], contiguous or channels-last) as the padded NHWC rows xt of winograd.h, through mp_silu
+// when `silu`; g's cin / cinp are x's channels.
+template <typename T> at::Tensor packed(const at::Tensor& x, bool channels_last, bool silu, const wg::Geometry& g) {
+  at::Tensor xt = at::empty({g.n, g.hp, g.wp, g.cinp}, x.options());
+  const T* xp = x.const_data_ptr<T>();
+  T* xtp = xt.mutable_data_ptr<T>();
+  at::parallel_for(0, g.n * g.hp, std::max<int64_t>(1, 16384 / (g.wp * g.cinp)), [&](int64_t b, int64_t e) {
+    wg::pack_input<T>(xp, channels_last, silu, g, xtp, b, e);
+  });
+  return xt;
+}
+
+// Tiles per chunk: transform-domain buffers (V and M, or V and Gt) of about 0.5 MiB each stay in L2
+// (measured: 0.5 MiB beat 2 MiB, 0.25 similar), at least 32 tiles, and at least one chunk per thread.
+int64_t chunk_tiles(const wg::Geometry& g, int64_t elem_size) {
+  const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
+  const int64_t per_tile = 36 * std::max(g.cinp, g.coutp) * elem_size;
+  const int64_t chunk = std::min(tiles, std::max<int64_t>(32, (int64_t(512) << 10) / per_tile));
+  return std::max<int64_t>(1, std::min(chunk, (tiles + threads - 1) / threads));
+}
+
 at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, const at::Tensor& scale, bool silu_in,
                              const std::optional<at::Tensor>& mod, const std::optional<at::Tensor>& res_in, double t,
                              double clip) {
@@ -105,13 +126,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
 
   AT_DISPATCH_FLOATING_TYPES(st, "winograd_conv", [&] {
     using T = scalar_t;
-    at::Tensor xt = at::empty({g.n, g.hp, g.wp, g.cinp}, x.options());
-    const T* xp = x.const_data_ptr<T>();
-    T* xtp = xt.mutable_data_ptr<T>();
-    const int64_t rows = g.n * g.hp;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / (g.wp * g.cinp)), [&](int64_t b, int64_t e) {
-      wg::pack_input<T>(xp, cl, silu_in, g, xtp, b, e);
-    });
+    const at::Tensor xt = packed<T>(x, cl, silu_in, g);
 
     wg::Epilogue<T> ep;
     ep.scale = sc.const_data_ptr<T>();
@@ -127,13 +142,9 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // least one chunk per thread; each thread runs whole chunks (transform, 36 GEMMs, output transform) on
     // its own buffers, so a convolution is two parallel regions however many chunks it has.
     const int64_t tiles = g.tiles();
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t budget = int64_t(512) << 10;  // bytes per buffer (measured: 0.5 MiB beat 2 MiB, 0.25 similar)
-    const int64_t per_tile = 36 * std::max(g.cinp, g.coutp) * int64_t(sizeof(T));
-    int64_t chunk = std::min(tiles, std::max<int64_t>(32, budget / per_tile));
-    chunk = std::max<int64_t>(1, std::min(chunk, (tiles + threads - 1) / threads));
+    const int64_t chunk = chunk_tiles(g, sizeof(T));
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
-    const int64_t slots = std::min(threads, nchunks);
+    const int64_t slots = std::min<int64_t>(std::max(1, at::get_num_threads()), nchunks);
     at::Tensor v = at::empty({slots, chunk, 36, g.cinp}, x.options());
     at::Tensor m = at::empty({slots, chunk, 36, g.coutp}, x.options());
     const T* xtc = xt.const_data_ptr<T>();
@@ -158,6 +169,74 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     });
   });
   return y;
+}
+
+using WgradFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
+WgradFn point_gemms_wgrad() {
+  const cpu::Isa isa = cpu::active_isa();
+  if (isa >= cpu::Isa::kAvx512 && wg::have_point_gemms_avx512()) return &wg::point_gemms_wgrad_avx512;
+  if (isa >= cpu::Isa::kAvx2 && wg::have_point_gemms_avx2()) return &wg::point_gemms_wgrad_avx2;
+  return nullptr;
+}
+
+// d/dW of conv2d(x, W, padding 1) for a 3x3 W and the output gradient `grad`: [out, in, 3, 3] in x's dtype.
+at::Tensor winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& grad_in) {
+  const char* op = "winograd_weight_grad";
+  check_winograd_dtype(x_in, op, "x");
+  check_same(x_in, grad_in, op, "x", "grad", /*same_shape=*/false);
+  TORCH_CHECK(x_in.dim() == 4 && grad_in.dim() == 4 && grad_in.size(0) == x_in.size(0) &&
+                  grad_in.size(2) == x_in.size(2) && grad_in.size(3) == x_in.size(3) && grad_in.size(1) > 0 &&
+                  x_in.size(1) > 0,
+              "fastdiff.winograd_weight_grad: expected x [N, C_in, H, W] and grad [N, C_out, H, W] (C_in, C_out > 0), "
+              "got ", x_in.sizes(), " and ", grad_in.sizes());
+  wg::Geometry g{};
+  g.n = x_in.size(0), g.cin = x_in.size(1), g.h = x_in.size(2), g.w = x_in.size(3);
+  g.cout = grad_in.size(1), g.cinp = wg::round_up(g.cin), g.coutp = wg::round_up(g.cout);
+  g.th = (g.h + 3) / 4, g.tw = (g.w + 3) / 4, g.hp = 4 * g.th + 2, g.wp = 4 * g.tw + 2;
+  at::Tensor dw = at::zeros({g.cout, g.cin, 3, 3}, x_in.options());
+  if (x_in.numel() == 0) return dw;
+  const bool xcl = is_channels_last(x_in), gcl = is_channels_last(grad_in);
+  const at::Tensor x = xcl ? x_in : x_in.contiguous(), gy = gcl ? grad_in : grad_in.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_weight_grad", [&] {
+    using T = scalar_t;
+    wg::Geometry go = g;  // the output gradient packed with the output's channels in the input's slots
+    go.cin = g.cout, go.cinp = g.coutp;
+    const at::Tensor xt = packed<T>(x, xcl, false, g), gt_rows = packed<T>(gy, gcl, false, go);
+    const int64_t tiles = g.tiles(), chunk = chunk_tiles(g, sizeof(T));
+    const int64_t nchunks = (tiles + chunk - 1) / chunk;
+    const int64_t slots = std::min<int64_t>(std::max(1, at::get_num_threads()), nchunks);
+    at::Tensor v = at::empty({slots, chunk, 36, g.cinp}, x.options());
+    at::Tensor gtb = at::empty({slots, chunk, 36, g.coutp}, x.options());
+    at::Tensor du = at::zeros({slots, 36, g.cinp, g.coutp}, x.options());  // one accumulator per thread
+    const WgradFn gemm = std::is_same_v<T, float> ? point_gemms_wgrad() : nullptr;
+    const T* xtp = xt.const_data_ptr<T>();
+    const T* gp = gt_rows.const_data_ptr<T>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      const int64_t slot = std::min<int64_t>(at::get_thread_num(), slots - 1);
+      at::Tensor vs = v[slot], gs = gtb[slot], ds = du[slot];
+      T* vp = vs.mutable_data_ptr<T>();
+      T* gtp = gs.mutable_data_ptr<T>();
+      for (int64_t ci = b; ci < e; ci++) {
+        const int64_t t0 = ci * chunk, t1 = std::min(tiles, t0 + chunk), nt = t1 - t0;
+        wg::input_transform<T>(xtp, g, t0, t0, t1, vp);
+        wg::grad_transform<T>(gp, g, t0, t0, t1, gtp);
+        if (gemm != nullptr) {
+          gemm(reinterpret_cast<const float*>(vp), reinterpret_cast<const float*>(gtp),
+               reinterpret_cast<float*>(ds.mutable_data_ptr<T>()), nt, g.cinp, g.coutp);
+        } else {  // float64, or no AVX2: ATen's bmm on [36, c, nt] / [36, nt, c] views
+          ds.add_(at::bmm(vs.narrow(0, 0, nt).permute({1, 2, 0}), gs.narrow(0, 0, nt).transpose(0, 1)));
+        }
+      }
+    });
+    const at::Tensor dut = slots > 1 ? du.sum(0) : du[0];
+    const T* dup = dut.const_data_ptr<T>();
+    T* dwp = dw.mutable_data_ptr<T>();
+    at::parallel_for(0, g.cin, std::max<int64_t>(1, 2048 / g.coutp), [&](int64_t b, int64_t e) {
+      wg::weight_grad_transform<T>(dup, g, dwp, b, e);
+    });
+  });
+  return dw;
 }
 
 template <typename Sig> c10::TypedOperatorHandle<Sig> find_op(const char* name) {
@@ -187,6 +266,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("winograd_conv", &winograd_conv_cpu);
   m.impl("mp_conv_winograd", &mp_conv_winograd_cpu);
+  m.impl("winograd_weight_grad", &winograd_weight_grad_cpu);
 }
 
 }  // namespace fastdiff

@@ -54,6 +54,16 @@ void output_transform(const T* m, const Geometry& g, int64_t t0, int64_t ta, int
 // and columns past cout written as zeros).
 template <typename T> void weight_transform(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
 
+// The weight gradient (Lavin & Gray 2016, Sec. 5: the same algorithm on the transposed problem): with
+// Gt = A g A^T the 6x6 transform of each 4x4 tile of the output gradient g and V the input's transform,
+// dU[k] = sum over tiles of V[:, k]^T Gt[:, k] and dW = G^T dU G.
+// Gt[t - t0][k][:] for tiles [ta, tb) from the output gradient packed like xt (pack_input with the
+// output's channels: [N][hp][wp][coutp], one pixel of zeros in front).
+template <typename T>
+void grad_transform(const T* gp, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* gt);
+// dW [cout][cin][3][3] (contiguous) from dU [36][cinp][coutp] for input channels [c0, c1) of [0, cin).
+template <typename T> void weight_grad_transform(const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1);
+
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff

@@ -1,6 +1,6 @@
-// The 36 per-point products of the Winograd convolution, M[k] = V[k] @ U[k] (k = 0 .. 35), on our own
-// register-blocked FMA micro-kernel (float32), one translation unit per instruction set:
-// winograd_gemm_avx2.cpp (8-float vectors) and winograd_gemm_avx512.cpp (16-float vectors), each
+// The 36 per-point products of the Winograd convolution, M[k] = V[k] @ U[k] (k = 0 .. 35), and those of
+// its weight gradient, on our own register-blocked FMA micro-kernel (float32), one translation unit per
+// instruction set: winograd_gemm_avx2.cpp (8-float vectors) and winograd_gemm_avx512.cpp (16-float vectors), each
 // including winograd_gemm.inc once after its `#pragma GCC target` (no c10/ATen header there, as in
 // simd.h). Layouts of winograd.h: V [nt][36][cinp], U [36][cinp][coutp], M [nt][36][coutp]; cinp and
 // coutp are multiples of winograd::kLanes.
@@ -19,6 +19,10 @@ namespace winograd {
 // the instruction set (the caller then uses the BLAS).
 void point_gemms_avx2(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp);
 void point_gemms_avx512(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp);
+// The weight gradient's products dU[k] += V[:, k]^T Gt[:, k] (sum over the nt tiles; Gt [nt][36][coutp]
+// the output gradient's transform A g A^T, dU [36][cinp][coutp] accumulated in place).
+void point_gemms_wgrad_avx2(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);
+void point_gemms_wgrad_avx512(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);
 bool have_point_gemms_avx2();
 bool have_point_gemms_avx512();
 

@@ -11,6 +11,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define FD_GEMM_INLINE inline __attribute__((always_inline))
 #define FD_GEMM_NAME point_gemms_avx2
+#define FD_GEMM_WGRAD_NAME point_gemms_wgrad_avx2
 #define VW 256
 #ifndef MR_W
 #define MR_W 6
@@ -33,6 +34,7 @@ namespace fastdiff {
 namespace cpu {
 namespace winograd {
 void point_gemms_avx2(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
+void point_gemms_wgrad_avx2(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
 bool have_point_gemms_avx2() { return false; }
 }  // namespace winograd
 }  // namespace cpu

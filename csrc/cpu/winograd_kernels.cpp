@@ -126,6 +126,18 @@ template <typename T> FD_INLINE void at6(const vec<T>* m, int64_t step, vec<T>* 
   o[3 * ostep] = d12 + T(8) * d34 + m5;
 }
 
+// A applied to four vectors -> six (the transpose of at6: the output gradient's transform A g A^T).
+template <typename T> FD_INLINE void a4(const vec<T>* m, int64_t step, vec<T>* o, int64_t ostep) {
+  const vec<T> m0 = m[0], m1 = m[step], m2 = m[2 * step], m3 = m[3 * step];
+  const vec<T> s02 = m0 + m2, s13 = m1 + m3, e02 = m0 + T(4) * m2, e13 = T(2) * m1 + T(8) * m3;
+  o[0] = m0;
+  o[ostep] = s02 + s13;
+  o[2 * ostep] = s02 - s13;
+  o[3 * ostep] = e02 + e13;
+  o[4 * ostep] = e02 - e13;
+  o[5 * ostep] = m3;
+}
+
 template <typename T>
 FD_INLINE void pack_input_body(const T* x, bool channels_last, bool silu, const Geometry& g, T* xt, int64_t r0,
                                int64_t r1) {
@@ -282,6 +294,52 @@ FD_INLINE void output_transform_body(const T* m, const Geometry& g, int64_t t0, 
 }
 
 template <typename T>
+FD_INLINE void grad_transform_body(const T* gp, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* gt) {
+  constexpr int L = VT<T>::L;
+  const int64_t cp = g.coutp;
+  for (int64_t t = ta; t < tb; t++) {
+    const int64_t tx = t % g.tw, ty = (t / g.tw) % g.th, n = t / (g.tw * g.th);
+    const T* base = gp + ((n * g.hp + 4 * ty + 1) * g.wp + 4 * tx + 1) * cp;  // the tile's 4x4 outputs
+    T* dst = gt + (t - t0) * 36 * cp;
+    for (int64_t cb = 0; cb < cp; cb += L) {
+      vec<T> d[16], s[24], o[36];
+      for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) d[i * 4 + j] = load(base + (i * g.wp + j) * cp + cb);
+      for (int j = 0; j < 4; j++) a4<T>(d + j, 4, s + j, 4);      // columns: s = A d  (6 x 4)
+      for (int i = 0; i < 6; i++) a4<T>(s + 4 * i, 1, o + 6 * i, 1);  // rows: o = s A^T  (6 x 6)
+      for (int k = 0; k < 36; k++) store(dst + k * cp + cb, o[k]);
+    }
+  }
+}
+
+template <typename T>
+FD_INLINE void weight_grad_transform_body(const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1) {
+  constexpr int L = VT<T>::L;
+  const T G[6][3] = {{T(1) / 4, 0, 0},           {T(-1) / 6, T(-1) / 6, T(-1) / 6},
+                     {T(-1) / 6, T(1) / 6, T(-1) / 6}, {T(1) / 24, T(1) / 12, T(1) / 6},
+                     {T(1) / 24, T(-1) / 12, T(1) / 6}, {0, 0, 1}};
+  const int64_t pstride = g.cinp * g.coutp;
+  for (int64_t ci = c0; ci < c1; ci++) {
+    for (int64_t ob = 0; ob < g.cout; ob += L) {  // L output channels per vector
+      vec<T> r[6][3];  // r = dU G  (6 x 3)
+      for (int i = 0; i < 6; i++) {
+        vec<T> e[6];
+        for (int j = 0; j < 6; j++) e[j] = load(du + (i * 6 + j) * pstride + ci * g.coutp + ob);
+        for (int b = 0; b < 3; b++)
+          r[i][b] = e[0] * G[0][b] + e[1] * G[1][b] + e[2] * G[2][b] + e[3] * G[3][b] + e[4] * G[4][b] + e[5] * G[5][b];
+      }
+      const int nl = int(std::min<int64_t>(L, g.cout - ob));
+      for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++) {
+          const vec<T> k = r[0][b] * G[0][a] + r[1][b] * G[1][a] + r[2][b] * G[2][a] + r[3][b] * G[3][a] +
+                           r[4][b] * G[4][a] + r[5][b] * G[5][a];  // (G^T dU G)[a][b]
+          for (int j = 0; j < nl; j++) dw[((ob + j) * g.cin + ci) * 9 + a * 3 + b] = k[j];
+        }
+    }
+  }
+}
+
+template <typename T>
 FD_INLINE void weight_transform_body(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1) {
   constexpr int L = VT<T>::L;
   const T G[6][3] = {{T(1) / 4, 0, 0},           {T(-1) / 6, T(-1) / 6, T(-1) / 6},
@@ -318,6 +376,10 @@ FD_MULTIVERSION(void, output_transform, output_transform_body,
                 (const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, const Epilogue<T>& ep,
                  bool channels_last, T* y),
                 (m, g, t0, ta, tb, ep, channels_last, y))
+FD_MULTIVERSION(void, grad_transform, grad_transform_body,
+                (const T* gp, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* gt), (gp, g, t0, ta, tb, gt))
+FD_MULTIVERSION(void, weight_grad_transform, weight_grad_transform_body,
+                (const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1), (du, g, dw, c0, c1))
 FD_MULTIVERSION(void, weight_transform, weight_transform_body,
                 (const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1), (w, g, u, c0, c1))
 
@@ -326,7 +388,9 @@ FD_MULTIVERSION(void, weight_transform, weight_transform_body,
   template void input_transform<T>(const T*, const Geometry&, int64_t, int64_t, int64_t, T*);                  \
   template void output_transform<T>(const T*, const Geometry&, int64_t, int64_t, int64_t, const Epilogue<T>&,  \
                                     bool, T*);                                                                 \
-  template void weight_transform<T>(const T*, const Geometry&, T*, int64_t, int64_t);
+  template void weight_transform<T>(const T*, const Geometry&, T*, int64_t, int64_t);                         \
+  template void grad_transform<T>(const T*, const Geometry&, int64_t, int64_t, int64_t, T*);                   \
+  template void weight_grad_transform<T>(const T*, const Geometry&, T*, int64_t, int64_t);
 FD_INSTANTIATE(float)
 FD_INSTANTIATE(double)
 #undef FD_INSTANTIATE

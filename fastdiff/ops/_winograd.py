@@ -45,6 +45,8 @@ def _register() -> None:
     def _(x, u, scale, silu_in=False, mod=None, res=None, t=0.5, clip=0.0):
         return _cl_like(x, x.new_empty((x.shape[0], scale.shape[0], x.shape[2], x.shape[3])))
 
+    reg(lib + "winograd_weight_grad")(lambda x, g: x.new_empty((g.shape[1], x.shape[1], 3, 3)))
+
     @reg(lib + "mp_conv_winograd")
     def _(x, w, gain, eps):
         return _cl_like(x, x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3])))
@@ -66,8 +68,14 @@ def _register() -> None:
             ones = torch.ones(w.shape[1], dtype=x.dtype, device=x.device)
             dx = ops.winograd_conv(g.to(x.dtype), u, ones)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            mask = [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-            _, dw, dgain = ops.mp_conv_backward(g, x, w, gain, ctx.eps, mask)
+            # The gradient w.r.t. the effective weight W_hat, on the Winograd path too (dU = sum over tiles of
+            # (A g A^T) . (B^T d B), dW_hat = G^T dU G), then through W_hat = gain N(W) / sqrt(fan_in).
+            fan_in = math.sqrt(w[0].numel())
+            dwu, dot = ops.weight_norm_backward(ops.winograd_weight_grad(x, g.to(x.dtype)).to(w.dtype), w, ctx.eps)
+            if ctx.needs_input_grad[1]:
+                dw = dwu * (gain.to(dwu).reshape(()) / fan_in)
+            if ctx.needs_input_grad[2]:
+                dgain = (dot.sum() / fan_in).to(gain).reshape(gain.shape)
         return dx, dw, dgain, None
 
     torch.library.register_autograd(lib + "mp_conv_winograd", backward, setup_context=setup)

@@ -212,6 +212,23 @@ def winograd_conv(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in
     return y.contiguous()
 
 
+def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``conv2d(x, W, padding=1)`` w.r.t. a 3x3 ``W`` for the output gradient ``grad``, in
+    plain PyTorch, by the Winograd form the kernel uses (Lavin & Gray 2016, Sec. 5):
+    ``dU = sum over tiles of (A g A^T) . (B^T d B)``, ``dW = G^T dU G``."""
+    n, cin, h, w = x.shape
+    th, tw = -(-h // 4), -(-w // 4)
+    d = F.pad(x, (1, 4 * tw + 1 - w, 1, 4 * th + 1 - h)).unfold(2, 6, 4).unfold(3, 6, 4)  # [n, cin, th, tw, 6, 6]
+    gy = F.pad(grad, (0, 4 * tw - w, 0, 4 * th - h)).unfold(2, 4, 4).unfold(3, 4, 4)  # [n, cout, th, tw, 4, 4]
+    bt = torch.tensor(WINOGRAD_BT, dtype=x.dtype, device=x.device)
+    at = torch.tensor(WINOGRAD_AT, dtype=x.dtype, device=x.device)
+    g = torch.tensor(WINOGRAD_G, dtype=x.dtype, device=x.device)
+    v = torch.einsum("ia,ncyxab,jb->ijcnyx", bt, d, bt)
+    gt = torch.einsum("ri,noyxrs,sj->ijonyx", at, gy, at)
+    du = torch.einsum("ijcnyx,ijonyx->ijoc", v, gt)
+    return torch.einsum("ia,ijoc,jb->ocab", g, du, g).contiguous()
+
+
 def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool = False, c=None, res=None,
                   t: float = 0.5, clip: float = 0.0, eps: float = EPS) -> torch.Tensor:
     """The block chain the Winograd path fuses: ``mp_conv(mp_silu?(x))``, then ``mp_silu(y (1 + c))``,
