@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <vector>
 #include <type_traits>
 
 #include "../common.h"
@@ -65,16 +67,50 @@ at::Tensor padded_vector(const at::Tensor& v, int64_t padded, at::ScalarType dty
   return out;
 }
 
-// x ([N, C, H, W], contiguous or channels-last) as the padded NHWC rows xt of winograd.h, through mp_silu
-// when `silu`; g's cin / cinp are x's channels.
-template <typename T> at::Tensor packed(const at::Tensor& x, bool channels_last, bool silu, const wg::Geometry& g) {
-  at::Tensor xt = at::empty({g.n, g.hp, g.wp, g.cinp}, x.options());
+// Tensors of the given shapes for one call's scratch buffers (the packed input, the transform-domain
+// chunks), carved out of a block each thread keeps and grows between calls, up to 64 MiB in all (beyond
+// that, fresh tensors). Fresh multi-MiB buffers on every call cost page faults, and glibc's moving mmap
+// threshold made that cost come and go: one 8x64x16x16 convolution measured 0.5 ms or 1.4 ms by heap state.
+std::vector<at::Tensor> workspace(const std::vector<std::vector<int64_t>>& shapes, const at::TensorOptions& opt) {
+  struct Block {
+    void* p = nullptr;
+    size_t n = 0;
+    ~Block() { std::free(p); }
+  };
+  thread_local Block block;
+  const size_t elem = opt.dtype().itemsize();
+  std::vector<size_t> offsets;
+  size_t total = 0;
+  for (const auto& s : shapes) {
+    size_t n = elem;
+    for (int64_t d : s) n *= size_t(d);
+    offsets.push_back(total);
+    total += (n + 63) / 64 * 64;
+  }
+  std::vector<at::Tensor> out;
+  if (total > (size_t(64) << 20)) {
+    for (const auto& s : shapes) out.push_back(at::empty(s, opt));
+    return out;
+  }
+  if (block.n < total) {
+    std::free(block.p);
+    block.n = (total + 4095) / 4096 * 4096;
+    block.p = std::aligned_alloc(4096, block.n);
+    TORCH_CHECK(block.p != nullptr, "fastdiff.winograd: could not allocate ", block.n, " bytes of scratch memory");
+  }
+  for (size_t i = 0; i < shapes.size(); i++)
+    out.push_back(at::from_blob(static_cast<char*>(block.p) + offsets[i], shapes[i], opt));
+  return out;
+}
+
+// x ([N, C, H, W], contiguous or channels-last) into xt ([N, hp, wp, cinp]), the padded NHWC rows of
+// winograd.h, through mp_silu when `silu`; g's cin / cinp are x's channels.
+template <typename T> void pack(const at::Tensor& x, bool channels_last, bool silu, const wg::Geometry& g, at::Tensor& xt) {
   const T* xp = x.const_data_ptr<T>();
   T* xtp = xt.mutable_data_ptr<T>();
   at::parallel_for(0, g.n * g.hp, std::max<int64_t>(1, 16384 / (g.wp * g.cinp)), [&](int64_t b, int64_t e) {
     wg::pack_input<T>(xp, channels_last, silu, g, xtp, b, e);
   });
-  return xt;
 }
 
 // Tiles per chunk: transform-domain buffers (V and M, or V and Gt) of about 0.5 MiB each stay in L2
@@ -126,7 +162,6 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
 
   AT_DISPATCH_FLOATING_TYPES(st, "winograd_conv", [&] {
     using T = scalar_t;
-    const at::Tensor xt = packed<T>(x, cl, silu_in, g);
 
     wg::Epilogue<T> ep;
     ep.scale = sc.const_data_ptr<T>();
@@ -145,8 +180,10 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     const int64_t chunk = chunk_tiles(g, sizeof(T));
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
     const int64_t slots = std::min<int64_t>(std::max(1, at::get_num_threads()), nchunks);
-    at::Tensor v = at::empty({slots, chunk, 36, g.cinp}, x.options());
-    at::Tensor m = at::empty({slots, chunk, 36, g.coutp}, x.options());
+    auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {slots, chunk, 36, g.cinp}, {slots, chunk, 36, g.coutp}},
+                        x.options());
+    at::Tensor &xt = ws[0], &v = ws[1], &m = ws[2];
+    pack<T>(x, cl, silu_in, g, xt);
     const T* xtc = xt.const_data_ptr<T>();
     const GemmFn gemm = std::is_same_v<T, float> ? point_gemms() : nullptr;
     T* yp = y.mutable_data_ptr<T>();
@@ -202,13 +239,16 @@ at::Tensor winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& gr
     using T = scalar_t;
     wg::Geometry go = g;  // the output gradient packed with the output's channels in the input's slots
     go.cin = g.cout, go.cinp = g.coutp;
-    const at::Tensor xt = packed<T>(x, xcl, false, g), gt_rows = packed<T>(gy, gcl, false, go);
     const int64_t tiles = g.tiles(), chunk = chunk_tiles(g, sizeof(T));
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
     const int64_t slots = std::min<int64_t>(std::max(1, at::get_num_threads()), nchunks);
-    at::Tensor v = at::empty({slots, chunk, 36, g.cinp}, x.options());
-    at::Tensor gtb = at::empty({slots, chunk, 36, g.coutp}, x.options());
-    at::Tensor du = at::zeros({slots, 36, g.cinp, g.coutp}, x.options());  // one accumulator per thread
+    auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {g.n, g.hp, g.wp, g.coutp}, {slots, chunk, 36, g.cinp},
+                         {slots, chunk, 36, g.coutp}, {slots, 36, g.cinp, g.coutp}},
+                        x.options());
+    at::Tensor &xt = ws[0], &gt_rows = ws[1], &v = ws[2], &gtb = ws[3], &du = ws[4];
+    pack<T>(x, xcl, false, g, xt);
+    pack<T>(gy, gcl, false, go, gt_rows);
+    du.zero_();  // one accumulator per thread
     const WgradFn gemm = std::is_same_v<T, float> ? point_gemms_wgrad() : nullptr;
     const T* xtp = xt.const_data_ptr<T>();
     const T* gp = gt_rows.const_data_ptr<T>();
