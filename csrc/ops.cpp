@@ -105,6 +105,9 @@ TORCH_LIBRARY(fastdiff, m) {
   // ([N, out, H, W]): [out, in, 3, 3] in x's dtype, by the Winograd form dU = sum over tiles of
   // (A^T)^T grad_tile A^T . (B^T d B), dW = G^T dU G. Not differentiable (a backward).
   m.def("winograd_weight_grad(Tensor x, Tensor grad) -> Tensor");
+  // The 1x1 convolution conv2d(x, w) for an effective weight w ([out, in] or [out, in, 1, 1]; CPU), the
+  // eval-mode form of a 1x1 MP convolution. Not differentiable (the inference form).
+  m.def("conv1x1(Tensor x, Tensor w) -> Tensor");
 
   // --- private: the CPU kernels' instruction set ---------------------------------------------------
   // Returns "family:isa,..." (e.g. "elementwise:avx512,solver:avx512,attention:avx2"); a level

@@ -23,7 +23,7 @@ except ImportError:
 
 
 # CPU-only by design: the Winograd MP convolution (fastdiff.ops.conv_path picks ATen / cuDNN on CUDA).
-CPU_ONLY = {"winograd_weight", "winograd_conv", "mp_conv_winograd", "winograd_weight_grad"}
+CPU_ONLY = {"winograd_weight", "winograd_conv", "mp_conv_winograd", "winograd_weight_grad", "conv1x1"}
 
 
 def main() -> int:

@@ -186,6 +186,42 @@ def test_weight_grad_edge_cases():
 
 
 @requires_wg
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("shape", [(1, 8, 8, 4, 4), (2, 40, 24, 9, 8), (3, 33, 13, 4, 6), (1, 264, 40, 8, 8),
+                                   (8, 64, 192, 8, 8), (1, 128, 384, 16, 16), (2, 5, 7, 3, 3)])
+def test_conv1x1_matches_conv2d_every_isa(shape, isa):
+    if isa == "avx512" and ops._ext.isa()["elementwise"] != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    if isa == "avx2" and ops._ext.isa()["elementwise"] == "baseline":
+        pytest.skip("this CPU has no AVX2")
+    n, cin, cout, h, w = shape
+    x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 1, 1, dtype=torch.float32, seed=2)
+    want = F.conv2d(x.double(), wt.double())
+    with ops._ext.force_isa(isa):
+        for xin, wv in ((x, wt), (x, wt.reshape(cout, cin)), (x.contiguous(memory_format=torch.channels_last), wt),
+                        (rnd(n, cin, h, 2 * w, dtype=torch.float32, seed=1)[..., ::2], wt)):
+            got = torch.ops.fastdiff.conv1x1(xin, wv)
+            ref = want if xin.stride(-1) == 1 or xin.is_contiguous(memory_format=torch.channels_last) else \
+                F.conv2d(xin.double(), wt.double())
+            assert got.shape == ref.shape and ((got.double() - ref).norm() / ref.norm()).item() < 1e-6
+        assert ops.conv1x1(x, wt).shape == want.shape  # the MPConv entry (own kernel or ATen by shape)
+
+
+@requires_wg
+def test_conv1x1_edge_cases():
+    x, wt = rnd(2, 16, 4, 4, dtype=torch.float32), rnd(8, 16, 1, 1, dtype=torch.float32)
+    x[1, 3, 2, 2] = float("nan")
+    y = torch.ops.fastdiff.conv1x1(x, wt)
+    assert torch.isnan(y[1, :, 2, 2]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[1, :, :2]).all()
+    assert torch.ops.fastdiff.conv1x1(x[:0], wt).shape == (0, 8, 4, 4)
+    with pytest.raises(RuntimeError, match=r"expected w of shape \[out, 16\]"):
+        torch.ops.fastdiff.conv1x1(x, wt[:, :8])
+    torch.library.opcheck(torch.ops.fastdiff.conv1x1.default, (x, wt), test_utils=("test_schema", "test_faketensor"))
+    xg = x.clone().requires_grad_()
+    assert ops.conv1x1(xg, wt).requires_grad  # with a gradient: ATen's differentiable convolution
+
+
+@requires_wg
 def test_nan_propagates_and_empty_batch():
     x, wt = rnd(1, 8, 8, 8, dtype=torch.float32), rnd(8, 8, 3, 3, dtype=torch.float32)
     x[0, 3, 1, 1] = float("nan")

@@ -23,6 +23,12 @@ void point_gemms_avx512(const float* v, const float* u, float* m, int64_t nt, in
 // the output gradient's transform A g A^T, dU [36][cinp][coutp] accumulated in place).
 void point_gemms_wgrad_avx2(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);
 void point_gemms_wgrad_avx512(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);
+// One plain product C[m][n] = A[m][k] B[k][n] (row-major, leading dimensions lda / ldb / ldc; n a
+// multiple of 8): the 1x1 MP convolution (conv1x1.cpp), y[i] = W x[i] per sample.
+void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m, int64_t n,
+               int64_t k);
+void gemm_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m, int64_t n,
+                 int64_t k);
 bool have_point_gemms_avx2();
 bool have_point_gemms_avx512();
 

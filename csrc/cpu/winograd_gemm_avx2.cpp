@@ -12,6 +12,7 @@
 #define FD_GEMM_INLINE inline __attribute__((always_inline))
 #define FD_GEMM_NAME point_gemms_avx2
 #define FD_GEMM_WGRAD_NAME point_gemms_wgrad_avx2
+#define FD_GEMM_PLAIN_NAME gemm_avx2
 #define VW 256
 #ifndef MR_W
 #define MR_W 6
@@ -35,6 +36,7 @@ namespace cpu {
 namespace winograd {
 void point_gemms_avx2(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
 void point_gemms_wgrad_avx2(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
+void gemm_avx2(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t) {}
 bool have_point_gemms_avx2() { return false; }
 }  // namespace winograd
 }  // namespace cpu

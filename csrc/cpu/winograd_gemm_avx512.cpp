@@ -15,6 +15,7 @@
 #define FD_GEMM_INLINE inline __attribute__((always_inline))
 #define FD_GEMM_NAME point_gemms_avx512
 #define FD_GEMM_WGRAD_NAME point_gemms_wgrad_avx512
+#define FD_GEMM_PLAIN_NAME gemm_avx512
 #define FD_GEMM_HAVE_512 1
 #define VW 512
 #define FD_GEMM_PREFETCH 32
@@ -40,6 +41,7 @@ namespace cpu {
 namespace winograd {
 void point_gemms_avx512(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
 void point_gemms_wgrad_avx512(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
+void gemm_avx512(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t) {}
 bool have_point_gemms_avx512() { return false; }
 }  // namespace winograd
 }  // namespace cpu

@@ -155,6 +155,8 @@ class MPConv(torch.nn.Module):
     def _apply_weight(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
         if w_hat.ndim == 2:
             return F.linear(x, w_hat)
+        if w_hat.shape[-2:] == (1, 1) and not _is_compiling():
+            return ops.conv1x1(x, w_hat)
         return F.conv2d(x, w_hat, padding=(w_hat.shape[-2] // 2, w_hat.shape[-1] // 2))
 
     def __getstate__(self):

@@ -29,7 +29,7 @@ _force = [False]  # set by use_reference(); a plain list so torch.compile can re
 __all__ = [
     "HAS_EXTENSION", "kernels", "use_reference", "uses_kernel", "weight_norm", "weight_norm_", "mp_weight",
     "mp_conv", "mp_linear", "mp_silu", "mp_sum", "mp_cat", "pixel_norm", "mp_silu_modulate", "clip", "normalize",
-    "cosine_attention", "solver_step", "mp_conv_fused", "conv_epilogue", "winograd_weight", "conv_path", "use_aten_conv", "use_conv_path",
+    "cosine_attention", "solver_step", "mp_conv_fused", "conv_epilogue", "conv1x1", "winograd_weight", "conv_path", "use_aten_conv", "use_conv_path",
     "reference",
 ]
 
@@ -200,7 +200,7 @@ def fan_in(w: torch.Tensor) -> int:
 
 
 from fastdiff.ops._solver import solver_step, solver_step_reference  # noqa: E402,F401  (batched solver step)
-from fastdiff.ops._winograd import conv_epilogue, conv_path, mp_conv_fused, use_aten_conv, use_conv_path, uses_winograd  # noqa: E402,F401
+from fastdiff.ops._winograd import conv1x1, conv_epilogue, conv_path, mp_conv_fused, use_aten_conv, use_conv_path, uses_winograd  # noqa: E402,F401
 
 
 def winograd_weight(w: torch.Tensor) -> torch.Tensor:

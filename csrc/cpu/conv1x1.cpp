@@ -1,0 +1,71 @@
+// The 1x1 MP convolution's product y[i] = W x[i] ([out, in] @ [in, H W] per sample) on the register-blocked
+// micro-kernel of winograd_gemm.inc (float32, AVX2 / AVX-512), samples and column blocks over threads.
+// It stands in for ATen's 1x1 convolution in eval mode (MPConv with a cached effective weight): at EDM2's
+// attention and skip shapes that ran at 45-100 GFLOP/s (oneDNN at 2 threads, the im2col path at 1), the
+// micro-kernel at 100-110 in cache. float64, channels-last inputs, maps whose H W is not a multiple of 8
+// and hosts without AVX2 take at::matmul.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../common.h"
+#include "isa.h"
+#include "winograd_gemm.h"
+
+namespace fastdiff {
+namespace {
+
+namespace wg = cpu::winograd;
+using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+
+GemmFn plain_gemm() {
+  const cpu::Isa isa = cpu::active_isa();
+  if (isa >= cpu::Isa::kAvx512 && wg::have_point_gemms_avx512()) return &wg::gemm_avx512;
+  if (isa >= cpu::Isa::kAvx2 && wg::have_point_gemms_avx2()) return &wg::gemm_avx2;
+  return nullptr;
+}
+
+at::Tensor conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& w_in) {
+  const char* op = "conv1x1";
+  check_float(x_in, op, "x");
+  check_same(x_in, w_in, op, "x", "w", /*same_shape=*/false);
+  TORCH_CHECK(x_in.dim() == 4, "fastdiff.conv1x1: expected x of shape [N, C, H, W], got ", x_in.sizes());
+  TORCH_CHECK((w_in.dim() == 2 || (w_in.dim() == 4 && w_in.size(2) == 1 && w_in.size(3) == 1)) &&
+                  w_in.size(1) == x_in.size(1),
+              "fastdiff.conv1x1: expected w of shape [out, ", x_in.size(1), "] or [out, ", x_in.size(1),
+              ", 1, 1], got ", w_in.sizes());
+  const int64_t n = x_in.size(0), cin = x_in.size(1), h = x_in.size(2), wd = x_in.size(3), hw = h * wd;
+  const int64_t cout = w_in.size(0);
+  const at::Tensor w = w_in.reshape({cout, cin}).contiguous();
+  const GemmFn gemm = x_in.scalar_type() == at::kFloat ? plain_gemm() : nullptr;
+  const bool channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (gemm == nullptr || hw % 8 != 0 || channels_last || x_in.numel() == 0 || cin == 0) {
+    at::Tensor y = at::matmul(w, x_in.reshape({n, cin, hw})).reshape({n, cout, h, wd});
+    return channels_last ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
+  }
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({n, cout, h, wd}, x.options());
+  // Column blocks (multiples of 32 pixels) so that every thread has work even at batch 1.
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((threads + n - 1) / n, hw / 32));
+  const int64_t block = (hw / parts + 31) / 32 * 32;
+  const int64_t nblocks = (hw + block - 1) / block;
+  const float* wp = w.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, n * nblocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; item++) {
+      const int64_t i = item / nblocks, c0 = (item % nblocks) * block, nc = std::min(block, hw - c0);
+      gemm(wp, cin, xp + i * cin * hw + c0, hw, yp + i * cout * hw + c0, hw, cout, nc, cin);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("conv1x1", &conv1x1_cpu); }
+
+}  // namespace fastdiff
