@@ -3,7 +3,8 @@
 1 and 2 threads. GFLOP/s are direct-convolution FLOPs (2 N Cin Cout 9 H W) per second, next to the measured
 fp32 GEMM peak (a 2048^3 ``torch.mm``), so the table shows how far past the direct-convolution limit the
 Winograd path goes. Also times the fused block chain (mp_silu -> conv -> mp_silu(y (1 + c))) against the
-unfused chain on ATen's convolution.
+unfused chain on ATen's convolution, training's weight gradient (``winograd_weight_grad`` vs ATen's
+``convolution_backward``), and the eval-mode 1x1 convolution (``fastdiff::conv1x1`` vs ``F.conv2d``).
 
     python benchmarks/bench_conv.py [--threads 1,2] [--quick] [--rounds 5] [--json out.json]
     python benchmarks/bench_conv.py --accuracy tiny-16,small-32,edm2-img64-s
@@ -35,10 +36,17 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def gemm_peak(rounds: int) -> float:
+def gemm_peak(rounds: int) -> tuple[float, float | None]:
+    """GFLOP/s of a 2048^3 product: ``torch.mm`` (the BLAS) and fastdiff's micro-kernel (as a 1x1 conv)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     torch.mm(a, b)
-    return 2 * 2048**3 / min(_time(lambda: torch.mm(a, b)) for _ in range(rounds)) / 1e9
+    blas = 2 * 2048**3 / min(_time(lambda: torch.mm(a, b)) for _ in range(rounds)) / 1e9
+    if not (ops.HAS_EXTENSION and ops._ext.has_kernel("conv1x1", "cpu")):
+        return blas, None
+    x = b.reshape(1, 2048, 32, 64)
+    torch.ops.fastdiff.conv1x1(x, a)
+    own = 2 * 2048**3 / min(_time(lambda: torch.ops.fastdiff.conv1x1(x, a)) for _ in range(rounds)) / 1e9
+    return blas, own
 
 
 def bench_case(c: int, r: int, n: int, rounds: int) -> dict:
@@ -54,6 +62,10 @@ def bench_case(c: int, r: int, n: int, rounds: int) -> dict:
             "winograd": lambda: ops.mp_conv_fused(x, w, cache=cache),
             "chain_aten": lambda: ops.mp_silu_modulate(F.conv2d(ops.mp_silu(x), w_hat, padding=1), cc),
             "chain_fused": lambda: ops.mp_conv_fused(x, w, silu_in=True, c=cc, cache=cache),
+            # Training's weight gradient: ATen's convolution_backward (weight only) vs the Winograd form.
+            "wgrad_aten": lambda: torch.ops.aten.convolution_backward(
+                x, x, w_hat, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]),
+            "wgrad_winograd": lambda: torch.ops.fastdiff.winograd_weight_grad(x, x),
         }
         times = {k: [] for k in impls}
         with torch.no_grad():
@@ -68,7 +80,30 @@ def bench_case(c: int, r: int, n: int, rounds: int) -> dict:
     return dict(channels=c, res=r, batch=n, threads=torch.get_num_threads(), **{f"{k}_ms": v * 1e3 for k, v in med.items()},
                 aten_gflops=flops / med["aten"] / 1e9, winograd_gflops=flops / med["winograd"] / 1e9,
                 speedup=med["aten"] / med["winograd"], chain_speedup=med["chain_aten"] / med["chain_fused"],
+                wgrad_speedup=med["wgrad_aten"] / med["wgrad_winograd"],
                 rel_err=err, selector=ops.conv_path(c, c, r, r, n)[0])
+
+
+# 1x1 convolutions of the EDM2 blocks (attention qkv / proj, skip): (in, out, resolution, batches).
+SHAPES_1X1 = [(128, 384, 16, (1, 8)), (128, 128, 16, (1, 8)), (256, 128, 16, (1,)), (128, 64, 32, (1, 8)),
+              (192, 64, 32, (1,)), (64, 192, 8, (8,)), (64, 64, 8, (8,)), (768, 2304, 8, (1, 8))]
+
+
+def bench_1x1(cin: int, cout: int, r: int, n: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(n, cin, r, r, generator=g), torch.randn(cout, cin, 1, 1, generator=g)
+    impls = {"aten": lambda: F.conv2d(x, w), "fastdiff": lambda: torch.ops.fastdiff.conv1x1(x, w)}
+    times = {k: [] for k in impls}
+    for f in impls.values():
+        f()
+    for _ in range(rounds):
+        for k, f in impls.items():
+            times[k].append(_time(f))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    flops = 2 * n * cin * cout * r * r
+    return dict(kind="1x1", cin=cin, cout=cout, res=r, batch=n, threads=torch.get_num_threads(),
+                aten_ms=med["aten"] * 1e3, fastdiff_ms=med["fastdiff"] * 1e3, aten_gflops=flops / med["aten"] / 1e9,
+                fastdiff_gflops=flops / med["fastdiff"] / 1e9, speedup=med["aten"] / med["fastdiff"])
 
 
 def _rms_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -156,19 +191,28 @@ def main() -> None:
     rows = []
     for threads in [int(t) for t in a.threads.split(",")]:
         torch.set_num_threads(threads)
-        peak = gemm_peak(a.rounds)
-        print(f"\n{threads} thread(s): fp32 GEMM peak (torch.mm 2048^3) {peak:.0f} GFLOP/s")
+        peak, own = gemm_peak(a.rounds)
+        print(f"\n{threads} thread(s): fp32 GEMM peak (2048^3): torch.mm {peak:.0f} GFLOP/s, fastdiff's micro-kernel "
+              f"{own or 0:.0f} GFLOP/s")
         print("| C | map | batch | ATen ms | GFLOP/s | Winograd ms | GFLOP/s | speedup | fused chain speedup | "
-              "rel. err | selector |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "weight grad speedup | rel. err | selector |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for c, r, batches in QUICK if a.quick else SHAPES:
             for n in batches:
                 row = bench_case(c, r, n, a.rounds)
-                row["gemm_peak_gflops"] = peak
+                row["gemm_peak_gflops"], row["own_gemm_peak_gflops"] = peak, own
                 rows.append(row)
                 print(f"| {c} | {r}x{r} | {n} | {row['aten_ms']:.2f} | {row['aten_gflops']:.0f} | {row['winograd_ms']:.2f} | "
                       f"{row['winograd_gflops']:.0f} | {row['speedup']:.2f}x | {row['chain_speedup']:.2f}x | "
-                      f"{row['rel_err']:.1e} | {row['selector']} |", flush=True)
+                      f"{row['wgrad_speedup']:.2f}x | {row['rel_err']:.1e} | {row['selector']} |", flush=True)
+        print("\n| 1x1: in | out | map | batch | ATen ms | GFLOP/s | fastdiff ms | GFLOP/s | speedup |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for cin, cout, r, batches in SHAPES_1X1[:2] if a.quick else SHAPES_1X1:
+            for n in batches:
+                row = bench_1x1(cin, cout, r, n, a.rounds)
+                rows.append(row)
+                print(f"| {cin} | {cout} | {r}x{r} | {n} | {row['aten_ms']:.3f} | {row['aten_gflops']:.0f} | "
+                      f"{row['fastdiff_ms']:.3f} | {row['fastdiff_gflops']:.0f} | {row['speedup']:.2f}x |", flush=True)
     if a.json:
         from fastdiff._atomic import atomic_open
 

@@ -222,6 +222,25 @@ def test_conv1x1_edge_cases():
 
 
 @requires_wg
+@pytest.mark.parametrize("shape", [(1, 64, 64, 8, 8), (1, 40, 72, 16, 16), (3, 16, 96, 8, 7), (2, 24, 24, 8, 8)])
+def test_winograd_conv_threads_share_a_small_chunk(shape):
+    """With 2 threads and at most 64 tiles the threads split one chunk's products by output columns (the
+    few-tile path); the result equals the 1-thread one up to summation order."""
+    n, cin, cout, h, w = shape
+    x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 3, 3, dtype=torch.float32, seed=2)
+    u, scale, res = torch.ops.fastdiff.winograd_weight(wt), torch.ones(cout), rnd(n, cout, h, w, dtype=torch.float32)
+    c = rnd(n, cout, dtype=torch.float32, seed=3)
+    one = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
+    finally:
+        torch.set_num_threads(old)
+    assert rel(two, one) < 1e-6
+
+
+@requires_wg
 def test_nan_propagates_and_empty_batch():
     x, wt = rnd(1, 8, 8, 8, dtype=torch.float32), rnd(8, 8, 3, 3, dtype=torch.float32)
     x[0, 3, 1, 1] = float("nan")

@@ -52,7 +52,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
 }
 
 // The per-point GEMMs of the active instruction set (winograd_gemm.h), or null: ATen's bmm.
-using GemmFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
+using GemmFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 GemmFn point_gemms() {
   const cpu::Isa isa = cpu::active_isa();
   if (isa >= cpu::Isa::kAvx512 && wg::have_point_gemms_avx512()) return &wg::point_gemms_avx512;
@@ -176,17 +176,33 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // Tiles in chunks whose transform-domain buffers (V and M, together about 1 MiB) stay in L2, and at
     // least one chunk per thread; each thread runs whole chunks (transform, 36 GEMMs, output transform) on
     // its own buffers, so a convolution is two parallel regions however many chunks it has.
-    const int64_t tiles = g.tiles();
+    const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
+    const GemmFn gemm = std::is_same_v<T, float> ? point_gemms() : nullptr;
+    T* yp = y.mutable_data_ptr<T>();
+    // Few tiles (an 8x8 or 16x16 map at batch 1): one chunk whose products the threads share by output
+    // columns, so the transformed weight (which then dominates the time) is streamed once, not per thread.
+    if (threads > 1 && gemm != nullptr && tiles <= 64 && g.coutp >= 64) {
+      auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {tiles, 36, g.cinp}, {tiles, 36, g.coutp}}, x.options());
+      pack<T>(x, cl, silu_in, g, ws[0]);
+      const T* xtc = ws[0].const_data_ptr<T>();
+      T* vp = ws[1].mutable_data_ptr<T>();
+      T* mp = ws[2].mutable_data_ptr<T>();
+      at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { wg::input_transform<T>(xtc, g, 0, b, e, vp); });
+      at::parallel_for(0, g.coutp / 32 + (g.coutp % 32 != 0), 1, [&](int64_t b, int64_t e) {
+        gemm(reinterpret_cast<const float*>(vp), reinterpret_cast<const float*>(u.const_data_ptr<T>()),
+             reinterpret_cast<float*>(mp), tiles, g.cinp, g.coutp, 32 * b, std::min(g.coutp, 32 * e));
+      });
+      at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { wg::output_transform<T>(mp, g, 0, b, e, ep, cl, yp); });
+      return;
+    }
     const int64_t chunk = chunk_tiles(g, sizeof(T));
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
-    const int64_t slots = std::min<int64_t>(std::max(1, at::get_num_threads()), nchunks);
+    const int64_t slots = std::min<int64_t>(threads, nchunks);
     auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {slots, chunk, 36, g.cinp}, {slots, chunk, 36, g.coutp}},
                         x.options());
     at::Tensor &xt = ws[0], &v = ws[1], &m = ws[2];
     pack<T>(x, cl, silu_in, g, xt);
     const T* xtc = xt.const_data_ptr<T>();
-    const GemmFn gemm = std::is_same_v<T, float> ? point_gemms() : nullptr;
-    T* yp = y.mutable_data_ptr<T>();
     at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
       const int64_t slot = std::min<int64_t>(at::get_thread_num(), slots - 1);
       at::Tensor vs = v[slot], ms = m[slot];
@@ -197,7 +213,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
         wg::input_transform<T>(xtc, g, t0, t0, t1, vp);
         if (gemm != nullptr) {
           gemm(reinterpret_cast<const float*>(vp), reinterpret_cast<const float*>(u.const_data_ptr<T>()),
-               reinterpret_cast<float*>(mp), nt, g.cinp, g.coutp);
+               reinterpret_cast<float*>(mp), nt, g.cinp, g.coutp, 0, g.coutp);
         } else {  // float64, or no AVX2: ATen's bmm on [36, nt, c] views of the tile-major buffers
           ms.narrow(0, 0, nt).transpose(0, 1).copy_(at::bmm(vs.narrow(0, 0, nt).transpose(0, 1), u));
         }

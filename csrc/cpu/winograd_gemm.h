@@ -17,8 +17,11 @@ namespace winograd {
 
 // Runs all 36 products for nt tiles; returns false (nothing done) when this build has no kernel for
 // the instruction set (the caller then uses the BLAS).
-void point_gemms_avx2(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp);
-void point_gemms_avx512(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp);
+// Output columns [n0, n1) of [0, coutp) (multiples of 8), so that threads can share one chunk's products.
+void point_gemms_avx2(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp, int64_t n0,
+                      int64_t n1);
+void point_gemms_avx512(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp, int64_t n0,
+                        int64_t n1);
 // The weight gradient's products dU[k] += V[:, k]^T Gt[:, k] (sum over the nt tiles; Gt [nt][36][coutp]
 // the output gradient's transform A g A^T, dU [36][cinp][coutp] accumulated in place).
 void point_gemms_wgrad_avx2(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);

@@ -39,7 +39,7 @@ bool have_point_gemms_avx512() { return true; }
 namespace fastdiff {
 namespace cpu {
 namespace winograd {
-void point_gemms_avx512(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
+void point_gemms_avx512(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
 void point_gemms_wgrad_avx512(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
 void gemm_avx512(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t) {}
 bool have_point_gemms_avx512() { return false; }
