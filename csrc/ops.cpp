@@ -88,9 +88,10 @@ TORCH_LIBRARY(fastdiff, m) {
       " Tensor? d_prev=None, Tensor? x_base=None) -> (Tensor, Tensor, Tensor)");
 
   // --- Winograd MP convolution (3x3, stride 1, padding 1; CPU, float32 / float64) -------------------
-  // F(4x4, 3x3) weight transform G g G^T of a [out, in, 3, 3] weight: [36, in_p, out_p], channel counts
-  // zero-padded to multiples of 8, in w's dtype. Cached in eval mode (no normalization: the MP factor
-  // is the `scale` of winograd_conv).
+  // F(4x4, 3x3) weight transform G g G^T of a [out, in, 3, 3] weight: [36, ceil(out_p / 32), in_p, 32]
+  // (point, panel of 32 output channels, input channel, output channel within the panel), channel counts
+  // zero-padded to multiples of 8 (output channels up to whole panels), in w's dtype. Cached in eval
+  // mode (no normalization: the MP factor is the `scale` of winograd_conv).
   m.def("winograd_weight(Tensor w) -> Tensor");
   // The fused conv: y = conv2d(silu_in ? mp_silu(x) : x, weight) * scale[o] per output channel o, with
   // u = winograd_weight(weight); then y = mp_silu(y * (1 + mod)) if mod ([N, out]) is given, then

@@ -42,9 +42,15 @@ def test_weight_transform_matches_reference(cin, cout, dtype):
     w = rnd(cout, cin, 3, 3, dtype=dtype)
     got = torch.ops.fastdiff.winograd_weight(w)
     want = R.winograd_weight(w)
-    assert got.shape == (36, -(-cin // 8) * 8, -(-cout // 8) * 8) and got.dtype == dtype
+    coutp = -(-cout // 8) * 8
+    assert got.shape == (36, -(-coutp // 32), -(-cin // 8) * 8, 32) and got.dtype == dtype
     assert rel(got, want) < (1e-15 if dtype == torch.float64 else 1e-6)
-    assert torch.all(got[:, cin:] == 0) and torch.all(got[:, :, cout:] == 0)
+    assert torch.all(got.permute(0, 2, 1, 3).reshape(36, got.shape[2], -1)[:, :, cout:] == 0)  # padded panels
+    rows = R.winograd_weight_rows(got, cout)
+    assert rows.shape == (36, got.shape[2], coutp) and torch.all(rows[:, cin:] == 0)
+    g = torch.tensor(R.WINOGRAD_G, dtype=torch.float64)
+    u = torch.einsum("ia,ocab,jb->ijco", g, w.double(), g).reshape(36, cin, cout)
+    assert rel(rows[:, :cin, :cout], u) < (1e-15 if dtype == torch.float64 else 1e-6)
 
 
 SHAPES = [(1, 3, 5, 1, 1), (2, 5, 7, 5, 7), (1, 9, 16, 8, 8), (3, 17, 11, 13, 6)]  # n, cin, cout, h, w

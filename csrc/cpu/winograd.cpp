@@ -1,6 +1,8 @@
-// CPU glue of the Winograd MP convolution (3x3, stride 1, padding 1): checks, layouts, tile chunks,
-// threading (at::parallel_for over rows and tiles) and the 36 per-point GEMMs of each chunk through
-// ATen's BLAS (at::bmm). The transforms are the raw loops of winograd_kernels.cpp.
+// CPU glue of the Winograd MP convolution (3x3, stride 1, padding 1) and of its weight gradient: checks,
+// layouts, tile chunks, scratch memory, threading (at::parallel_for over rows, chunks of tiles or, for
+// few tiles, output columns) and the 36 per-point GEMMs of each chunk on the micro-kernel of
+// winograd_gemm.inc (float32 with AVX2 or AVX-512; ATen's bmm for float64 and the baseline level). The
+// transforms are the raw loops of winograd_kernels.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -40,7 +42,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
   at::Tensor w = w_in.contiguous();
   wg::Geometry g{};
   g.cout = w.size(0), g.cin = w.size(1), g.coutp = wg::round_up(g.cout), g.cinp = wg::round_up(g.cin);
-  at::Tensor u = at::empty({36, g.cinp, g.coutp}, w.options());
+  at::Tensor u = at::empty({36, wg::strips(g.coutp), g.cinp, wg::kStrip}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "winograd_weight", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* up = u.mutable_data_ptr<scalar_t>();
@@ -136,8 +138,9 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
   wg::Geometry g{};
   g.n = x_in.size(0), g.cin = x_in.size(1), g.h = x_in.size(2), g.w = x_in.size(3);
   g.cout = scale.size(0), g.cinp = wg::round_up(g.cin), g.coutp = wg::round_up(g.cout);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 36 && u.size(1) == g.cinp && u.size(2) == g.coutp,
-              "fastdiff.winograd_conv: expected u of shape [36, ", g.cinp, ", ", g.coutp,
+  TORCH_CHECK(u.dim() == 4 && u.size(0) == 36 && u.size(1) == wg::strips(g.coutp) && u.size(2) == g.cinp &&
+                  u.size(3) == wg::kStrip,
+              "fastdiff.winograd_conv: expected u of shape [36, ", wg::strips(g.coutp), ", ", g.cinp, ", ", wg::kStrip,
               "] (winograd_weight of a [", g.cout, ", ", g.cin, ", 3, 3] weight), got ", u.sizes());
   g.th = (g.h + 3) / 4, g.tw = (g.w + 3) / 4, g.hp = 4 * g.th + 2, g.wp = 4 * g.tw + 2;
 
@@ -198,6 +201,9 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     const int64_t chunk = chunk_tiles(g, sizeof(T));
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
     const int64_t slots = std::min<int64_t>(threads, nchunks);
+    // The fallback's BLAS takes U as rows [36][cinp][coutp].
+    const at::Tensor u_rows = gemm != nullptr ? at::Tensor()
+        : u.permute({0, 2, 1, 3}).reshape({36, g.cinp, -1}).narrow(2, 0, g.coutp).contiguous();
     auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {slots, chunk, 36, g.cinp}, {slots, chunk, 36, g.coutp}},
                         x.options());
     at::Tensor &xt = ws[0], &v = ws[1], &m = ws[2];
@@ -215,7 +221,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
           gemm(reinterpret_cast<const float*>(vp), reinterpret_cast<const float*>(u.const_data_ptr<T>()),
                reinterpret_cast<float*>(mp), nt, g.cinp, g.coutp, 0, g.coutp);
         } else {  // float64, or no AVX2: ATen's bmm on [36, nt, c] views of the tile-major buffers
-          ms.narrow(0, 0, nt).transpose(0, 1).copy_(at::bmm(vs.narrow(0, 0, nt).transpose(0, 1), u));
+          ms.narrow(0, 0, nt).transpose(0, 1).copy_(at::bmm(vs.narrow(0, 0, nt).transpose(0, 1), u_rows));
         }
         wg::output_transform<T>(mp, g, t0, t0, t1, ep, cl, yp);
       }

@@ -1,14 +1,15 @@
 // Raw loops of the Winograd F(4x4, 3x3) convolution (Lavin & Gray 2016, "Fast Algorithms for
 // Convolutional Neural Networks", Sec. 4): Y = A^T [ (G g G^T) . (B^T d B) ] A per 4x4 output tile,
-// 6x6 input patch d, 3x3 filter g, 36 points per tile. The per-point products are batched GEMMs that
-// the caller (winograd.cpp) runs through ATen's BLAS; these loops are the three transforms, written on
+// 6x6 input patch d, 3x3 filter g, 36 points per tile. The per-point products are GEMMs that the caller
+// (winograd.cpp) runs on winograd_gemm.h's micro-kernel; these loops are the transforms, written on
 // 32-byte vectors over channels (8 floats or 4 doubles) and built for AVX2+FMA and the baseline with
 // the run-time dispatch of isa.h.
 //
 // Layouts (channel counts padded to a multiple of kLanes with zeros):
 //   xt  [N][hp][wp][cp]          the input, zero-padded by one pixel (and up to whole tiles), NHWC
 //   V   [tiles][36][cinp]        input transform of a chunk of tiles (t - t0), a tile's points together
-//   U   [36][cinp][coutp]        weight transform
+//   U   [36][ns][cinp][32]       weight transform in panels of 32 output channels (ns = strips(coutp),
+//                                columns past coutp zero): each GEMM panel is one contiguous stream
 //   M   [tiles][36][coutp]       M[:, k] = V[:, k] @ U[k] (rows 36 cinp / 36 coutp apart)
 #pragma once
 #include <cstdint>
@@ -20,6 +21,12 @@ namespace winograd {
 constexpr int64_t kLanes = 8;  // channel padding unit (a multiple of the lanes of every vector type)
 
 inline int64_t round_up(int64_t c) { return (c + kLanes - 1) / kLanes * kLanes; }
+
+// U is stored in strips of kStrip output channels (the micro-kernel's widest column block), so that the
+// panel a column strip of the GEMM reads is contiguous; read cold at batch 1, that streamed 1.3-2x
+// faster than rows of the whole [cinp][coutp] matrix (AMD Zen 4).
+constexpr int64_t kStrip = 32;
+inline int64_t strips(int64_t coutp) { return (coutp + kStrip - 1) / kStrip; }
 
 struct Geometry {
   int64_t n, h, w;  // batch and spatial size of input and output
@@ -51,7 +58,7 @@ template <typename T>
 void output_transform(const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, const Epilogue<T>& ep,
                       bool channels_last, T* y);
 // U from w [cout][cin][3][3] (contiguous) for padded input channels [c0, c1) of [0, cinp) (rows past cin
-// and columns past cout written as zeros).
+// and columns past cout, up to whole strips, written as zeros).
 template <typename T> void weight_transform(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
 
 // The weight gradient (Lavin & Gray 2016, Sec. 5: the same algorithm on the transposed problem): with

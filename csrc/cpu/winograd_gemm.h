@@ -2,12 +2,12 @@
 // its weight gradient, on our own register-blocked FMA micro-kernel (float32), one translation unit per
 // instruction set: winograd_gemm_avx2.cpp (8-float vectors) and winograd_gemm_avx512.cpp (16-float vectors), each
 // including winograd_gemm.inc once after its `#pragma GCC target` (no c10/ATen header there, as in
-// simd.h). Layouts of winograd.h: V [nt][36][cinp], U [36][cinp][coutp], M [nt][36][coutp]; cinp and
-// coutp are multiples of winograd::kLanes.
+// simd.h). Layouts of winograd.h: V [nt][36][cinp], U [36][ns][cinp][32] (panels of 32 output
+// channels), M [nt][36][coutp]; cinp and coutp are multiples of winograd::kLanes.
 //
 // Why not ATen's bmm: at EDM2 shapes (tens of tiles per chunk, 64-768 channels) the BLAS packs both
 // operands and zero-fills the output for each of the 36 small products; here U[k]'s panels are read in
-// place (its layout is already the B panel) and each output block is written once.
+// place (U is stored as the B panels) and each output block is written once.
 #pragma once
 #include <cstdint>
 
@@ -17,7 +17,8 @@ namespace winograd {
 
 // Runs all 36 products for nt tiles; returns false (nothing done) when this build has no kernel for
 // the instruction set (the caller then uses the BLAS).
-// Output columns [n0, n1) of [0, coutp) (multiples of 8), so that threads can share one chunk's products.
+// Output columns [n0, n1) of [0, coutp) (n0 a multiple of 32, n1 of 8), so that threads can share one
+// chunk's products.
 void point_gemms_avx2(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp, int64_t n0,
                       int64_t n1);
 void point_gemms_avx512(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp, int64_t n0,

@@ -345,9 +345,10 @@ FD_INLINE void weight_transform_body(const T* w, const Geometry& g, T* u, int64_
   const T G[6][3] = {{T(1) / 4, 0, 0},           {T(-1) / 6, T(-1) / 6, T(-1) / 6},
                      {T(-1) / 6, T(1) / 6, T(-1) / 6}, {T(1) / 24, T(1) / 12, T(1) / 6},
                      {T(1) / 24, T(-1) / 12, T(1) / 6}, {0, 0, 1}};
-  const int64_t pstride = g.cinp * g.coutp;
+  const int64_t ns = strips(g.coutp), pstride = ns * g.cinp * kStrip;
   for (int64_t ci = c0; ci < c1; ci++) {
-    for (int64_t ob = 0; ob < g.coutp; ob += L) {  // L output channels per vector
+    for (int64_t ob = 0; ob < ns * kStrip; ob += L) {  // L output channels per vector, within one strip
+      T* dst = u + (ob / kStrip) * g.cinp * kStrip + ci * kStrip + ob % kStrip;
       vec<T> k[9];
       for (int tap = 0; tap < 9; tap++) {
         k[tap] = vec<T>{};
@@ -359,7 +360,7 @@ FD_INLINE void weight_transform_body(const T* w, const Geometry& g, T* u, int64_
         for (int b = 0; b < 3; b++) gk[i][b] = G[i][0] * k[b] + G[i][1] * k[3 + b] + G[i][2] * k[6 + b];
       for (int i = 0; i < 6; i++)
         for (int j = 0; j < 6; j++)
-          store(u + (i * 6 + j) * pstride + ci * g.coutp + ob, gk[i][0] * G[j][0] + gk[i][1] * G[j][1] + gk[i][2] * G[j][2]);
+          store(dst + (i * 6 + j) * pstride, gk[i][0] * G[j][0] + gk[i][1] * G[j][1] + gk[i][2] * G[j][2]);
     }
   }
 }

@@ -3,7 +3,9 @@ fused block chain ``mp_conv_fused``.
 
 The kernels (csrc/cpu/winograd*.cpp) compute a 3x3, stride-1, padding-1 convolution by Winograd's minimal
 filtering F(4x4, 3x3) (Lavin & Gray 2016, Eq. 9 in 2-D nesting form: ``Y = A^T [U . V] A`` with
-``U = G g G^T``, ``V = B^T d B``), the 36 per-point products as batched GEMMs. ``winograd_conv`` fuses
+``U = G g G^T``, ``V = B^T d B``), the 36 per-point products on fastdiff's own GEMM micro-kernel; the
+weight gradient by the same algorithm on the transposed problem (``dU = sum over tiles of (A g A^T) . V``,
+``dW = G^T dU G``, ``winograd_weight_grad``). ``winograd_conv`` fuses
 the EDM2 block's elementwise chain around it (EDM2 Alg. 1 / Fig. 21, the residual branch): ``mp_silu`` of
 the input, the MP weight factor per output channel, then ``mp_silu(y * (1 + c))`` or ``mp_sum(x, y, t)``
 and ``clip``. Only the CPU has these kernels; elsewhere (CUDA keeps cuDNN) the chain runs unfused.
@@ -39,7 +41,8 @@ def _cl_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def _register() -> None:
     reg = torch.library.register_fake
-    reg(lib + "winograd_weight")(lambda w: w.new_empty((36, _round_up(w.shape[1]), _round_up(w.shape[0]))))
+    reg(lib + "winograd_weight")(
+        lambda w: w.new_empty((36, -(-_round_up(w.shape[0]) // 32), _round_up(w.shape[1]), 32)))
 
     @reg(lib + "winograd_conv")
     def _(x, u, scale, silu_in=False, mod=None, res=None, t=0.5, clip=0.0):

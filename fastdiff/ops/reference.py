@@ -177,13 +177,22 @@ def _pad8(c: int) -> int:
 
 
 def winograd_weight(w: torch.Tensor) -> torch.Tensor:
-    """``U = G g G^T`` of a 3x3 weight ``[out, in, 3, 3]`` as ``[36, in_p, out_p]`` (channels zero-padded to
-    multiples of 8), computed in float64 and returned in ``w``'s dtype."""
+    """``U = G g G^T`` of a 3x3 weight ``[out, in, 3, 3]`` as ``[36, strips, in_p, 32]``: per transform point,
+    panels of 32 output channels (channels zero-padded to multiples of 8, output channels up to whole
+    panels), computed in float64 and returned in ``w``'s dtype. ``winograd_weight_rows`` gives the
+    ``[36, in_p, out_p]`` matrix."""
     g = torch.tensor(WINOGRAD_G, dtype=torch.float64, device=w.device)
     u = torch.einsum("ia,ocab,jb->ijco", g, w.double(), g)
-    out = torch.zeros(36, _pad8(w.shape[1]), _pad8(w.shape[0]), dtype=torch.float64, device=w.device)
+    strips = -(-_pad8(w.shape[0]) // 32)
+    out = torch.zeros(36, _pad8(w.shape[1]), strips * 32, dtype=torch.float64, device=w.device)
     out[:, : w.shape[1], : w.shape[0]] = u.reshape(36, w.shape[1], w.shape[0])
-    return out.to(w.dtype)
+    return out.reshape(36, out.shape[1], strips, 32).permute(0, 2, 1, 3).contiguous().to(w.dtype)
+
+
+def winograd_weight_rows(u: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """The ``[36, in_p, out_p]`` matrix of a ``winograd_weight`` result (``out_p``: ``out_channels`` padded
+    to a multiple of 8)."""
+    return u.permute(0, 2, 1, 3).reshape(36, u.shape[2], -1)[:, :, : _pad8(out_channels)]
 
 
 def winograd_conv(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in: bool = False, mod=None, res=None,
@@ -200,6 +209,7 @@ def winograd_conv(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in
     bt = torch.tensor(WINOGRAD_BT, dtype=x.dtype, device=x.device)
     at = torch.tensor(WINOGRAD_AT, dtype=x.dtype, device=x.device)
     v = torch.einsum("ia,ncyxab,jb->ijnyxc", bt, d, bt)
+    u = winograd_weight_rows(u, cout)
     m = torch.einsum("ijnyxc,ijco->ijnyxo", v, u.reshape(6, 6, *u.shape[1:])[:, :, :cin, :cout].to(x.dtype))
     y = torch.einsum("ri,ijnyxo,sj->noyrxs", at, m, at).reshape(n, cout, 4 * th, 4 * tw)[:, :, :h, :w]
     y = y * scale.to(x.dtype).reshape(-1, 1, 1)
