@@ -325,8 +325,8 @@ def test_selector_falls_back_where_winograd_loses():
     assert ops.conv_path(64, 3, 32, 32, 1)[0] == wg               # the output conv: many input channels
     assert ops.conv_path(8, 8, 8, 8, 1)[0] == "aten" and ops.conv_path(8, 8, 16, 16, 1)[0] == wg
     assert ops.conv_path(128, 128, 4, 4, 1)[0] == "aten"          # tiny map
-    assert ops.conv_path(768, 768, 8, 8, 1)[0] == "aten"          # 4 tiles: an 81 MiB weight reused too little
-    assert ops.conv_path(256, 256, 8, 8, 1)[0] == wg              # 4 tiles, but the weight stays in cache
+    assert ops.conv_path(768, 768, 8, 8, 1)[0] == wg              # 4 tiles, an 81 MiB transformed weight: pays
+    assert ops.conv_path(256, 256, 8, 8, 1)[0] == wg
     assert ops.conv_path(256, 256, 16, 16, 1)[0] == wg
     assert ops.conv_path(768, 768, 8, 8, 2)[0] == wg
     assert ops.conv_path(128, 128, 32, 32, 8, dtype=torch.bfloat16)[0] == "aten"

@@ -120,11 +120,11 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     The rule is a small cost model checked against measurements (BENCHMARKS.md, "Winograd MP convolution",
     benchmarks/bench_conv.py). The transform-domain GEMMs do 4x fewer multiplies than a direct convolution,
     on fastdiff's own micro-kernel at near the FMA peak, but pay the input and output transforms (per 8
-    input channels, so an input of fewer than 8 channels is mostly padding) and stream a transformed weight
-    of ``36 cin cout`` floats (4x the 3x3 weight) once per chunk of tiles: with fewer than 8 tiles of 4x4 in
-    the whole batch and a transform too large for the last-level cache, that stream costs more than the
-    saved arithmetic. ``threads`` is accepted for the table in ``fastdiff info``; the measured crossovers
-    did not move between 1 and 2 threads.
+    input channels, so an input of fewer than 8 channels is mostly padding, and with 8-15 channels they
+    need 16 tiles to amortize) and stream a transformed weight of ``36 cin cout`` floats (4x the 3x3
+    weight) once per chunk of tiles, which at batch 1 is most of the time but still less than ATen's
+    direct convolution takes. ``threads`` is accepted for the table in ``fastdiff info``; the measured
+    crossovers did not move between 1 and 2 threads.
     """
     if _FORCE[0] == "aten":
         return "aten", "forced (FASTDIFF_CONV=aten / use_aten_conv)"
@@ -145,11 +145,8 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
         return "aten", f"{cin} input channels < 8 (the transforms run on 8 padded channels)"
     if cin < 16 and tiles < 16:
         return "aten", f"{cin} input channels < 16 and {tiles} tiles < 16"
-    weight_mib = 36 * _round_up(cin) * _round_up(cout) * 4 / 2**20
-    if tiles < 8 and weight_mib > 16:
-        # 4 tiles (an 8x8 map at batch 1): 2.8-3.4x up to 256 channels (transform <= 9 MiB, in cache),
-        # 0.85-1.1x from 384 (20-81 MiB streamed from memory); at 8 tiles 1.4x even with 768 channels.
-        return "aten", f"{tiles} tiles < 8 and a {weight_mib:.0f} MiB transformed weight: it is reused too little"
+    # Few tiles need no rule of their own any more: at 4 tiles (an 8x8 map at batch 1) the transformed
+    # weight, streamed from memory in contiguous panels, still measured 1.7x (768 channels, 81 MiB) to 3.9x.
     return "winograd", f"{tiles} tiles of 4x4"
 
 
