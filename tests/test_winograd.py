@@ -114,6 +114,13 @@ def test_winograd_conv_float32_error_at_edm2_shape(kind):
     assert err < 1e-5, err
 
 
+def _skip_without(isa: str) -> None:
+    if isa == "avx512" and ops._ext.isa()["elementwise"] != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    if isa == "avx2" and ops._ext.isa()["elementwise"] == "baseline":
+        pytest.skip("this CPU has no AVX2")
+
+
 # float32 shapes that reach every edge of the per-point GEMM micro-kernel (csrc/cpu/winograd_gemm.inc):
 # tile counts that are not a multiple of the register block rows (1, 5, 13, 27 tiles), padded output
 # channels 8, 16 and 24 past a multiple of 32 (the 1-vector and 8-float column remainders), and input
@@ -126,10 +133,7 @@ GEMM_SHAPES = [(1, 8, 8, 4, 4), (1, 40, 24, 9, 7), (1, 16, 56, 13, 20), (3, 33, 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 def test_winograd_conv_float32_gemm_edges_every_isa(shape, isa):
-    if isa == "avx512" and ops._ext.isa()["elementwise"] != "avx512":
-        pytest.skip("this CPU has no AVX-512")
-    if isa == "avx2" and ops._ext.isa()["elementwise"] == "baseline":
-        pytest.skip("this CPU has no AVX2")
+    _skip_without(isa)
     n, cin, cout, h, w = shape
     x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 3, 3, dtype=torch.float32, seed=2)
     scale = (rnd(cout, seed=5).abs() + 0.5).float()
@@ -162,10 +166,7 @@ def test_weight_grad_float64_matches_aten(shape, layout):
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 @pytest.mark.parametrize("shape", GEMM_SHAPES + [(32, 32, 32, 16, 16)])
 def test_weight_grad_float32_every_isa(shape, isa):
-    if isa == "avx512" and ops._ext.isa()["elementwise"] != "avx512":
-        pytest.skip("this CPU has no AVX-512")
-    if isa == "avx2" and ops._ext.isa()["elementwise"] == "baseline":
-        pytest.skip("this CPU has no AVX2")
+    _skip_without(isa)
     n, cin, cout, h, w = shape
     x, g = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(n, cout, h, w, dtype=torch.float32, seed=2)
     with ops._ext.force_isa(isa):
@@ -196,10 +197,7 @@ def test_weight_grad_edge_cases():
 @pytest.mark.parametrize("shape", [(1, 8, 8, 4, 4), (2, 40, 24, 9, 8), (3, 33, 13, 4, 6), (1, 264, 40, 8, 8),
                                    (8, 64, 192, 8, 8), (1, 128, 384, 16, 16), (2, 5, 7, 3, 3)])
 def test_conv1x1_matches_conv2d_every_isa(shape, isa):
-    if isa == "avx512" and ops._ext.isa()["elementwise"] != "avx512":
-        pytest.skip("this CPU has no AVX-512")
-    if isa == "avx2" and ops._ext.isa()["elementwise"] == "baseline":
-        pytest.skip("this CPU has no AVX2")
+    _skip_without(isa)
     n, cin, cout, h, w = shape
     x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 1, 1, dtype=torch.float32, seed=2)
     want = F.conv2d(x.double(), wt.double())

@@ -11,22 +11,12 @@
 #include <algorithm>
 
 #include "../common.h"
-#include "isa.h"
 #include "winograd_gemm.h"
 
 namespace fastdiff {
 namespace {
 
 namespace wg = cpu::winograd;
-using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
-
-GemmFn plain_gemm() {
-  const cpu::Isa isa = cpu::active_isa();
-  if (isa >= cpu::Isa::kAvx512 && wg::have_point_gemms_avx512()) return &wg::gemm_avx512;
-  if (isa >= cpu::Isa::kAvx2 && wg::have_point_gemms_avx2()) return &wg::gemm_avx2;
-  return nullptr;
-}
-
 at::Tensor conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& w_in) {
   const char* op = "conv1x1";
   check_float(x_in, op, "x");
@@ -39,7 +29,8 @@ at::Tensor conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& w_in) {
   const int64_t n = x_in.size(0), cin = x_in.size(1), h = x_in.size(2), wd = x_in.size(3), hw = h * wd;
   const int64_t cout = w_in.size(0);
   const at::Tensor w = w_in.reshape({cout, cin}).contiguous();
-  const GemmFn gemm = x_in.scalar_type() == at::kFloat ? plain_gemm() : nullptr;
+  const wg::GemmKernels* kern = x_in.scalar_type() == at::kFloat ? wg::gemm_kernels() : nullptr;
+  const auto gemm = kern != nullptr ? kern->plain : nullptr;
   const bool channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (gemm == nullptr || hw % 8 != 0 || channels_last || x_in.numel() == 0 || cin == 0) {
     at::Tensor y = at::matmul(w, x_in.reshape({n, cin, hw})).reshape({n, cout, h, wd});

@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <vector>
-#include <type_traits>
 
 #include "../common.h"
 #include "isa.h"
@@ -53,14 +52,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
   return u;
 }
 
-// The per-point GEMMs of the active instruction set (winograd_gemm.h), or null: ATen's bmm.
-using GemmFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
-GemmFn point_gemms() {
-  const cpu::Isa isa = cpu::active_isa();
-  if (isa >= cpu::Isa::kAvx512 && wg::have_point_gemms_avx512()) return &wg::point_gemms_avx512;
-  if (isa >= cpu::Isa::kAvx2 && wg::have_point_gemms_avx2()) return &wg::point_gemms_avx2;
-  return nullptr;
-}
+const wg::GemmKernels* float_kernels(at::ScalarType st) { return st == at::kFloat ? wg::gemm_kernels() : nullptr; }
 
 // A [rows] vector (rows <= padded) in `dtype`, zero-padded to `padded`, contiguous.
 at::Tensor padded_vector(const at::Tensor& v, int64_t padded, at::ScalarType dtype) {
@@ -180,7 +172,8 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // least one chunk per thread; each thread runs whole chunks (transform, 36 GEMMs, output transform) on
     // its own buffers, so a convolution is two parallel regions however many chunks it has.
     const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
-    const GemmFn gemm = std::is_same_v<T, float> ? point_gemms() : nullptr;
+    const wg::GemmKernels* kern = float_kernels(st);
+    const auto gemm = kern != nullptr ? kern->point : nullptr;
     T* yp = y.mutable_data_ptr<T>();
     // Few tiles (an 8x8 or 16x16 map at batch 1): one chunk whose products the threads share by output
     // columns, so the transformed weight (which then dominates the time) is streamed once, not per thread.
@@ -230,14 +223,6 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
   return y;
 }
 
-using WgradFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
-WgradFn point_gemms_wgrad() {
-  const cpu::Isa isa = cpu::active_isa();
-  if (isa >= cpu::Isa::kAvx512 && wg::have_point_gemms_avx512()) return &wg::point_gemms_wgrad_avx512;
-  if (isa >= cpu::Isa::kAvx2 && wg::have_point_gemms_avx2()) return &wg::point_gemms_wgrad_avx2;
-  return nullptr;
-}
-
 // d/dW of conv2d(x, W, padding 1) for a 3x3 W and the output gradient `grad`: [out, in, 3, 3] in x's dtype.
 at::Tensor winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& grad_in) {
   const char* op = "winograd_weight_grad";
@@ -271,7 +256,8 @@ at::Tensor winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& gr
     pack<T>(x, xcl, false, g, xt);
     pack<T>(gy, gcl, false, go, gt_rows);
     du.zero_();  // one accumulator per thread
-    const WgradFn gemm = std::is_same_v<T, float> ? point_gemms_wgrad() : nullptr;
+    const wg::GemmKernels* kern = float_kernels(x.scalar_type());
+    const auto gemm = kern != nullptr ? kern->wgrad : nullptr;
     const T* xtp = xt.const_data_ptr<T>();
     const T* gp = gt_rows.const_data_ptr<T>();
     at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
@@ -304,6 +290,21 @@ at::Tensor winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& gr
 template <typename Sig> c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
+
+}  // namespace
+
+namespace cpu {
+namespace winograd {
+const GemmKernels* gemm_kernels() {
+  const Isa isa = active_isa();
+  if (isa >= Isa::kAvx512 && gemm_kernels_avx512() != nullptr) return gemm_kernels_avx512();
+  if (isa >= Isa::kAvx2) return gemm_kernels_avx2();
+  return nullptr;
+}
+}  // namespace winograd
+}  // namespace cpu
+
+namespace {
 
 // MP convolution on the Winograd path: conv2d(x, gain N(w) / sqrt(fan_in), padding 1), the per-row factor
 // applied in the output transform.

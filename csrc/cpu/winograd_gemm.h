@@ -15,26 +15,27 @@ namespace fastdiff {
 namespace cpu {
 namespace winograd {
 
-// Runs all 36 products for nt tiles; returns false (nothing done) when this build has no kernel for
-// the instruction set (the caller then uses the BLAS).
-// Output columns [n0, n1) of [0, coutp) (n0 a multiple of 32, n1 of 8), so that threads can share one
-// chunk's products.
-void point_gemms_avx2(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp, int64_t n0,
-                      int64_t n1);
-void point_gemms_avx512(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp, int64_t n0,
-                        int64_t n1);
-// The weight gradient's products dU[k] += V[:, k]^T Gt[:, k] (sum over the nt tiles; Gt [nt][36][coutp]
-// the output gradient's transform A g A^T, dU [36][cinp][coutp] accumulated in place).
-void point_gemms_wgrad_avx2(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);
-void point_gemms_wgrad_avx512(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);
-// One plain product C[m][n] = A[m][k] B[k][n] (row-major, leading dimensions lda / ldb / ldc; n a
-// multiple of 8): the 1x1 MP convolution (conv1x1.cpp), y[i] = W x[i] per sample.
-void gemm_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m, int64_t n,
-               int64_t k);
-void gemm_avx512(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m, int64_t n,
-                 int64_t k);
-bool have_point_gemms_avx2();
-bool have_point_gemms_avx512();
+// The kernels of one instruction set. Layouts of winograd.h throughout.
+struct GemmKernels {
+  // M[:, k] = V[:, k] U[k] for the nt tiles of a chunk, output columns [n0, n1) of [0, coutp) (n0 a
+  // multiple of 32, n1 of 8), so that threads can share one chunk's products.
+  void (*point)(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp, int64_t n0,
+                int64_t n1);
+  // The weight gradient's products dU[k] += V[:, k]^T Gt[:, k] (sum over the nt tiles; Gt [nt][36][coutp]
+  // the output gradient's transform A g A^T, dU [36][cinp][coutp] accumulated in place).
+  void (*wgrad)(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);
+  // One plain product C[m][n] = A[m][k] B[k][n] (row-major, leading dimensions lda / ldb / ldc; n a
+  // multiple of 8): the 1x1 MP convolution (conv1x1.cpp), y[i] = W x[i] per sample.
+  void (*plain)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+                int64_t n, int64_t k);
+};
+
+// Each translation unit's table, or null where the compiler could not build it.
+const GemmKernels* gemm_kernels_avx2();
+const GemmKernels* gemm_kernels_avx512();
+
+// The table of the active instruction set (isa.h), or null below AVX2 (callers then use ATen's BLAS).
+const GemmKernels* gemm_kernels();
 
 }  // namespace winograd
 }  // namespace cpu

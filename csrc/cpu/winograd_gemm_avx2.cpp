@@ -10,9 +10,7 @@
 #pragma GCC target("avx2,fma")
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define FD_GEMM_INLINE inline __attribute__((always_inline))
-#define FD_GEMM_NAME point_gemms_avx2
-#define FD_GEMM_WGRAD_NAME point_gemms_wgrad_avx2
-#define FD_GEMM_PLAIN_NAME gemm_avx2
+#define FD_GEMM_TABLE gemm_kernels_avx2
 #define VW 256
 #ifndef MR_W
 #define MR_W 6
@@ -25,7 +23,6 @@ namespace fastdiff {
 namespace cpu {
 namespace winograd {
 #include "winograd_gemm.inc"
-bool have_point_gemms_avx2() { return true; }
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
@@ -34,10 +31,7 @@ bool have_point_gemms_avx2() { return true; }
 namespace fastdiff {
 namespace cpu {
 namespace winograd {
-void point_gemms_avx2(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
-void point_gemms_wgrad_avx2(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
-void gemm_avx2(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t) {}
-bool have_point_gemms_avx2() { return false; }
+const GemmKernels* gemm_kernels_avx2() { return nullptr; }
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff

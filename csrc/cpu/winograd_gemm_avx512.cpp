@@ -13,9 +13,7 @@
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define FD_GEMM_INLINE inline __attribute__((always_inline))
-#define FD_GEMM_NAME point_gemms_avx512
-#define FD_GEMM_WGRAD_NAME point_gemms_wgrad_avx512
-#define FD_GEMM_PLAIN_NAME gemm_avx512
+#define FD_GEMM_TABLE gemm_kernels_avx512
 #define FD_GEMM_HAVE_512 1
 #define VW 512
 #define FD_GEMM_PREFETCH 32
@@ -30,7 +28,6 @@ namespace fastdiff {
 namespace cpu {
 namespace winograd {
 #include "winograd_gemm.inc"
-bool have_point_gemms_avx512() { return true; }
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
@@ -39,10 +36,7 @@ bool have_point_gemms_avx512() { return true; }
 namespace fastdiff {
 namespace cpu {
 namespace winograd {
-void point_gemms_avx512(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
-void point_gemms_wgrad_avx512(const float*, const float*, float*, int64_t, int64_t, int64_t) {}
-void gemm_avx512(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t) {}
-bool have_point_gemms_avx512() { return false; }
+const GemmKernels* gemm_kernels_avx512() { return nullptr; }
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff

@@ -126,6 +126,12 @@ template <typename T> FD_INLINE void at6(const vec<T>* m, int64_t step, vec<T>* 
   o[3 * ostep] = d12 + T(8) * d34 + m5;
 }
 
+// G of the weight transform (6 x 3).
+template <typename T>
+constexpr T kG[6][3] = {{T(1) / 4, 0, 0},           {T(-1) / 6, T(-1) / 6, T(-1) / 6},
+                        {T(-1) / 6, T(1) / 6, T(-1) / 6}, {T(1) / 24, T(1) / 12, T(1) / 6},
+                        {T(1) / 24, T(-1) / 12, T(1) / 6}, {0, 0, 1}};
+
 // A applied to four vectors -> six (the transpose of at6: the output gradient's transform A g A^T).
 template <typename T> FD_INLINE void a4(const vec<T>* m, int64_t step, vec<T>* o, int64_t ostep) {
   const vec<T> m0 = m[0], m1 = m[step], m2 = m[2 * step], m3 = m[3 * step];
@@ -315,9 +321,7 @@ FD_INLINE void grad_transform_body(const T* gp, const Geometry& g, int64_t t0, i
 template <typename T>
 FD_INLINE void weight_grad_transform_body(const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1) {
   constexpr int L = VT<T>::L;
-  const T G[6][3] = {{T(1) / 4, 0, 0},           {T(-1) / 6, T(-1) / 6, T(-1) / 6},
-                     {T(-1) / 6, T(1) / 6, T(-1) / 6}, {T(1) / 24, T(1) / 12, T(1) / 6},
-                     {T(1) / 24, T(-1) / 12, T(1) / 6}, {0, 0, 1}};
+  const auto& G = kG<T>;
   const int64_t pstride = g.cinp * g.coutp;
   for (int64_t ci = c0; ci < c1; ci++) {
     for (int64_t ob = 0; ob < g.cout; ob += L) {  // L output channels per vector
@@ -342,9 +346,7 @@ FD_INLINE void weight_grad_transform_body(const T* du, const Geometry& g, T* dw,
 template <typename T>
 FD_INLINE void weight_transform_body(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1) {
   constexpr int L = VT<T>::L;
-  const T G[6][3] = {{T(1) / 4, 0, 0},           {T(-1) / 6, T(-1) / 6, T(-1) / 6},
-                     {T(-1) / 6, T(1) / 6, T(-1) / 6}, {T(1) / 24, T(1) / 12, T(1) / 6},
-                     {T(1) / 24, T(-1) / 12, T(1) / 6}, {0, 0, 1}};
+  const auto& G = kG<T>;
   const int64_t ns = strips(g.coutp), pstride = ns * g.cinp * kStrip;
   for (int64_t ci = c0; ci < c1; ci++) {
     for (int64_t ob = 0; ob < ns * kStrip; ob += L) {  // L output channels per vector, within one strip
