@@ -108,12 +108,15 @@ template <typename T> void pack(const at::Tensor& x, bool channels_last, bool si
 }
 
 // Tiles per chunk: transform-domain buffers (V and M, or V and Gt) of about 0.5 MiB each stay in L2
-// (measured: 0.5 MiB beat 2 MiB, 0.25 similar), at least 32 tiles, and at least one chunk per thread.
+// (measured: 0.5 MiB beat 2 MiB, 0.25 similar), at least 32 tiles, and the same number of chunks for
+// every thread (3 chunks on 2 threads had one thread do 7 times the other's tiles).
 int64_t chunk_tiles(const wg::Geometry& g, int64_t elem_size) {
   const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
   const int64_t per_tile = 36 * std::max(g.cinp, g.coutp) * elem_size;
-  const int64_t chunk = std::min(tiles, std::max<int64_t>(32, (int64_t(512) << 10) / per_tile));
-  return std::max<int64_t>(1, std::min(chunk, (tiles + threads - 1) / threads));
+  const int64_t most = std::max<int64_t>(32, (int64_t(512) << 10) / per_tile);
+  const int64_t per_thread = (tiles + threads - 1) / threads;
+  const int64_t chunks_each = (per_thread + most - 1) / most;
+  return std::max<int64_t>(1, (per_thread + chunks_each - 1) / chunks_each);
 }
 
 at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, const at::Tensor& scale, bool silu_in,
