@@ -287,6 +287,17 @@ def test_gradcheck_float64():
 
 
 @requires_wg
+def test_gradcheck_float64_winograd_weight_gradient():
+    """With 32 or more tiles the weight gradient of mp_conv_winograd is the Winograd one (else ATen's)."""
+    from fastdiff.ops._winograd import winograd_weight_grad_pays
+
+    x = rnd(2, 3, 16, 13, seed=1)
+    wt, gain = rnd(4, 3, 3, 3, seed=2).requires_grad_(), torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert winograd_weight_grad_pays(x, wt) and not winograd_weight_grad_pays(x[:1, :, :8], wt)
+    assert torch.autograd.gradcheck(lambda w, g: torch.ops.fastdiff.mp_conv_winograd(x, w, g, 1e-4), (wt, gain))
+
+
+@requires_wg
 def test_float32_gradients_at_real_shape():
     n, c, h = 2, 64, 16
     x = rnd(n, c, h, h, dtype=torch.float32, seed=1)

@@ -39,6 +39,15 @@ def _cl_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def winograd_weight_grad_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the Winograd weight gradient beats ATen's for this input: it accumulates a transform-domain
+    gradient of ``36 cin cout`` floats (4x the weight), which needs enough tiles to amortize (idle AMD Zen
+    4, 1 thread: 0.2-0.9x at 4-16 tiles or at 32 tiles with 768 channels, 1.6-2.8x from 32 tiles with
+    <= 256 channels and from 128 tiles with 576-768; BENCHMARKS.md)."""
+    tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
+    return tiles >= 32 and tiles * 8 >= max(w.shape[0], w.shape[1])
+
+
 def _register() -> None:
     reg = torch.library.register_fake
     reg(lib + "winograd_weight")(
@@ -71,7 +80,10 @@ def _register() -> None:
             u = ops.winograd_weight(w_hat.flip(2, 3).transpose(0, 1))
             ones = torch.ones(w.shape[1], dtype=x.dtype, device=x.device)
             dx = ops.winograd_conv(g.to(x.dtype), u, ones)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not winograd_weight_grad_pays(x, w):
+            mask = [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+            _, dw, dgain = ops.mp_conv_backward(g, x, w, gain, ctx.eps, mask)
+        elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # The gradient w.r.t. the effective weight W_hat, on the Winograd path too (dU = sum over tiles of
             # (A g A^T) . (B^T d B), dW_hat = G^T dU G), then through W_hat = gain N(W) / sqrt(fan_in).
             fan_in = math.sqrt(w[0].numel())
