@@ -129,7 +129,7 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
               device="cpu", kernel=(3, 3), threads: int | None = None) -> tuple[str, str]:
     """``("winograd" | "aten", reason)`` for an MP convolution of this shape.
 
-    The rule is a small cost model checked against measurements (BENCHMARKS.md, "Winograd MP convolution",
+    The rule is a small cost model checked against measurements (BENCHMARKS.md, "Own GEMM micro-kernel",
     benchmarks/bench_conv.py). The transform-domain GEMMs do 4x fewer multiplies than a direct convolution,
     on fastdiff's own micro-kernel at near the FMA peak, but pay the input and output transforms (per 8
     input channels, so an input of fewer than 8 channels is mostly padding, and with 8-15 channels they
@@ -172,7 +172,7 @@ def uses_winograd(x: torch.Tensor, w: torch.Tensor) -> bool:
 def conv1x1(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, w_hat)`` for a 1x1 effective weight without a gradient: fastdiff's own GEMM micro-kernel
     (torch.ops.fastdiff.conv1x1) on the CPU in float32 where it measured faster than ATen's 1x1 convolution
-    (1.1-1.4x at 1 thread, 1.2-3.3x at 2 at EDM2's attention and skip shapes; BENCHMARKS.md), ATen elsewhere."""
+    (1.0-1.3x at 1 thread, 1.1-3.8x at 2 at EDM2's attention and skip shapes; BENCHMARKS.md), ATen elsewhere."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and w_hat.dtype == torch.float32 and x.ndim == 4
             and x.shape[2] * x.shape[3] % 8 == 0 and min(w_hat.shape[0], w_hat.shape[1]) >= 8 and x.is_contiguous()
             and _FORCE[0] != "aten" and _ext.has_kernel("conv1x1", "cpu") and not _needs_grad(x, w_hat)):
