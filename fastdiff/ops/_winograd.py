@@ -14,6 +14,7 @@ and ``clip``. Only the CPU has these kernels; elsewhere (CUDA keeps cuDNN) the c
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -163,10 +164,17 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
 
 
 def uses_winograd(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``conv_path`` picks Winograd for input ``x`` and weight ``w`` (memoized per shape: the
+    networks ask once per convolution per forward)."""
     if w.ndim != 4 or x.ndim != 4:
         return False
-    return conv_path(w.shape[1], w.shape[0], x.shape[2], x.shape[3], x.shape[0], x.dtype, x.device,
-                     tuple(w.shape[2:]))[0] == "winograd"
+    return _picks_winograd(w.shape[1], w.shape[0], x.shape[2], x.shape[3], x.shape[0], x.dtype, x.device.type,
+                           w.shape[2], w.shape[3], _FORCE[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _picks_winograd(cin, cout, h, w, n, dtype, device, kh, kw, force) -> bool:
+    return conv_path(cin, cout, h, w, n, dtype, device, (kh, kw))[0] == "winograd"
 
 
 def conv1x1(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
@@ -209,14 +217,27 @@ def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool =
             if cache is None:
                 cache = (torch.ops.fastdiff.winograd_weight(w.to(x.dtype)), torch.ops.fastdiff.weight_norm_scale(w, eps))
             u, row = cache
-            scale = row * (gain.to(row) if isinstance(gain, torch.Tensor) else float(gain)) / math.sqrt(w[0].numel())
-            if c is not None:
-                c = c.to(x.dtype)
-            if res is not None:
-                res = res.to(x.dtype)
-            return torch.ops.fastdiff.winograd_conv(x, u, scale.reshape(-1), silu_in, c, res, float(t), float(clip))
+            return winograd_eval(x, u, winograd_scale(row, gain, w), silu_in, c, res, t, clip)
     y = torch.ops.fastdiff.mp_conv_winograd(ops.mp_silu(x) if silu_in else x, w, ops._gain_tensor(gain, w), eps)
     return conv_epilogue(ops, y, c, res, t, clip)
+
+
+def winograd_scale(row: torch.Tensor, gain, w: torch.Tensor) -> torch.Tensor:
+    """The per-output-channel factor ``gain * row / sqrt(fan_in)`` of the fused output transform, flat."""
+    k = 1.0 / math.sqrt(w[0].numel())
+    return (row * (gain.to(row) * k if isinstance(gain, torch.Tensor) else float(gain) * k)).reshape(-1)
+
+
+def winograd_eval(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in: bool = False, c=None, res=None,
+                  t: float = 0.5, clip: float = 0.0) -> torch.Tensor:
+    """The fused chain in one ``winograd_conv`` call, below autograd (the caller has checked that no gradient
+    is needed and that the Winograd kernel applies)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        if c is not None and c.dtype != x.dtype:
+            c = c.to(x.dtype)
+        if res is not None and res.dtype != x.dtype:
+            res = res.to(x.dtype)
+        return torch.ops.fastdiff.winograd_conv(x, u, scale, silu_in, c, res, float(t), float(clip))
 
 
 def _chain(ops, x, w, gain, silu_in, c, res, t, clip):
