@@ -417,6 +417,26 @@ def test_weight_cache_follows_the_weight():
 
 
 @requires_wg
+def test_eval_fast_path_follows_the_gain_and_inference_mode():
+    """MPConv.fused in eval mode caches the output factor gain * row / sqrt(fan_in): an in-place change of
+    a tensor gain must reach it, and a factor first made under inference_mode must serve outside it."""
+    from fastdiff.nn.layers import MPConv
+
+    m = MPConv(16, 24, kernel=(3, 3)).eval()
+    x, gain = rnd(2, 16, 8, 8, dtype=torch.float32, seed=1), torch.nn.Parameter(torch.tensor(0.7), requires_grad=False)
+    with torch.inference_mode():
+        a = m.fused(x, gain, silu_in=True)
+    with torch.no_grad():
+        b = m.fused(x, gain, silu_in=True)
+        gain.mul_(2.0)
+        c = m.fused(x, gain, silu_in=True)
+        d = m.fused(x, 1.4, silu_in=True)
+    want = R.mp_conv(R.mp_silu(x.double()), m.weight.double(), 1.4)
+    assert torch.equal(a, b) and rel(c, want) < 1e-5 and rel(c, d) < 1e-6 and rel(c, 2 * b) < 1e-6
+    assert not b.is_inference()
+
+
+@requires_wg
 def test_sampler_trajectory_matches_plain_edm2():
     from fastdiff.bench import suites
 

@@ -126,7 +126,9 @@ class MPConv(torch.nn.Module):
             key = (row, self._gain_key(gain))
             sc = getattr(self, "_scache", None)  # (absent on modules unpickled from before it existed)
             if sc is None or sc[0][0] is not row or sc[0][1] != key[1]:
-                sc = self._scache = (key, _wg.winograd_scale(row, gain, self.weight))
+                with torch.inference_mode(False), torch.no_grad():  # a plain tensor, reusable anywhere
+                    g = gain.detach().clone() if isinstance(gain, torch.Tensor) else gain
+                    sc = self._scache = (key, _wg.winograd_scale(row, g, self.weight))
             return _wg.winograd_eval(x, u, sc[1], silu_in, c, res, t, clip)
         cache = self.winograd_weight(x.dtype)
         return ops.mp_conv_fused(x, self.weight, gain, silu_in=silu_in, c=c, res=res, t=t, clip=clip, cache=cache)
