@@ -53,6 +53,17 @@ def _flat_like2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(a, memory_format=torch.contiguous_format)
 
 
+def mp_weight_vjp(g, w, gain, eps: float, need_w: bool = True, need_gain: bool = True):
+    """``(dw, dgain)`` from ``g``, the gradient w.r.t. ``W_hat = gain N(w) / sqrt(fan_in)`` (``None`` where
+    not needed): through the weight normalization (``weight_norm_backward``) and the scalar factor."""
+    ops = torch.ops.fastdiff
+    rfan = 1.0 / math.sqrt(w[0].numel())
+    dwu, dot = ops.weight_norm_backward(g.to(w.dtype), w, eps)
+    dw = dwu * (gain.to(dwu) * rfan) if need_w else None
+    dgain = (dot.sum() * rfan).to(gain).reshape(gain.shape) if need_gain else None
+    return dw, dgain
+
+
 def _register_fakes() -> None:
     reg = torch.library.register_fake
 
@@ -186,10 +197,7 @@ def _register_autograd() -> None:
 
     def mpw_backward(ctx, g):
         w, gain = ctx.saved_tensors
-        rfan = 1.0 / math.sqrt(w[0].numel())
-        dwu, dot = ops.weight_norm_backward(g.to(w.dtype), w, ctx.eps)
-        dw = dwu * (gain.to(dwu) * rfan) if ctx.needs_input_grad[0] else None
-        dgain = (dot.sum() * rfan).to(gain).reshape(gain.shape) if ctx.needs_input_grad[1] else None
+        dw, dgain = mp_weight_vjp(g, w, gain, ctx.eps, *ctx.needs_input_grad[:2])
         return dw, dgain, None, None
 
     torch.library.register_autograd(lib + "mp_weight", mpw_backward, setup_context=mpw_setup)

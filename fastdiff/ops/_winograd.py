@@ -21,6 +21,7 @@ import os
 import torch
 
 from fastdiff.ops import _ext, reference
+from fastdiff.ops._register import mp_weight_vjp
 
 lib = "fastdiff::"
 _ENV = os.environ.get("FASTDIFF_CONV", "").strip().lower()
@@ -74,25 +75,21 @@ def _register() -> None:
         x, w, gain = ctx.saved_tensors
         ops = torch.ops.fastdiff
         dx = dw = dgain = None
+        g = g.to(x.dtype)
         if ctx.needs_input_grad[0]:
             # The input gradient is the convolution of g with the rotated, transposed weight (again 3x3,
             # padding 1), so it runs on the Winograd path too; the MP factor is folded into that weight.
             w_hat = ops.mp_weight(w, gain, ctx.eps, x.dtype)
             u = ops.winograd_weight(w_hat.flip(2, 3).transpose(0, 1))
             ones = torch.ones(w.shape[1], dtype=x.dtype, device=x.device)
-            dx = ops.winograd_conv(g.to(x.dtype), u, ones)
+            dx = ops.winograd_conv(g, u, ones)
         if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not winograd_weight_grad_pays(x, w):
             mask = [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
             _, dw, dgain = ops.mp_conv_backward(g, x, w, gain, ctx.eps, mask)
         elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # The gradient w.r.t. the effective weight W_hat, on the Winograd path too (dU = sum over tiles of
             # (A g A^T) . (B^T d B), dW_hat = G^T dU G), then through W_hat = gain N(W) / sqrt(fan_in).
-            fan_in = math.sqrt(w[0].numel())
-            dwu, dot = ops.weight_norm_backward(ops.winograd_weight_grad(x, g.to(x.dtype)).to(w.dtype), w, ctx.eps)
-            if ctx.needs_input_grad[1]:
-                dw = dwu * (gain.to(dwu).reshape(()) / fan_in)
-            if ctx.needs_input_grad[2]:
-                dgain = (dot.sum() / fan_in).to(gain).reshape(gain.shape)
+            dw, dgain = mp_weight_vjp(ops.winograd_weight_grad(x, g), w, gain, ctx.eps, *ctx.needs_input_grad[1:3])
         return dx, dw, dgain, None
 
     torch.library.register_autograd(lib + "mp_conv_winograd", backward, setup_context=setup)
