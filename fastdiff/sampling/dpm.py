@@ -24,6 +24,19 @@ __all__ = [
 ]
 
 
+def _midpoint_step(run: Loop, x, g, sigma, target, i: int):
+    """DPM-Solver-2's step from ``sigma`` to ``target`` with the evaluation ``g`` at ``sigma``: an Euler half
+    step to ``sigma_mid = sqrt(sigma target)``, then the full step with the derivative there; to 0 plain
+    Euler. Returns ``(x, denoised)``."""
+    if float(target) == 0:
+        x, _, denoised = run.step(x, g, run.sig(sigma), run.sig(target))
+        return x, denoised
+    sigma_mid = sigma.log().lerp(target.log(), 0.5).exp()
+    x_2, _, denoised = run.step(x, g, run.sig(sigma), run.sig(sigma_mid))
+    d_2 = (x_2 - run.denoise(x_2, sigma_mid, i, correction=True)) / sigma_mid
+    return x + d_2 * (target - sigma), denoised
+
+
 @torch.no_grad()
 def sample_dpm_2(denoiser, x, sigmas, *, guidance=None, labels=None, generators=None, callback=None, s_churn=0.0,
                  s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, randn_like=None, schedule=None, info=None):
@@ -37,13 +50,7 @@ def sample_dpm_2(denoiser, x, sigmas, *, guidance=None, labels=None, generators=
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
         x, sigma = run.churn(x, sigma, s_churn, s_tmin, s_tmax, s_noise)
         g = run.evaluate(x, sigma, i)
-        if float(sigma_next) == 0:
-            x, _, denoised = run.step(x, g, run.sig(sigma), run.sig(sigma_next))
-        else:
-            sigma_mid = sigma.log().lerp(sigma_next.log(), 0.5).exp()
-            x_2, _, denoised = run.step(x, g, run.sig(sigma), run.sig(sigma_mid))
-            d_2 = (x_2 - run.denoise(x_2, sigma_mid, i, correction=True)) / sigma_mid
-            x = x + d_2 * (sigma_next - sigma)
+        x, denoised = _midpoint_step(run, x, g, sigma, sigma_next, i)
         if callback is not None:
             callback(i, x, denoised)
     return x
@@ -59,14 +66,8 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, *, guidance=None, labels=None, g
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
         g = run.evaluate(x, sigma, i)
         down, up = ancestral_step(float(sigma), float(sigma_next), eta)
-        if down == 0:
-            x, _, denoised = run.step(x, g, run.sig(sigma), run.sig(0.0))
-        else:
-            sigma_down = sigma.new_tensor(down)
-            sigma_mid = sigma.log().lerp(sigma_down.log(), 0.5).exp()
-            x_2, _, denoised = run.step(x, g, run.sig(sigma), run.sig(sigma_mid))
-            d_2 = (x_2 - run.denoise(x_2, sigma_mid, i, correction=True)) / sigma_mid
-            x = x + d_2 * (sigma_down - sigma)
+        x, denoised = _midpoint_step(run, x, g, sigma, sigma.new_tensor(down), i)
+        if down != 0:
             x = x + run.noise(x) * s_noise * up
         if callback is not None:
             callback(i, x, denoised)
