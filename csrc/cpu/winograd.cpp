@@ -55,8 +55,10 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
 
 const wg::GemmKernels* float_kernels(at::ScalarType st) { return st == at::kFloat ? wg::gemm_kernels() : nullptr; }
 
-// A [rows] vector (rows <= padded) in `dtype`, zero-padded to `padded`, contiguous.
+// A [rows] vector (rows <= padded) in `dtype`, zero-padded to `padded`, contiguous (v itself when it is
+// that already: the common case, channel counts being multiples of 8).
 at::Tensor padded_vector(const at::Tensor& v, int64_t padded, at::ScalarType dtype) {
+  if (v.numel() == padded && v.scalar_type() == dtype && v.is_contiguous()) return v.reshape({-1});
   at::Tensor out = at::zeros({padded}, v.options().dtype(dtype));
   out.narrow(0, 0, v.numel()).copy_(v.reshape({-1}));
   return out;
@@ -149,7 +151,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
   at::Tensor modf, res;
   if (mod.has_value()) {
     modf = modulation_factor(y, *mod, op);  // 1 + c, [N, C] in the accumulation type
-    if (modf.numel() > 0)
+    if (modf.numel() > 0 && (g.coutp != g.cout || modf.scalar_type() != st || !modf.is_contiguous()))
       modf = at::constant_pad_nd(modf.to(st), {0, g.coutp - g.cout}).contiguous();
   }
   if (res_in.has_value()) {
