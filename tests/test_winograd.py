@@ -209,6 +209,7 @@ def test_conv1x1_matches_conv2d_every_isa(shape, isa):
                 F.conv2d(xin.double(), wt.double())
             assert got.shape == ref.shape and ((got.double() - ref).norm() / ref.norm()).item() < 1e-6
         assert ops.conv1x1(x, wt).shape == want.shape  # the MPConv entry (own kernel or ATen by shape)
+    assert rel(R.conv1x1(x.double(), wt.reshape(cout, cin).double()), want) < 1e-15
 
 
 @requires_wg

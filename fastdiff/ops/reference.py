@@ -222,6 +222,12 @@ def winograd_conv(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in
     return y.contiguous()
 
 
+def conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The 1x1 convolution of ``torch.ops.fastdiff.conv1x1``: ``y[n, o] = sum_i w[o, i] x[n, i]`` per pixel, for
+    a weight ``[out, in]`` or ``[out, in, 1, 1]``."""
+    return F.conv2d(x, w.reshape(w.shape[0], w.shape[1], 1, 1))
+
+
 def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The gradient of ``conv2d(x, W, padding=1)`` w.r.t. a 3x3 ``W`` for the output gradient ``grad``, in
     plain PyTorch, by the Winograd form the kernel uses (Lavin & Gray 2016, Sec. 5):
