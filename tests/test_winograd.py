@@ -177,6 +177,23 @@ def test_weight_grad_float32_every_isa(shape, isa):
 
 
 @requires_wg
+@pytest.mark.parametrize("shape", [(32, 32, 32, 16, 16), (3, 33, 48, 12, 12)])
+def test_weight_grad_does_not_depend_on_the_thread_count(shape):
+    """Training must give the same numbers at any thread count (a run resumed with other threads, two
+    runs of one seed): the weight gradient sums in an order fixed by the shape alone."""
+    n, cin, cout, h, w = shape
+    x, g = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(n, cout, h, w, dtype=torch.float32, seed=2)
+    one = torch.ops.fastdiff.winograd_weight_grad(x, g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = torch.ops.fastdiff.winograd_weight_grad(x, g)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+@requires_wg
 def test_weight_grad_edge_cases():
     x, g = rnd(2, 8, 8, 8, dtype=torch.float32), rnd(2, 5, 8, 8, dtype=torch.float32)
     x[1, 2, 3, 3] = float("inf")

@@ -110,13 +110,17 @@ template <typename T> void pack(const at::Tensor& x, bool channels_last, bool si
   });
 }
 
-// Tiles per chunk: transform-domain buffers (V and M, or V and Gt) of about 0.5 MiB each stay in L2
-// (measured: 0.5 MiB beat 2 MiB, 0.25 similar), at least 32 tiles, and the same number of chunks for
-// every thread (3 chunks on 2 threads had one thread do 7 times the other's tiles).
+// The most tiles per chunk: transform-domain buffers (V and M, or V and Gt) of about 0.5 MiB each stay
+// in L2 (measured: 0.5 MiB beat 2 MiB, 0.25 similar), and at least 32 tiles.
+int64_t max_chunk(const wg::Geometry& g, int64_t elem_size) {
+  return std::max<int64_t>(32, (int64_t(512) << 10) / (36 * std::max(g.cinp, g.coutp) * elem_size));
+}
+
+// Tiles per chunk of the convolution: at most max_chunk, and the same number of chunks for every thread
+// (3 chunks on 2 threads had one thread do 7 times the other's tiles).
 int64_t chunk_tiles(const wg::Geometry& g, int64_t elem_size) {
   const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
-  const int64_t per_tile = 36 * std::max(g.cinp, g.coutp) * elem_size;
-  const int64_t most = std::max<int64_t>(32, (int64_t(512) << 10) / per_tile);
+  const int64_t most = max_chunk(g, elem_size);
   const int64_t per_thread = (tiles + threads - 1) / threads;
   const int64_t chunks_each = (per_thread + most - 1) / most;
   return std::max<int64_t>(1, (per_thread + chunks_each - 1) / chunks_each);
@@ -259,39 +263,43 @@ at::Tensor winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& gr
     using T = scalar_t;
     wg::Geometry go = g;  // the output gradient packed with the output's channels in the input's slots
     go.cin = g.cout, go.cinp = g.coutp;
-    const int64_t tiles = g.tiles(), chunk = chunk_tiles(g, sizeof(T));
+    // The result must not depend on the thread count (training resumed with another thread count, or
+    // two runs, must agree): chunks of a size fixed by the shape alone, taken in order; within a chunk the
+    // threads share the transforms by tiles, then the 36 products by point, so each dU entry is summed
+    // over the chunks in the same order however many threads there are.
+    const int64_t tiles = g.tiles();
+    const int64_t chunk = std::min(tiles, max_chunk(g, sizeof(T)));
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
-    const int64_t slots = std::min<int64_t>(std::max(1, at::get_num_threads()), nchunks);
-    auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {g.n, g.hp, g.wp, g.coutp}, {slots, chunk, 36, g.cinp},
-                         {slots, chunk, 36, g.coutp}, {slots, 36, g.cinp, g.coutp}},
+    auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {g.n, g.hp, g.wp, g.coutp}, {chunk, 36, g.cinp},
+                         {chunk, 36, g.coutp}, {36, g.cinp, g.coutp}},
                         x.options());
     at::Tensor &xt = ws[0], &gt_rows = ws[1], &v = ws[2], &gtb = ws[3], &du = ws[4];
     pack<T>(x, xcl, false, g, xt);
     pack<T>(gy, gcl, false, go, gt_rows);
-    du.zero_();  // one accumulator per thread
+    du.zero_();
     const wg::GemmKernels* kern = float_kernels(x.scalar_type());
     const auto gemm = kern != nullptr ? kern->wgrad : nullptr;
     const T* xtp = xt.const_data_ptr<T>();
     const T* gp = gt_rows.const_data_ptr<T>();
-    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-      const int64_t slot = std::min<int64_t>(at::get_thread_num(), slots - 1);
-      at::Tensor vs = v[slot], gs = gtb[slot], ds = du[slot];
-      T* vp = vs.mutable_data_ptr<T>();
-      T* gtp = gs.mutable_data_ptr<T>();
-      for (int64_t ci = b; ci < e; ci++) {
-        const int64_t t0 = ci * chunk, t1 = std::min(tiles, t0 + chunk), nt = t1 - t0;
-        wg::input_transform<T>(xtp, g, t0, t0, t1, vp);
-        wg::grad_transform<T>(gp, g, t0, t0, t1, gtp);
-        if (gemm != nullptr) {
+    T* vp = v.mutable_data_ptr<T>();
+    T* gtp = gtb.mutable_data_ptr<T>();
+    T* dup_acc = du.mutable_data_ptr<T>();
+    for (int64_t ci = 0; ci < nchunks; ci++) {
+      const int64_t t0 = ci * chunk, t1 = std::min(tiles, t0 + chunk), nt = t1 - t0;
+      at::parallel_for(t0, t1, 4, [&](int64_t b, int64_t e) {
+        wg::input_transform<T>(xtp, g, t0, b, e, vp);
+        wg::grad_transform<T>(gp, g, t0, b, e, gtp);
+      });
+      if (gemm != nullptr) {
+        at::parallel_for(0, 36, 1, [&](int64_t b, int64_t e) {
           gemm(reinterpret_cast<const float*>(vp), reinterpret_cast<const float*>(gtp),
-               reinterpret_cast<float*>(ds.mutable_data_ptr<T>()), nt, g.cinp, g.coutp);
-        } else {  // float64, or no AVX2: ATen's bmm on [36, c, nt] / [36, nt, c] views
-          ds.add_(at::bmm(vs.narrow(0, 0, nt).permute({1, 2, 0}), gs.narrow(0, 0, nt).transpose(0, 1)));
-        }
+               reinterpret_cast<float*>(dup_acc), nt, g.cinp, g.coutp, b, e);
+        });
+      } else {  // float64, or no AVX2: ATen's bmm on [36, c, nt] / [36, nt, c] views
+        du.add_(at::bmm(v.narrow(0, 0, nt).permute({1, 2, 0}), gtb.narrow(0, 0, nt).transpose(0, 1)));
       }
-    });
-    const at::Tensor dut = slots > 1 ? du.sum(0) : du[0];
-    const T* dup = dut.const_data_ptr<T>();
+    }
+    const T* dup = du.const_data_ptr<T>();
     T* dwp = dw.mutable_data_ptr<T>();
     at::parallel_for(0, g.cin, std::max<int64_t>(1, 2048 / g.coutp), [&](int64_t b, int64_t e) {
       wg::weight_grad_transform<T>(dup, g, dwp, b, e);

@@ -21,9 +21,10 @@ struct GemmKernels {
   // multiple of 32, n1 of 8), so that threads can share one chunk's products.
   void (*point)(const float* v, const float* u, float* m, int64_t nt, int64_t cinp, int64_t coutp, int64_t n0,
                 int64_t n1);
-  // The weight gradient's products dU[k] += V[:, k]^T Gt[:, k] (sum over the nt tiles; Gt [nt][36][coutp]
-  // the output gradient's transform A g A^T, dU [36][cinp][coutp] accumulated in place).
-  void (*wgrad)(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp);
+  // The weight gradient's products dU[k] += V[:, k]^T Gt[:, k] for points k in [k0, k1) (sum over the nt
+  // tiles; Gt [nt][36][coutp] the output gradient's transform A g A^T, dU [36][cinp][coutp] in place).
+  void (*wgrad)(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp, int64_t k0,
+                int64_t k1);
   // One plain product C[m][n] = A[m][k] B[k][n] (row-major, leading dimensions lda / ldb / ldc; n a
   // multiple of 8): the 1x1 MP convolution (conv1x1.cpp), y[i] = W x[i] per sample.
   void (*plain)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
