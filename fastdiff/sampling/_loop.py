@@ -24,7 +24,16 @@ class Loop:
     ``schedule``: ``(sigma_min, sigma_max, rho)`` of the EDM schedule the sigmas come from (guidance that
     reads the normalized time, e.g. CADS, uses it); default ``(sigmas[-2], sigmas[0], 7)``.
     ``randn_like``: the noise when ``generators`` is None (default ``torch.randn_like``). ``info``: a dict
-    that receives ``'evaluations'``, the network forwards so far."""
+    that receives ``'evaluations'``, the network forwards so far.
+
+    No host reads in the loop: the schedule is kept twice, as the device tensor ``sigmas`` (in the
+    sampling dtype) that the arithmetic uses and as the list ``host`` of the same values as Python floats
+    that every decision uses (a sampler's branches, ``Interval``, ``CADS``), so on a GPU the loop never
+    waits for the device. ``host`` is made once here: from a CPU ``sigmas`` (what :func:`sample` passes)
+    for free, from a device tensor by one read before the loop. A noise level a sampler derives inside
+    the loop (a churned ``sigma_hat``, a midpoint) is computed once on the host, in the sampling dtype by
+    the same torch ops as before (:meth:`host_op`), and filled on the device (:meth:`scalar`): the device
+    and the host hold the same number, and no value is copied either way."""
 
     def __init__(self, denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, guidance=None, labels=None,
                  generators=None, randn_like: Callable | None = None, schedule=None, info: dict | None = None):
@@ -32,12 +41,15 @@ class Loop:
             raise ValueError("x must be a tensor of shape [N, ...]")
         self.n, self.dtype, self.device = x.shape[0], x.dtype, x.device
         rng.check_generators(generators, self.n)
-        self.sigmas = torch.as_tensor(sigmas, device=self.device).to(self.dtype)
-        if self.sigmas.ndim != 1 or len(self.sigmas) < 2:
+        s = torch.as_tensor(sigmas)
+        if s.ndim != 1 or len(s) < 2:
             raise ValueError("sigmas must be a 1-D sequence of at least 2 noise levels")
+        s = s.to(self.dtype)
+        self.host: list[float] = s.tolist()  # one device read here when sigmas live on a device, none after
+        self.sigmas = s.to(self.device)
         if schedule is None:
-            schedule = (float(self.sigmas[-2] if float(self.sigmas[-1]) == 0 else self.sigmas[-1]),
-                        float(self.sigmas[0]), 7.0)
+            host = self.host
+            schedule = (host[-2] if host[-1] == 0 else host[-1], host[0], 7.0)
         sigma_min, sigma_max, rho = schedule
         self.denoiser, self.guidance, self.labels = denoiser, as_guidance(guidance), labels
         self.generators, self.randn_like = generators, randn_like or torch.randn_like
@@ -45,25 +57,47 @@ class Loop:
         if info is not None:
             info["evaluations"] = 0
         self.ctx = EvalContext(num_steps=len(self.sigmas) - 1, sigmas=self.sigmas, sigma_min=sigma_min,
-                               sigma_max=sigma_max, rho=rho, generators=generators, dtype=self.dtype, batch=self.n)
+                               sigma_max=sigma_max, rho=rho, generators=generators, dtype=self.dtype, batch=self.n,
+                               host_sigmas=self.host)
 
     def sig(self, t) -> torch.Tensor:
-        """A noise level as the per-sample [N] tensor the denoiser and the solver step take."""
+        """A noise level as the per-sample [N] tensor the denoiser and the solver step take (a Python number
+        is filled on the device, not copied there)."""
+        if not isinstance(t, torch.Tensor):
+            t = self.scalar(t)
         return sigma_per_sample(t, self.n, device=self.device, dtype=self.dtype, who="sampler")
 
-    def evaluate(self, x: torch.Tensor, sigma, step: int, correction: bool = False) -> Guided:
-        """One guided evaluation at ``sigma`` (a number, 0-d or [N] tensor) for solver step ``step``."""
+    def scalar(self, value: float) -> torch.Tensor:
+        """The number ``value`` as a 0-d tensor in the sampling dtype on the device: a fill, no host-to-device
+        copy (``torch.tensor(value, device=...)`` would be a blocking copy, a stream sync on a GPU)."""
+        return torch.full((), float(value), dtype=self.dtype, device=self.device)
+
+    def host_op(self, fn: Callable[..., torch.Tensor], *values: float) -> float:
+        """``fn`` applied to ``values`` as 0-d CPU tensors in the sampling dtype, as a Python float: a derived
+        noise level computed on the host by the ops the device would run (rounded as the sampling dtype
+        rounds), read from CPU memory."""
+        out = fn(*(torch.full((), float(v), dtype=self.dtype) for v in values))
+        return out.tolist()
+
+    def evaluate(self, x: torch.Tensor, sigma, step: int, correction: bool = False, host: float | None = None) -> Guided:
+        """One guided evaluation at ``sigma`` (a number, 0-d or [N] tensor) for solver step ``step``. ``host``:
+        the value of a tensor ``sigma`` as a Python float (every sample at that level), for the guidance's
+        decisions; None (per-sample levels) leaves them to the device values."""
         self.ctx.step, self.ctx.correction = step, correction
+        if not isinstance(sigma, torch.Tensor):
+            host = float(sigma)
         if not (isinstance(sigma, torch.Tensor) and sigma.ndim == 1):
             sigma = self.sig(sigma)
+        self.ctx.host_sigma = host
         g = self.guidance.evaluate(self.denoiser, x, sigma, self.labels, self.ctx)
         if self.info is not None:
             self.info["evaluations"] = self.ctx.evaluations
         return g
 
-    def denoise(self, x: torch.Tensor, sigma, step: int, correction: bool = False) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma, step: int, correction: bool = False,
+                host: float | None = None) -> torch.Tensor:
         """The guided ``D(x; sigma)`` as a tensor."""
-        return self.evaluate(x, sigma, step, correction).combine()
+        return self.evaluate(x, sigma, step, correction, host).combine()
 
     @staticmethod
     def step(x, g: Guided, sigma_cur, sigma_next, d_prev=None, x_base=None):
@@ -73,18 +107,18 @@ class Loop:
             return ops.solver_step(x, g.d1, g.d0, g.w, sigma_cur, sigma_next, d_prev, x_base)
 
     def churn(self, x: torch.Tensor, sigma: torch.Tensor, s_churn: float, s_tmin: float, s_tmax: float,
-              s_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """EDM's churn before a step from ``sigma`` (EDM Algorithm 2, lines 4-6): with ``gamma`` of
-        :func:`churn_gamma`, ``sigma_hat = (1 + gamma) sigma`` and ``x += sqrt(sigma_hat^2 - sigma^2) s_noise n``;
-        returns ``(x, sigma_hat)`` (unchanged where ``gamma`` is 0)."""
-        if s_churn <= 0:  # no churn: no host read of sigma (a device sync on a GPU) on every step
-            return x, sigma
-        gamma = churn_gamma(float(sigma), len(self.sigmas) - 1, s_churn, s_tmin, s_tmax)
+              s_noise: float, host: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """EDM's churn before a step from ``sigma`` (``host``: its value as a Python float; EDM Algorithm 2,
+        lines 4-6): with ``gamma`` of :func:`churn_gamma`, ``sigma_hat = (1 + gamma) sigma`` and ``x +=
+        sqrt(sigma_hat^2 - sigma^2) s_noise n``; returns ``(x, sigma_hat, sigma_hat as a float)`` (unchanged
+        where ``gamma`` is 0)."""
+        gamma = churn_gamma(host, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax)
         if gamma > 0:
-            sigma_hat = sigma * (gamma + 1)
+            host = self.host_op(lambda s: s * (gamma + 1), host)
+            sigma_hat = self.scalar(host)
             x = x + self.noise(x) * s_noise * (sigma_hat**2 - sigma**2).sqrt()
             sigma = sigma_hat
-        return x, sigma
+        return x, sigma, host
 
     def noise(self, x: torch.Tensor) -> torch.Tensor:
         """Standard normal like ``x``: row i from ``generators[i]`` (else ``randn_like``)."""

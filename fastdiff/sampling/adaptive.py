@@ -44,6 +44,7 @@ class _Subset:
         run = self.run
         run.ctx.step, run.ctx.correction = step, correction
         self.ctx.step, self.ctx.correction = step, correction
+        run.ctx.host_sigma = self.ctx.host_sigma = None  # per-sample noise levels: no single host value
         sigma = (-t).exp().to(x.dtype)
         g = run.guidance.evaluate(run.denoiser, x, sigma, self.labels, self.ctx)
         if run.info is not None:

@@ -24,16 +24,17 @@ __all__ = [
 ]
 
 
-def _midpoint_step(run: Loop, x, g, sigma, target, i: int):
-    """DPM-Solver-2's step from ``sigma`` to ``target`` with the evaluation ``g`` at ``sigma``: an Euler half
-    step to ``sigma_mid = sqrt(sigma target)``, then the full step with the derivative there; to 0 plain
-    Euler. Returns ``(x, denoised)``."""
-    if float(target) == 0:
+def _midpoint_step(run: Loop, x, g, sigma, target, i: int, host: float, host_target: float):
+    """DPM-Solver-2's step from ``sigma`` to ``target`` (0-d tensors; ``host``, ``host_target``: their values
+    as Python floats) with the evaluation ``g`` at ``sigma``: an Euler half step to ``sigma_mid = sqrt(sigma
+    target)``, then the full step with the derivative there; to 0 plain Euler. Returns ``(x, denoised)``."""
+    if host_target == 0:
         x, _, denoised = run.step(x, g, run.sig(sigma), run.sig(target))
         return x, denoised
-    sigma_mid = sigma.log().lerp(target.log(), 0.5).exp()
+    host_mid = run.host_op(lambda s, t: s.log().lerp(t.log(), 0.5).exp(), host, host_target)
+    sigma_mid = run.scalar(host_mid)
     x_2, _, denoised = run.step(x, g, run.sig(sigma), run.sig(sigma_mid))
-    d_2 = (x_2 - run.denoise(x_2, sigma_mid, i, correction=True)) / sigma_mid
+    d_2 = (x_2 - run.denoise(x_2, sigma_mid, i, correction=True, host=host_mid)) / sigma_mid
     return x + d_2 * (target - sigma), denoised
 
 
@@ -48,9 +49,9 @@ def sample_dpm_2(denoiser, x, sigmas, *, guidance=None, labels=None, generators=
     num_steps = len(run.sigmas) - 1
     for i in range(num_steps):
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
-        x, sigma = run.churn(x, sigma, s_churn, s_tmin, s_tmax, s_noise)
-        g = run.evaluate(x, sigma, i)
-        x, denoised = _midpoint_step(run, x, g, sigma, sigma_next, i)
+        x, sigma, host = run.churn(x, sigma, s_churn, s_tmin, s_tmax, s_noise, run.host[i])
+        g = run.evaluate(x, sigma, i, host=host)
+        x, denoised = _midpoint_step(run, x, g, sigma, sigma_next, i, host, run.host[i + 1])
         if callback is not None:
             callback(i, x, denoised)
     return x
@@ -64,9 +65,9 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, *, guidance=None, labels=None, g
     run = Loop(denoiser, x, sigmas, guidance, labels, generators, randn_like, schedule, info)
     for i in range(len(run.sigmas) - 1):
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
-        g = run.evaluate(x, sigma, i)
-        down, up = ancestral_step(float(sigma), float(sigma_next), eta)
-        x, denoised = _midpoint_step(run, x, g, sigma, sigma.new_tensor(down), i)
+        g = run.evaluate(x, sigma, i, host=run.host[i])
+        down, up = ancestral_step(run.host[i], run.host[i + 1], eta)
+        x, denoised = _midpoint_step(run, x, g, sigma, run.scalar(down), i, run.host[i], run.host_op(lambda d: d, down))
         if down != 0:
             x = x + run.noise(x) * s_noise * up
         if callback is not None:
@@ -100,10 +101,10 @@ def sample_lms(denoiser, x, sigmas, *, guidance=None, labels=None, generators=No
     if int(order) != order or order < 1:
         raise ValueError(f"LMS order must be a positive integer, got {order!r}")
     run = Loop(denoiser, x, sigmas, guidance, labels, generators, None, schedule, info)
-    grid = [float(s) for s in run.sigmas.double()]
+    grid = run.host
     ds: list[torch.Tensor] = []
     for i in range(len(grid) - 1):
-        denoised = run.denoise(x, run.sigmas[i], i)
+        denoised = run.denoise(x, run.sigmas[i], i, host=grid[i])
         ds = (ds + [(x - denoised) / run.sigmas[i]])[-int(order):]
         cur = min(i + 1, int(order))
         coeffs = [lms_coefficient(cur, grid, i, j) for j in range(cur)]
@@ -122,19 +123,19 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, guidance=None, labels=None
     run = Loop(denoiser, x, sigmas, guidance, labels, generators, randn_like, schedule, info)
     for i in range(len(run.sigmas) - 1):
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
-        g = run.evaluate(x, sigma, i)
-        down, up = ancestral_step(float(sigma), float(sigma_next), eta)
+        g = run.evaluate(x, sigma, i, host=run.host[i])
+        down, up = ancestral_step(run.host[i], run.host[i + 1], eta)
         if down == 0:
             x, _, denoised = run.step(x, g, run.sig(sigma), run.sig(0.0))
         else:
             denoised = g.combine()
-            t, t_next = -math.log(float(sigma)), -math.log(down)
+            t, t_next = -math.log(run.host[i]), -math.log(down)
             h = t_next - t
             s = t + 0.5 * h
             x_2 = math.exp(t - s) * x - math.expm1(-0.5 * h) * denoised
             denoised_2 = run.denoise(x_2, math.exp(-s), i, correction=True)
             x = math.exp(t - t_next) * x - math.expm1(-h) * denoised_2
-        if float(sigma_next) > 0:
+        if run.host[i + 1] > 0:
             x = x + run.noise(x) * s_noise * up
         if callback is not None:
             callback(i, x, denoised)
@@ -151,8 +152,8 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, guidance=None, labels=None, generat
     run = Loop(denoiser, x, sigmas, guidance, labels, generators, randn_like, schedule, info)
     noise = noise_sampler or run.brownian(x)
     for i in range(len(run.sigmas) - 1):
-        sigma, sigma_next = float(run.sigmas[i]), float(run.sigmas[i + 1])
-        g = run.evaluate(x, run.sigmas[i], i)
+        sigma, sigma_next = run.host[i], run.host[i + 1]
+        g = run.evaluate(x, run.sigmas[i], i, host=sigma)
         if sigma_next == 0:
             x, _, denoised = run.step(x, g, run.sig(sigma), run.sig(0.0))
         else:
@@ -192,8 +193,8 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, guidance=None, labels=None, gene
     noise = noise_sampler or run.brownian(x)
     old_denoised, h_last = None, None
     for i in range(len(run.sigmas) - 1):
-        sigma, sigma_next = float(run.sigmas[i]), float(run.sigmas[i + 1])
-        denoised = run.denoise(x, run.sigmas[i], i)
+        sigma, sigma_next = run.host[i], run.host[i + 1]
+        denoised = run.denoise(x, run.sigmas[i], i, host=sigma)
         h = None
         if sigma_next == 0:
             x = denoised
@@ -227,8 +228,8 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, guidance=None, labels=None, gene
     denoised_1 = denoised_2 = None
     h_1 = h_2 = None
     for i in range(len(run.sigmas) - 1):
-        sigma, sigma_next = float(run.sigmas[i]), float(run.sigmas[i + 1])
-        denoised = run.denoise(x, run.sigmas[i], i)
+        sigma, sigma_next = run.host[i], run.host[i + 1]
+        denoised = run.denoise(x, run.sigmas[i], i, host=sigma)
         if sigma_next == 0:
             x = denoised
         else:

@@ -66,12 +66,19 @@ class EvalContext:
     ``correction`` True); ``num_steps`` N; ``sigmas`` the schedule ``t_0 > ... > t_N = 0``;
     ``generators`` the per-sample generators (or None); ``index`` the batch rows being evaluated when
     only part of the batch is (None: all); ``memory`` a per-run dict (e.g. APG's momentum).
+
+    ``host_sigmas``: the schedule as Python floats; ``host_sigma``: the noise level of the evaluation in
+    progress as a Python float when every sample is at that level (None: per-sample levels, or not
+    known). Guidance decides from these, so that it never reads a device value (a GPU sync) in the loop.
     """
 
     def __init__(self, *, num_steps: int, sigmas: torch.Tensor, sigma_min: float, sigma_max: float,
-                 rho: float, generators=None, dtype=torch.float32, batch: int = 0):
+                 rho: float, generators=None, dtype=torch.float32, batch: int = 0,
+                 host_sigmas: list[float] | None = None):
         self.num_steps = num_steps
         self.sigmas = sigmas
+        self.host_sigmas = host_sigmas
+        self.host_sigma: float | None = None
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.generators = generators
         self.dtype = dtype
@@ -126,7 +133,15 @@ def _pair(ctx: EvalContext, net, x, sigma, labels_a, labels_b, sigma_b=None):
 
 
 def _one_hot_like(index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.one_hot(index.to(labels.device), labels.shape[1]).to(labels.dtype)
+    """One-hot rows like ``labels`` (a scatter: ``F.one_hot`` range-checks its input on the host)."""
+    out = torch.zeros(labels.shape, dtype=labels.dtype, device=labels.device)
+    return out.scatter_(1, index.to(labels.device).reshape(-1, 1), 1)
+
+
+def _host_mask(fn: Callable[[torch.Tensor], torch.Tensor], host: float, like: torch.Tensor) -> torch.Tensor:
+    """``fn`` of the per-sample noise levels, all equal to ``host``, computed on a CPU copy of ``like``'s
+    shape and dtype: the same numbers the device would compute, without reading them back."""
+    return fn(torch.full(like.shape, host, dtype=like.dtype))
 
 
 class Guidance:
@@ -222,11 +237,24 @@ class Interval(Guidance):
         lo, hi = self.sigma
         return (sigma > lo) & (sigma <= hi)
 
+    def _decide(self, sigma: torch.Tensor, ctx: EvalContext) -> bool | None:
+        """True / False when every sample is inside / outside, decided on the host (a step index, or the
+        evaluation's noise level as a Python float compared as the device compares it); None when unknown."""
+        if self.steps is not None:
+            return ctx.step in self.steps
+        host = getattr(ctx, "host_sigma", None)
+        if host is None:
+            return None
+        return _host_mask(lambda s: self.inside(s, ctx), host, sigma[:1]).tolist()[0]
+
     def evaluate(self, net, x, sigma, labels, ctx) -> Guided:
-        mask = self.inside(sigma, ctx)
-        if bool(mask.all()):
+        decided = self._decide(sigma, ctx)
+        if decided is None:  # per-sample noise levels (dpm_adaptive): decided from the device values
+            mask = self.inside(sigma, ctx)
+            decided = True if bool(mask.all()) else (False if not bool(mask.any()) else None)
+        if decided is True:
             return self.inner.evaluate(net, x, sigma, labels, ctx)
-        if not bool(mask.any()):
+        if decided is False:
             return Guided(ctx.call(net, x, sigma, labels))
         # Mixed batch: inner guidance on the rows inside, the main network alone on the others.
         idx_in, idx_out = mask.nonzero().flatten(), (~mask).nonzero().flatten()
@@ -397,9 +425,15 @@ class CADS(Guidance):
         return ((self.tau2 - t) / (self.tau2 - self.tau1)).clamp(0.0, 1.0)
 
     def anneal(self, labels: torch.Tensor, sigma: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
-        g = self.gamma(ctx.t_of(sigma)).to(labels.device)
-        if bool((g >= 1).all()):
-            return labels
+        host = getattr(ctx, "host_sigma", None)
+        if host is not None:  # decided on the host, from the same computation on a CPU copy
+            if _host_mask(lambda s: (self.gamma(ctx.t_of(s)) >= 1).all(), host, sigma).tolist():
+                return labels
+            g = self.gamma(ctx.t_of(sigma)).to(labels.device)
+        else:  # per-sample noise levels: one read
+            g = self.gamma(ctx.t_of(sigma)).to(labels.device)
+            if bool((g >= 1).all()):
+                return labels
         n = labels.shape[0]
         c = labels.double()
         shape = (n,) + (1,) * (c.ndim - 1)

@@ -3,7 +3,10 @@ own seed only, never on the batch it is drawn in.
 
 Every helper takes ``generators`` (a list with one generator per sample, or None for torch's global
 generator) and draws sample by sample, on each generator's own device, in float32; the result is then
-moved to ``device`` / ``dtype``.
+moved to ``device`` / ``dtype``. Generators on the sampling device draw there with no copy; CPU
+generators for samples on a GPU cost a host-to-device copy per draw, which waits for the GPU's queue
+(a stream sync) on every step of a stochastic sampler: :func:`fastdiff.sampling.generate_images` seeds
+its generators on the sampling device.
 """
 
 from __future__ import annotations
@@ -46,5 +49,7 @@ def randint(generators: Generators, n: int, high: int, device=None) -> torch.Ten
     if generators is None:
         return torch.randint(high, (n,), device=device)
     check_generators(generators, n)
-    vals = [int(torch.randint(high, (1,), generator=g, device=g.device)) for g in generators]
-    return torch.tensor(vals, dtype=torch.int64, device=device)
+    rows = [torch.randint(high, (1,), generator=g, device=g.device, dtype=torch.int64) for g in generators]
+    if not rows:
+        return torch.empty((0,), dtype=torch.int64, device=device)
+    return torch.cat(rows).to(device)  # no host read of the draws

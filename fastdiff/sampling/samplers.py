@@ -52,15 +52,17 @@ def sample_heun(denoiser, x, sigmas, *, guidance=None, labels=None, generators=N
     gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_churn > 0 else 0.0
     for i in range(num_steps):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
-        if gamma > 0 and s_tmin <= float(t_cur) <= s_tmax:
-            t_hat = t_cur + gamma * t_cur
+        h_hat = run.host[i]
+        if gamma > 0 and s_tmin <= h_hat <= s_tmax:
+            h_hat = run.host_op(lambda t: t + gamma * t, h_hat)
+            t_hat = run.scalar(h_hat)
             x_hat = x + (t_hat**2 - t_cur**2).sqrt() * s_noise * run.noise(x)
         else:
             t_hat, x_hat = t_cur, x
         s_hat, s_next = run.sig(t_hat), run.sig(t_next)
-        x_next, d_cur, denoised = run.step(x_hat, run.evaluate(x_hat, s_hat, i), s_hat, s_next)
+        x_next, d_cur, denoised = run.step(x_hat, run.evaluate(x_hat, s_hat, i, host=h_hat), s_hat, s_next)
         if i < num_steps - 1:
-            g2 = run.evaluate(x_next, s_next, i, correction=True)
+            g2 = run.evaluate(x_next, s_next, i, correction=True, host=run.host[i + 1])
             x_next, _, denoised = run.step(x_next, g2, s_hat, s_next, d_prev=d_cur, x_base=x_hat)
         x = x_next
         if callback is not None:
@@ -79,8 +81,8 @@ def sample_euler(denoiser, x, sigmas, *, guidance=None, labels=None, generators=
     num_steps = len(run.sigmas) - 1
     for i in range(num_steps):
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
-        x, sigma = run.churn(x, sigma, s_churn, s_tmin, s_tmax, s_noise)
-        x, _, denoised = run.step(x, run.evaluate(x, sigma, i), run.sig(sigma), run.sig(sigma_next))
+        x, sigma, host = run.churn(x, sigma, s_churn, s_tmin, s_tmax, s_noise, run.host[i])
+        x, _, denoised = run.step(x, run.evaluate(x, sigma, i, host=host), run.sig(sigma), run.sig(sigma_next))
         if callback is not None:
             callback(i, x, denoised)
     return x
@@ -96,9 +98,9 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, guidance=None, labels=None, g
     for i in range(len(run.sigmas) - 1):
         sigma, sigma_next = run.sigmas[i], run.sigmas[i + 1]
         target, sigma_up = sigma_next, 0.0
-        if float(sigma_next) > 0:
-            target, sigma_up = ancestral_step(float(sigma), float(sigma_next), eta)
-        x, _, denoised = run.step(x, run.evaluate(x, sigma, i), run.sig(sigma), run.sig(target))
+        if run.host[i + 1] > 0:
+            target, sigma_up = ancestral_step(run.host[i], run.host[i + 1], eta)
+        x, _, denoised = run.step(x, run.evaluate(x, sigma, i, host=run.host[i]), run.sig(sigma), run.sig(target))
         if sigma_up > 0:
             x = x + (s_noise * sigma_up) * run.noise(x)
         if callback is not None:
@@ -116,8 +118,8 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, guidance=None, labels=None, generato
     denoised_prev, h_prev = None, None
     for i in range(len(run.sigmas) - 1):
         t_cur, t_next = run.sigmas[i], run.sigmas[i + 1]
-        s, s1 = float(t_cur), float(t_next)
-        g = run.evaluate(x, t_cur, i)
+        s, s1 = run.host[i], run.host[i + 1]
+        g = run.evaluate(x, t_cur, i, host=s)
         if denoised_prev is None or s1 == 0:
             x, _, denoised = run.step(x, g, run.sig(t_cur), run.sig(t_next))
         else:
@@ -249,21 +251,27 @@ def sample(denoiser: Callable, noise: torch.Tensor, sampler: str = "heun", steps
     n, device = noise.shape[0], noise.device
     rng.check_generators(generators, n)
     kwargs = sampler_kwargs(sampler, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, eta=eta, **options)
+    # The schedule is made on the host (CPU), so the sampler has it as Python floats without reading the
+    # device; the sampler copies it to the device once, before its loop.
     if sigmas is None:
-        t_steps = edm_sigma_steps(steps, sigma_min, sigma_max, rho, dtype=torch.float64, device=device).to(dtype)
+        t_steps = edm_sigma_steps(steps, sigma_min, sigma_max, rho, dtype=torch.float64).to(dtype)
     else:
-        t_steps = torch.as_tensor(sigmas, device=device).to(dtype)
-        bad = t_steps.ndim != 1 or len(t_steps) < 2
-        if bad or float(t_steps[-1]) != 0 or bool((t_steps[1:] >= t_steps[:-1]).any()):
+        t_steps = torch.as_tensor(sigmas)
+        if t_steps.ndim != 1 or len(t_steps) < 2:
             raise ValueError("sigmas must be a decreasing 1-D sequence of at least 2 values ending with 0")
-        sigma_min, sigma_max = float(t_steps[-2]), float(t_steps[0])
-    x = noise.to(dtype) * t_steps[0]
+        t_steps = t_steps.to(dtype).cpu()  # one read when given on a device
+    host = t_steps.tolist()
+    if sigmas is not None:
+        if host[-1] != 0 or any(b >= a for a, b in zip(host, host[1:])):
+            raise ValueError("sigmas must be a decreasing 1-D sequence of at least 2 values ending with 0")
+        sigma_min, sigma_max = host[-2], host[0]
+    x = noise.to(dtype) * t_steps[0].to(device)
     common = dict(guidance=guidance, labels=labels, generators=generators, callback=callback, info=info,
                   schedule=(sigma_min, sigma_max, rho))
     if "randn_like" in inspect.signature(fn).parameters:
         common["randn_like"] = randn_like
     if sampler == "dpm_adaptive":
-        return fn(denoiser, x, float(t_steps[-2]), float(t_steps[0]), **common, **kwargs)
+        return fn(denoiser, x, host[-2], host[0], **common, **kwargs)
     return fn(denoiser, x, t_steps, **common, **kwargs)
 
 
