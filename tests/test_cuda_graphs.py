@@ -113,3 +113,115 @@ def test_real_cuda_graphs_match_eager():
     assert gn.captures >= 1 and gg.captures >= 1
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got, again)  # replays are deterministic and reuse the graphs
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: counts replays (the output stays what the capture computed)."""
+
+    made: list = []
+
+    def __init__(self):
+        self.replays = 0
+        _FakeGraph.made.append(self)
+
+    def replay(self):
+        self.replays += 1
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def mocked_cuda_graphs(monkeypatch):
+    """The real capture code (_CudaCapture) on CPU tensors, with CUDA's streams and graphs mocked."""
+    import contextlib
+
+    from fastdiff.sampling import graphs
+
+    _FakeGraph.made = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(graphs._CudaCapture, "usable", lambda self, x: True)
+    return _FakeGraph.made
+
+
+def _cached(net):
+    from fastdiff.nn.layers import MPConv
+
+    return [t for m in net.modules() if isinstance(m, MPConv) for t in m.cached_tensors()]
+
+
+def _holds(held, tensors):
+    ids = {id(t) for t in held}
+    return all(id(t) in ids for t in tensors)
+
+
+def test_graphs_hold_what_they_read(mocked_cuda_graphs):
+    """A graph holds the parameters, buffers and cached effective weights its capture read; an eager call
+    in another dtype replaces the layers' caches but not what the graph holds (it replays, no new
+    capture); an in-place weight update is a new capture."""
+    import gc
+    import weakref
+
+    made = mocked_cuda_graphs
+    net = _net()
+    gd = cuda_graphed(net)
+    x, sigma, labels = _inputs(2)
+    with torch.no_grad():
+        gd(x, sigma, labels)
+        assert gd.captures == 1 and len(made) == 1 and made[0].replays == 1
+        [held] = gd.held()
+        cached = _cached(net)
+        assert cached and _holds(held, cached) and _holds(held, list(net.parameters()) + list(net.buffers()))
+        refs = [weakref.ref(t) for t in cached]
+        del cached
+        net.dtype = torch.bfloat16  # an eager call in another dtype: the effective weights now bfloat16
+        net(x, sigma, labels)
+        net.dtype = None
+        now = {id(t) for t in _cached(net)}
+        assert sum(id(r()) not in now for r in refs) >= 10  # the layers let go of the float32 ones...
+        gc.collect()
+        assert all(r() is not None for r in refs)  # ...the graph did not: a replay reads live memory
+        gd(x, sigma, labels)
+        assert gd.captures == 1 and made[0].replays == 2 and gd.held() == [held]
+        net.unet.out_gain.add_(0.5)  # weights changed in place: captured anew, with the weights it now reads
+        gd(x, sigma, labels)
+        assert gd.captures == 2 and len(gd.held()) == 2 and _holds(gd.held()[-1], _cached(net))
+
+
+def test_clear_weight_caches_drops_the_graphs(mocked_cuda_graphs):
+    """clear_weight_caches frees the cached weights: the graphs holding them are dropped at the next
+    call, which captures anew; a replaced parameter is a new signature, and the old graph keeps the old
+    tensor alive (its id cannot be reused by another tensor while a graph may replay it)."""
+    import gc
+    import weakref
+
+    from fastdiff.nn import clear_weight_caches
+
+    net = _net()
+    gd = cuda_graphed(net)
+    x, sigma, labels = _inputs(2)
+    with torch.no_grad():
+        gd(x, sigma, labels)
+        refs = [weakref.ref(t) for t in _cached(net)]
+        clear_weight_caches(net)
+        gc.collect()
+        assert all(r() is not None for r in refs)  # held until the next call
+        gd(x, sigma, labels)
+        gc.collect()
+        assert gd.captures == 2 and len(gd.held()) == 1 and all(r() is None for r in refs)
+        old = net.unet.out_gain
+        net.unet.out_gain = torch.nn.Parameter(old.detach().clone() + 0.25, requires_grad=False)
+        gd(x, sigma, labels)
+        assert gd.captures == 3 and any(t is old for t in gd.held()[0])
+        storage = net.unet.out_gain.data_ptr()
+        net.unet.out_gain.data = net.unet.out_gain.data.clone()  # new storage, same id and version (as .to() does)
+        gd(x, sigma, labels)
+        assert gd.captures == 4 and any(t.data_ptr() == storage for t in gd.held()[-2])
+        gd.reset()
+        assert gd.held() == []

@@ -13,7 +13,16 @@ from fastdiff import ops
 from fastdiff._runtime import is_compiling as _is_compiling
 from fastdiff.ops import _winograd as _wg
 
-__all__ = ["MPConv", "MPFourier", "resample", "clear_weight_caches", "force_normalize_"]
+__all__ = ["MPConv", "MPFourier", "resample", "clear_weight_caches", "force_normalize_", "weight_cache_clears"]
+
+_CLEARS = [0]  # how many weight caches were cleared so far (see weight_cache_clears)
+
+
+def weight_cache_clears() -> int:
+    """How many times an ``MPConv`` weight cache was cleared in this process: captured CUDA graphs hold the
+    cached weights they read (``MPConv.cached_tensors``) and drop themselves when this number moves, so that
+    ``clear_weight_caches`` frees the memory."""
+    return _CLEARS[0]
 
 
 def _ops():
@@ -69,6 +78,19 @@ class MPConv(torch.nn.Module):
         self._cache = None
         self._wcache = None
         self._scache = None
+        _CLEARS[0] += 1
+
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """The tensors the eval-mode caches hold now (what a forward captured into a CUDA graph reads)."""
+        out = []
+        if self._cache is not None:
+            out.append(self._cache[1])
+        if self._wcache is not None:
+            out.extend(self._wcache[1])
+        sc = getattr(self, "_scache", None)
+        if sc is not None:
+            out.append(sc[1])
+        return out
 
     def _gain_key(self, gain):
         if isinstance(gain, torch.Tensor):

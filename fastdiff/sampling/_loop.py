@@ -84,8 +84,8 @@ class Loop:
         the value of a tensor ``sigma`` as a Python float (every sample at that level), for the guidance's
         decisions; None (per-sample levels) leaves them to the device values."""
         self.ctx.step, self.ctx.correction = step, correction
-        if not isinstance(sigma, torch.Tensor):
-            host = float(sigma)
+        if not isinstance(sigma, torch.Tensor):  # a number: the device rounds it to the sampling dtype
+            host = self.host_op(lambda t: t, sigma)
         if not (isinstance(sigma, torch.Tensor) and sigma.ndim == 1):
             sigma = self.sig(sigma)
         self.ctx.host_sigma = host

@@ -3,7 +3,12 @@
 Each seed owns a generator that draws, in order, the sample's initial noise, its class label (when the
 network is conditional and no class is fixed) and then any noise the sampler or the guidance needs,
 so an image depends on its seed only (not on the batch size or which other seeds share its batch).
-Generators live on the CPU, so a seed gives the same noise on every device.
+
+The generators live on the sampling device, so that the noise a stochastic sampler or guidance method
+draws inside the loop never crosses from the host (a blocking copy, a stream sync on a GPU, at every
+step). On the CPU this is the CPU generator as always; on a GPU a seed's numbers come from that device's
+generator (CUDA's Philox), not the CPU's: the same seed gives other noise on a GPU than on the CPU.
+``generator_device="cpu"`` keeps the CPU's numbers on every device, at one copy per draw.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
                     class_idx: int | None = None, batch: int = 32, device=None, dtype: torch.dtype = torch.float32,
                     interval: tuple[float, float] | None = None, guidance_obj: Guidance | None = None,
                     rank: int | None = None, world_size: int | None = None, decoder: Callable | None = None,
-                    on_nonfinite: Callable[[list[int]], None] | None = None,
+                    on_nonfinite: Callable[[list[int]], None] | None = None, generator_device=None,
                     **sample_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yields ``(batch_seeds, images)`` with ``images`` uint8 ``[n, C, H, W]`` on the CPU.
 
@@ -92,7 +97,8 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
     ``img_resolution``, ``img_channels``, ``label_dim``. ``guidance``/``interval`` build autoguidance
     as in the official tool; ``guidance_obj`` instead uses any guidance object. ``class_idx`` fixes the
     class (else a random class per seed). Under ``torch.distributed`` (or with explicit
-    ``rank``/``world_size``) only this rank's share of the seeds is generated. ``decoder`` turns the
+    ``rank``/``world_size``) only this rank's share of the seeds is generated. ``generator_device``: where the
+    per-seed generators live (default: ``device``; see the module docstring). ``decoder`` turns the
     sampler's output into uint8 images (e.g. a VAE for latent networks); default: pixels in [-1, 1].
     Remaining keyword arguments go to :func:`fastdiff.sampling.sample` (``S_churn``, ``sigma_min``...).
 
@@ -122,23 +128,25 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
     if device is None:
         device = next((p.device for p in getattr(net, "parameters", lambda: iter(()))()), torch.device("cpu"))
     device = torch.device(device)
+    gen_device = device if generator_device is None else torch.device(generator_device)
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
 
     for batch_seeds in split_batches(seeds, batch, rank, world_size):
         if not batch_seeds:
             continue
-        gens = rng.seed_generators(batch_seeds)
+        gens = rng.seed_generators(batch_seeds, device=gen_device)
         noise_rows, label_rows = [], []
         for g in gens:  # per sample: noise, then label
-            noise_rows.append(torch.randn(shape, generator=g, dtype=torch.float32))
+            noise_rows.append(torch.randn(shape, generator=g, dtype=torch.float32, device=g.device))
             if label_dim:
-                idx = int(class_idx) if class_idx is not None else int(torch.randint(label_dim, (1,), generator=g))
-                label_rows.append(idx)
+                label_rows.append(torch.full((1,), int(class_idx), dtype=torch.int64, device=g.device)
+                                  if class_idx is not None else
+                                  torch.randint(label_dim, (1,), generator=g, device=g.device, dtype=torch.int64))
         noise = torch.stack(noise_rows).to(device)
         labels = None
-        if label_dim:
-            labels = torch.nn.functional.one_hot(torch.tensor(label_rows), label_dim)
-            labels = labels.to(device=device, dtype=torch.float32)
+        if label_dim:  # one-hot by a scatter: no host read of the drawn classes
+            index = torch.cat(label_rows).to(device).reshape(-1, 1)
+            labels = torch.zeros(len(gens), label_dim, dtype=torch.float32, device=device).scatter_(1, index, 1.0)
         x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance_obj, labels=labels, generators=gens,
                    dtype=dtype, **sample_kwargs)
         bad = nonfinite_rows(x)

@@ -14,6 +14,13 @@ parameters that need gradients, or extra keyword arguments; TSG calls the wrappe
 forward hook on the noise embedding must run in an eager forward. The network must
 not synchronize with the host inside its forward (fastdiff's networks do not, given float labels); at most
 ``max_graphs`` signatures are kept (least recently used dropped), each with its own memory pool.
+
+A graph replays reads of fixed addresses, so each graph owns what it reads: its static inputs and output,
+the network's parameters and buffers, and the effective weights its capture read from the layers' caches
+(``MPConv.cached_tensors()``, the single-slot eval-mode caches). A layer that later replaces its cache (an
+eager call in another dtype) cannot free memory the graph still reads; a weight changed in place (its
+version), replaced (its identity) or moved (its storage) is another signature, captured anew; ``clear_weight_caches`` drops
+every graph at the next call (or :meth:`GraphedDenoiser.reset`), so that the memory is freed.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Callable
 import torch
 
 from fastdiff.diffusion import sigma_per_sample
+from fastdiff.nn.layers import weight_cache_clears
 
 __all__ = ["cuda_graphed", "GraphedDenoiser"]
 
@@ -50,6 +58,16 @@ class _CudaCapture:
         return graph.replay, out
 
 
+class _Graph:
+    """One captured signature: the static buffers, the replay, and every tensor the capture read (held)."""
+
+    __slots__ = ("static_x", "static_sigma", "static_labels", "replay", "out", "held")
+
+    def __init__(self, static_x, static_sigma, static_labels, replay, out, held):
+        self.static_x, self.static_sigma, self.static_labels = static_x, static_sigma, static_labels
+        self.replay, self.out, self.held = replay, out, held
+
+
 class GraphedDenoiser:
     """``net(x, sigma, labels)`` served from captured graphs; see the module docstring."""
 
@@ -60,6 +78,7 @@ class GraphedDenoiser:
         self.max_graphs = int(max_graphs)
         self._capture = capture or _CudaCapture()
         self._graphs: OrderedDict = OrderedDict()
+        self._clears = weight_cache_clears()  # the layers' cache clears the graphs have seen
         self.captures = 0  # how many graphs were captured (for tests and diagnostics)
         fn = net.forward if isinstance(net, torch.nn.Module) else net
         try:  # show the network's own signature
@@ -97,31 +116,52 @@ class GraphedDenoiser:
         tensors = self._tensors()
         key = (tuple(x.shape), x.dtype, x.device, x.stride(), sigma.dtype,
                None if labels is None else (tuple(labels.shape), labels.dtype),
-               tuple(id(t) for t in tensors), tuple(t._version for t in tensors))
+               tuple(id(t) for t in tensors), tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
+        clears = weight_cache_clears()
+        if clears != self._clears:  # cached weights were released: the graphs must not keep them alive
+            self.reset()
+            self._clears = clears
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._new_graph(key, x, sigma, labels)
         else:
             self._graphs.move_to_end(key)
-        static_x, static_sigma, static_labels, replay, out = entry
-        static_x.copy_(x)
-        static_sigma.copy_(sigma)
+        entry.static_x.copy_(x)
+        entry.static_sigma.copy_(sigma)
         if labels is not None:
-            static_labels.copy_(labels)
-        replay()
-        return out.clone()
+            entry.static_labels.copy_(labels)
+        entry.replay()
+        return entry.out.clone()
 
-    def _new_graph(self, key, x, sigma, labels):
+    def _held(self) -> tuple[torch.Tensor, ...]:
+        """What a capture of the network's forward reads beyond its inputs: parameters, buffers and the
+        effective weights in the layers' caches (after the capture, the ones it used). Each parameter is held
+        as itself (its id is part of the signature) and as a detached alias of its storage (which ``.to()`` or a
+        ``.data`` assignment would otherwise free)."""
+        held = self._tensors()
+        held += [t.detach() for t in held]
+        if isinstance(self.net, torch.nn.Module):
+            for m in self.net.modules():
+                cached = getattr(m, "cached_tensors", None)
+                if callable(cached):
+                    held.extend(cached())
+        return tuple(held)
+
+    def _new_graph(self, key, x, sigma, labels) -> _Graph:
         static_x = x.clone()
         static_sigma = sigma.clone()
         static_labels = None if labels is None else labels.clone()
         replay, out = self._capture.capture(lambda: self.net(static_x, static_sigma, static_labels))
         self.captures += 1
-        entry = (static_x, static_sigma, static_labels, replay, out)
+        entry = _Graph(static_x, static_sigma, static_labels, replay, out, self._held())
         self._graphs[key] = entry
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return entry
+
+    def held(self) -> list[tuple[torch.Tensor, ...]]:
+        """The tensors each captured graph holds (least recently used first), for tests and diagnostics."""
+        return [g.held for g in self._graphs.values()]
 
     def reset(self) -> None:
         """Drop every captured graph (and its memory)."""
