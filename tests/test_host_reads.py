@@ -3,8 +3,8 @@
 host-to-device copy) inside any sampler's loop, with every guidance method, with and without ``Interval``.
 
 Counted on the CPU with a ``TorchDispatchMode`` (:mod:`fastdiff.sampling.hostreads`), which sees these ops on
-every device. ``dpm_adaptive`` reads by design (its step sizes and which samples are still integrating are
-decided per sample on the host); the test bounds it instead."""
+every device. ``dpm_adaptive`` reads by design (which samples still integrate sets the shapes of its next
+network calls): once per round, checked exactly."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from fastdiff.sampling import (
     APG, CADS, CFG, ICG, SAMPLERS, TSG, Autoguidance, Guidance, Interval, generate_images, rng, sample,
 )
-from fastdiff.sampling.hostreads import count_host_reads
+from fastdiff.sampling.hostreads import count_host_reads, host_list
 
 
 class Net(torch.nn.Module):
@@ -105,15 +105,18 @@ def test_the_counter_sees_reads():
     """The mode counts what it must: item/float/bool, data-dependent sizes, tensors from Python data."""
     t = torch.tensor([1.0, 2.0])
     with count_host_reads() as reads:
-        float(t[0]), bool(t[1] > 0), t.sum().item(), t.nonzero(), t[t > 1]
-    assert reads.reads == 5 and reads.uploads == 0
+        float(t[0]), bool(t[1] > 0), t.sum().item(), t.nonzero(), t[t > 1], t.tolist(), t.numpy()
+        assert host_list(t) == [1.0, 2.0]  # a CPU replica read on purpose: not counted
+    assert reads.reads == 7 and reads.uploads == 0 and t.tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="CPU tensor"):
+        host_list(t.to("meta"))
     with count_host_reads() as reads:
         torch.as_tensor(0.5), torch.tensor([1, 2]), t * 2, torch.full((2,), 0.5), t[torch.tensor([0])]
     assert reads.reads == 0 and reads.uploads == 3
     # An Interval evaluated without a host noise level (per-sample levels) still decides, from the device.
     noise, labels = _inputs(3)
-    from fastdiff.sampling.guidance import EvalContext
     from fastdiff.diffusion import edm_sigma_steps
+    from fastdiff.sampling.guidance import EvalContext
 
     ctx = EvalContext(num_steps=4, sigmas=edm_sigma_steps(4), sigma_min=0.002, sigma_max=80, rho=7, batch=3)
     with count_host_reads() as reads:
@@ -166,26 +169,31 @@ def test_interval_host_decision_matches_the_device_comparison(dtype):
             assert g._decide(sigma, ctx) == bool(g.inside(sigma, ctx).all()), (dtype, edge, sigma)
 
 
-def test_dpm_adaptive_reads_per_round_only():
-    """dpm_adaptive decides per sample on the host (which samples still integrate, their step sizes): a
-    bounded number of reads per round of attempts, documented in its docstring."""
-    noise, labels = _inputs()
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_dpm_adaptive_reads_once_per_round(eta):
+    """dpm_adaptive decides on the host which samples still integrate (the shapes of the next network
+    calls): one read per round of attempts and one to stop, a second per round with eta > 0 (whose
+    generators draw), as its docstring says; nothing else is read or uploaded (but the [2] schedule
+    tensor made on the CPU before the loop)."""
+    noise, labels = _inputs(3)
     info = {}
-    with count_host_reads() as reads:
-        sample(NET, noise, "dpm_adaptive", guidance=Interval(Autoguidance(GNET, 2.0), sigma=(0.28, 2.9)),
-               labels=labels, generators=rng.seed_generators(range(2)), info=info)
+    with count_host_reads(trace=True) as reads:
+        sample(NET, noise, "dpm_adaptive", guidance=Autoguidance(GNET, 2.0), labels=labels, eta=eta,
+               generators=rng.seed_generators(range(3)), info=info, rtol=0.01)
     rounds = int((info["n_accept"] + info["n_reject"]).max())
-    assert 0 < reads.reads <= 12 * rounds
+    assert rounds > 3 and int(info["n_reject"].sum()) > 0  # rejections happened: the masked updates ran
+    assert reads.reads == (rounds + 1) + (rounds if eta else 0), dict(reads.where)
+    assert reads.uploads == 1, dict(reads.where)
 
 
 def test_generators_on_the_sampling_device():
     """generate_images seeds its generators on the sampling device (the CPU here: the same numbers as
     before); generator_device='cpu' keeps the CPU's numbers on any device."""
     net = Net()
-    a = dict((s, i) for seeds, imgs in generate_images(net, [3, 5], batch=2, steps=3, S_churn=5.0)
-             for s, i in zip(seeds, imgs))
-    b = dict((s, i) for seeds, imgs in generate_images(net, [5, 3, 8], batch=3, steps=3, S_churn=5.0,
-                                                         generator_device="cpu") for s, i in zip(seeds, imgs))
+    a = {s: i for seeds, imgs in generate_images(net, [3, 5], batch=2, steps=3, S_churn=5.0)
+         for s, i in zip(seeds, imgs)}
+    b = {s: i for seeds, imgs in generate_images(net, [5, 3, 8], batch=3, steps=3, S_churn=5.0, generator_device="cpu")
+         for s, i in zip(seeds, imgs)}
     assert torch.equal(a[3], b[3]) and torch.equal(a[5], b[5])
 
 

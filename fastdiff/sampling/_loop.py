@@ -13,6 +13,7 @@ from fastdiff.sampling import rng
 from fastdiff._runtime import nvtx_range
 from fastdiff.diffusion import sigma_per_sample
 from fastdiff.sampling.guidance import EvalContext, Guided, as_guidance
+from fastdiff.sampling.hostreads import host_list
 
 __all__ = ["Loop", "ancestral_step", "churn_gamma", "BrownianNoise"]
 
@@ -45,7 +46,8 @@ class Loop:
         if s.ndim != 1 or len(s) < 2:
             raise ValueError("sigmas must be a 1-D sequence of at least 2 noise levels")
         s = s.to(self.dtype)
-        self.host: list[float] = s.tolist()  # one device read here when sigmas live on a device, none after
+        # one device read here when sigmas live on a device, none after
+        self.host: list[float] = host_list(s) if s.device.type == "cpu" else s.tolist()
         self.sigmas = s.to(self.device)
         if schedule is None:
             host = self.host
@@ -77,7 +79,7 @@ class Loop:
         noise level computed on the host by the ops the device would run (rounded as the sampling dtype
         rounds), read from CPU memory."""
         out = fn(*(torch.full((), float(v), dtype=self.dtype) for v in values))
-        return out.tolist()
+        return host_list(out)
 
     def evaluate(self, x: torch.Tensor, sigma, step: int, correction: bool = False, host: float | None = None) -> Guided:
         """One guided evaluation at ``sigma`` (a number, 0-d or [N] tensor) for solver step ``step``. ``host``:

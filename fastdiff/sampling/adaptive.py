@@ -12,6 +12,12 @@ depends on the others in its batch, nor on the batch size), so every sample foll
 algorithm run on it alone; the evaluation at the start of an attempt is kept across rejected attempts
 (it is the same evaluation; k-diffusion repeats it), so fewer network evaluations are spent. The
 noise of ``eta > 0`` comes from the per-sample generators.
+
+Host reads, by design: which samples still integrate and which need a new evaluation decide the shapes of
+the next network calls, so each round of attempts reads one small flag tensor from the device (a second
+read with ``eta > 0``: which samples' generators draw); everything else (the error control, accepting or
+rejecting, the updates) stays on the device. Guidance that decides by noise level (``Interval``, ``CADS``)
+reads per evaluation here, since the samples sit at different noise levels.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ def _rows(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Subset:
-    """Evaluations for the batch rows ``idx`` only (the samples still integrating)."""
+    """Evaluations for the batch rows ``idx`` only (the samples still integrating; ``rows``: the same as
+    Python ints)."""
 
-    def __init__(self, run: Loop, idx: torch.Tensor):
+    def __init__(self, run: Loop, idx: torch.Tensor, rows: list[int]):
         self.run, self.idx = run, idx
         self.labels = None if run.labels is None else run.labels[idx]
-        self.ctx = run.ctx.select(idx) if len(idx) < run.n else run.ctx
+        self.ctx = run.ctx.select(idx, rows) if len(rows) < run.n else run.ctx
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, step: int, correction: bool) -> torch.Tensor:
         """``eps = (x - D(x; sigma)) / sigma`` at ``sigma = exp(-t)`` per sample."""
@@ -124,19 +131,23 @@ def sample_dpm_adaptive(denoiser, x, sigma_min, sigma_max, *, guidance=None, lab
     have_eps = torch.zeros(n, dtype=torch.bool, device=dev)
     nfe, n_accept, n_reject = (torch.zeros(n, dtype=torch.int64, device=dev) for _ in range(3))
     denoised = x.clone()
+    atol_t = torch.full((), atol, dtype=x.dtype, device=dev)
     step = 0
     while True:
         active = s < t_end - 1e-5
-        if not bool(active.any()):
+        flags = torch.stack([active, active & ~have_eps]).tolist()  # the round's one read (see the docstring)
+        rows = [i for i, a in enumerate(flags[0]) if a]
+        if not rows:
             break
-        idx = active.nonzero().flatten()
-        sub = _Subset(run, idx)
+        idx = active.nonzero_static(size=len(rows)).flatten()  # no sync: the size is known
+        sub = _Subset(run, idx, rows)
         xa, sa = x[idx], s[idx]
-        need = idx[~have_eps[idx]]
-        if len(need):  # the evaluation at s (kept across rejected attempts)
-            sub_need = _Subset(run, need)
+        need_rows = [i for i, a in enumerate(flags[1]) if a]
+        if need_rows:  # the evaluation at s (kept across rejected attempts)
+            need = (active & ~have_eps).nonzero_static(size=len(need_rows)).flatten()
+            sub_need = _Subset(run, need, need_rows)
             eps_at_s[need] = sub_need.eps(x[need], s[need], step, False)
-            have_eps[need] = True
+            have_eps.index_fill_(0, need, True)  # a fill: `have_eps[need] = True` would copy True to the device
             nfe[need] += 1
         eps0 = eps_at_s[idx]
         denoised[idx] = xa - _rows((-sa).exp(), xa) * eps0
@@ -151,37 +162,38 @@ def sample_dpm_adaptive(denoiser, x, sigma_min, sigma_max, *, guidance=None, lab
             t_, su = t, None
         x_low, x_high = _dpm_solver_steps(sub, xa, sa, t_, eps0, order, step)
         nfe[idx] += order - 1
-        delta = torch.maximum(torch.tensor(atol, dtype=x.dtype, device=dev),
-                              rtol * torch.maximum(x_low.abs(), x_prev[idx].abs()))
+        delta = torch.maximum(atol_t, rtol * torch.maximum(x_low.abs(), x_prev[idx].abs()))
         m = xa[0].numel()
-        error = torch.linalg.vector_norm(((x_low - x_high) / delta).reshape(len(idx), -1), dim=1) / math.sqrt(m)
-        # PID step-size control, per sample
+        error = torch.linalg.vector_norm(((x_low - x_high) / delta).reshape(len(rows), -1), dim=1) / math.sqrt(m)
+        # PID step-size control, per sample (masked updates: no host decision)
         inv = 1 / (error.double() + 1e-8)
-        e = errs[idx]
-        e[first[idx]] = inv[first[idx]].unsqueeze(1).expand(-1, 3)
+        e = torch.where(first[idx].unsqueeze(1), inv.unsqueeze(1).expand(-1, 3), errs[idx])
         e[:, 0] = inv
         factor = e[:, 0] ** b1 * e[:, 1] ** b2 * e[:, 2] ** b3
         factor = 1 + torch.atan(factor - 1)
         accept = factor >= accept_safety
-        e[accept, 2] = e[accept, 1]
-        e[accept, 1] = e[accept, 0]
+        e = torch.stack([e[:, 0], torch.where(accept, e[:, 0], e[:, 1]), torch.where(accept, e[:, 1], e[:, 2])], 1)
         errs[idx] = e
-        first[idx] = False
+        first.index_fill_(0, idx, False)
         h[idx] = h[idx] * factor
-        acc = idx[accept]
-        if len(acc):
-            x_new = x_high[accept]
-            if su is not None:
-                gens = None if generators is None else [generators[int(i)] for i in acc.tolist()]
-                noise = (rng.randn(gens, len(acc), x.shape[1:], device=dev, dtype=x.dtype) if gens is not None
-                         else run.randn_like(x_new))
-                x_new = x_new + _rows(su[accept] * s_noise, x_new) * noise
-            x_prev[acc] = x_low[accept]
-            x[acc] = x_new
-            s[acc] = t[accept]
-            have_eps[acc] = False
-        n_accept[acc] += 1
-        n_reject[idx[~accept]] += 1
+        x_new = x_high
+        if su is not None:  # the accepted samples' generators draw: a second read
+            acc_rows = [r for r, a in zip(rows, accept.tolist()) if a]
+            if acc_rows:
+                sel = accept.nonzero_static(size=len(acc_rows)).flatten()
+                x_acc = x_high[sel]
+                gens = None if generators is None else [generators[r] for r in acc_rows]
+                noise = (rng.randn(gens, len(acc_rows), x.shape[1:], device=dev, dtype=x.dtype) if gens is not None
+                         else run.randn_like(x_acc))
+                x_new = x_high.clone()
+                x_new[sel] = x_acc + _rows(su[sel] * s_noise, x_acc) * noise
+        keep = _rows(accept, x_high).bool()
+        x_prev[idx] = torch.where(keep, x_low, x_prev[idx])
+        x[idx] = torch.where(keep, x_new, xa)
+        s[idx] = torch.where(accept, t, sa)
+        have_eps[idx] = have_eps[idx] & ~accept
+        n_accept[idx] += accept.long()
+        n_reject[idx] += (~accept).long()
         if callback is not None:
             callback(step, x, denoised)
         step += 1

@@ -28,6 +28,7 @@ import torch
 from fastdiff._runtime import nvtx_range
 from fastdiff.diffusion import edm_time_of_sigma
 from fastdiff.sampling import rng
+from fastdiff.sampling.hostreads import host_list
 
 __all__ = [
     "Guided", "EvalContext", "Guidance", "CFG", "Autoguidance", "Interval", "APG", "ICG", "TSG", "CADS",
@@ -106,13 +107,14 @@ class EvalContext:
         (:func:`fastdiff.diffusion.edm_time_of_sigma`); equals ``1 - i/(N-1)`` at step i."""
         return edm_time_of_sigma(sigma, self.sigma_min, self.sigma_max, self.rho)
 
-    def select(self, index: torch.Tensor) -> "EvalContext":
-        """A view of this context for the batch rows ``index`` (same memory, subset of generators)."""
+    def select(self, index: torch.Tensor, rows: list[int] | None = None) -> "EvalContext":
+        """A view of this context for the batch rows ``index`` (same memory, subset of generators); ``rows``:
+        ``index`` as a list of Python ints when the caller has it (else it is read from ``index``)."""
         sub = copy_context(self)
         base = self.index if self.index is not None else None
         sub.index = base[index] if base is not None else index
         if self.generators is not None:
-            sub.generators = [self.generators[int(i)] for i in index.tolist()]
+            sub.generators = [self.generators[int(i)] for i in (rows if rows is not None else index.tolist())]
         return sub
 
 
@@ -245,7 +247,7 @@ class Interval(Guidance):
         host = getattr(ctx, "host_sigma", None)
         if host is None:
             return None
-        return _host_mask(lambda s: self.inside(s, ctx), host, sigma[:1]).tolist()[0]
+        return host_list(_host_mask(lambda s: self.inside(s, ctx), host, sigma[:1]))[0]
 
     def evaluate(self, net, x, sigma, labels, ctx) -> Guided:
         decided = self._decide(sigma, ctx)
@@ -427,7 +429,7 @@ class CADS(Guidance):
     def anneal(self, labels: torch.Tensor, sigma: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
         host = getattr(ctx, "host_sigma", None)
         if host is not None:  # decided on the host, from the same computation on a CPU copy
-            if _host_mask(lambda s: (self.gamma(ctx.t_of(s)) >= 1).all(), host, sigma).tolist():
+            if host_list(_host_mask(lambda s: (self.gamma(ctx.t_of(s)) >= 1).all(), host, sigma)):
                 return labels
             g = self.gamma(ctx.t_of(sigma)).to(labels.device)
         else:  # per-sample noise levels: one read

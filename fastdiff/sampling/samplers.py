@@ -31,6 +31,7 @@ from fastdiff._runtime import nvtx_range
 from fastdiff.diffusion import edm_sigma_steps
 from fastdiff.sampling import adaptive, dpm, rng
 from fastdiff.sampling._loop import Loop, ancestral_step
+from fastdiff.sampling.hostreads import host_list
 from fastdiff.sampling.guidance import Autoguidance
 
 __all__ = [
@@ -260,7 +261,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, sampler: str = "heun", steps
         if t_steps.ndim != 1 or len(t_steps) < 2:
             raise ValueError("sigmas must be a decreasing 1-D sequence of at least 2 values ending with 0")
         t_steps = t_steps.to(dtype).cpu()  # one read when given on a device
-    host = t_steps.tolist()
+    host = host_list(t_steps)
     if sigmas is not None:
         if host[-1] != 0 or any(b >= a for a, b in zip(host, host[1:])):
             raise ValueError("sigmas must be a decreasing 1-D sequence of at least 2 values ending with 0")
