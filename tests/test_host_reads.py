@@ -32,7 +32,7 @@ class Net(torch.nn.Module):
         c_skip = 0.25 / (s**2 + 0.25)
         target = 0.5 * torch.tanh(x.float())
         if self.emb_noise is not None:
-            e = self.emb_noise(torch.log(s.reshape(-1, 1)) * torch.ones(1, 6))
+            e = self.emb_noise(torch.log(s.reshape(-1, 1)) * torch.ones(1, 6, device=x.device))
             target = target + 0.01 * e.mean(1).reshape(-1, 1, 1, 1)
         if labels is not None:
             target = target + (labels.float() @ self.colour)[:, :, None, None]
@@ -207,3 +207,28 @@ def test_cuda_images_depend_on_their_seed_only():
     assert (a[7].int() - b[7].int()).abs().max() <= 1
     c = {s: i for seeds, imgs in generate_images(net, [7], batch=1, **kw) for s, i in zip(seeds, imgs)}
     assert torch.equal(a[7], c[7])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sampler", ["heun", "euler", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde"])
+def test_cuda_loop_never_synchronizes(sampler):
+    """On a GPU, with per-seed generators on the device: from the first network call to the end of the
+    loop, CUDA's sync debug mode (set to error) sees no synchronizing call (a read, a blocking copy)."""
+    net, gnet = Net().cuda(), Net(0.3).cuda()
+    noise, labels = (t.cuda() for t in _inputs(2))
+    for make in (lambda: Interval(Autoguidance(gnet, 2.0), sigma=(0.28, 2.9)), lambda: CADS(ICG(2.0)),
+                 lambda: Interval(TSG(2.0), sigma=(0.5, 10.0)), lambda: APG(2.0, r=5.0)):
+        calls = [0]
+
+        def strict(x, sigma, labels=None):
+            if calls[0] == 0:  # the loop has begun: everything from here on must not wait for the GPU
+                torch.cuda.set_sync_debug_mode("error")
+            calls[0] += 1
+            return net(x, sigma, labels)
+
+        try:
+            x = sample(strict, noise, sampler, steps=8, guidance=make(), labels=labels,
+                       generators=rng.seed_generators(range(2), device="cuda"), S_churn=0.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert calls[0] > 0 and torch.isfinite(x).all()
