@@ -11,10 +11,11 @@ copy, which also waits for the stream.
 CPU too, where they cost nothing: the CPU tests use it to check that the sampling loop would not
 synchronize on a GPU. ``reads`` counts ``aten._local_scalar_dense`` (what ``.item()``, ``float()``,
 ``int()`` and ``bool()`` of a tensor come down to), the data-dependent-size ops, and calls of
-``Tensor.tolist()`` / ``Tensor.numpy()`` (which do not reach the dispatcher: the mode wraps them while
-active); ``uploads`` counts ``aten.lift_fresh`` (a tensor from Python data). A value computed on the CPU
-on purpose (a host-side replica of a device computation) is read with :func:`host_list`, which refuses
-device tensors and is not counted.
+``Tensor.tolist()`` / ``Tensor.numpy()`` (which do not reach the dispatcher: the mode wraps them,
+process-wide, while active; a diagnostic for tests and benchmarks, not for production code); ``uploads``
+counts ``aten.lift_fresh`` (a tensor from Python data). A value computed on the CPU on purpose (a
+host-side replica of a device computation) is read with :func:`host_list`, which refuses device tensors
+and is not counted.
 """
 
 from __future__ import annotations
