@@ -250,9 +250,20 @@ def extension_and_command():
         missing compiler or OpenMP into a pure-Python install (or an error under FASTDIFF_REQUIRE_EXTENSION=1),
         and fastdiff/_build_info.py next to _C."""
 
+        def run(self):
+            # setuptools builds into build_lib and then copies only the .so into the source tree (--inplace,
+            # editable installs): the build record goes to both places.
+            inplace, self._record = self.inplace, None
+            super().run()
+            if self._record is not None:
+                dirs = [os.path.join(self.build_lib, "fastdiff")]
+                if inplace:
+                    dirs.append(os.path.abspath(self.get_finalized_command("build_py").get_package_dir("fastdiff")))
+                for d in dirs:
+                    write_build_info(d, *self._record)
+
         def build_extensions(self):
             ext = self.extensions[0]
-            package_dir = os.path.dirname(self.get_ext_fullpath(ext.name))
             msvc = self.compiler.compiler_type == "msvc"
             from torch.utils.cpp_extension import get_cxx_compiler
 
@@ -266,13 +277,13 @@ def extension_and_command():
                     problem = (f"compiling fastdiff._C failed ({type(exc).__name__}: {exc}); see the compiler "
                                "output above")
             if problem is None:
-                write_build_info(package_dir, torch_version, torch.version.cuda if cuda else None, True, "", debug)
+                self._record = (torch_version, torch.version.cuda if cuda else None, True, "", debug)
                 return
             if _flag("FASTDIFF_REQUIRE_EXTENSION"):
                 sys.exit("fastdiff: FASTDIFF_REQUIRE_EXTENSION=1 and the compiled extension cannot be built: "
                          + problem)
             self.extensions = []
-            write_build_info(package_dir, torch_version, None, False, problem, debug)
+            self._record = (torch_version, None, False, problem, debug)
             _banner([f"the compiled extension fastdiff._C is NOT built: {problem}",
                      "installing as pure Python: every op runs on its plain-PyTorch reference (correct, slower).",
                      "Install a C++ compiler with OpenMP (gcc; clang + libomp; Xcode + `brew install libomp`) and "

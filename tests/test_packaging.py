@@ -139,21 +139,33 @@ def test_probe_names_a_missing_compiler_and_missing_openmp(setup_py, tmp_path):
     assert setup_py.probe_compiler(["c++"])[0] is None  # the real one works
 
 
-def _build_ext(tmp_path, **env):
-    return subprocess.run([sys.executable, "setup.py", "build_ext", "-b", str(tmp_path / "lib"), "-t",
-                           str(tmp_path / "tmp")], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+def _copy_sources(dst) -> str:
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "_build_info.py")
+    for d in ("csrc", "fastdiff"):
+        shutil.copytree(os.path.join(ROOT, d), os.path.join(dst, d), ignore=ignore)
+    for f in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, f), os.path.join(dst, f))
+    return str(dst)
+
+
+def _build_ext_inplace(src, tmp_path, **env):
+    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-b", str(tmp_path / "lib"), "-t",
+                           str(tmp_path / "tmp")], cwd=src, env=_env(**env), capture_output=True, text=True,
                           timeout=600)
 
 
 @needs_sources
 def test_no_compiler_gives_a_pure_python_build_that_says_why_and_require_makes_it_an_error(tmp_path):
-    out = _build_ext(tmp_path, CXX=str(tmp_path / "no-such-c++"))
+    src = _copy_sources(tmp_path / "src")
+    out = _build_ext_inplace(src, tmp_path, CXX=str(tmp_path / "no-such-c++"))
     assert out.returncode == 0, out.stderr
     assert "fastdiff._C is NOT built: no C++ compiler" in out.stderr and "pure Python" in out.stderr
-    info_path = tmp_path / "lib" / "fastdiff" / "_build_info.py"
-    info = _load("_info_under_test", str(info_path))
-    assert info.EXTENSION is False and "no C++ compiler" in info.EXTENSION_MISSING_REASON
-    assert not list((tmp_path / "lib").rglob("_C*"))
+    # The record lands in build_lib and, for an in-place (or editable) build, in the source tree.
+    info_paths = [tmp_path / "lib" / "fastdiff" / "_build_info.py", tmp_path / "src" / "fastdiff" / "_build_info.py"]
+    for path in info_paths:
+        info = _load("_info_under_test", str(path))
+        assert info.EXTENSION is False and "no C++ compiler" in info.EXTENSION_MISSING_REASON
+    assert not list((tmp_path / "lib").rglob("_C*")) and not list((tmp_path / "src").rglob("_C*"))
 
     from fastdiff import _build
 
@@ -162,11 +174,12 @@ def test_no_compiler_gives_a_pure_python_build_that_says_why_and_require_makes_i
     assert "installed without its compiled extension (no C++ compiler" in _build.extension_problem(record)
     assert _build.describe(record).startswith("build: pure Python, no compiled extension (no C++ compiler")
 
-    os.remove(info_path)
-    out = _build_ext(tmp_path, CXX=str(tmp_path / "no-such-c++"), FASTDIFF_REQUIRE_EXTENSION="1")
+    for path in info_paths:
+        os.remove(path)
+    out = _build_ext_inplace(src, tmp_path, CXX=str(tmp_path / "no-such-c++"), FASTDIFF_REQUIRE_EXTENSION="1")
     assert out.returncode != 0
     assert "FASTDIFF_REQUIRE_EXTENSION=1 and the compiled extension cannot be built: no C++ compiler" in out.stderr
-    assert not info_path.exists()
+    assert not any(path.exists() for path in info_paths)
 
 
 @needs_sources
