@@ -183,6 +183,30 @@ def test_no_compiler_gives_a_pure_python_build_that_says_why_and_require_makes_i
 
 
 @needs_sources
+def test_a_failed_compile_gives_a_pure_python_build_that_says_why(tmp_path):
+    # As on a CPU the kernels are not written for (Apple silicon: no AVX intrinsics): the compiler works, the
+    # OpenMP probe passes, and compiling csrc/ fails.
+    if shutil.which("c++") is None or sys.platform != "linux":
+        pytest.skip("needs a real c++ on Linux behind the fake driver")
+    fake = tmp_path / "c++-that-fails-on-csrc"
+    fake.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        for a in "$@"; do
+          case "$a" in */csrc/*) echo "error: simulated: this target has no AVX2 intrinsics" >&2; exit 1;; esac
+        done
+        exec c++ "$@"
+        """))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    src = _copy_sources(tmp_path / "src")
+    out = _build_ext_inplace(src, tmp_path, CXX=str(fake), MAX_JOBS="1")
+    assert out.returncode == 0, out.stderr
+    assert "fastdiff._C is NOT built: compiling fastdiff._C failed" in out.stderr
+    info = _load("_info_failed_compile", str(tmp_path / "src" / "fastdiff" / "_build_info.py"))
+    assert info.EXTENSION is False and "compiling fastdiff._C failed" in info.EXTENSION_MISSING_REASON
+    assert not list((tmp_path / "src").rglob("_C*.so"))
+
+
+@needs_sources
 def test_an_isolated_build_without_torch_stops_at_once_saying_what_to_type(tmp_path):
     # Build isolation, simulated: a torch that cannot be imported (a stub package that raises) in front of sys.path.
     stub = tmp_path / "stub" / "torch"
