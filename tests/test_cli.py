@@ -128,7 +128,7 @@ def test_cfg_refuses_a_null_label_trained_without_label_dropout(nets, tmp_path, 
 # The layers of README.md's Architecture section, bottom (0) to top: a module may import only from its own
 # package and from packages of a lower rank.
 LAYERS = {
-    "_C": 0, "_runtime": 0, "_atomic": 0, "_dist": 0, "__version__": 0,
+    "_C": 0, "_build": 0, "_build_info": 0, "_runtime": 0, "_atomic": 0, "_dist": 0, "__version__": 0,
     "ops": 1, "diffusion": 2, "nn": 3, "data": 3,
     "io": 3.5,  # network files and the official-pickle importer: builds nn networks, used by training
     "sampling": 4, "training": 4, "metrics": 4, "toy": 4, "vae": 4,

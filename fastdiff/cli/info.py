@@ -118,7 +118,10 @@ def _backward_checks(device: str):
 
 
 def main(args) -> int:
+    from fastdiff import _build
+
     print(f"fastdiff {__version__}, torch {torch.__version__}")
+    print(_build.describe())
     if not _ext.LOADED:
         print(f"compiled extension: NOT LOADED ({_ext.LOAD_ERROR}); using the reference ops")
     else:

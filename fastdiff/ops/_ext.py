@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from fastdiff import _build
+
 FORCE_REFERENCE = os.environ.get("FASTDIFF_REFERENCE", "0") not in ("", "0")
 LOAD_ERROR: Exception | None = None
 ISA_LEVELS = ("avx512", "avx2", "baseline")
@@ -25,14 +27,21 @@ if os.environ.get("FASTDIFF_ISA", "") not in ("", *ISA_LEVELS):
         f"fastdiff: FASTDIFF_ISA must be one of {', '.join(ISA_LEVELS)} (or unset), got {os.environ['FASTDIFF_ISA']!r}"
     )
 
+# Checked before _C is imported: an extension built for another torch must never be loaded (fastdiff._build).
+BUILD_PROBLEM = _build.extension_problem()
 try:
+    if BUILD_PROBLEM is not None:
+        raise ImportError(BUILD_PROBLEM)
     from fastdiff import _C  # noqa: F401  (registers torch.ops.fastdiff.*)
 
     LOADED = True
 except ImportError as exc:  # pragma: no cover - exercised only in unbuilt checkouts
     LOADED = False
     LOAD_ERROR = exc
-    if not FORCE_REFERENCE:
+    if BUILD_PROBLEM is not None and not FORCE_REFERENCE:
+        warnings.warn(f"fastdiff: {BUILD_PROBLEM}. Running on the plain-PyTorch reference ops, which are correct but "
+                      "slower (`fastdiff info` shows the build).", RuntimeWarning, stacklevel=2)
+    elif not FORCE_REFERENCE:
         warnings.warn(
             f"fastdiff: the compiled extension fastdiff._C could not be loaded ({exc}); running on the "
             "plain-PyTorch reference ops, which are correct but slower. Build it with "

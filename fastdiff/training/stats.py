@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
+
+try:
+    import resource
+except ImportError:  # not POSIX (Windows): no peak RSS in the log
+    resource = None
 import time
 
 import torch
@@ -14,14 +18,17 @@ __all__ = ["StatsLog", "memory_gib", "trim_stats"]
 
 
 def memory_gib(device: torch.device) -> dict:
-    """Peak memory: GPU allocated / reserved (this process, since the last reset) or the CPU's peak RSS."""
+    """Peak memory: GPU allocated / reserved (this process, since the last reset) or the CPU's peak RSS
+    (nothing where the resource module does not exist)."""
     if device.type == "cuda":
         out = {"gpu_peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
         torch.cuda.reset_peak_memory_stats(device)
         return out
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"cpu_peak_rss_gib": rss_kib / 2**20}
+    if resource is None:
+        return {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"cpu_peak_rss_gib": peak / (2**30 if sys.platform == "darwin" else 2**20)}
 
 
 def trim_stats(path: str, nimg: int) -> int:
