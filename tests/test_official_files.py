@@ -132,3 +132,172 @@ def test_phema_official_instd_outkimg_and_mixing_refused(official_run, tmp_path,
     (bad / "network-snapshot-0000001-0.050.pkl").write_bytes(pickle.dumps({"ema": [1, 2, 3]}))
     assert _phema_cli("--indir", bad, "--outstd", "0.07", "--outdir", tmp_path / "o3") == 1
     assert "not a network" in capsys.readouterr().err
+
+
+# --- official dataset-refs pickles as --ref ---------------------------------------------------------------
+
+
+class _Projection(torch.nn.Module):
+    """A fixed random projection of 8x8-pooled images: a cheap stand-in feature network."""
+
+    def __init__(self, dim, seed):
+        super().__init__()
+        self.register_buffer("w", torch.randn(3 * 8 * 8, dim, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ self.w
+
+
+@pytest.fixture
+def standin_detectors():
+    """'inception' and 'dinov2' replaced by cheap projections (16-d and 8-d), restored afterwards."""
+    from fastdiff.metrics import detectors
+    from fastdiff.metrics.detectors import ModuleDetector, register_detector
+
+    saved = dict(detectors._REGISTRY)
+    for name, fd_name, dim in (("inception", "fid", 16), ("dinov2", "fd_dinov2", 8)):
+        def factory(weights=None, device="cpu", batch_size=64, name=name, dim=dim):
+            return ModuleDetector(_Projection(dim, seed=dim), name, dim, device=device, batch_size=batch_size)
+
+        register_detector(name, factory, fd_name=fd_name, overwrite=True)
+    yield
+    detectors._REGISTRY.clear()
+    detectors._REGISTRY.update(saved)
+
+
+def _metrics_cli(*argv):
+    from fastdiff.cli import metrics as metrics_cli
+
+    return run_cli(metrics_cli, *argv)
+
+
+def _official_refs(path, refs, protocol=None):
+    """What the official ``calculate_metrics.py ref`` writes: a plain pickle of numpy statistics."""
+    data = {name: {"mu": ref.mu, "sigma": ref.sigma} for name, ref in refs.items()}
+    with open(path, "wb") as f:
+        pickle.dump(data, f, protocol=protocol)
+    return path
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_metrics_calc_reads_official_dataset_refs(standin_detectors, tmp_path, protocol, capsys):
+    from test_metrics import _smooth_images, _write_pngs
+
+    from fastdiff.metrics.stats import load_reference
+
+    _write_pngs(tmp_path / "data", _smooth_images(20, seed=30))
+    _write_pngs(tmp_path / "gen", (_smooth_images(20, seed=31).int() // 2 + 90).to(torch.uint8))
+    common = ["--workers", "0", "--batch", "8", "--device", "cpu", "--no-progress"]
+    npz = {}
+    for det in ("inception", "dinov2"):
+        npz[det] = tmp_path / f"{det}.npz"
+        assert _metrics_cli("ref", "--data", tmp_path / "data", "--dest", npz[det], "--detector", det,
+                            "--num", "all", *common) == 0
+    refs = {"fid": load_reference(npz["inception"]), "fd_dinov2": load_reference(npz["dinov2"])}
+    pkl = _official_refs(tmp_path / "img16.pkl", refs, protocol)
+
+    # the Python API: one detector's statistics, Inception's by default, the count not recorded
+    got = load_reference(pkl)
+    assert got.detector == "inception" and got.num_images is None
+    assert np.array_equal(got.mu, refs["fid"].mu) and np.array_equal(got.sigma, refs["fid"].sigma)
+    assert load_reference(pkl, "dinov2").detector == "dinov2"
+
+    def calc(ref, *metrics):
+        out = tmp_path / "r.json"
+        assert _metrics_cli("calc", "--images", tmp_path / "gen", "--ref", ref, "--num", "20", "--out", out,
+                            *metrics, *common) == 0
+        return json.loads(out.read_text())["results"]
+
+    # exactly the values the same statistics give in .npz files
+    fid = calc(pkl, "--metrics", "fid")
+    assert fid == calc(npz["inception"], "--metrics", "fid") and fid["fid"] > 1.0
+    assert calc(pkl) == fid  # the default detector, Inception
+    fd_dinov2 = calc(pkl, "--metrics", "fd_dinov2")
+    assert fd_dinov2 == calc(npz["dinov2"]) and fd_dinov2["fd_dinov2"] > 1.0
+    assert calc(pkl, "--detector", "dinov2") == fd_dinov2
+    # the official refs carry no raw features: precision/recall is refused with the reason
+    assert _metrics_cli("calc", "--images", tmp_path / "gen", "--ref", pkl, "--metrics", "fid,pr", "--num", "20",
+                        *common) == 1
+    assert "raw features" in capsys.readouterr().err
+
+
+def test_metrics_gen_reads_official_dataset_refs(standin_detectors, tmp_path):
+    from test_metrics import _smooth_images, _write_pngs
+
+    from fastdiff.io import save_network
+    from fastdiff.metrics.stats import load_reference
+
+    _write_pngs(tmp_path / "data", _smooth_images(12, seed=40))
+    common = ["--workers", "0", "--batch", "4", "--device", "cpu", "--no-progress"]
+    npz = tmp_path / "dinov2.npz"
+    assert _metrics_cli("ref", "--data", tmp_path / "data", "--dest", npz, "--detector", "dinov2", "--num", "all",
+                        *common) == 0
+    pkl = _official_refs(tmp_path / "refs.pkl", {"fd_dinov2": load_reference(npz)})
+    save_network(tiny_net(), tmp_path / "net.safetensors")
+    results = []
+    for ref in (npz, pkl):
+        out = tmp_path / "g.json"
+        assert _metrics_cli("gen", "--net", tmp_path / "net.safetensors", "--ref", ref, "--num", "4",
+                            "--steps", "2", "--seeds", "0-3", "--out", out, *common) == 0
+        results.append(json.loads(out.read_text())["results"])
+    assert results[0] == results[1] and np.isfinite(results[0]["fd_dinov2"])
+
+
+def _bad_refs(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((30, 5))
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    asym = sigma.copy()
+    asym[0, 1] += 0.1
+    nan_mu = mu.copy()
+    nan_mu[1] = np.nan
+    w, v = np.linalg.eigh(sigma)
+    w[0] = -w[-1]
+    not_psd = (v * w) @ v.T
+    not_psd = (not_psd + not_psd.T) / 2
+    cases = {
+        "asym": ({"fid": {"mu": mu, "sigma": asym}}, "not symmetric"),
+        "nan": ({"fid": {"mu": nan_mu, "sigma": sigma}}, "NaN or Inf"),
+        "not_psd": ({"fid": {"mu": mu, "sigma": not_psd}}, "not positive semi-definite"),
+        "shape": ({"fid": {"mu": mu, "sigma": sigma[:3]}}, r"mu \[D\] and sigma \[D, D\]"),
+        "no_sigma": ({"fid": {"mu": mu}}, "numpy arrays 'mu' and 'sigma'"),
+        "list": ({"fid": {"mu": mu.tolist(), "sigma": sigma}}, "numpy arrays 'mu' and 'sigma'"),
+        "unknown": ({"is": {"mu": mu, "sigma": sigma}}, r"not a reference file.*found 'is'"),
+        "toplist": ([mu, sigma], r"not a reference file.*found a list"),
+        "tensor": ({"fid": {"mu": torch.from_numpy(mu), "sigma": sigma}}, r"\['mu'\] is a Tensor"),
+        "object": ({"fid": {"mu": np.array([object()] * 5), "sigma": sigma}}, "neither a .npz .*numpy"),
+        "payload": ({"fid": {"mu": _Payload(), "sigma": sigma}}, r"neither a .npz .*allow-list"),
+        "missing": ({"fd_dinov2": {"mu": mu, "sigma": sigma}}, "has no inception statistics"),
+    }
+    for name, (data, match) in cases.items():
+        path = tmp_path / f"{name}.pkl"
+        try:
+            with open(path, "wb") as f:
+                pickle.dump(data, f)
+        except Exception:  # np.array of object() cannot be pickled: write a by-reference stand-in
+            with open(path, "wb") as f:
+                pickle.dump({"fid": {"mu": np.array([1, "a"], dtype=object), "sigma": sigma}}, f)
+        yield name, path, match
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PAYLOAD_RAN",))
+
+
+def test_official_refs_are_validated_and_never_run_code(tmp_path, monkeypatch):
+    from fastdiff.metrics.stats import load_reference
+
+    monkeypatch.chdir(tmp_path)
+    for name, path, match in _bad_refs(tmp_path):
+        detector = "inception"
+        with pytest.raises(ValueError, match=match) as e:
+            load_reference(path, detector)
+        assert path.name in str(e.value), name
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+    # a file holding both kinds and asked for neither: Inception's (the default of every metrics run)
+    sigma = np.eye(3)
+    both = _official_refs(tmp_path / "both.pkl", {
+        "fid": argparse.Namespace(mu=np.zeros(3), sigma=sigma), "fd_dinov2": argparse.Namespace(mu=np.ones(2),
+                                                                                                sigma=np.eye(2))})
+    assert load_reference(both).feature_dim == 3 and load_reference(both, "dinov2").feature_dim == 2
