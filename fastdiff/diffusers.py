@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -77,7 +77,7 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
     # --- fastdiff <-> diffusers ------------------------------------------------------------------------------
 
     @classmethod
-    def from_fastdiff(cls, net: torch.nn.Module) -> "EDM2UNetModel":
+    def from_fastdiff(cls, net: torch.nn.Module) -> EDM2UNetModel:
         """Wrap a fastdiff ``Precond`` (shared, not copied: the same parameters)."""
         from fastdiff import nn as fnn
 

@@ -9,15 +9,25 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (a test extra)")
 
-from diffusers import (  # noqa: E402
-    DDPMScheduler, DiTTransformer2DModel, EDMDPMSolverMultistepScheduler, EDMEulerScheduler, EulerDiscreteScheduler,
+from conftest import tiny_net
+from diffusers import (
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
     UNet2DModel,
 )
 
-from conftest import tiny_net  # noqa: E402
-from fastdiff.diffusers import DiffusersDenoiser, EDM2Pipeline, EDM2UNetModel  # noqa: E402
-from fastdiff.sampling import (  # noqa: E402
-    APG, CFG, Autoguidance, Interval, sample, sample_dpmpp_2m, sample_euler,
+from fastdiff.diffusers import DiffusersDenoiser, EDM2Pipeline, EDM2UNetModel
+from fastdiff.sampling import (
+    APG,
+    CFG,
+    Autoguidance,
+    Interval,
+    sample,
+    sample_dpmpp_2m,
+    sample_euler,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,7 +145,7 @@ def test_pipeline_guidance_generators_and_output_types(net):
                             guidance=auto)
     assert (with_sched - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     # per-sample generators: a sample depends on its own generator only
-    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
     both = pipe(class_labels=[1, 2], num_inference_steps=3, generator=gens([10, 11]), output_type="pt",
                 sampler="euler_ancestral").images
     one = pipe(class_labels=[2], num_inference_steps=3, generator=gens([11]), output_type="pt",

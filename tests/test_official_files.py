@@ -17,7 +17,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, tiny_net
 from test_edm2_pickle import write_official
 
@@ -41,8 +40,8 @@ def _official_coefficients(in_nimg, in_std, out_nimg, out_std):
         t_max = np.maximum(t_a, t_b)
         return (g_a + 1) * (g_b + 1) * t_ratio ** t_exp / ((g_a + g_b + 1) * t_max)
 
-    rv = lambda x: np.float64(x).reshape(-1, 1)  # noqa: E731
-    cv = lambda x: np.float64(x).reshape(1, -1)  # noqa: E731
+    rv = lambda x: np.float64(x).reshape(-1, 1)
+    cv = lambda x: np.float64(x).reshape(1, -1)
     g_in = np.array([std_to_exp(s) for s in in_std])
     g_out = np.array([std_to_exp(s) for s in out_std])
     a = p_dot_p(rv(in_nimg), rv(g_in), cv(in_nimg), cv(g_in))
@@ -265,18 +264,15 @@ def _bad_refs(tmp_path):
         "unknown": ({"is": {"mu": mu, "sigma": sigma}}, r"not a reference file.*found 'is'"),
         "toplist": ([mu, sigma], r"not a reference file.*found a list"),
         "tensor": ({"fid": {"mu": torch.from_numpy(mu), "sigma": sigma}}, r"\['mu'\] is a Tensor"),
-        "object": ({"fid": {"mu": np.array([object()] * 5), "sigma": sigma}}, "neither a .npz .*numpy"),
+        "object": ({"fid": {"mu": np.array([1, "a"] * 2 + [2.5], dtype=object), "sigma": sigma}},
+                   "neither a .npz .*numpy"),
         "payload": ({"fid": {"mu": _Payload(), "sigma": sigma}}, r"neither a .npz .*allow-list"),
         "missing": ({"fd_dinov2": {"mu": mu, "sigma": sigma}}, "has no inception statistics"),
     }
     for name, (data, match) in cases.items():
         path = tmp_path / f"{name}.pkl"
-        try:
-            with open(path, "wb") as f:
-                pickle.dump(data, f)
-        except Exception:  # np.array of object() cannot be pickled: write a by-reference stand-in
-            with open(path, "wb") as f:
-                pickle.dump({"fid": {"mu": np.array([1, "a"], dtype=object), "sigma": sigma}}, f)
+        with open(path, "wb") as f:
+            pickle.dump(data, f)
         yield name, path, match
 
 

@@ -32,6 +32,7 @@ classes, ``BatchedBrownianTree``.
 from __future__ import annotations
 
 import math
+
 import torch
 
 from fastdiff.sampling import adaptive as _adaptive
