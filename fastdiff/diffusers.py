@@ -180,6 +180,9 @@ class EDM2Pipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=torch.float32)
         onehot = None if labels is None else torch.nn.functional.one_hot(labels.long(), net.label_dim).float()
         if sampler is None and self.scheduler is not None:
+            if sampler_options:
+                raise ValueError(f"{', '.join(sampler_options)}: options of fastdiff's samplers, but this run uses the "
+                                 f"scheduler {type(self.scheduler).__name__}; pass sampler='heun' (or another) too")
             x = self._scheduler_loop(latents, labels, onehot, num_inference_steps, guidance)
         else:
             x = self._fastdiff_loop(latents, onehot, sampler or "heun", num_inference_steps, guidance, generator,

@@ -113,7 +113,7 @@ def _trace(module, name, seed=None, **kw):
     if seed is not None:
         torch.manual_seed(seed)
     out = getattr(module, name)(model, x, sigmas, extra_args={"cond": COND, "scale": 0.7}, disable=True,
-                                callback=steps.append, **kw)
+                                callback=lambda d: steps.append({**d, "calls": model.calls}), **kw)
     return out, steps, model.calls, torch.get_rng_state()
 
 
@@ -126,6 +126,7 @@ def _same(a, b, tol=1e-6):
     assert len(steps_a) == len(steps_b)
     for da, db in zip(steps_a, steps_b):
         assert da.keys() == db.keys() and da["i"] == db["i"]
+        assert da["calls"] == db["calls"]  # called at the same point: after the step's first model call
         for key in ("x", "denoised"):
             assert (da[key] - db[key]).abs().max().item() <= tol * max(db[key].abs().max().item(), 1.0), key
         for key in ("sigma", "sigma_hat"):

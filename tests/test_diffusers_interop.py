@@ -163,6 +163,8 @@ def test_pipeline_guidance_generators_and_output_types(net):
         pipe(num_inference_steps=2)
     with pytest.raises(ValueError, match="one per sample"):
         pipe(class_labels=[1, 2], generator=gens([0, 1, 2]))
+    with pytest.raises(ValueError, match="S_churn: options of fastdiff's samplers.*EDMEulerScheduler"):
+        pipe(class_labels=[1], S_churn=1.0)
     with pytest.raises(ValueError, match="output_type"):
         pipe(class_labels=[1], output_type="jpeg")
 

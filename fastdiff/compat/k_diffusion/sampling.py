@@ -9,10 +9,9 @@ schedules and the same numbers, so code written against k-diffusion 0.1.1 change
 tensor). Each ``sample_*`` runs fastdiff's sampler of the same name (:mod:`fastdiff.sampling`: its loop and
 the fused solver step) on the model, and keeps k-diffusion's conventions around it:
 
-* ``callback`` receives k-diffusion's dict ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` for every step:
-  ``x`` and ``denoised`` at the step's first evaluation (after the churn of ``s_churn``), ``sigma_hat`` the
-  noise level it was made at. It is called when the step is done rather than before it is taken (the values
-  are the same; a callback that modifies ``x`` in place has no effect here);
+* ``callback`` receives k-diffusion's dict ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` once per step, right
+  after the step's first model call (after the churn of ``s_churn``; ``sigma_hat`` the noise level of that
+  call), as k-diffusion calls it;
 * ``disable`` hides the progress bar (``tqdm``, one tick per step), as k-diffusion's ``trange`` does;
 * the churn noise of ``sample_euler`` / ``sample_heun`` / ``sample_dpm_2`` is drawn from torch's global
   generator at the same points as k-diffusion (one ``randn_like`` per step, used or not), so the same seed
@@ -149,14 +148,15 @@ def linear_multistep_coeff(order, t, i, j) -> float:
 
 class _Call:
     """The model as a fastdiff denoiser ``D(x, sigma, labels)`` (labels unused: the condition is in
-    ``extra_args``), the per-step callback (k-diffusion's dict, from the step's first evaluation), the progress
-    bar, and noise indexed by the current step."""
+    ``extra_args``) that reports each step's first evaluation to the callback (k-diffusion's dict, at the same
+    point of the step: after the model call, before the update), the progress bar, and noise indexed by the
+    current step."""
 
     def __init__(self, model, x, sigmas, extra_args, callback, disable, steps=None):
         self.model, self.extra = model, dict(extra_args or {})
         self.sigmas = sigmas
         self.user_callback = callback
-        self.first = None  # (x, sigma, denoised) of the current step's first evaluation
+        self.reported = False  # the current step's first evaluation went to the callback
         self.i = 0
         self.eps = None
         self.churn_noise = False
@@ -166,22 +166,21 @@ class _Call:
 
     def denoiser(self, x, sigma, labels=None):
         out = self.model(x, sigma, **self.extra)
-        if self.first is None:
-            self.first = (x, sigma, out)
+        if not self.reported:
+            self.reported = True
+            if self.user_callback is not None:
+                level = self.sigmas[self.i]
+                hat = sigma[0] if isinstance(sigma, torch.Tensor) and sigma.ndim else sigma
+                sigma_hat = level if float(hat) == float(level) else hat
+                self.user_callback({"x": x, "i": self.i, "sigma": level, "sigma_hat": sigma_hat, "denoised": out})
         return out
 
     def step_done(self, i, x, denoised):
-        first, self.first = self.first, None
+        self.reported = False
         self.i = i + 1
         self.bar.update(1)
         if self.churn_noise and self.i < len(self.sigmas) - 1:
             self.eps = torch.randn_like(x)  # k-diffusion draws the churn noise of every step at its start
-        if self.user_callback is not None and first is not None:
-            x0, s0, d0 = first
-            sigma = self.sigmas[i]
-            hat = s0[0] if isinstance(s0, torch.Tensor) and s0.ndim else s0
-            sigma_hat = sigma if float(hat) == float(sigma) else hat
-            self.user_callback({"x": x0, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": d0})
 
     def with_churn_noise(self, x):
         """The ``randn_like`` of a churn sampler: this step's noise, drawn where k-diffusion draws it."""
