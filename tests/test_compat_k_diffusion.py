@@ -4,6 +4,10 @@ signatures, the same schedules, and the same trajectories (final samples and eve
 for every sampler: the deterministic ones as they are, the churn ones from the same torch seed, the ancestral
 and SDE ones given the same ``noise_sampler`` (and the ancestral ones from the same seed with the default).
 
+Without the package, the drop-in is still tested against the published algorithms written out (the ones of
+tests/test_samplers_kdiffusion.py and four more here): its plumbing (``extra_args``, the per-step
+``noise_sampler``, the callback dict, the churn noise's draws) around fastdiff's samplers.
+
 k-diffusion's package ``__init__`` imports its training stack (``skimage``, ``torchvision``, ``clip``...); only
 ``k_diffusion.sampling`` is loaded here, with small stand-ins for the three modules it imports and never uses
 on these paths (``torchdiffeq``, ``torchsde``, ``torchvision``)."""
@@ -11,6 +15,7 @@ on these paths (``torchdiffeq``, ``torchsde``, ``torchvision``)."""
 from __future__ import annotations
 
 import importlib
+import math
 import importlib.util
 import inspect
 import sys
@@ -277,3 +282,125 @@ def test_drop_in_runs_a_fastdiff_network_through_as_kdiffusion():
                             disable=True)
         want = sample(net, noise, "heun", sigmas=sigmas, labels=torch.nn.functional.one_hot(labels, 10).float())
     assert torch.equal(got, want)
+
+
+# --- without the package: the published algorithms (these run everywhere) -------------------------------------
+
+
+def _ref_euler(D, x, sig, randn=None, churn=0.0, s_noise=1.0):
+    """Karras et al. (2022) Algorithm 2 with Euler steps; k-diffusion draws the churn noise on every step."""
+    n = len(sig) - 1
+    for i in range(n):
+        s, s1 = sig[i], sig[i + 1]
+        gamma = min(churn / n, 2**0.5 - 1) if churn > 0 else 0.0
+        eps = randn(x) if randn is not None else None
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            x = x + eps * s_noise * (s_hat**2 - s**2) ** 0.5
+        x = x + (x - D(x, s_hat)) / s_hat * (s1 - s_hat)
+    return x
+
+
+def _ref_heun(D, x, sig):
+    """Karras et al. (2022) Algorithm 1: Heun steps, Euler on the step to 0."""
+    for i in range(len(sig) - 1):
+        s, s1 = sig[i], sig[i + 1]
+        d = (x - D(x, s)) / s
+        x2 = x + d * (s1 - s)
+        x = x2 if s1 == 0 else x + (d + (x2 - D(x2, s1)) / s1) / 2 * (s1 - s)
+    return x
+
+
+def _ref_euler_ancestral(D, x, sig, randn, eta=1.0, s_noise=1.0):
+    from test_samplers_kdiffusion import anc
+
+    for i in range(len(sig) - 1):
+        s, s1 = sig[i], sig[i + 1]
+        down, up = anc(s, s1, eta)
+        x = x + (x - D(x, s)) / s * (down - s)
+        if s1 > 0:
+            x = x + randn(x) * s_noise * up
+    return x
+
+
+def _ref_dpmpp_2m(D, x, sig):
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) in sigma: first order on the first and last step."""
+    prev, h_prev = None, None
+    for i in range(len(sig) - 1):
+        s, s1 = sig[i], sig[i + 1]
+        den = D(x, s)
+        if prev is None or s1 == 0:
+            x = (s1 / s) * x + (1 - s1 / s) * den
+        else:
+            h = math.log(s / s1)
+            r = h_prev / h
+            x = (s1 / s) * x + (1 - s1 / s) * ((1 + 1 / (2 * r)) * den - 1 / (2 * r) * prev)
+        if s1 > 0:
+            h_prev = math.log(s / s1)
+        prev = den
+    return x
+
+
+def _published():
+    from test_samplers_kdiffusion import REFS
+
+    refs = {f"sample_{k}": v for k, v in REFS.items()}
+    refs.update(sample_euler=_ref_euler, sample_heun=_ref_heun, sample_euler_ancestral=_ref_euler_ancestral,
+                sample_dpmpp_2m=_ref_dpmpp_2m)
+    return refs
+
+
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpm_2", "sample_lms", "sample_dpmpp_2m",
+                                  "sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+                                  "sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+def test_drop_in_matches_the_published_algorithms(name):
+    """The drop-in's plumbing (extra_args, noise_sampler by step, the callback dict) around fastdiff's samplers,
+    against the published algorithms written out (no k-diffusion needed)."""
+    import math as _math
+
+    x, sigmas = _inputs(8)
+    sig = [float(s) for s in sigmas]
+    model = Model(32)
+
+    def D(x, s):
+        return model(x, torch.full((x.shape[0],), float(s), dtype=x.dtype), cond=COND, scale=0.7)
+
+    steps = []
+    kw = dict(extra_args={"cond": COND, "scale": 0.7}, disable=True, callback=steps.append)
+    ref = _published()[name]
+    if "ancestral" in name:
+        got = getattr(F, name)(model, x, sigmas, noise_sampler=CountedNoise(), eta=0.8, **kw)
+        noise = CountedNoise()
+        want = ref(D, x, sig, lambda like: noise(0, 0), eta=0.8)
+    elif "sde" in name:
+        got = getattr(F, name)(model, x, sigmas, noise_sampler=CountedNoise(), **kw)
+        want = ref(D, x, sig, CountedNoise())
+    else:
+        got = getattr(F, name)(model, x, sigmas, **kw)
+        want = ref(D, x, sig)
+    assert (got - want).abs().max().item() <= 1e-8 * want.abs().max().item()
+    assert [d["i"] for d in steps] == list(range(len(sig) - 1))
+    assert all(sorted(d) == ["denoised", "i", "sigma", "sigma_hat", "x"] for d in steps)
+    first = steps[0]
+    assert torch.equal(first["x"], x) and float(first["sigma"]) == sig[0] and _math.isclose(float(first["sigma_hat"]),
+                                                                                            sig[0])
+    assert torch.allclose(first["denoised"], D(x, sig[0]))
+
+
+def test_churn_noise_is_drawn_as_k_diffusion_draws_it():
+    """From the same torch seed, the churn of ``sample_euler`` equals Algorithm 2 drawing one normal per step
+    (used or not), and the global generator ends where it would."""
+    x, sigmas = _inputs(8)
+    sig = [float(s) for s in sigmas]
+    model = Model(32)
+
+    def D(x, s):
+        return model(x, torch.full((x.shape[0],), float(s), dtype=x.dtype))
+
+    torch.manual_seed(3)
+    got = F.sample_euler(model, x, sigmas, s_churn=2.0, s_noise=1.01, disable=True)
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    want = _ref_euler(D, x, sig, randn=torch.randn_like, churn=2.0, s_noise=1.01)
+    assert (got - want).abs().max().item() <= 1e-8 * want.abs().max().item()
+    assert torch.equal(after, torch.get_rng_state())
