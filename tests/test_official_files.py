@@ -170,9 +170,11 @@ def _metrics_cli(*argv):
     return run_cli(metrics_cli, *argv)
 
 
-def _official_refs(path, refs, protocol=None):
-    """What the official ``calculate_metrics.py ref`` writes: a plain pickle of numpy statistics."""
-    data = {name: {"mu": ref.mu, "sigma": ref.sigma} for name, ref in refs.items()}
+def _official_refs(path, refs, protocol=None, num_images=None):
+    """What the official ``calculate_metrics.py ref`` writes: a plain pickle of numpy statistics,
+    ``dict(num_images=N, fid=dict(mu=..., sigma=...), fd_dinov2=dict(...))``."""
+    data = {} if num_images is None else {"num_images": num_images}
+    data.update({name: {"mu": ref.mu, "sigma": ref.sigma} for name, ref in refs.items()})
     with open(path, "wb") as f:
         pickle.dump(data, f, protocol=protocol)
     return path
@@ -193,11 +195,12 @@ def test_metrics_calc_reads_official_dataset_refs(standin_detectors, tmp_path, p
         assert _metrics_cli("ref", "--data", tmp_path / "data", "--dest", npz[det], "--detector", det,
                             "--num", "all", *common) == 0
     refs = {"fid": load_reference(npz["inception"]), "fd_dinov2": load_reference(npz["dinov2"])}
-    pkl = _official_refs(tmp_path / "img16.pkl", refs, protocol)
+    pkl = _official_refs(tmp_path / "img16.pkl", refs, protocol, num_images=20)
 
-    # the Python API: one detector's statistics, Inception's by default, the count not recorded
+    # the Python API: one detector's statistics, Inception's by default, with the release's image count
     got = load_reference(pkl)
-    assert got.detector == "inception" and got.num_images is None
+    assert got.detector == "inception" and got.num_images == 20
+    assert load_reference(_official_refs(tmp_path / "nocount.pkl", refs, protocol)).num_images is None
     assert np.array_equal(got.mu, refs["fid"].mu) and np.array_equal(got.sigma, refs["fid"].sigma)
     assert load_reference(pkl, "dinov2").detector == "dinov2"
 
@@ -218,6 +221,14 @@ def test_metrics_calc_reads_official_dataset_refs(standin_detectors, tmp_path, p
     assert _metrics_cli("calc", "--images", tmp_path / "gen", "--ref", pkl, "--metrics", "fid,pr", "--num", "20",
                         *common) == 1
     assert "raw features" in capsys.readouterr().err
+    # files that also keep the raw features (as some forks of the release write them) give precision/recall
+    with_feats = tmp_path / "feats.npz"
+    assert _metrics_cli("ref", "--data", tmp_path / "data", "--dest", with_feats, "--detector", "inception",
+                        "--metrics", "fd,pr", "--num", "all", *common) == 0
+    full = load_reference(with_feats)
+    with open(tmp_path / "feats.pkl", "wb") as f:
+        pickle.dump({"num_images": 20, "fid": {"mu": full.mu, "sigma": full.sigma, "features": full.features}}, f)
+    assert calc(tmp_path / "feats.pkl", "--metrics", "fid,pr") == calc(with_feats, "--metrics", "fid,pr")
 
 
 def test_metrics_gen_reads_official_dataset_refs(standin_detectors, tmp_path):
@@ -268,6 +279,9 @@ def _bad_refs(tmp_path):
                    "neither a .npz .*numpy"),
         "payload": ({"fid": {"mu": _Payload(), "sigma": sigma}}, r"neither a .npz .*allow-list"),
         "missing": ({"fd_dinov2": {"mu": mu, "sigma": sigma}}, "has no inception statistics"),
+        "count": ({"num_images": "30", "fid": {"mu": mu, "sigma": sigma}}, "'num_images' is '30', expected an integer"),
+        "count_only": ({"num_images": 30}, "not a reference file.*found 'num_images'"),
+        "one": ({"num_images": 1, "fid": {"mu": mu, "sigma": sigma}}, "1 image"),
     }
     for name, (data, match) in cases.items():
         path = tmp_path / f"{name}.pkl"

@@ -243,7 +243,7 @@ def _load_official_refs(cls, path: str, detector: str | None) -> ReferenceStats:
     Frechet distance's name (``fid``, ``fd_dinov2``), read by the allow-list unpickler."""
     import torch as _torch
 
-    from fastdiff.io.safe_pickle import PersistentObject, PlainObject, SafePickleError, read_plain
+    from fastdiff.io.safe_pickle import PersistentObject, PlainObject, SafePickleError, read_plain, short_repr
     from fastdiff.metrics.detectors import fd_metric_names
 
     try:
@@ -266,24 +266,33 @@ def _load_official_refs(cls, path: str, detector: str | None) -> ReferenceStats:
 
     plain_only(raw, "the file's content")
     by_name = fd_metric_names()  # {'fid': 'inception', 'fd_dinov2': 'dinov2', ...}
-    if not isinstance(raw, dict) or not raw or not all(k in by_name for k in raw):
+    # The release writes dict(num_images=N, fid=dict(mu=..., sigma=...), fd_dinov2=dict(...)).
+    count = raw.get("num_images") if isinstance(raw, dict) else None
+    metrics = {k: v for k, v in raw.items() if k != "num_images"} if isinstance(raw, dict) else None
+    if not metrics or not all(k in by_name for k in metrics):
         found = ", ".join(map(repr, raw)) if isinstance(raw, dict) else f"a {type(raw).__name__}"
         raise ValueError(f"{path} is not a reference file: an official dataset-refs pickle is {expected} "
                          f"(found {found}; known metrics: {', '.join(by_name)})")
-    have = {by_name[k]: k for k in raw}
+    if count is not None and (isinstance(count, bool) or not isinstance(count, (int, np.integer))):
+        raise ValueError(f"{path}: 'num_images' is {short_repr(count)}, expected an integer")
+    have = {by_name[k]: k for k in metrics}
     if detector is None:
         detector = "inception" if "inception" in have else (next(iter(have)) if len(have) == 1 else None)
         if detector is None:
             raise ValueError(f"{path} holds statistics for {', '.join(sorted(have))}: choose one with --detector "
                              "or --metrics")
     if detector not in have:
-        raise ValueError(f"{path} has no {detector} statistics; it holds {', '.join(map(repr, raw))} "
+        raise ValueError(f"{path} has no {detector} statistics; it holds {', '.join(map(repr, metrics))} "
                          f"({', '.join(have)})")
-    entry = raw[have[detector]]
+    entry = metrics[have[detector]]
     if not isinstance(entry, dict) or not all(isinstance(entry.get(k), np.ndarray) for k in ("mu", "sigma")):
         raise ValueError(f"{path}[{have[detector]!r}] must be a dict with numpy arrays 'mu' and 'sigma'")
+    features = entry.get("features")  # some forks also store the raw features (for precision/recall, KID)
+    if features is not None and not isinstance(features, np.ndarray):
+        raise ValueError(f"{path}[{have[detector]!r}]['features'] must be a numpy array")
     try:
-        ref = cls(mu=entry["mu"], sigma=entry["sigma"], num_images=None, detector=detector)
+        ref = cls(mu=entry["mu"], sigma=entry["sigma"], num_images=None if count is None else int(count),
+                  detector=detector, features=features)
         ref.validate()
         return ref
     except (ValueError, TypeError) as e:
