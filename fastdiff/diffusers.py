@@ -144,6 +144,7 @@ class EDM2Pipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _optional_components = ["scheduler"]  # without one: fastdiff's samplers (save/from_pretrained either way)
 
     def __init__(self, unet: EDM2UNetModel, scheduler=None):
         super().__init__()

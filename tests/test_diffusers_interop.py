@@ -89,6 +89,20 @@ def test_edm2_unet_model_save_and_load_round_trip_bit_identically(net, tmp_path)
 # --- EDM2Pipeline ---------------------------------------------------------------------------------------------
 
 
+def test_pipeline_save_and_load_a_local_folder(net, tmp_path):
+    pipe = EDM2Pipeline(unet=EDM2UNetModel.from_fastdiff(net), scheduler=EDMEulerScheduler(sigma_max=40.0))
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = EDM2Pipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(loaded.scheduler, EDMEulerScheduler) and loaded.scheduler.config.sigma_max == 40.0
+    for p in (pipe, loaded):
+        p.set_progress_bar_config(disable=True)
+    run = lambda p: p(class_labels=[5], num_inference_steps=3, latents=_noise(1), output_type="latent").images  # noqa: E731
+    assert torch.equal(run(pipe), run(loaded))
+    # without a scheduler (fastdiff's samplers only)
+    EDM2Pipeline(unet=loaded.unet).save_pretrained(tmp_path / "bare")
+    assert EDM2Pipeline.from_pretrained(tmp_path / "bare").scheduler is None
+
+
 def test_pipeline_with_edm_euler_scheduler_equals_fastdiffs_euler(net):
     sched = EDMEulerScheduler()
     pipe = EDM2Pipeline(unet=EDM2UNetModel.from_fastdiff(net), scheduler=sched)
