@@ -15,9 +15,9 @@ on these paths (``torchdiffeq``, ``torchsde``, ``torchvision``)."""
 from __future__ import annotations
 
 import importlib
-import math
 import importlib.util
 import inspect
+import math
 import sys
 import types
 

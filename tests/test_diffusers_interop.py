@@ -96,7 +96,7 @@ def test_pipeline_save_and_load_a_local_folder(net, tmp_path):
     assert isinstance(loaded.scheduler, EDMEulerScheduler) and loaded.scheduler.config.sigma_max == 40.0
     for p in (pipe, loaded):
         p.set_progress_bar_config(disable=True)
-    run = lambda p: p(class_labels=[5], num_inference_steps=3, latents=_noise(1), output_type="latent").images  # noqa: E731
+    run = lambda p: p(class_labels=[5], num_inference_steps=3, latents=_noise(1), output_type="latent").images
     assert torch.equal(run(pipe), run(loaded))
     # without a scheduler (fastdiff's samplers only)
     EDM2Pipeline(unet=loaded.unet).save_pretrained(tmp_path / "bare")
