@@ -404,3 +404,23 @@ def test_churn_noise_is_drawn_as_k_diffusion_draws_it():
     want = _ref_euler(D, x, sig, randn=torch.randn_like, churn=2.0, s_noise=1.01)
     assert (got - want).abs().max().item() <= 1e-8 * want.abs().max().item()
     assert torch.equal(after, torch.get_rng_state())
+
+
+def test_dpm_adaptive_of_one_sample_is_fastdiffs_per_sample_solver():
+    """For a batch of one, the batch-wide step size is the sample's own: the drop-in equals
+    ``fastdiff.sampling.sample_dpm_adaptive`` (tested against the published algorithm), up to k-diffusion's
+    float32 times."""
+    from fastdiff.sampling import sample_dpm_adaptive
+
+    x, _ = _inputs()
+    x = x[1:2]
+    model = Model(32)
+    cond = COND[1:2]
+    for order in (2, 3):
+        got, info = F.sample_dpm_adaptive(model, x, 0.02, 20.0, extra_args={"cond": cond}, order=order, disable=True,
+                                          return_info=True)
+        want, report = sample_dpm_adaptive(lambda x, s, labels: model(x, s, cond=cond), x, 0.02, 20.0, order=order,
+                                           return_info=True)
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+        assert (info["n_accept"], info["n_reject"], info["nfe"]) == (int(report["n_accept"][0]),
+                                                                     int(report["n_reject"][0]), int(report["nfe"][0]))

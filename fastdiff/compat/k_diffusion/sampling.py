@@ -34,7 +34,6 @@ import math
 
 import torch
 
-from fastdiff.sampling import adaptive as _adaptive
 from fastdiff.sampling import dpm as _dpm
 from fastdiff.sampling import samplers as _samplers
 from fastdiff.sampling._loop import BrownianNoise, Loop
@@ -316,37 +315,54 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 
 class _Solver:
-    """DPM-Solver-1/2/3 steps (Lu et al. 2022, "DPM-Solver", Algorithms 1-2 in ``t = -ln sigma``) on fastdiff's
-    loop (``fastdiff.sampling.adaptive``'s steps), with ``t`` the same for every sample."""
+    """DPM-Solver-1, -2 and -3 steps (Lu et al. 2022, "DPM-Solver", Eq. 3.7 and Algorithms 4-5 for the VE
+    process: ``alpha = 1``, ``t = lambda = -ln sigma``, ``eps = (x - D) / sigma``), the evaluations through
+    fastdiff's sampling loop (``fastdiff.sampling._loop.Loop``), ``t`` the same for the whole batch."""
 
     def __init__(self, model, x, sigma_min, sigma_max, extra_args):
         self.call = _Call(model, x, torch.tensor([float(sigma_max), float(sigma_min)]), extra_args, None, True)
         self.run = Loop(self.call.denoiser, x, torch.tensor([float(sigma_max), float(sigma_min)], dtype=torch.float64),
                         schedule=(float(sigma_min), float(sigma_max), 7.0))
-        self.sub = _adaptive._Subset(self.run, torch.arange(x.shape[0], device=x.device))
-        self.n = x.shape[0]
         self.evaluations = 0
 
-    def vec(self, t):
-        return torch.full((self.n,), float(t), dtype=torch.float64, device=self.run.device)
-
-    def eps(self, x, t, step):
+    def eps(self, x, t, step, correction=False):
+        """``(x - D(x; sigma)) / sigma`` at ``sigma = exp(-t)``."""
         self.evaluations += 1
-        return self.sub.eps(x, self.vec(t), step, False)
+        sigma = math.exp(-float(t))
+        return (x - self.run.denoise(x, sigma, step, correction)) / sigma
+
+    def _stage(self, x, s, r, h, eps0, step, prev=None, r_prev=None):
+        """The intermediate point at ``s + r h`` (first order, plus the second-order term from ``prev`` =
+        ``(eps at s + r_prev h) - eps0``) and its eps."""
+        e = math.expm1(r * h)
+        sigma = math.exp(-(s + r * h))
+        u = x - (sigma * e) * eps0
+        if prev is not None:
+            u = u - (sigma * (r / r_prev) * (e / (r * h) - 1)) * prev
+        return self.eps(u, s + r * h, step, True)
 
     def steps(self, x, s, t, eps0, order, step):
-        """``(x_low, x_high)``: DPM-Solver-1 and -2, or -2 (``r1 = 1/3``) and -3, from ``s`` to ``t``."""
-        self.evaluations += order - 1
-        return _adaptive._dpm_solver_steps(self.sub, x, self.vec(s), self.vec(t), eps0, order, step)
+        """``(x_low, x_high)`` from ``s`` to ``t``: DPM-Solver-1 and -2 (``r1 = 1/2``), or -2 (``r1 = 1/3``) and
+        -3 (``r1, r2 = 1/3, 2/3``), sharing their evaluations."""
+        s, t = float(s), float(t)
+        h = t - s
+        em = math.expm1(h)
+        sigma_t = math.exp(-t)
+        x_1 = x - (sigma_t * em) * eps0
+        if order == 2:
+            d1 = self._stage(x, s, 0.5, h, eps0, step) - eps0
+            return x_1, x_1 - (sigma_t / (2 * 0.5) * em) * d1
+        r1, r2 = 1 / 3, 2 / 3
+        d1 = self._stage(x, s, r1, h, eps0, step) - eps0
+        x_low = x_1 - (sigma_t / (2 * r1) * em) * d1
+        d2 = self._stage(x, s, r2, h, eps0, step, prev=d1, r_prev=r1) - eps0
+        return x_low, x_1 - (sigma_t / r2 * (em / h - 1)) * d2
 
     def step(self, x, s, t, eps0, order, step):
         """DPM-Solver-``order`` from ``s`` to ``t``."""
         if order == 1:
-            h = float(t) - float(s)
-            return x - (math.exp(-float(t)) * math.expm1(h)) * eps0
-        if order == 2:
-            return self.steps(x, s, t, eps0, 2, step)[1]
-        return self.steps(x, s, t, eps0, 3, step)[1]
+            return x - (math.exp(-float(t)) * math.expm1(float(t) - float(s))) * eps0
+        return self.steps(x, s, t, eps0, order, step)[1]
 
 
 def _t(sigma):
