@@ -140,15 +140,17 @@ class EDM2Pipeline(DiffusionPipeline):
     (e.g. ``Autoguidance(guide=small_pipe.unet.to_fastdiff(), weight=2.0)``), with either. ``generator``: one
     generator, or one per sample (a sample then depends on its own generator only). ``latents``: the starting
     standard-normal noise instead. ``sampler_options`` go to ``fastdiff.sampling.sample`` (``S_churn``,
-    ``eta``...). Returns ``ImagePipelineOutput(images=...)`` (or a 1-tuple with ``return_dict=False``).
+    ``eta``...). ``vae``: a diffusers ``AutoencoderKL`` that decodes a latent network's samples (EDM2's VAE
+    stage: ``fastdiff.vae.VAE`` with the network's latent scaling, EDM2's by default). Returns
+    ``ImagePipelineOutput(images=...)`` (or a 1-tuple with ``return_dict=False``).
     """
 
     model_cpu_offload_seq = "unet"
-    _optional_components = ["scheduler"]  # without one: fastdiff's samplers (save/from_pretrained either way)
+    _optional_components = ["scheduler", "vae"]  # without a scheduler: fastdiff's samplers
 
-    def __init__(self, unet: EDM2UNetModel, scheduler=None):
+    def __init__(self, unet: EDM2UNetModel, scheduler=None, vae=None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
 
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int | None = None, num_inference_steps: int = 32,
@@ -191,12 +193,24 @@ class EDM2Pipeline(DiffusionPipeline):
         if output_type == "latent":
             images = x
         else:
-            if net.img_channels not in (1, 3):
-                raise ValueError(f"the network makes {net.img_channels}-channel latents: use output_type='latent' "
-                                 "and decode them with a VAE")
             from diffusers.image_processor import VaeImageProcessor
 
-            images = VaeImageProcessor(do_normalize=True).postprocess(x.float().cpu(), output_type=output_type)
+            from fastdiff.data.latent import scaling_of
+
+            scaling = scaling_of(net)
+            if scaling is not None or net.img_channels == 4:  # latents: EDM2's VAE stage decodes them
+                if self.vae is None:
+                    raise ValueError(f"the network makes {net.img_channels}-channel latents: give the pipeline a "
+                                     "vae (diffusers AutoencoderKL, e.g. a local sd-vae-ft-mse) or use "
+                                     "output_type='latent'")
+                from fastdiff.vae import VAE
+
+                pixels = VAE(self.vae, scaling=scaling, device=x.device).decode(x)
+                images = VaeImageProcessor(do_normalize=False).postprocess(pixels.float() / 255, output_type)
+            elif net.img_channels not in (1, 3):
+                raise ValueError(f"the network makes {net.img_channels}-channel samples: use output_type='latent'")
+            else:
+                images = VaeImageProcessor(do_normalize=True).postprocess(x.float().cpu(), output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 

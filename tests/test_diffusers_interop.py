@@ -183,6 +183,30 @@ def test_pipeline_guidance_generators_and_output_types(net):
         pipe(class_labels=[1], output_type="jpeg")
 
 
+def test_pipeline_decodes_a_latent_network_with_its_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from fastdiff.vae import VAE
+
+    latent_net = tiny_net(seed=3, img_channels=4).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1, sample_size=32).eval()
+    pipe = EDM2Pipeline(unet=EDM2UNetModel.from_fastdiff(latent_net), scheduler=EDMEulerScheduler(), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    noise = _noise(shape=(4, 16, 16))
+    latents = pipe(class_labels=[1, 2], num_inference_steps=3, latents=noise, output_type="latent").images
+    images = pipe(class_labels=[1, 2], num_inference_steps=3, latents=noise, output_type="np").images
+    want = VAE(vae).decode(latents)  # EDM2's VAE stage with EDM2's latent scaling
+    assert images.shape == (2, 32, 32, 3)
+    assert np.array_equal((images * 255).round().astype(np.uint8), want.permute(0, 2, 3, 1).numpy())
+    pipe.save_pretrained(tmp_path / "latent")
+    assert isinstance(EDM2Pipeline.from_pretrained(tmp_path / "latent").vae, AutoencoderKL)
+    with pytest.raises(ValueError, match="4-channel latents: give the pipeline a vae"):
+        EDM2Pipeline(unet=pipe.unet)(class_labels=[1], num_inference_steps=2)
+
+
 # --- DiffusersDenoiser --------------------------------------------------------------------------------------------
 
 
