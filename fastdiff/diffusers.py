@@ -32,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 
 __all__ = ["EDM2UNetModel", "EDM2UNetOutput", "EDM2Pipeline", "DiffusersDenoiser"]
 
-_TOP_KWARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels", "dtype")
+_TOP_KWARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels")
 
 
 class EDM2UNetOutput(dict):
@@ -63,15 +63,15 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, img_resolution: int = 64, img_channels: int = 3, label_dim: int = 0, use_fp16: bool = True,
-                 sigma_data: float = 0.5, logvar_channels: int = 128, dtype: str | None = None,
+                 sigma_data: float = 0.5, logvar_channels: int = 128, unet_dtype: str | None = None,
                  unet_kwargs: dict | None = None):
         super().__init__()
         from fastdiff import nn as fnn
 
         kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16,
                       sigma_data=sigma_data, logvar_channels=logvar_channels, **(unet_kwargs or {}))
-        if dtype is not None:
-            kwargs["dtype"] = dtype
+        if unet_dtype is not None:  # Precond(dtype=...): the U-Net's reduced precision, e.g. 'bfloat16'
+            kwargs["dtype"] = unet_dtype
         self.net = fnn.Precond(**kwargs)
 
     # --- fastdiff <-> diffusers ------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
         kw = dict(net.init_kwargs)
         top = {k: kw.pop(k) for k in _TOP_KWARGS if k in kw}
         with torch.device("meta"):
-            model = cls(**top, unet_kwargs=kw)
+            model = cls(**top, unet_dtype=kw.pop("dtype", None), unet_kwargs=kw)
         model.net = net
         return model
 
@@ -270,7 +270,8 @@ class DiffusersDenoiser(torch.nn.Module):
     ``timestep_interpolation='auto'`` follows its config), or ``ln(sigma) / 4`` for a scheduler with
     ``timestep_type='continuous'``; its output becomes ``D``: ``x - sigma eps`` (epsilon),
     ``x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) v`` (v_prediction) or the output itself (sample). A model
-    that also predicts its variance (``out_channels = 2 in_channels``, DiT) has it dropped.
+    that also predicts its variance (``out_channels = 2 in_channels``, DiT) has it dropped. Noise levels beyond
+    the table's ends (``sigma_min``, ``sigma_max`` here) get the end timesteps.
 
     Labels: fastdiff's one-hot rows become class indices (``class_labels=``); an all-zero row (the null label
     of CFG) becomes ``null_class`` (default: a DiT's extra 'no class' embedding ``num_classes``; else none,

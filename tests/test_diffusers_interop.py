@@ -81,6 +81,10 @@ def test_edm2_unet_model_save_and_load_round_trip_bit_identically(net, tmp_path)
     x, labels = _noise(), torch.tensor([1, 9])
     with torch.no_grad():
         assert torch.equal(loaded.to_fastdiff()(x, 0.7, labels), net(x, 0.7, labels))
+    # the U-Net's reduced precision is part of the config
+    bf16 = EDM2UNetModel.from_fastdiff(tiny_net(dtype="bfloat16"))
+    bf16.save_pretrained(tmp_path / "bf16")
+    assert EDM2UNetModel.from_pretrained(tmp_path / "bf16").to_fastdiff().dtype == torch.bfloat16
     # a fresh model from the config alone has the same architecture
     fresh = EDM2UNetModel.from_config(EDM2UNetModel.load_config(tmp_path / "edm2"))
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
