@@ -339,10 +339,10 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
 
     outs = combine_snapshots(stream(), coefs)
     if snaps[-1].official:
-        from fastdiff.cli.convert import _jsonable
+        from fastdiff.io.edm2_pickle import jsonable
 
         base = dict(last["config"])
-        others = _jsonable(last["info"])
+        others = jsonable(last["info"])
         base["extra"] = {"source_entries": others} if others else {}
     else:
         base = dict(snaps[-1].config)
