@@ -118,6 +118,26 @@ class EDM2UNetModel(ModelMixin, ConfigMixin):
         return self.net(x, sigma, class_labels)
 
 
+def _with_fastdiff_networks(guidance, depth: int = 0):
+    """``guidance`` with every :class:`EDM2UNetModel` it holds (``Autoguidance(guide=other_pipe.unet)``,
+    ``CFG(uncond=...)``, inside ``Interval`` / ``CADS``...) replaced by its fastdiff network, which computes
+    ``D(x; sigma)`` where the diffusers model returns the raw ``F``; a shallow copy, the caller's object is
+    left as it is."""
+    import copy
+
+    from fastdiff.sampling.guidance import Guidance
+
+    if not isinstance(guidance, Guidance) or depth > 8:
+        return guidance
+    out = None
+    for k, v in vars(guidance).items():
+        new = v.to_fastdiff() if isinstance(v, EDM2UNetModel) else _with_fastdiff_networks(v, depth + 1)
+        if new is not v:
+            out = out or copy.copy(guidance)
+            setattr(out, k, new)
+    return out or guidance
+
+
 def _class_indices(class_labels, n: int | None, device) -> torch.Tensor | None:
     if class_labels is None:
         return None
@@ -137,7 +157,8 @@ class EDM2Pipeline(DiffusionPipeline):
     seeds]).images``. ``sampler='heun'`` (any name of ``fastdiff.sampling.SAMPLERS``) samples with fastdiff's
     sampler on the EDM schedule (``sigma_min``, ``sigma_max``, ``rho``) instead of the scheduler; the default is
     the scheduler when there is one, else ``'heun'``. ``guidance``: any ``fastdiff.sampling.guidance`` object
-    (e.g. ``Autoguidance(guide=small_pipe.unet.to_fastdiff(), weight=2.0)``), with either. ``generator``: one
+    (e.g. ``Autoguidance(guide=small_pipe.unet, weight=2.0)``: a diffusers model it holds stands for its fastdiff
+    network), with either. ``generator``: one
     generator, or one per sample (a sample then depends on its own generator only). ``latents``: the starting
     standard-normal noise instead. ``sampler_options`` go to ``fastdiff.sampling.sample`` (``S_churn``,
     ``eta``...). ``vae``: a diffusers ``AutoencoderKL`` that decodes a latent network's samples (EDM2's VAE
@@ -182,6 +203,7 @@ class EDM2Pipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=torch.float32)
         onehot = None if labels is None else torch.nn.functional.one_hot(labels.long(), net.label_dim).float()
+        guidance = _with_fastdiff_networks(guidance)
         if sampler is None and self.scheduler is not None:
             if sampler_options:
                 raise ValueError(f"{', '.join(sampler_options)}: options of fastdiff's samplers, but this run uses the "

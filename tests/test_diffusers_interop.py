@@ -155,6 +155,13 @@ def test_pipeline_guidance_generators_and_output_types(net):
         with torch.no_grad():
             want = sample(net, noise, "euler", steps=5, labels=onehot, guidance=guidance)
         assert torch.equal(got, want)
+    # a second pipeline's diffusers model as the guide is its fastdiff network (D, not the raw F)
+    wrapped = Interval(inner=Autoguidance(guide=small.unet, weight=2.0), sigma=(0.3, 5.0))
+    got = pipe(class_labels=[1, 2], num_inference_steps=5, latents=noise, guidance=wrapped, sampler="euler",
+               output_type="latent").images
+    with torch.no_grad():
+        assert torch.equal(got, sample(net, noise, "euler", steps=5, labels=onehot, guidance=auto))
+    assert wrapped.inner.guide is small.unet  # the caller's object is untouched
     # guidance with the scheduler: the scheduler's steps on the guided D
     with_sched = pipe(class_labels=[1, 2], num_inference_steps=5, latents=noise, guidance=auto,
                       output_type="latent").images
