@@ -158,9 +158,8 @@ class EDM2Pipeline(DiffusionPipeline):
     sampler on the EDM schedule (``sigma_min``, ``sigma_max``, ``rho``) instead of the scheduler; the default is
     the scheduler when there is one, else ``'heun'``. ``guidance``: any ``fastdiff.sampling.guidance`` object
     (e.g. ``Autoguidance(guide=small_pipe.unet, weight=2.0)``: a diffusers model it holds stands for its fastdiff
-    network), with either. ``generator``: one
-    generator, or one per sample (a sample then depends on its own generator only). ``latents``: the starting
-    standard-normal noise instead. ``sampler_options`` go to ``fastdiff.sampling.sample`` (``S_churn``,
+    network), with either. ``generator``: one generator, or one per sample (a sample then depends on its own
+    generator only). ``latents``: the starting standard-normal noise instead. ``sampler_options`` go to ``fastdiff.sampling.sample`` (``S_churn``,
     ``eta``...). ``vae``: a diffusers ``AutoencoderKL`` that decodes a latent network's samples (EDM2's VAE
     stage: ``fastdiff.vae.VAE`` with the network's latent scaling, EDM2's by default). Returns
     ``ImagePipelineOutput(images=...)`` (or a 1-tuple with ``return_dict=False``).
