@@ -16,7 +16,8 @@ the fused solver step) on the model, and keeps k-diffusion's conventions around 
 * the churn noise of ``sample_euler`` / ``sample_heun`` / ``sample_dpm_2`` is drawn from torch's global
   generator at the same points as k-diffusion (one ``randn_like`` per step, used or not), so the same seed
   gives the same trajectory; the ancestral samplers call ``noise_sampler(sigma, sigma_next)`` (default
-  ``randn_like``) for the same steps; the SDE samplers call ``noise_sampler`` (0-d tensors in the sigmas'
+  ``randn_like``) for the same steps (with ``eta=0``, where the noise is multiplied by 0, k-diffusion still
+  calls it and fastdiff does not: the same trajectory, fewer draws); the SDE samplers call ``noise_sampler`` (0-d tensors in the sigmas'
   dtype) in the same order. Without a ``noise_sampler`` the SDE samplers use fastdiff's Brownian motion
   (the law of k-diffusion's ``torchsde`` Brownian tree, not its numbers; :class:`BrownianTreeNoiseSampler`
   here is the same motion, seeded);
