@@ -132,7 +132,7 @@ LAYERS = {
     "ops": 1, "diffusion": 2, "nn": 3, "data": 3,
     "io": 3.5,  # network files and the official-pickle importer: builds nn networks, used by training
     "sampling": 4, "training": 4, "metrics": 4, "toy": 4, "vae": 4,
-    "bench": 5, "interop": 5, "sweep": 5, "cli": 6, "__main__": 7, "__init__": 7,
+    "bench": 5, "interop": 5, "sweep": 5, "compat": 5, "diffusers": 5, "cli": 6, "__main__": 7, "__init__": 7,
 }
 
 

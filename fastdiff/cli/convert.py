@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from fastdiff.io.edm2_pickle import jsonable as _jsonable
 from fastdiff.io.safe_pickle import short_repr
 
 
@@ -40,29 +41,6 @@ def _size(text: str) -> int:
     if not value >= 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a non-negative size, got {text!r}")
     return int(value)
-
-
-def _jsonable(value, depth=0):
-    """A JSON-safe copy of plain data (small arrays/tensors become lists; anything else is dropped)."""
-    if depth > 8:
-        return None
-    if isinstance(value, (str, bool, int, float)) or value is None:
-        return value
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            v = _jsonable(v, depth + 1)
-            if isinstance(k, str) and v is not None:
-                out[k] = v
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, depth + 1) for v in value]
-    tolist = getattr(value, "tolist", None)
-    size = getattr(value, "size", None)
-    numel = size if isinstance(size, int) else getattr(value, "numel", lambda: None)()
-    if callable(tolist) and isinstance(numel, int) and numel <= 64:
-        return tolist()
-    return None
 
 
 def _list_entries(path, max_bytes) -> int:

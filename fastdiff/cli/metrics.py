@@ -9,6 +9,8 @@
 
 The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless
 ``--num`` is lowered explicitly. ``--num all`` uses every image (e.g. a whole training set as reference).
+``--ref`` also takes the official EDM2 dataset-refs pickles (``img512.pkl``: FID and FD_DINOv2 statistics,
+read without running any code from them; ``--metrics fid`` / ``fd_dinov2`` picks which).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from fastdiff.metrics._util import atomic_write
 from fastdiff.metrics.detectors import available_detectors
 from fastdiff.metrics.evaluate import (DEFAULT_MAX_FEATURES, DEFAULT_NUM, calc_from_images, make_reference,
-                                       resolve_metrics)
+                                       requested_detector, resolve_metrics)
 from fastdiff.metrics.images import open_images
 from fastdiff.metrics.stats import load_reference
 
@@ -81,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("calc", parents=[common], help="metrics of a folder of images against a reference",
                        description="Compute metrics of a folder or .zip of images against reference statistics.")
     p.add_argument("--images", required=True, metavar="DIR_OR_ZIP", help="folder (recursive) or .zip of PNG/JPG")
-    p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics from `fastdiff metrics ref`")
+    p.add_argument("--ref", required=True, metavar="FILE.npz",
+                   help="reference statistics from `fastdiff metrics ref`, or an official EDM2 dataset-refs .pkl")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
     # Its own copy of the common options: set_defaults below changes the shared actions' defaults otherwise.
     p = sub.add_parser("gen", parents=[_common_options()], help="metrics of a network's samples, generated on the fly",
@@ -89,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "metrics on the fly, without writing images. --batch is both the sampling and the "
                                    "detector batch. --num defaults to the number of --seeds (else 50,000 seeds "
                                    "0..49999).")
-    p.add_argument("--ref", required=True, metavar="FILE.npz", help="reference statistics")
+    p.add_argument("--ref", required=True, metavar="FILE.npz",
+                   help="reference statistics (.npz, or an official EDM2 dataset-refs .pkl)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
     p.add_argument("--net", required=True,
                    help="main network: fastdiff .safetensors or official EDM2 .pkl (fastdiff.io.load_any_network)")
@@ -134,7 +138,7 @@ def _run_ref(args) -> int:
 
 
 def _run_calc(args) -> int:
-    ref = load_reference(args.ref)
+    ref = load_reference(args.ref, requested_detector(args.metrics, args.detector))
     canonical, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
     results = calc_from_images(args.images, ref, detector=detector, **_options(args))
     _warn_if_biased(args.num if args.num is not None else len(open_images(args.images)), canonical, "calc")
@@ -170,7 +174,7 @@ def _run_gen(args) -> int:
     else:
         num = DEFAULT_NUM if args.num is None else args.num
         seeds = list(range(num))
-    ref = load_reference(args.ref)
+    ref = load_reference(args.ref, requested_detector(args.metrics, args.detector))
     canonical, detector = resolve_metrics(args.metrics, args.detector, ref.detector)
     net = load_any_network(args.net, device=args.device).requires_grad_(False)
     gnet = load_any_network(args.gnet, device=args.device).requires_grad_(False) if args.gnet is not None else None

@@ -4,6 +4,9 @@
 
 Reads every ``kind: ema`` snapshot in ``--indir`` once, however many target stds are asked for, and writes
 one network file per target (``phema-<nimg>-<std>.safetensors``, loadable with ``fastdiff.io.load_network``).
+``--indir`` may instead hold the official EDM2 training loop's raw snapshots
+(``network-snapshot-0000256-0.050.pkl``: training time and std from the name, as the official
+``reconstruct_phema.py`` reads them), imported without running any code from them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--indir", required=True, help="training run folder with network-snapshot-*.safetensors")
+    parser.add_argument("--indir", required=True,
+                        help="training run folder with network-snapshot-*.safetensors, or the official EDM2 raw "
+                             "snapshots (<prefix>-<kimg>-<std>.pkl, read without running code from them)")
     parser.add_argument("--outstd", required=True, type=parse_stds,
                         help="target relative stds, comma-separated (e.g. 0.05,0.07,0.10)")
     parser.add_argument("--outdir", required=True, help="where to write phema-*.safetensors")

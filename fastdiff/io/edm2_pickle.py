@@ -44,7 +44,7 @@ from fastdiff.io.safe_pickle import (
 
 __all__ = [
     "load_edm2_pickle", "load_any_network", "load_network_and_info", "build_network", "infer_precond_kwargs",
-    "describe", "EDM2ImportError", "NETWORK_CLASSES",
+    "describe", "jsonable", "EDM2ImportError", "NETWORK_CLASSES",
 ]
 
 
@@ -460,3 +460,27 @@ def _network_and_info(path, device, key):
         net.source_entries = info  # e.g. the encoder record: fastdiff.data.latent.scaling_of(net)
         return net, info
     raise EDM2ImportError(f"{path}: no network under {' / '.join(map(repr, candidates))}; the file has {describe(raw)}")
+
+
+def jsonable(value, depth=0):
+    """A JSON-safe copy of plain data, e.g. a pickle's other entries for a network file's metadata (small
+    arrays/tensors become lists; anything else is dropped)."""
+    if depth > 8:
+        return None
+    if isinstance(value, (str, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            v = jsonable(v, depth + 1)
+            if isinstance(k, str) and v is not None:
+                out[k] = v
+        return out
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, depth + 1) for v in value]
+    tolist = getattr(value, "tolist", None)
+    size = getattr(value, "size", None)
+    numel = size if isinstance(size, int) else getattr(value, "numel", lambda: None)()
+    if callable(tolist) and isinstance(numel, int) and numel <= 64:
+        return tolist()
+    return None

@@ -27,7 +27,7 @@ from fastdiff.metrics.prdc import precision_recall
 from fastdiff._dist import rank_and_world
 from fastdiff.metrics.stats import FeatureStats, ReferenceStats, load_reference
 
-__all__ = ["DEFAULT_NUM", "DEFAULT_MAX_FEATURES", "parse_metrics", "resolve_metrics", "compute_feature_stats",
+__all__ = ["DEFAULT_NUM", "DEFAULT_MAX_FEATURES", "parse_metrics", "resolve_metrics", "requested_detector", "compute_feature_stats",
            "compute_metrics", "calc_from_generator", "calc_from_images", "make_reference", "select_indices"]
 
 DEFAULT_NUM = 50_000  # the standard protocol: statistics over 50,000 generated images
@@ -80,6 +80,17 @@ def resolve_metrics(metrics: str | Sequence[str], detector: str | None = None,
         if m not in canonical:
             canonical.append(m)
     return canonical, name
+
+
+def requested_detector(metrics: str | Sequence[str], detector: str | None = None) -> str | None:
+    """The detector asked for by an explicit ``detector`` or the metric names (``fid`` -> inception,
+    ``fd_dinov2`` -> dinov2), or None: which statistics to read from a reference file holding several (the
+    official dataset-refs pickles). Conflicts are reported by :func:`resolve_metrics`."""
+    if detector is not None:
+        return detector
+    by_fd_name = fd_metric_names()
+    named = [by_fd_name[m] for m in parse_metrics(metrics) if m in by_fd_name]
+    return named[0] if len(set(named)) == 1 else None
 
 
 def select_indices(total: int, num: int | None, seed: int = 0) -> np.ndarray:
@@ -175,12 +186,12 @@ def calc_from_generator(batches: Iterable[torch.Tensor], ref: ReferenceStats | s
 
     This is the hook for sampler-driven evaluation: pass a generator that samples batch after batch;
     exactly ``num`` images are consumed (fewer available is an error). ``ref`` is a
-    ``ReferenceStats`` or a path to a reference ``.npz``; ``detector`` a ``Detector``, a registered
-    name, or None (the reference's detector). ``metric_kwargs`` go to ``compute_metrics``.
-    Returns e.g. ``{"fid": 2.1, "precision": 0.7, "recall": 0.6, "kid": 0.001}``.
+    ``ReferenceStats`` or a path to a reference ``.npz`` or official dataset-refs pickle; ``detector`` a
+    ``Detector``, a registered name, or None (the reference's detector). ``metric_kwargs`` go to
+    ``compute_metrics``. Returns e.g. ``{"fid": 2.1, "precision": 0.7, "recall": 0.6, "kid": 0.001}``.
     """
-    ref = ref if isinstance(ref, ReferenceStats) else load_reference(ref)
     det_name = detector.name if isinstance(detector, Detector) else detector
+    ref = ref if isinstance(ref, ReferenceStats) else load_reference(ref, requested_detector(metrics, det_name))
     canonical, name = resolve_metrics(metrics, det_name, ref.detector)
     needs_features = any(m in SAMPLE_METRICS for m in canonical)
     if needs_features and ref.features is None:

@@ -10,7 +10,10 @@ It can also keep a uniform random subset of the raw features (reservoir sampling
 ``max_features``) for the metrics that need samples rather than moments (precision/recall, KID).
 
 A reference file (``ReferenceStats.save`` / ``load``) is a plain ``.npz`` holding ``mu``, ``sigma``,
-``num_images``, ``detector`` (name of the feature network) and optionally ``features``.
+``num_images``, ``detector`` (name of the feature network) and optionally ``features``. ``load`` also reads
+the official EDM2 dataset-refs pickles (``{'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}}``, written by
+the release's ``calculate_metrics.py ref``) through fastdiff's allow-list unpickler, which accepts plain
+containers and numeric numpy arrays only here and runs no code from the file.
 """
 
 from __future__ import annotations
@@ -156,14 +159,14 @@ class ReferenceStats:
 
     mu: np.ndarray
     sigma: np.ndarray
-    num_images: int
+    num_images: int | None  # None: not recorded (an official dataset-refs pickle)
     detector: str
     features: np.ndarray | None = None
 
     def __post_init__(self):
         self.mu = np.asarray(self.mu, np.float64)
         self.sigma = np.asarray(self.sigma, np.float64)
-        self.num_images = int(self.num_images)
+        self.num_images = None if self.num_images is None or int(self.num_images) < 0 else int(self.num_images)
         self.detector = str(self.detector)
         d = self.mu.shape[0] if self.mu.ndim == 1 else None
         if d is None or self.sigma.shape != (d, d):
@@ -185,13 +188,14 @@ class ReferenceStats:
 
         if not np.isfinite(self.mu).all():
             raise ValueError("reference mu contains NaN or Inf values")
-        if self.num_images < 2:
+        if self.num_images is not None and self.num_images < 2:
             raise ValueError(f"reference statistics of {self.num_images} image(s): a covariance needs at least 2")
         check_covariance(self.sigma, "reference sigma")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an ``.npz`` atomically (temporary file, then ``os.replace``)."""
-        arrays = dict(mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images),
+        count = -1 if self.num_images is None else self.num_images  # -1: not recorded
+        arrays = dict(mu=self.mu, sigma=self.sigma, num_images=np.int64(count),
                       detector=np.str_(self.detector), format_version=np.int64(REF_FORMAT_VERSION))
         if self.features is not None:
             arrays["features"] = self.features
@@ -199,13 +203,23 @@ class ReferenceStats:
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ReferenceStats":
-        """Read a file written by ``save``, with clear errors for missing or malformed content; the statistics
-        are validated (:meth:`validate`: finite, symmetric positive semi-definite sigma)."""
+    def load(cls, path: str | os.PathLike, detector: str | None = None) -> "ReferenceStats":
+        """Read a file written by ``save``, or an official EDM2 dataset-refs pickle, with clear errors for
+        missing or malformed content; the statistics are validated (:meth:`validate`: finite, symmetric
+        positive semi-definite sigma).
+
+        ``detector``: which statistics to take from an official pickle, which holds one set per feature
+        network (``'fid'`` -> ``inception``, ``'fd_dinov2'`` -> ``dinov2``); default: Inception's if present,
+        else the only one. An ``.npz`` holds one detector's statistics and ignores it (a mismatch is reported
+        where the metrics are resolved)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reference statistics file not found: {path} "
                                     f"(create one with `fastdiff metrics ref --data DIR --dest {path}`)")
+        with open(path, "rb") as f:
+            head = f.read(1)
+        if head == b"\x80":  # a pickle: the official dataset refs
+            return _load_official_refs(cls, path, detector)
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
@@ -224,11 +238,72 @@ class ReferenceStats:
             raise ValueError(f"{path}: {e}") from e
 
 
+def _load_official_refs(cls, path: str, detector: str | None) -> ReferenceStats:
+    """An official EDM2 dataset-refs pickle: ``{metric: {'mu': array, 'sigma': array}}`` with ``metric`` the
+    Frechet distance's name (``fid``, ``fd_dinov2``), read by the allow-list unpickler."""
+    import torch as _torch
+
+    from fastdiff.io.safe_pickle import PersistentObject, PlainObject, SafePickleError, read_plain, short_repr
+    from fastdiff.metrics.detectors import fd_metric_names
+
+    try:
+        raw = read_plain(path)
+    except SafePickleError as e:
+        raise ValueError(f"{path} is neither a .npz reference file nor a readable official dataset-refs pickle: {e}"
+                         ) from None
+    expected = "a dict {'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}} of numpy arrays"
+
+    def plain_only(obj, where):
+        if isinstance(obj, (PersistentObject, PlainObject, _torch.Tensor)):
+            raise ValueError(f"{path}: {where} is a {type(obj).__name__}; an official dataset-refs pickle is "
+                             f"{expected}")
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                plain_only(v, f"{where}[{k!r}]")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                plain_only(v, f"{where}[{i}]")
+
+    plain_only(raw, "the file's content")
+    by_name = fd_metric_names()  # {'fid': 'inception', 'fd_dinov2': 'dinov2', ...}
+    # The release writes dict(num_images=N, fid=dict(mu=..., sigma=...), fd_dinov2=dict(...)).
+    count = raw.get("num_images") if isinstance(raw, dict) else None
+    metrics = {k: v for k, v in raw.items() if k != "num_images"} if isinstance(raw, dict) else None
+    if not metrics or not all(k in by_name for k in metrics):
+        found = ", ".join(map(repr, raw)) if isinstance(raw, dict) else f"a {type(raw).__name__}"
+        raise ValueError(f"{path} is not a reference file: an official dataset-refs pickle is {expected} "
+                         f"(found {found}; known metrics: {', '.join(by_name)})")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, (int, np.integer))):
+        raise ValueError(f"{path}: 'num_images' is {short_repr(count)}, expected an integer")
+    have = {by_name[k]: k for k in metrics}
+    if detector is None:
+        detector = "inception" if "inception" in have else (next(iter(have)) if len(have) == 1 else None)
+        if detector is None:
+            raise ValueError(f"{path} holds statistics for {', '.join(sorted(have))}: choose one with --detector "
+                             "or --metrics")
+    if detector not in have:
+        raise ValueError(f"{path} has no {detector} statistics; it holds {', '.join(map(repr, metrics))} "
+                         f"({', '.join(have)})")
+    entry = metrics[have[detector]]
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), np.ndarray) for k in ("mu", "sigma")):
+        raise ValueError(f"{path}[{have[detector]!r}] must be a dict with numpy arrays 'mu' and 'sigma'")
+    features = entry.get("features")  # some forks also store the raw features (for precision/recall, KID)
+    if features is not None and not isinstance(features, np.ndarray):
+        raise ValueError(f"{path}[{have[detector]!r}]['features'] must be a numpy array")
+    try:
+        ref = cls(mu=entry["mu"], sigma=entry["sigma"], num_images=None if count is None else int(count),
+                  detector=detector, features=features)
+        ref.validate()
+        return ref
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}[{have[detector]!r}]: {e}") from e
+
+
 def save_reference(path: str | os.PathLike, ref: ReferenceStats) -> None:
     """Write ``ref`` to ``path`` (see ``ReferenceStats.save``)."""
     ref.save(path)
 
 
-def load_reference(path: str | os.PathLike) -> ReferenceStats:
-    """Read a reference file (see ``ReferenceStats.load``)."""
-    return ReferenceStats.load(path)
+def load_reference(path: str | os.PathLike, detector: str | None = None) -> ReferenceStats:
+    """Read a reference file: an ``.npz`` or an official dataset-refs pickle (see ``ReferenceStats.load``)."""
+    return ReferenceStats.load(path, detector)

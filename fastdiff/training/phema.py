@@ -276,18 +276,33 @@ def combine_snapshots(snapshots: Iterable[dict[str, torch.Tensor]], coefs) -> li
 def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, device="cpu", progress=True,
                       verbose=True) -> list[str]:
     """Reconstruct the EMAs ``out_stds`` at training time ``out_nimg`` (default: the latest snapshot) from the
-    snapshots in ``indir``; write them to ``outdir``; return the written paths."""
+    snapshots in ``indir``; write them to ``outdir``; return the written paths.
+
+    ``indir`` holds either fastdiff's EMA snapshots (``network-snapshot-*.safetensors``, times and stds from
+    their metadata) or the official EDM2 training loop's raw snapshots (``<prefix>-<kimg>-<std>.pkl``, times
+    and stds from their names, networks read by the safe importer ``fastdiff.io``, which runs no code from
+    them; their float16 weights are combined in float64); a folder with both is refused. The outputs are
+    fastdiff network files either way."""
     import os
     import sys
 
-    from fastdiff.training.snapshots import list_snapshots, load_snapshot_tensors, save_tensors, snapshot_name
+    from fastdiff.training.snapshots import (list_official_snapshots, list_snapshots, load_snapshot_tensors,
+                                             save_tensors, snapshot_name)
 
     snaps = list_snapshots(indir)
+    official = list_official_snapshots(indir)
+    if snaps and official:
+        raise ValueError(f"{indir} holds both fastdiff EMA snapshots (network-snapshot-*.safetensors, e.g. "
+                         f"{os.path.basename(snaps[0].path)}) and official EDM2 snapshot pickles (e.g. "
+                         f"{os.path.basename(official[0].path)}); reconstruct from one kind at a time (move the "
+                         "other into its own folder)")
+    snaps = snaps or official
     if in_stds is not None:
         keep = {round(float(s), 6) for s in in_stds}
         snaps = [s for s in snaps if round(s.std, 6) in keep]
     if not snaps:
-        raise FileNotFoundError(f"{indir}: no EMA snapshots (network-snapshot-*.safetensors written by training)")
+        raise FileNotFoundError(f"{indir}: no EMA snapshots (network-snapshot-*.safetensors written by training, "
+                                "or the official EDM2 raw snapshots <prefix>-<kimg>-<std>.pkl)")
     if out_nimg is None:
         out_nimg = max(s.nimg for s in snaps)
     out_nimg = int(out_nimg)
@@ -297,8 +312,21 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
     out_stds = [float(s) for s in out_stds]
     coefs = solve_posthoc_coefficients([s.nimg for s in snaps], [s.std for s in snaps], out_nimg, out_stds)
     if verbose:
-        print(f"phema: {len(snaps)} snapshots from {indir}, {len(out_stds)} targets at {out_nimg} images",
+        kind = "official EDM2 snapshot pickles" if snaps[0].official else "snapshots"
+        print(f"phema: {len(snaps)} {kind} from {indir}, {len(out_stds)} targets at {out_nimg} images",
               file=sys.stderr)
+
+    last = {}  # the config (and the official file's other entries) of the latest snapshot read
+
+    def load(s):
+        if not s.official:
+            return load_snapshot_tensors(s.path, device=device)
+        from fastdiff.io.checkpoint import network_config
+        from fastdiff.io.edm2_pickle import load_network_and_info
+
+        net, info = load_network_and_info(s.path, device=device, key="ema")
+        last["config"], last["info"] = network_config(net), info
+        return {k: v.detach() for k, v in net.state_dict().items()}
 
     def stream():
         it = snaps
@@ -307,10 +335,17 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
 
             it = tqdm(snaps, desc="phema", unit="snapshot", file=sys.stderr)
         for s in it:
-            yield load_snapshot_tensors(s.path, device=device)
+            yield load(s)
 
     outs = combine_snapshots(stream(), coefs)
-    base = dict(snaps[-1].config)
+    if snaps[-1].official:
+        from fastdiff.io.edm2_pickle import jsonable
+
+        base = dict(last["config"])
+        others = jsonable(last["info"])
+        base["extra"] = {"source_entries": others} if others else {}
+    else:
+        base = dict(snaps[-1].config)
     os.makedirs(outdir, exist_ok=True)
     paths = []
     for j, (std, tensors) in enumerate(zip(out_stds, outs)):
@@ -319,9 +354,12 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
             "kind": "phema", "nimg": out_nimg, "std": std, "exponent": float(std_to_exp(std)),
             "num_inputs": len(snaps), "max_abs_coef": float(np.abs(coefs[:, j]).max()),
             # how the inputs were trained (the label dropout tells whether CFG's null label was trained; the
-            # encoder record, a latent network's scaling)
-            **{k: v for k, v in (base.get("extra") or {}).items() if k in ("label_dropout", "encoder")},
+            # encoder record, a latent network's scaling; an official pickle's other entries)
+            **{k: v for k, v in (base.get("extra") or {}).items()
+               if k in ("label_dropout", "encoder", "source_entries")},
         }
+        if snaps[0].official:
+            config["extra"]["official_inputs"] = True
         path = os.path.join(outdir, snapshot_name(out_nimg, std, prefix="phema"))
         save_tensors(tensors, path, config)
         paths.append(path)
