@@ -122,6 +122,24 @@ def test_demo_trains_the_main_model_with_label_dropout(tmp_path, capsys):
     assert not (tmp_path / "train").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--kimg", "-1"], "--kimg must be a finite number > 0, got -1"),
+    (["--kimg", "0"], "--kimg must be a finite number > 0"),
+    (["--guide-kimg", "nan"], "--guide-kimg must be a finite number > 0"),
+    (["--batch", "0"], "--batch must be a finite number > 0"),
+    (["--outdir", "{file}"], "is a file, not a folder"),
+])
+def test_demo_refuses_bad_sizes_and_outdir_before_any_work(tmp_path, capsys, argv, message):
+    (tmp_path / "f").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "f")) for a in argv]
+    if "--outdir" not in argv:
+        argv += ["--outdir", str(tmp_path / "out")]
+    assert demo.main(_demo_args("--fast", "--no-progress", *argv)) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_parse_preset():
     assert demo.parse_preset("tiny-16") == ("tiny-16", {})
     assert demo.parse_preset("tiny-16?model_channels=16&channel_mult=1,2&dropout=0.1") == (
