@@ -40,8 +40,7 @@ import numpy as np
 import torch
 
 from fastdiff._atomic import atomic_write_with
-from fastdiff.cli._checks import prepare_outdir
-from fastdiff.cli.common import save_png, torch_threads
+from fastdiff.cli.common import prepare_outdir, save_png, torch_threads
 from fastdiff.metrics.classifier import DigitClassifier, classify, train_classifier
 
 __all__ = ["add_arguments", "main", "run_demo", "DigitClassifier", "labels_for_seeds", "parse_preset",
