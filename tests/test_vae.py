@@ -489,3 +489,43 @@ def test_metrics_gen_decodes_with_the_vae(tmp_path, latent_net, vae_dir, vae, on
         assert direct["fd_pool"] == pytest.approx(record["results"]["fd_pool"], rel=1e-4)
     finally:
         unregister_detector("pool")
+
+
+@pytest.fixture(scope="module")
+def encoded_whole(vae, tmp_path_factory):
+    """The uninterrupted encode the killed ones are compared with (one thread, as the subprocesses run)."""
+    root = tmp_path_factory.mktemp("whole")
+    _image_folder(root / "img", n=6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        encode_dataset(root / "img", root / "full.zip", VAE(vae.model, batch_size=2), batch=2, chunk=2,
+                       progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.mark.parametrize("where", ["chunk", "join", "cleanup"])
+def test_dataset_encode_resumes_from_each_kill_point(tmp_path, vae_dir, encoded_whole, one_thread, capsys, where):
+    """SIGKILL while a chunk gets its name, while the joined dataset does, and after that but before the work
+    folder is removed: the same command then completes, leaves no temporary or work folder, and gives the
+    uninterrupted run's bytes."""
+    from _killpoints import kill_at_call, kill_at_replace, run_killed
+
+    from fastdiff._atomic import is_orphan_temp
+    from fastdiff.cli import main
+
+    dest = tmp_path / "lat.zip"
+    argv = ["dataset", "encode", "--data", str(encoded_whole / "img"), "--vae", vae_dir, "--dest", str(dest),
+            "--batch", "2", "--chunk", "2", "--device", "cpu", "--workers", "0", "--no-progress"]
+    patch = {"chunk": kill_at_replace("chunk-000001.zip"), "join": kill_at_replace("lat.zip"),
+             "cleanup": kill_at_call("fastdiff.data.latent", "_remove_work")}[where]
+    run_killed(argv, patch)
+    assert dest.exists() == (where == "cleanup") and (tmp_path / "lat.zip.partial").is_dir()
+    assert main(argv) == 0
+    assert sorted(os.listdir(tmp_path)) == ["lat.zip"]
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files if is_orphan_temp(f)]
+    assert _zip_contents(dest) == _zip_contents(encoded_whole / "full.zip")
+    # A finished encode rerun is refused, as before.
+    assert main(argv) == 1 and "exists" in capsys.readouterr().err
