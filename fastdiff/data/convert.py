@@ -25,7 +25,7 @@ import zipfile
 import numpy as np
 
 from fastdiff._atomic import remove_orphan_temps, temp_dir_beside, temp_file_beside
-from fastdiff.data.dataset import IMAGE_EXTENSIONS, DatasetError, parse_label_table
+from fastdiff.data.dataset import IMAGE_EXTENSIONS, DatasetError, parse_label_table, warn_unknown_labels
 
 __all__ = ["convert_dataset", "TRANSFORMS"]
 
@@ -95,6 +95,7 @@ def _iter_folder(source: str, resolution, transform, channels):
                 missing = [n for n in names if n not in table]
                 if missing:
                     raise DatasetError(f"{meta}: no label for {missing[0]!r}")
+                warn_unknown_labels(table, names, meta)
                 labels = [table[n] for n in names]
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             if isinstance(exc, DatasetError):
