@@ -275,6 +275,8 @@ class ImageDataset(Dataset):
                 data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DatasetError(f"{where}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise DatasetError(f"{where}: the JSON is nested too deeply to be a label table") from None
         if not isinstance(data, dict) or "labels" not in data:
             raise DatasetError(f'{where}: expected {{"labels": [[name, int], ...]}} or {{"labels": null}}')
         raw = data["labels"]
