@@ -89,11 +89,11 @@ DEEP_JSON = '{"labels": ' + "[" * 100000 + "]" * 100000 + "}"
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("model_channels", -32, "config model_channels must be an integer >= 1, got -32"),
-    ("channel_mult", [], "config channel_mult must be a non-empty list of positive integers"),
-    ("label_dim", -3, "config label_dim must be an integer >= 0"),
-    ("attn_resolutions", [-8], "config attn_resolutions must be a list of positive integers"),
-    ("dropout", 2, r"config dropout must be a number in \[0, 1\)"),
+    ("model_channels", -32, "cannot build Precond from the stored config: model_channels must be an integer >= 1, got -32"),
+    ("channel_mult", [], "channel_mult must be a non-empty list of positive integers"),
+    ("label_dim", -3, "label_dim must be an integer >= 0"),
+    ("attn_resolutions", [-8], "attn_resolutions must be a list of positive integers"),
+    ("dropout", 2, r"dropout must be a number in \[0, 1\)"),
     ("deep", None, "nested too deeply"),
 ])
 def test_a_bad_network_config_is_one_clear_error(tmp_path, key, value, message):
