@@ -238,3 +238,117 @@ def test_convert_reports_bad_images(tmp_path, capsys):
     assert "b.png" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o.zip")
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_an_unlabelled_dataset_end_to_end(tmp_path, capsys, one_thread):
+    """A folder of PNGs without classes -> ``{"labels": null}`` -> info, and train with the default preset (a
+    class-conditional one: the network follows the data and is built without labels)."""
+    from fastdiff.cli import train
+    from fastdiff.training.snapshots import list_snapshots
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "src").mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(tmp_path / "src" / f"{i}.png")
+    dest = tmp_path / "x.zip"
+    assert _run_cli(["convert", "--source", tmp_path / "src", "--dest", dest, "--no-progress"]) == 0
+    with zipfile.ZipFile(dest) as zf:
+        assert json.loads(zf.read("dataset.json")) == {"labels": None}
+    ds = open_dataset(str(dest))
+    assert not ds.has_labels and ds.label_dim == 0 and ds.labels is None and len(ds) == 5
+    assert ds[4][1].item() == -1 and ds[4][0].shape == (3, 16, 16)
+    capsys.readouterr()
+    assert _run_cli(["info", "--data", dest]) == 0
+    assert "5 items, 3x16x16, no labels" in capsys.readouterr().out
+    assert run_cli(train, "--data", dest, "--outdir", tmp_path / "run", "--duration", 4, "--batch", 4,
+                   "--workers", 0, "--no-progress", "--device", "cpu", "--ema", "0.1") == 0
+    (snap,) = list_snapshots(str(tmp_path / "run"))
+    from fastdiff.io import load_network
+
+    assert load_network(snap.path).label_dim == 0
+
+
+_WRITESTR_KILL = """
+import zipfile
+_orig, _seen = zipfile.ZipFile.writestr, [0]
+def _writestr(self, *a, **k):
+    _seen[0] += 1
+    if _seen[0] == 3:
+        _kill()
+    return _orig(self, *a, **k)
+zipfile.ZipFile.writestr = _writestr
+"""
+
+
+@pytest.mark.parametrize("dest, where", [("x.zip", "mid-write"), ("x.zip", "rename"), ("xdir", "rename")])
+def test_convert_killed_reruns_cleanly(tmp_path, dest, where):
+    """SIGKILL while the images are written, or just before the finished temporary is renamed: the rerun of the
+    same command removes that temporary (only this destination's) and writes what an uninterrupted run does."""
+    from _killpoints import kill_at_replace, run_killed
+
+    from fastdiff._atomic import is_orphan_temp
+
+    _write_folder(tmp_path / "src", n=5)
+    other = tmp_path / ".other.zip.~fdtmp-abcd1234.tmp"  # another destination's temporary: left alone
+    other.write_bytes(b"x")
+    argv = ["dataset", "convert", "--source", tmp_path / "src", "--dest", tmp_path / dest, "--no-progress"]
+    run_killed(argv, _WRITESTR_KILL if where == "mid-write" else kill_at_replace(dest))
+    left = [p for p in os.listdir(tmp_path) if is_orphan_temp(p) and p != other.name]
+    assert len(left) == 1 and not (tmp_path / dest).exists()
+    assert _run_cli(argv[1:]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([other.name, "src", dest])
+    assert _run_cli(["convert", "--source", tmp_path / "src", "--dest", tmp_path / "whole" / dest,
+                     "--no-progress"]) == 0
+    a, b = open_dataset(str(tmp_path / dest)), open_dataset(str(tmp_path / "whole" / dest))
+    assert len(a) == len(b) == 5 and a.labels.tolist() == b.labels.tolist()
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(5))
+
+
+def test_written_files_have_the_mode_open_would_give(tmp_path):
+    """Not the 0600 / 0700 of tempfile: 0666 / 0777 less the umask, for datasets and atomically written files."""
+    from fastdiff._atomic import atomic_write_with
+
+    old = os.umask(0o027)
+    try:
+        _write_folder(tmp_path / "src", n=2)
+        assert _run_cli(["convert", "--source", tmp_path / "src", "--dest", tmp_path / "x.zip", "--no-progress"]) == 0
+        assert _run_cli(["convert", "--source", tmp_path / "src", "--dest", tmp_path / "xdir", "--no-progress"]) == 0
+        atomic_write_with(tmp_path / "f.bin", lambda f: f.write(b"1"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "x.zip").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "f.bin").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "xdir").st_mode & 0o777 == 0o750
+    assert os.stat(tmp_path / "xdir" / "dataset.json").st_mode & 0o777 == 0o640
+
+
+def test_items_are_read_and_decoded_only_up_to_a_cap(tmp_path, monkeypatch):
+    """A zip member inflating to far more than an image of the resolution needs is refused unread; an image with
+    more pixels than the cap is refused before it is decoded; FASTDIFF_MAX_ITEM_MB raises the cap."""
+    import io as _io
+
+    def png(w, h, level):
+        buf = _io.BytesIO()
+        Image.new("L", (w, h)).save(buf, format="png", compress_level=level)
+        return buf.getvalue()
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", png(16, 16, 6))
+        zf.writestr("b.png", png(1500, 1500, 0))  # 2.25 MB inflated, a few kB stored
+    assert os.path.getsize(bomb) < 100_000
+    ds = ImageDataset(bomb, resolution=16)
+    with pytest.raises(DatasetError, match=r"bomb.zip:b.png: holds more than [\d,]+ bytes \(an image of 16x16"):
+        ds[1]
+    with pytest.raises(DatasetError, match="b.png: holds more than"):
+        ImageDataset(bomb).validate()  # the first image sets the resolution, and so the cap
+    monkeypatch.setenv("FASTDIFF_MAX_ITEM_MB", "8")
+    with pytest.raises(DatasetError, match="b.png: 1500x1500 image, expected 16x16"):  # read, refused by size
+        ImageDataset(bomb).validate()
+    monkeypatch.delenv("FASTDIFF_MAX_ITEM_MB")
+    # Pixels: a small file of a huge image is refused before it is decoded.
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "huge.png").write_bytes(png(9000, 9000, 9))
+    assert os.path.getsize(tmp_path / "big" / "huge.png") < 1_000_000
+    with pytest.raises(DatasetError, match=r"huge.png: 9000x9000 image, more than the [\d,]+ pixels allowed"):
+        ImageDataset(tmp_path / "big")

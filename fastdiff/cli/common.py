@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -211,6 +212,8 @@ def validate_guidance(args, has_gnet: bool | None = None) -> None:
         raise ValueError(f"unknown --guidance-method {method!r}; expected one of {', '.join(GUIDANCE_METHODS)}")
     if not math.isfinite(w):
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    if w < 0:
+        raise ValueError(f"--guidance must be >= 0 (1: no guidance, 0: the unguided branch alone), got {args.guidance}")
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None
     steps = parse_interval_steps(getattr(args, "interval_steps", None))
@@ -518,3 +521,51 @@ def torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# ---- checks of output folders and sizes, made before any work ----------------------------------------------
+
+
+def prepare_outdir(path, flag: str = "--outdir", create: bool = True) -> str:
+    """Check that the output folder ``path`` can be made and written: ``ValueError`` naming ``flag`` otherwise
+    (a file in the way, a folder that cannot be created or written). ``create``: leave the folder (and its
+    parents) made; else remove again what the check made, so that a command refused later leaves nothing
+    behind. Returns ``path``."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a file, not a folder")
+    made = []  # the folders this check creates, outermost first
+    head = os.path.abspath(path)
+    while not os.path.exists(head) and os.path.dirname(head) != head:
+        made.insert(0, head)
+        head = os.path.dirname(head)
+    try:
+        for attempt in range(5):  # under torchrun another rank's check may remove the folder in between
+            try:
+                os.makedirs(path, exist_ok=True)
+                with tempfile.TemporaryFile(dir=path):
+                    pass
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot create or write the folder ({exc.strerror or exc})") from None
+    finally:
+        if not create:
+            for folder in reversed(made):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+    return path
+
+
+def positive_count(value, flag: str, allow_none: bool = True):
+    """``value`` if it is ``None`` (with ``allow_none``: the default applies) or a number > 0; else a
+    ``ValueError`` naming ``flag`` (``--batch 0`` must not silently mean the default)."""
+    if value is None and allow_none:
+        return value
+    if value is None or not value > 0:
+        raise ValueError(f"{flag} must be > 0, got {value}")
+    return value

@@ -22,7 +22,7 @@ import argparse
 import importlib
 import sys
 
-from fastdiff.cli.common import parse_stds
+from fastdiff.cli.common import parse_stds, positive_count, prepare_outdir
 from fastdiff.training.units import parse_nimg
 
 __all__ = ["add_arguments", "main", "build_run"]
@@ -96,6 +96,22 @@ def _round_to(n: int, batch: int) -> int:
     return max(batch, (int(n) // batch) * batch)
 
 
+def _data_has_labels(spec: str) -> bool:
+    """Whether the dataset ``spec`` has class labels (the built-in ones all do; a folder or zip when its
+    ``dataset.json`` lists them), read before the network is built so that ``--cond``'s default can follow it."""
+    import os
+
+    from fastdiff.data import ImageDataset
+
+    if str(spec).startswith("builtin:") or not os.path.exists(str(spec)):
+        return True  # (a missing path is reported when the dataset is opened)
+    ds = ImageDataset(str(spec))
+    try:
+        return ds.has_labels
+    finally:
+        ds.close()
+
+
 def build_run(args):
     """(net, loss_fn, dataset, TrainConfig) from parsed arguments."""
     import torch
@@ -106,8 +122,8 @@ def build_run(args):
     overrides = {}
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
-    if args.cond is False:
-        overrides["label_dim"] = 0
+    if args.cond is False or (args.cond is None and not _data_has_labels(args.data)):
+        overrides["label_dim"] = 0  # --uncond, or the default for a dataset without labels
     torch.manual_seed(args.seed)  # the same initial weights in every process
     precision_in_net = False
     if ":" in args.preset:
@@ -155,8 +171,9 @@ def build_run(args):
 
         load_init_weights(net, args.init)
 
-    batch = args.batch or int(training.get("batch", 2048))
-    duration = args.duration or int(training.get("duration", 1 << 27))
+    # Not `args.batch or default`: --batch 0 / --duration 0 are mistakes, not "the preset's".
+    batch = positive_count(args.batch, "--batch") or int(training.get("batch", 2048))
+    duration = positive_count(args.duration, "--duration") or int(training.get("duration", 1 << 27))
     rampup = args.rampup
     if rampup is None:
         rampup = training.get("rampup_mimg")
@@ -196,6 +213,9 @@ def main(args) -> int:
     from fastdiff.training.rundir import RunDirectoryBusy
 
     try:
+        positive_count(args.batch, "--batch")
+        positive_count(args.duration, "--duration")
+        prepare_outdir(args.outdir, create=False)
         info = D.init_distributed(args.device)
     except (RuntimeError, ValueError) as exc:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)

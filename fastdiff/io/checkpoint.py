@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 
 import torch
@@ -25,7 +26,8 @@ import torch
 from fastdiff._atomic import atomic_write
 
 __all__ = ["save_network", "load_network", "read_network_config", "read_network_tensors", "write_network_file",
-           "network_config", "tensor_digest", "FORMAT", "META_KEY", "DIGEST_KEY", "atomic_write"]
+           "network_config", "tensor_digest", "check_finite_weights", "FORMAT", "META_KEY", "DIGEST_KEY",
+           "atomic_write", "ALLOW_NONFINITE_ENV"]
 
 FORMAT = "fastdiff.network/1"
 META_KEY = "fastdiff"
@@ -69,7 +71,36 @@ def write_network_file(tensors: dict[str, torch.Tensor], path, config: dict) -> 
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     metadata = {META_KEY: json.dumps(config), DIGEST_KEY: tensor_digest(tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        _sort_metadata(tmp)
+
+    atomic_write(path, write)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its ``__metadata__`` entries in sorted order.
+    safetensors writes them in the order of a randomly seeded hash map, so that identical networks would give
+    files that differ byte-wise; sorted, identical runs write identical files. The tensors' entries and data
+    stay as they are (the header keeps its length, or is padded again to a multiple of 8)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+        ordered.update(header)
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # the same entries: the same length, in practice
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+            return
+        f.seek(8 + n)
+        data = f.read()
+        text += b" " * (-len(text) % 8)
+        f.seek(0)
+        f.write(len(text).to_bytes(8, "little") + text + data)
+        f.truncate()
 
 
 def save_network(net: torch.nn.Module, path, extra: dict | None = None) -> None:
@@ -117,6 +148,8 @@ def read_network_config(path) -> dict:
         config = json.loads(meta[META_KEY])
     except json.JSONDecodeError as exc:
         raise ValueError(f"load_network: {path} has a corrupt fastdiff config: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"load_network: {path}: the fastdiff config is JSON nested too deeply to be one") from None
     if not isinstance(config, dict) or not str(config.get("format", "")).startswith("fastdiff.network/"):
         got = config.get("format") if isinstance(config, dict) else config
         raise ValueError(f"load_network: {path}: unknown format {got!r}, expected {FORMAT}")
@@ -187,12 +220,62 @@ def _match_dtypes(path, state: dict, expected: dict) -> dict:
     return out
 
 
-def load_network(path, device="cpu"):
+ALLOW_NONFINITE_ENV = "FASTDIFF_ALLOW_NONFINITE"
+
+
+def check_finite_weights(tensors, path, allow_nonfinite: bool | None = None) -> None:
+    """``ValueError`` naming the first tensor (in the order given) that holds NaN or Inf: a diverged network
+    samples nothing but NaN, and every score of it would be meaningless. ``allow_nonfinite`` (default: the
+    environment variable ``FASTDIFF_ALLOW_NONFINITE=1``, for every command line) lets them through, for
+    debugging."""
+    if allow_nonfinite is None:
+        allow_nonfinite = os.environ.get(ALLOW_NONFINITE_ENV, "") not in ("", "0")
+    if allow_nonfinite:
+        return
+    for name, t in (tensors.items() if isinstance(tensors, dict) else tensors):
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"load_network: {path}: tensor {name} holds {bad} of {t.numel()} values that are not "
+                             f"finite (NaN or Inf: the network diverged); set {ALLOW_NONFINITE_ENV}=1 to load it "
+                             "anyway, for debugging")
+
+
+_COUNTS = {"img_resolution": 1, "img_channels": 1, "model_channels": 1, "num_blocks": 1, "logvar_channels": 1,
+           "label_dim": 0}  # constructor argument -> its least value
+
+
+def check_network_kwargs(kwargs: dict, where: str, cls_name: str = "the network") -> None:
+    """The sizes a stored config gives the network, checked before it is built: a ``model_channels`` of -32
+    is one clear line, not an error from deep inside torch."""
+    where = f"{where}: cannot build {cls_name} from the stored config:"
+
+    def count(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and least <= v < 2**31
+
+    for key, least in _COUNTS.items():
+        if key in kwargs and not count(kwargs[key], least):
+            raise ValueError(f"load_network: {where} {key} must be an integer >= {least}, got "
+                             f"{kwargs[key]!r:.60}")
+    for key, empty_ok in (("channel_mult", False), ("attn_resolutions", True)):
+        v = kwargs.get(key)
+        if key in kwargs and not (isinstance(v, (list, tuple)) and (v or empty_ok) and all(count(c, 1) for c in v)):
+            raise ValueError(f"load_network: {where} {key} must be a {'' if empty_ok else 'non-empty '}list of "
+                             f"positive integers, got {v!r:.60}")
+    for key in ("dropout", "sigma_data"):
+        v = kwargs.get(key)
+        if key in kwargs and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or not (0 <= v < 1 if key == "dropout" else v > 0)):
+            raise ValueError(f"load_network: {where} {key} must be a number in "
+                             f"{'[0, 1)' if key == 'dropout' else '(0, inf)'}, got {v!r:.60}")
+
+
+def load_network(path, device="cpu", allow_nonfinite: bool | None = None):
     """Rebuild the network saved by ``save_network`` and load its weights (strict) onto ``device``.
 
     Returns a ``fastdiff.nn.Precond`` in eval mode; ``net.preset`` and ``net.checkpoint_extra`` are set
     from the file. Float16/bfloat16 tensors where the network declares float32 are converted (exactly);
-    other dtype mismatches, an unknown config key, a digest mismatch are ``ValueError`` naming the file.
+    other dtype mismatches, an unknown config key, a digest mismatch, weights holding NaN or Inf (unless
+    ``allow_nonfinite``, see :func:`check_finite_weights`) are ``ValueError`` naming the file.
     """
     from fastdiff import nn as fnn
 
@@ -212,6 +295,7 @@ def load_network(path, device="cpu"):
             f"load_network: {path}: unknown config key {unknown[0]!r} for {cls_name} (written by a newer or "
             f"modified fastdiff?); known keys: {', '.join(known)}"
         )
+    check_network_kwargs(kwargs, path, cls_name)
     from fastdiff.io.safe_pickle import PickleLimitError, allocation_budget, charged_construction
 
     try:  # a config asking for a network far larger than the file's tensors is refused while it is built
@@ -220,7 +304,7 @@ def load_network(path, device="cpu"):
     except PickleLimitError:
         raise ValueError(f"load_network: {path}: the stored config asks for a network far larger than the "
                          "tensors in the file") from None
-    except (TypeError, ValueError, ArithmeticError) as exc:
+    except (TypeError, ValueError, ArithmeticError, RuntimeError, LookupError) as exc:
         raise ValueError(f"load_network: {path}: cannot build {cls_name} from the stored config: {exc}") from None
     state = read_network_tensors(path)
     state = _match_dtypes(path, state, net.state_dict())
@@ -228,6 +312,7 @@ def load_network(path, device="cpu"):
         net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"load_network: {path}: the weights do not match the stored config: {exc}") from None
+    check_finite_weights(net.state_dict(), path, allow_nonfinite)
     net.preset = config.get("preset")
     net.checkpoint_extra = config.get("extra")
     return net.to(device).eval()

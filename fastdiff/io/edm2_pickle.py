@@ -419,7 +419,12 @@ def load_network_and_info(path, device="cpu", key=None, max_bytes=None):
     if not (head.startswith(b"\x80") or head == b"PK\x03\x04"):
         return load_network(path, device=device), {}
     with _budget(path, max_bytes), _import_errors(path):
-        return _network_and_info(path, device, key)
+        net, info = _network_and_info(path, device, key)
+    if isinstance(net, torch.nn.Module):
+        from fastdiff.io.checkpoint import check_finite_weights
+
+        check_finite_weights(net.state_dict(), path)
+    return net, info
 
 
 def _network_and_info(path, device, key):

@@ -286,6 +286,7 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
     import os
     import sys
 
+    from fastdiff._atomic import remove_orphan_temps
     from fastdiff.training.snapshots import (list_official_snapshots, list_snapshots, load_snapshot_tensors,
                                              save_tensors, snapshot_name)
 
@@ -361,6 +362,7 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
         if snaps[0].official:
             config["extra"]["official_inputs"] = True
         path = os.path.join(outdir, snapshot_name(out_nimg, std, prefix="phema"))
+        remove_orphan_temps(outdir, of=os.path.basename(path))  # this file's, left by a killed reconstruction
         save_tensors(tensors, path, config)
         paths.append(path)
         if verbose:
