@@ -180,6 +180,9 @@ def attention_cases(opt: Options) -> Iterator[Case]:
         qkv = _randn((n, 3 * 64 * heads, r, r), opt)
         flops = 4.0 * n * heads * (r * r) ** 2 * 64
         fns = {"reference": R.cosine_attention, "sdpa": sdpa_cosine_attention, "fastdiff": ops.cosine_attention}
+        if ops.attention_impl(qkv, heads) != "kernel" and ops.uses_kernel("cosine_attention", qkv):
+            # fastdiff's route here is q/k/v norm + SDPA (CUDA); time its own tiled kernel beside it
+            fns["fastdiff (tiled kernel)"] = lambda q, h: ops.cosine_attention(q, h, impl="kernel")
         fwd = {name: (lambda f=f: f(qkv, heads)) for name, f in fns.items()}
         fwd = _with_compiled(fwd, "reference", opt)
         yield Case("attention", f"forward {tag}", fwd, "TFLOP/s", flops, check=_agreement(fwd, "reference"),
