@@ -98,3 +98,15 @@ def test_require_cuda_turns_cuda_skips_into_failures(monkeypatch):
     assert conftest.cuda_skip_is_failure("needs a CUDA GPU and the compiled extension")
     assert conftest.cuda_skip_is_failure("no GPU")
     assert not conftest.cuda_skip_is_failure("needs scipy")
+    assert not conftest.cuda_skip_is_failure("needs two GPUs")
+
+
+def test_require_cuda_refuses_to_start_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    env = dict(os.environ, FASTDIFF_REQUIRE_CUDA="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_gpu_session.py"),
+                        "-k", "dry_run_fits"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "FASTDIFF_REQUIRE_CUDA=1" in r.stdout + r.stderr
