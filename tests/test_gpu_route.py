@@ -136,6 +136,29 @@ class TestSumClip:
             torch.ops.fastdiff.mp_sum_clip(a.long(), a.long(), 0.5, 1.0)
 
 
+@requires_ext
+class TestModulationCast:
+    """mp_silu_modulate with the conditioning in another dtype than y (the network's float32 embedding with bf16
+    activations): on CUDA the kernel reads c as it is and forms 1 + c inside; the value is the reference's on
+    the float32 factor, rounded once."""
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+    @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+    def test_float32_condition(self, layout, dtype, device):
+        y = make((2, 24, 5, 3), dtype, 0, layout, device)
+        c = make((2, 24), torch.float32, 1, device=device)
+        got = ops.mp_silu_modulate(y, c)
+        want = R.mp_silu(y.double() * (1 + c.double())[:, :, None, None])
+        assert got.dtype == dtype and max_rel_err(got, want) < TOL[dtype] + 2e-7
+        if layout == "channels_last":
+            assert got.is_contiguous(memory_format=torch.channels_last)
+        c2 = leaf(c[:, ::1])
+        yl = leaf(y)
+        ops.mp_silu_modulate(yl, c2).sum().backward()
+        assert c2.grad.dtype == torch.float32 and torch.isfinite(c2.grad).all() and yl.grad.dtype == dtype
+
+
 # --- the q/k/v norm and the SDPA route ----------------------------------------------------------------------
 
 QKV_SHAPES = [(2, 1, 64, 3, 5), (1, 3, 7, 4, 4), (2, 2, 64, 1, 1), (1, 1, 1, 2, 3), (1, 2, 32, 8, 8)]  # n, heads, d, h, w
