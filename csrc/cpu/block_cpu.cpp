@@ -94,8 +94,9 @@ std::tuple<at::Tensor, at::Tensor> mp_sum_clip_backward_cpu(const at::Tensor& gr
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; i++) {
         const A x0 = wa * A(ap[i]) + wb * A(bp[i]);
+        const A xs = A(scalar_t(x0));  // the sum as stored: the clip of clip(mp_sum(a, b)) decides on it
         A gv = A(0);
-        if (!on || (x0 >= -lim && x0 <= lim)) {
+        if (!on || (xs >= -lim && xs <= lim)) {
           gv = A(gp[i]);
           if (gsp != nullptr) gv += A(gsp[i]) * silu_grad_cpu(A(scalar_t(clip_cpu(x0, lim, on)))) * div;
         }

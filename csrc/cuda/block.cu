@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   auto grad = [&](A g, A gsv, A av, A bv) -> A {
     const A x0 = wa * av + wb * bv;
-    if (clip_on && !(x0 >= -lim && x0 <= lim)) return A(0);
+    const A xs = ld(Cvt<T>::to(x0));  // the clip decides on the sum as stored, as clip(mp_sum(a, b)) does
+    if (clip_on && !(xs >= -lim && xs <= lim)) return A(0);
     if (gs != nullptr) {
       const A xr = ld(Cvt<T>::to(clip_to(x0, lim, clip_on)));  // the stored x the silu saw
       g += gsv * silu_grad(xr) * silu_inv<A>();

@@ -18,7 +18,8 @@ namespace cuda {
 void sum_clip(DType t, const void* a, const void* b, void* x, void* s, int64_t n, double wa, double wb, double limit,
               cudaStream_t stream);
 // Backward: with x0 = wa a + wb b recomputed, x = clip(x0) rounded, g' = (gx + gs * mp_silu'(x)) where
-// -limit <= x0 <= limit, else 0 (gs may be null): da = wa g', db = wb g'.
+// -limit <= x0 (rounded to the storage type, as the unfused clip(mp_sum(a, b)) sees it) <= limit, else 0
+// (gs may be null): da = wa g', db = wb g'.
 void sum_clip_bwd(DType t, const void* gx, const void* gs, const void* a, const void* b, void* da, void* db,
                   int64_t n, double wa, double wb, double limit, cudaStream_t stream);
 
