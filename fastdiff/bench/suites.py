@@ -133,7 +133,12 @@ def ops_cases(opt: Options) -> Iterator[Case]:
             ("pixel_norm", lambda f, x=x: f.pixel_norm(x), 2),
             ("mp_silu_modulate (block chain)", lambda f, x=x, cm=cmod: f.mp_silu_modulate(x, cm), 2),
             ("clip(mp_sum) (block end)", lambda f, x=x, b=b: f.clip(f.mp_sum(x, b, 0.3)), 3),
+            ("mp_sum_clip (block end, one pass)", lambda f, x=x, b=b: f.mp_sum_clip(x, b, 0.3, 256.0), 3),
+            ("mp_sum_clip silu=True (+ next mp_silu)",
+             lambda f, x=x, b=b: f.mp_sum_clip(x, b, 0.3, 256.0, silu=True)[1], 4),  # both made; silu checked
         ]
+        if opt.dtype != torch.float32:  # the network's case: float32 embedding, c cast inside the kernel
+            elementwise.append(("mp_silu_modulate, float32 c", lambda f, x=x, cm=cmod.float(): f.mp_silu_modulate(x, cm), 2))
         for name, call, passes in elementwise:
             impls = {"reference": lambda call=call: call(R), "fastdiff": lambda call=call: call(ops)}
             impls = _with_compiled(impls, "reference", opt)
