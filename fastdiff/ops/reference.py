@@ -11,6 +11,8 @@ Non-finite values (the kernels give the same):
 - ``mp_silu_modulate(y, c)``: ``mp_silu`` of the IEEE product ``y * (1 + c)`` (so ``inf * 0`` is NaN).
 - ``mp_sum``: the IEEE weighted sum ``wa * a + wb * b`` (``inf + finite = inf``, ``inf - inf = NaN``, and a zero
   weight at ``t = 0`` or ``1`` times an infinite input is NaN); a non-finite ``t`` is an error.
+- ``mp_sum_clip``: the clamp of that sum (NaN passes through); its gradient is zero where the sum, as stored in the
+  tensors' dtype, lies beyond the limit or is NaN (as ``clamp``'s).
 - ``pixel_norm`` (and ``weight_norm`` per row): a pixel (row) holding an infinite value has an infinite
   norm, so its finite entries become 0 and its infinite entries NaN (``inf / inf``); NaN spreads over the
   pixel (row). The squared norm is accumulated in float32 (float64 for float64), so a pixel whose squared
