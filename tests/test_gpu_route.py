@@ -388,3 +388,38 @@ class TestNetworkGpuRoute:
             monkeypatch.setattr(ops, name, lambda *a, **k: pytest.fail("GPU route taken on the CPU"))
         with torch.no_grad():
             assert net(x, noise, labels).is_contiguous()
+
+
+def _layout_cases():
+    w3 = make((6, 6, 3, 3), seed=9)
+    w1 = make((6, 6, 1, 1), seed=8)
+    g = torch.tensor(1.3)
+    return {
+        "mp_silu": (lambda x, y, c: ops.mp_silu(x), lambda x, y, c: R.mp_silu(x)),
+        "mp_sum": (lambda x, y, c: ops.mp_sum(x, y, 0.3), lambda x, y, c: R.mp_sum(x, y, 0.3)),
+        "mp_cat": (lambda x, y, c: ops.mp_cat(x, y, t=0.4), lambda x, y, c: R.mp_cat(x, y, t=0.4)),
+        "pixel_norm": (lambda x, y, c: ops.pixel_norm(x), lambda x, y, c: R.pixel_norm(x)),
+        "mp_silu_modulate": (lambda x, y, c: ops.mp_silu_modulate(x, c), lambda x, y, c: R.mp_silu_modulate(x, c)),
+        "clip": (lambda x, y, c: ops.clip(4 * x, 2.0), lambda x, y, c: R.clip(4 * x, 2.0)),
+        "mp_sum_clip": (lambda x, y, c: ops.mp_sum_clip(x, y, 0.3, 1.0), lambda x, y, c: R.mp_sum_clip(x, y, 0.3, 1.0)),
+        "mp_sum_clip_silu": (lambda x, y, c: ops.mp_sum_clip(x, y, 0.3, 1.0, silu=True)[1],
+                             lambda x, y, c: R.mp_sum_clip(x, y, 0.3, 1.0, silu=True)[1]),
+        "mp_conv 3x3": (lambda x, y, c: ops.mp_conv(x, w3, g), lambda x, y, c: R.mp_conv(x, w3.double(), g)),
+        "mp_conv 1x1": (lambda x, y, c: ops.mp_conv(x, w1, g), lambda x, y, c: R.mp_conv(x, w1.double(), g)),
+        "cosine_attention sdpa": (lambda x, y, c: ops.cosine_attention(torch.cat([x, y, x], 1), 1, impl="sdpa"),
+                                  lambda x, y, c: R.cosine_attention(torch.cat([x, y, x], 1), 1)),
+    }
+
+
+@requires_ext
+@pytest.mark.parametrize("name", list(_layout_cases()))
+def test_channels_last_in_channels_last_out(name):
+    """Every op of the GPU route on channels-last input: the reference's values, and channels-last output (no
+    layout copy for the next op to undo)."""
+    fn, ref = _layout_cases()[name]
+    x, y = (make((2, 6, 5, 7), seed=s, layout="channels_last") for s in (0, 1))
+    c = make((2, 6), seed=2)
+    got = fn(x, y, c)
+    want = ref(x.double(), y.double(), c.double())
+    assert max_rel_err(got, want) < 1e-5
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
