@@ -14,6 +14,8 @@
 //   mp_weight, mp_conv(_backward)    composite.cpp (ATen conv/matmul + the ops above, any device)
 //   cosine_attention(_backward)      cpu/attention.cpp -> cpu/attention_kernels.cpp
 //                                                                         cuda/attention_cuda.cpp -> cuda/attention.cu
+//   mp_sum_clip(_silu)(_backward),   cpu/block_cpu.cpp                    cuda/block_cuda.cpp -> cuda/block.cu
+//     attention_qkv_norm(_backward)    (checks, layouts: block_ops.h)       (mp_silu_modulate's forward too)
 //   solver_step                      cpu/solver.cpp (+ simd loop)         cuda/solver_cuda.cpp -> cuda/solver.cu
 //   _isa (private)                   cpu/isa.cpp
 // Shared ATen-side helpers: common.h (checks, channel views, mp_sum/mp_cat weights), solver.h,
@@ -70,6 +72,23 @@ TORCH_LIBRARY(fastdiff, m) {
   // log-sum-exp of the scaled scores [N, heads, H*W] (float32) that the backward recomputes from.
   m.def("cosine_attention(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
   m.def("cosine_attention_backward(Tensor grad, Tensor qkv, Tensor y, Tensor lse, int num_heads) -> Tensor");
+
+  // --- block epilogue and the attention's SDPA route (csrc/block_ops.h; cpu/block_cpu.cpp, cuda/block.cu) ---
+  // x = clip(mp_sum(a, b, t), limit) in one pass (no clip when limit <= 0); layout of a kept (dense).
+  m.def("mp_sum_clip(Tensor a, Tensor b, float t, float limit) -> Tensor");
+  // (x, mp_silu(x)) for the x above: the residual and the next block's activation in one pass.
+  m.def("mp_sum_clip_silu(Tensor a, Tensor b, float t, float limit) -> (Tensor, Tensor)");
+  // Gradients (da, db) of both from the output gradients (grad_silu None for mp_sum_clip).
+  m.def(
+      "mp_sum_clip_backward(Tensor grad, Tensor? grad_silu, Tensor a, Tensor b, float t, float limit)"
+      " -> (Tensor, Tensor)");
+  // q, k, v of qkv [N, 3C, H, W] (EDM2's [N, heads, C/heads, 3, H*W] view), each pixel-normed over its
+  // head's channels, as [N, heads, H*W, C/heads] views of [N, H*W, heads, C/heads] memory (what
+  // scaled_dot_product_attention reads); qkv channels-first or channels-last.
+  m.def("attention_qkv_norm(Tensor qkv, int num_heads, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_qkv_norm_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor qkv, int num_heads,"
+      " float eps) -> Tensor");
 
   // --- batched solver step ---------------------------------------------------------------------
   // One sampler step for a whole batch in one pass. x, d1 (main network's D), d0 (guiding network's

@@ -24,6 +24,10 @@ except ImportError:
 
 # CPU-only by design: the Winograd MP convolution (fastdiff.ops.conv_path picks ATen / cuDNN on CUDA).
 CPU_ONLY = {"winograd_weight", "winograd_conv", "mp_conv_winograd", "winograd_weight_grad", "conv1x1"}
+# The GPU route's own ops (issue 23): named here too, so a build that lost them fails even if their CPU
+# kernels went missing as well.
+GPU_ROUTE = {"mp_sum_clip", "mp_sum_clip_silu", "mp_sum_clip_backward", "attention_qkv_norm",
+             "attention_qkv_norm_backward", "mp_silu_modulate", "mp_silu_modulate_backward", "cosine_attention"}
 
 
 def main() -> int:
@@ -52,6 +56,7 @@ def main() -> int:
         elif not cpu and not cuda:
             flag = "  (composite / none)"
         print(f"{op:30s} {'yes' if cpu else '-':5s} {'yes' if cuda else '-':5s}{flag}")
+    missing += sorted(op for op in GPU_ROUTE if "cuda" not in table.get(op, []) and op not in missing)
     if missing:
         print(f"FAILED: {len(missing)} op(s) with a CPU kernel but no CUDA kernel: {', '.join(missing)}")
         return 1

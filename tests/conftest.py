@@ -3,8 +3,43 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# FASTDIFF_REQUIRE_CUDA=1 (tools/gpu_session.sh sets it): a GPU run where a skipped CUDA test would hide a
+# broken build. The session refuses to start without a CUDA device and the fastdiff CUDA kernels, and any
+# test that skips for want of CUDA / a GPU / the extension fails instead.
+REQUIRE_CUDA = os.environ.get("FASTDIFF_REQUIRE_CUDA", "0") not in ("", "0")
+_CUDA_SKIP_WORDS = ("cuda", "gpu", "extension", "fastdiff._c")
+_CUDA_SKIP_EXEMPT = ("two gpus", "several gpus", "multi-gpu")  # a one-GPU machine may skip these
+
+
+def pytest_sessionstart(session):
+    if not REQUIRE_CUDA:
+        return
+    if not torch.cuda.is_available():
+        raise pytest.UsageError("FASTDIFF_REQUIRE_CUDA=1 but torch.cuda.is_available() is False")
+    from fastdiff.ops import _ext
+
+    if not (_ext.LOADED and _ext.has_kernel("mp_silu", "cuda")):
+        raise pytest.UsageError(f"FASTDIFF_REQUIRE_CUDA=1 but fastdiff._C has no CUDA kernels (load error: {_ext.LOAD_ERROR})")
+
+
+def cuda_skip_is_failure(reason: str) -> bool:
+    """Whether a skip with this reason must fail the run under FASTDIFF_REQUIRE_CUDA=1."""
+    reason = reason.lower()
+    return REQUIRE_CUDA and any(w in reason for w in _CUDA_SKIP_WORDS) and not any(w in reason for w in _CUDA_SKIP_EXEMPT)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and cuda_skip_is_failure(str(report.longrepr[2])):
+        report.outcome = "failed"
+        report.longrepr = f"FASTDIFF_REQUIRE_CUDA=1: skipped for want of CUDA: {report.longrepr[2]}"
 
 
 @pytest.fixture

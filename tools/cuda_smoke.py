@@ -7,6 +7,8 @@ under compute-sanitizer (memcheck, racecheck, initcheck, synccheck), which slows
 Each result is also compared with the plain-PyTorch reference (loosely: this is a sanitizer driver, the
 exact tolerances live in tests/test_cuda_ops.py); exits 1 on a mismatch, 0 when everything ran and agreed.
 FASTDIFF_SMOKE_DEVICE=cpu runs the same calls on the CPU kernels (the test suite does, so it cannot rot).
+TF32 is off: mp_conv's cuDNN / cuBLAS convolution would otherwise round its inputs to 10 mantissa bits and
+report a false mismatch against the float32 reference.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _rand(*shape, dtype, seed):
 
 
 def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -56,10 +58,22 @@ def _fwd_bwd(name, fn, ref, inputs, dtype, failures):
         _check(f"{name} grad[{i}]", a, b, dtype, failures)
 
 
+def _unfused_sum_clip(a, b, t, limit, silu):
+    x = ops.clip(ops.mp_sum(a, b, t), limit)
+    return (x, ops.mp_silu(x)) if silu else x
+
+
+def _cat(out):
+    """One tensor from an op's output (a tuple's members flattened and concatenated)."""
+    return torch.cat([t.reshape(-1) for t in out]) if isinstance(out, tuple) else out
+
+
 def main() -> int:
     if not ops.HAS_EXTENSION or (DEVICE == "cuda" and not torch.cuda.is_available()):
         print("needs the compiled extension (and a CUDA GPU unless FASTDIFF_SMOKE_DEVICE=cpu)")
         return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     failures: list[str] = []
     for dtype in (torch.float32, torch.bfloat16):
         print(f"dtype {dtype}")
@@ -76,6 +90,17 @@ def main() -> int:
             _fwd_bwd(f"pixel_norm {tag}", ops.pixel_norm, R.pixel_norm, [x], dtype, failures)
             _fwd_bwd(f"mp_silu_modulate {tag}", ops.mp_silu_modulate, R.mp_silu_modulate, [x, cm], dtype, failures)
             _fwd_bwd(f"clip {tag}", lambda a: ops.clip(a * 300), lambda a: R.clip(a * 300), [x], dtype, failures)
+            for silu in (False, True):  # the block epilogue, channels-first and channels-last
+                for cl in (False, True):
+                    if cl and len(shape) != 4:
+                        continue
+                    fmt = torch.channels_last if cl else torch.contiguous_format
+                    xa, xb = x.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+                    # Against the unfused kernels (each rounds once, as the fused one): the clip's gradient
+                    # mask then sees the same stored sum; the bf16 reference rounds each product first.
+                    _fwd_bwd(f"mp_sum_clip{'_silu' if silu else ''} {tag}{' cl' if cl else ''}",
+                             lambda a, b, s=silu: _cat(ops.mp_sum_clip(a, b, 0.3, 1.5, silu=s)),
+                             lambda a, b, s=silu: _cat(_unfused_sum_clip(a, b, 0.3, 1.5, s)), [xa, xb], dtype, failures)
             w = _rand(5, c, 3, 3, dtype=torch.float32, seed=3)
             gain = torch.tensor(1.5, device=DEVICE)
             _fwd_bwd(f"mp_conv {tag}", lambda a, w: ops.mp_conv(a, w.to(a.dtype), gain),
@@ -90,6 +115,15 @@ def main() -> int:
             qkv = _rand(n, 3 * 64 * heads, r, r, dtype=dtype, seed=5)
             _fwd_bwd(f"cosine_attention b{n} h{heads} {r}x{r}", lambda q, h=heads: ops.cosine_attention(q, h),
                      lambda q, h=heads: R.cosine_attention(q, h), [qkv], dtype, failures)
+        for n, heads, d, r in ((2, 1, 64, 5), (1, 2, 32, 9), (1, 3, 64, 13)):  # the SDPA route and its norm
+            for cl in (False, True):
+                fmt = torch.channels_last if cl else torch.contiguous_format
+                qkv = _rand(n, 3 * d * heads, r, r, dtype=dtype, seed=6).contiguous(memory_format=fmt)
+                tag = f"b{n} h{heads} d{d} {r}x{r}{' cl' if cl else ''}"
+                _fwd_bwd(f"attention_qkv_norm {tag}", lambda q, h=heads: _cat(ops.attention_qkv_norm(q, h)),
+                         lambda q, h=heads: _cat(R.attention_qkv_norm(q, h)), [qkv], dtype, failures)
+                _fwd_bwd(f"cosine_attention sdpa {tag}", lambda q, h=heads: ops.cosine_attention(q, h, impl="sdpa"),
+                         lambda q, h=heads: R.cosine_attention(q, h), [qkv], dtype, failures)
         for heun in (False, True):
             shape = (3, 3, 7, 5)
             x, d1, d0, dp, xb = (_rand(*shape, dtype=dtype, seed=10 + i) for i in range(5))

@@ -11,6 +11,10 @@
 #include "launch.h"
 
 namespace fastdiff {
+
+// mp_silu_modulate's forward: the factor 1 + c formed inside the kernel (cuda/block_cuda.cpp).
+at::Tensor mp_silu_modulate_cond_cuda(const at::Tensor& y, const at::Tensor& c);
+
 namespace {
 
 using cuda::DType;
@@ -254,19 +258,6 @@ at::Tensor pixel_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor&
 // ---------------------------------------------------------------------------------------------
 // The block's chain mp_silu(y * (1 + c)).
 
-at::Tensor mp_silu_modulate_cuda(const at::Tensor& y_in, const at::Tensor& c) {
-  check_float(y_in, "mp_silu_modulate", "y");
-  check_cuda(y_in, "mp_silu_modulate", "y");
-  ChannelView v = channel_view(y_in, "mp_silu_modulate", "y");
-  at::Tensor m = modulation_factor(y_in, c, "mp_silu_modulate");
-  at::Tensor out = at::empty_like(v.t);
-  launch_on(v.t, [&](cudaStream_t st) {
-    cuda::modulate(dtype_of(v.t, "mp_silu_modulate"), cptr(v.t), cptr(m), mptr(out), v.n, v.c, v.s,
-        v.channels_last, st);
-  });
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> mp_silu_modulate_backward_cuda(const at::Tensor& grad_in, const at::Tensor& y_in,
                                                                   const at::Tensor& c) {
   check_float(y_in, "mp_silu_modulate_backward", "y");
@@ -301,7 +292,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
   m.impl("mp_cat", &mp_cat_cuda);
   m.impl("pixel_norm", &pixel_norm_cuda);
   m.impl("pixel_norm_backward", &pixel_norm_backward_cuda);
-  m.impl("mp_silu_modulate", &mp_silu_modulate_cuda);
+  m.impl("mp_silu_modulate", &mp_silu_modulate_cond_cuda);
   m.impl("mp_silu_modulate_backward", &mp_silu_modulate_backward_cuda);
   m.impl("clip", &clip_cuda);
   m.impl("clip_backward", &clip_backward_cuda);

@@ -133,7 +133,12 @@ def ops_cases(opt: Options) -> Iterator[Case]:
             ("pixel_norm", lambda f, x=x: f.pixel_norm(x), 2),
             ("mp_silu_modulate (block chain)", lambda f, x=x, cm=cmod: f.mp_silu_modulate(x, cm), 2),
             ("clip(mp_sum) (block end)", lambda f, x=x, b=b: f.clip(f.mp_sum(x, b, 0.3)), 3),
+            ("mp_sum_clip (block end, one pass)", lambda f, x=x, b=b: f.mp_sum_clip(x, b, 0.3, 256.0), 3),
+            ("mp_sum_clip silu=True (+ next mp_silu)",
+             lambda f, x=x, b=b: f.mp_sum_clip(x, b, 0.3, 256.0, silu=True)[1], 4),  # both made; silu checked
         ]
+        if opt.dtype != torch.float32:  # the network's case: float32 embedding, c cast inside the kernel
+            elementwise.append(("mp_silu_modulate, float32 c", lambda f, x=x, cm=cmod.float(): f.mp_silu_modulate(x, cm), 2))
         for name, call, passes in elementwise:
             impls = {"reference": lambda call=call: call(R), "fastdiff": lambda call=call: call(ops)}
             impls = _with_compiled(impls, "reference", opt)
@@ -180,6 +185,9 @@ def attention_cases(opt: Options) -> Iterator[Case]:
         qkv = _randn((n, 3 * 64 * heads, r, r), opt)
         flops = 4.0 * n * heads * (r * r) ** 2 * 64
         fns = {"reference": R.cosine_attention, "sdpa": sdpa_cosine_attention, "fastdiff": ops.cosine_attention}
+        if ops.attention_impl(qkv, heads) != "kernel" and ops.uses_kernel("cosine_attention", qkv):
+            # fastdiff's route here is q/k/v norm + SDPA (CUDA); time its own tiled kernel beside it
+            fns["fastdiff (tiled kernel)"] = lambda q, h: ops.cosine_attention(q, h, impl="kernel")
         fwd = {name: (lambda f=f: f(qkv, heads)) for name, f in fns.items()}
         fwd = _with_compiled(fwd, "reference", opt)
         yield Case("attention", f"forward {tag}", fwd, "TFLOP/s", flops, check=_agreement(fwd, "reference"),

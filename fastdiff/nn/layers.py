@@ -109,6 +109,8 @@ class MPConv(torch.nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             g = gain.detach().clone() if isinstance(gain, torch.Tensor) else gain
             w_hat = ops.mp_weight(w.detach(), g, dtype=dtype)
+            if w_hat.ndim == 4 and w_hat.is_cuda:  # cuDNN runs channels-last: convert once, not per call
+                w_hat = w_hat.contiguous(memory_format=torch.channels_last)
         self._cache = (key, w_hat)
         return w_hat
 

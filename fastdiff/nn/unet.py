@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastdiff._runtime import is_compiling as _is_compiling
 from fastdiff.nn.layers import MPConv, MPFourier, _ops, force_normalize_, resample
+from fastdiff.ops import _block
 
 __all__ = ["Block", "UNet"]
 
@@ -57,8 +58,14 @@ class Block(torch.nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=(1, 1)) if self.num_heads else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, x_silu: torch.Tensor | None = None,
+                return_silu: bool = False):
+        """The block on ``x``. GPU route (``fastdiff.ops._block.gpu_route``): ``x_silu``, when given, is
+        ``mp_silu(x)`` made by the previous block's epilogue (only for a ``dec`` block with ``resample_mode
+        'keep'``, whose residual branch starts with it), and ``return_silu=True`` returns ``(x, mp_silu(x))``
+        from the one fused epilogue pass (``fastdiff.ops.mp_sum_clip``)."""
         ops = _ops()
+        gpu = _block.gpu_route(x)
         x = resample(x, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
@@ -68,13 +75,27 @@ class Block(torch.nn.Module):
         # Residual branch: y = conv_res1(mp_silu(conv_res0(mp_silu(x)) * (1 + c))), x = mp_sum(x, y); each conv
         # with its elementwise chain in one fused pass where the Winograd path is taken (MPConv.fused).
         c = self.emb_linear(emb, gain=self.emb_gain)
-        y = self.conv_res0.fused(x, silu_in=True, c=c)
+        if x_silu is not None and gpu and self.flavor == "dec" and self.resample_mode == "keep":
+            y = self.conv_res0.fused(x_silu, c=c)
+        else:
+            y = self.conv_res0.fused(x, silu_in=True, c=c)
         if self.training and self.dropout != 0:
             y = F.dropout(y, p=self.dropout, training=True)
 
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
         clip = float(self.clip_act or 0)  # fused into conv_res1's pass when no attention follows
+        if gpu:  # one epilogue pass per residual join: mp_sum + clip (+ the next block's mp_silu)
+            s = None
+            if self.num_heads == 0 and return_silu:
+                x, s = ops.mp_sum_clip(x, self.conv_res1(y), self.res_balance, clip, silu=True)
+            else:
+                x = self.conv_res1.fused(y, res=x, t=self.res_balance, clip=0.0 if self.num_heads else clip)
+            if self.num_heads != 0:
+                y = self.attn_proj(ops.cosine_attention(self.attn_qkv(x), self.num_heads))
+                out = ops.mp_sum_clip(x, y, self.attn_balance, clip, silu=return_silu)
+                x, s = out if return_silu else (out, None)
+            return (x, s) if return_silu else x
         x = self.conv_res1.fused(y, res=x, t=self.res_balance, clip=0.0 if self.num_heads else clip)
 
         # Self-attention.
@@ -86,7 +107,7 @@ class Block(torch.nn.Module):
 
         if self.num_heads != 0 and clip:
             x = ops.clip(x, clip)
-        return x
+        return (x, None) if return_silu else x
 
 
 class UNet(torch.nn.Module):
@@ -226,15 +247,31 @@ class UNet(torch.nn.Module):
         ops = _ops()
         # Encoder: a constant channel of ones is appended to the input.
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        gpu = _block.gpu_route(x)
+        if gpu and self.channels_last:  # GPU: channels-last end to end (cuDNN's layout; our kernels keep it)
+            in_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.enc.values():
             x = block(x) if isinstance(block, MPConv) else block(x, emb)
             skips.append(x)
 
-        # Decoder.
-        for takes_skip, block in zip(self._dec_takes_skip, self.dec.values()):
+        # Decoder. On the GPU route a block followed by a 'keep' dec block without a skip hands it
+        # mp_silu(x) from its fused epilogue (Block.forward's x_silu / return_silu).
+        blocks = list(self.dec.values())
+        x_silu = None
+        for i, (takes_skip, block) in enumerate(zip(self._dec_takes_skip, blocks)):
             if takes_skip:
                 x = ops.mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+                x_silu = None
+            if gpu and i + 1 < len(blocks) and not self._dec_takes_skip[i + 1] and blocks[i + 1].resample_mode == "keep":
+                x, x_silu = block(x, emb, x_silu=x_silu, return_silu=True)
+            else:
+                x, x_silu = block(x, emb, x_silu=x_silu), None
+        out = self.out_conv(x, gain=self.out_gain)
+        if gpu and self.channels_last:
+            out = out.contiguous(memory_format=in_format)
+        return out
+
+    channels_last = True  # GPU route: run channels-last (set False to keep NCHW there, e.g. to compare)
 

@@ -17,6 +17,7 @@ import torch.autograd.forward_ad as _fw_ad
 from fastdiff._runtime import is_compiling as _is_compiling
 from fastdiff.ops import _ext, reference
 from fastdiff.ops import _register  # noqa: F401  (autograd + fake kernels)
+from fastdiff.ops import _block
 from fastdiff.ops._ext import LOADED as HAS_EXTENSION
 from fastdiff.ops._ext import KERNELS as _KERNELS
 from fastdiff.ops._ext import kernels
@@ -29,7 +30,7 @@ _force = [False]  # set by use_reference(); a plain list so torch.compile can re
 __all__ = [
     "HAS_EXTENSION", "kernels", "use_reference", "uses_kernel", "weight_norm", "weight_norm_", "mp_weight",
     "mp_conv", "mp_linear", "mp_silu", "mp_sum", "mp_cat", "pixel_norm", "mp_silu_modulate", "clip", "normalize",
-    "cosine_attention", "solver_step", "mp_conv_fused", "conv_epilogue", "conv1x1", "winograd_weight", "conv_path", "use_aten_conv", "use_conv_path",
+    "cosine_attention", "attention_impl", "attention_qkv_norm", "mp_sum_clip", "solver_step", "mp_conv_fused", "conv_epilogue", "conv1x1", "winograd_weight", "conv_path", "use_aten_conv", "use_conv_path",
     "reference",
 ]
 
@@ -184,8 +185,40 @@ def clip(x: torch.Tensor, limit: float = CLIP_LIMIT) -> torch.Tensor:
 # --- cosine self-attention ---------------------------------------------------------------------------
 
 
-def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """EDM2 cosine self-attention on raw qkv ``[N, 3C, H, W]`` (official channel order) -> ``[N, C, H, W]``."""
+ATTENTION_IMPLS = ("auto", "kernel", "sdpa", "reference")
+
+
+def attention_impl(qkv: torch.Tensor, num_heads: int, impl: str | None = None) -> str:
+    """The route ``cosine_attention`` takes for ``qkv``: ``impl`` checked, or for ``None`` / ``"auto"``:
+    ``"sdpa"`` on the GPU route (``_block.gpu_route``: CUDA, eager) in float16 / bfloat16 / float32 (our
+    q/k/v norm kernel, then ``F.scaled_dot_product_attention``: flash / memory-efficient, tensor cores),
+    ``"kernel"`` (our tiled kernel: CPU, float64, 64 channels per head) where it fits, else ``"reference"``."""
+    if impl not in (None, *ATTENTION_IMPLS):
+        raise ValueError(f"fastdiff.cosine_attention: expected impl in {ATTENTION_IMPLS} (or None), got {impl!r}")
+    head_dim = qkv.shape[1] // (3 * num_heads)
+    if impl == "kernel" and not (head_dim == 64 and uses_kernel("cosine_attention", qkv)):
+        raise ValueError(
+            f"fastdiff.cosine_attention: impl='kernel' needs the compiled kernel for {qkv.device.type} / {qkv.dtype} "
+            f"and 64 channels per head, got {head_dim}"
+        )
+    if impl not in (None, "auto"):
+        return impl
+    if _fw_ad._current_level >= 0:  # forward-mode AD: the reference (no forward formulas on the custom ops)
+        return "reference"
+    if _block.gpu_route(qkv) and qkv.dtype != torch.float64 and qkv.numel() > 0 and head_dim <= 256:
+        return "sdpa"
+    if head_dim == 64 and uses_kernel("cosine_attention", qkv):
+        return "kernel"
+    return "reference"
+
+
+def cosine_attention(qkv: torch.Tensor, num_heads: int, impl: str | None = None) -> torch.Tensor:
+    """EDM2 cosine self-attention on raw qkv ``[N, 3C, H, W]`` (official channel order) -> ``[N, C, H, W]``.
+
+    ``impl``: ``"kernel"`` (the fused tiled kernel), ``"sdpa"`` (``attention_qkv_norm`` then
+    ``F.scaled_dot_product_attention``; channels-last in, channels-last out without a layout copy where SDPA
+    returns its native ``[N, tokens, heads, dim]`` memory), ``"reference"``, or ``None`` / ``"auto"``
+    (``attention_impl``)."""
     if not isinstance(qkv, torch.Tensor) or qkv.ndim != 4:
         raise ValueError(f"fastdiff.cosine_attention: expected qkv of shape [N, 3C, H, W], got {getattr(qkv, 'shape', qkv)}")
     if num_heads < 1 or qkv.shape[1] % (3 * num_heads) != 0:
@@ -193,9 +226,37 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
             f"fastdiff.cosine_attention: expected the channel count ({qkv.shape[1]}) to be divisible by "
             f"3 * num_heads = {3 * num_heads}"
         )
-    if qkv.shape[1] // (3 * num_heads) == 64 and uses_kernel("cosine_attention", qkv):
+    route = attention_impl(qkv, num_heads, impl)
+    if route == "kernel":
         return _call(torch.ops.fastdiff.cosine_attention.default, qkv, num_heads)[0]
+    if route == "sdpa":
+        n, c3, h, w = qkv.shape
+        q, k, v = attention_qkv_norm(qkv, num_heads)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        y = o.transpose(1, 2).reshape(n, h, w, c3 // 3).permute(0, 3, 1, 2)
+        return y if _register._channels_last(qkv) is not None else y.contiguous()
     return reference.cosine_attention(qkv, num_heads)
+
+
+def attention_qkv_norm(qkv: torch.Tensor, num_heads: int, eps: float = EPS):
+    """q, k, v for ``F.scaled_dot_product_attention`` from raw qkv ``[N, 3C, H, W]``: each pixel-normed over its
+    head's channels, ``[N, heads, H*W, C/heads]`` views of ``[N, H*W, heads, C/heads]`` memory
+    (``reference.attention_qkv_norm``); one fused kernel where compiled, channels-first or channels-last."""
+    if uses_kernel("attention_qkv_norm", qkv) and qkv.ndim == 4:
+        return _call(torch.ops.fastdiff.attention_qkv_norm.default, qkv, num_heads, float(eps))
+    return reference.attention_qkv_norm(qkv, num_heads, eps)
+
+
+def mp_sum_clip(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, limit: float = 0.0, silu: bool = False):
+    """The block epilogue ``clip(mp_sum(a, b, t), limit)`` in one pass (no clip for ``limit <= 0``); with
+    ``silu=True`` the pair ``(x, mp_silu(x))``: the residual and the next block's activation, one read of
+    ``a`` and ``b``. ``t`` must be finite."""
+    reference.mp_sum_weights(t)  # checks t
+    if uses_kernel("mp_sum_clip", a, b) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device:
+        if silu:
+            return tuple(_call(torch.ops.fastdiff.mp_sum_clip_silu.default, a, b, float(t), float(limit)))
+        return _call(torch.ops.fastdiff.mp_sum_clip.default, a, b, float(t), float(limit))
+    return reference.mp_sum_clip(a, b, t, limit, silu)
 
 
 def fan_in(w: torch.Tensor) -> int:

@@ -251,3 +251,4 @@ if _ext.LOADED:
     _register_autograd()
     _register_autocast()
 from fastdiff.ops import _attention  # noqa: E402,F401  (cosine attention: autograd + fake kernels)
+from fastdiff.ops import _block  # noqa: E402,F401  (block epilogue + attention's SDPA route: autograd + fake kernels)

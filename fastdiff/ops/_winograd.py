@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from fastdiff.ops import _ext, reference
+from fastdiff.ops import _block, _ext, reference
 from fastdiff.ops._register import mp_weight_vjp
 
 lib = "fastdiff::"
@@ -245,6 +245,9 @@ def _chain(ops, x, w, gain, silu_in, c, res, t, clip):
 def conv_epilogue(ops, y, c=None, res=None, t: float = 0.5, clip: float = 0.0):
     """The block chain after a convolution with the op set ``ops`` (fastdiff.ops, or its reference under
     torch.compile): ``mp_silu(y * (1 + c))``, ``mp_sum(res, y, t)``, ``clip``, each where given."""
+    if ops is not reference and _block.gpu_route(y):  # GPU: c cast inside the kernel, sum + clip in one pass
+        y = ops.mp_silu_modulate(y, c) if c is not None else y
+        return ops.mp_sum_clip(res, y, t, clip) if res is not None else (ops.clip(y, clip) if clip else y)
     if c is not None:
         y = ops.mp_silu_modulate(y, c.to(y.dtype))
     if res is not None:

@@ -11,6 +11,8 @@ Non-finite values (the kernels give the same):
 - ``mp_silu_modulate(y, c)``: ``mp_silu`` of the IEEE product ``y * (1 + c)`` (so ``inf * 0`` is NaN).
 - ``mp_sum``: the IEEE weighted sum ``wa * a + wb * b`` (``inf + finite = inf``, ``inf - inf = NaN``, and a zero
   weight at ``t = 0`` or ``1`` times an infinite input is NaN); a non-finite ``t`` is an error.
+- ``mp_sum_clip``: the clamp of that sum (NaN passes through); its gradient is zero where the sum, as stored in the
+  tensors' dtype, lies beyond the limit or is NaN (as ``clamp``'s).
 - ``pixel_norm`` (and ``weight_norm`` per row): a pixel (row) holding an infinite value has an infinite
   norm, so its finite entries become 0 and its infinite entries NaN (``inf / inf``); NaN spreads over the
   pixel (row). The squared norm is accumulated in float32 (float64 for float64), so a pixel whose squared
@@ -258,3 +260,35 @@ def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool =
     if clip:
         y = y.clamp(-clip, clip)
     return y
+
+
+# --- block epilogue and the attention's SDPA route --------------------------------------------------------
+
+
+def mp_sum_clip(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, limit: float = 0.0, silu: bool = False):
+    """The block epilogue ``clip(mp_sum(a, b, t), limit)`` (no clip for ``limit <= 0``); with ``silu`` also
+    ``mp_silu`` of it, as a pair ``(x, mp_silu(x))``."""
+    x = mp_sum(a, b, t)
+    if limit > 0:
+        x = clip(x, limit)
+    return (x, mp_silu(x)) if silu else x
+
+
+def attention_qkv_norm(qkv: torch.Tensor, num_heads: int, eps: float = EPS):
+    """q, k, v of raw qkv ``[N, 3C, H, W]`` (EDM2's ``[N, heads, C/heads, 3, H*W]`` channel view), each
+    normalized over its head's channels per pixel, as ``[N, heads, H*W, C/heads]`` views of
+    ``[N, H*W, heads, C/heads]`` memory (the layout of ``fastdiff::attention_qkv_norm``)."""
+    n, c3, h, w = qkv.shape
+    d = c3 // (3 * num_heads)
+    y = normalize(qkv.reshape(n, num_heads, d, 3, h * w), dim=2, eps=eps)
+    q, k, v = y.permute(3, 0, 4, 1, 2).contiguous().unbind(0)  # each [N, H*W, heads, D]
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def cosine_attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``cosine_attention`` as normalized q, k, v and ``F.scaled_dot_product_attention`` (its default scale is
+    ``1 / sqrt(C/heads)``, the cosine attention's); the result ``[N, C, H, W]``."""
+    n, c3, h, w = qkv.shape
+    q, k, v = attention_qkv_norm(qkv, num_heads)
+    o = F.scaled_dot_product_attention(q, k, v)
+    return o.transpose(1, 2).reshape(n, h, w, c3 // 3).permute(0, 3, 1, 2)
