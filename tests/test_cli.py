@@ -98,7 +98,7 @@ def test_interval_steps_is_interval_of_steps(nets, tmp_path, capsys):
     assert gen_cli.main(cli_args(gen_cli, *argv)) == 0
     assert "interval steps 1..2" in capsys.readouterr().err
     want = [img for _, batch in generate_images(net, range(3), steps=4, batch=3, device="cpu",
-                                                guidance_obj=Interval(CFG(3.0), steps=(1, 2)))
+                                                guidance=Interval(CFG(3.0), steps=(1, 2)))
             for img in batch.permute(0, 2, 3, 1).numpy()]
     got = _pngs(out)
     assert len(got) == 3 and all(np.array_equal(g, w) for g, w in zip(got, want))
@@ -123,6 +123,31 @@ def test_cfg_refuses_a_null_label_trained_without_label_dropout(nets, tmp_path, 
     assert "warning:" in capsys.readouterr().err and len(list((tmp_path / "o").glob("*.png"))) == 3
     assert gen_cli.main(cli_args(gen_cli, "--net", paths[0.1], *argv, "--outdir", tmp_path / "p")) == 0
     assert "label dropout" not in capsys.readouterr().err
+
+
+def test_guidance_flags_come_from_the_classes():
+    """Each guidance class declares its parameters (defaults = its constructor's, weight first); the methods
+    and the --<method>-<param> flags of every command are built from those declarations."""
+    import argparse
+    import inspect
+
+    from fastdiff.cli.common import GUIDANCE_METHODS, add_guidance_arguments
+    from fastdiff.sampling.guidance import CADS, METHODS
+
+    assert GUIDANCE_METHODS == ("auto", "cfg", "autoguidance", "apg", "icg", "tsg")
+    for cls in (*METHODS.values(), CADS):
+        signature = inspect.signature(cls).parameters
+        assert [p.name for p in cls.params if signature[p.name].default != p.default] == [], cls
+        assert cls is CADS or next(iter(signature)) == "weight", cls
+    parser = argparse.ArgumentParser()
+    add_guidance_arguments(parser)
+    flags = {o for a in parser._actions for o in a.option_strings if o.startswith(("--apg-", "--tsg-", "--cads-"))}
+    assert flags == {"--apg-eta", "--apg-momentum", "--apg-rescale", "--tsg-scale", "--tsg-c-noise-scale",
+                     "--cads-tau1", "--cads-tau2", "--cads-s", "--cads-psi"}
+    from fastdiff.sampling import Autoguidance
+
+    with pytest.raises(TypeError, match="weight comes first"):
+        Autoguidance(lambda x, sigma, labels: x, 2.0)
 
 
 # The layers of README.md's Architecture section, bottom (0) to top: a module may import only from its own

@@ -87,10 +87,10 @@ def test_per_row_guidance_matches_one_setting_at_a_time(setup, tmp_path):
     got = {j: [] for j in range(len(settings))}
     counts = sweep.sample_settings(net, settings, SEEDS, gnet, steps=STEPS, batch=64, device="cpu",
                                    on_batch=lambda j, im: got[j].append(im))
-    refs = [None, Autoguidance(gnet, 2.0), GInterval(Autoguidance(gnet, 2.0), sigma=(0.001, 10.0)),
-            GInterval(Autoguidance(gnet, 1.5), steps=(0, 0))]
+    refs = [None, Autoguidance(2.0, gnet), GInterval(Autoguidance(2.0, gnet), sigma=(0.001, 10.0)),
+            GInterval(Autoguidance(1.5, gnet), steps=(0, 0))]
     for j, g in enumerate(refs):
-        want = torch.cat([im for _, im in generate_images(net, SEEDS, guidance_obj=g, steps=STEPS, batch=64)])
+        want = torch.cat([im for _, im in generate_images(net, SEEDS, guidance=g, steps=STEPS, batch=64)])
         diff = (torch.cat(got[j]).int() - want.int()).abs()
         assert diff.max() <= 1, (j, diff.max())  # batch composition may flip a rounding
     # evaluations: the guide only where guided (w != 1, inside the interval)

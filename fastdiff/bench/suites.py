@@ -298,7 +298,7 @@ def fastdiff_heun_loop(net, gnet, noise, labels=None, w=GUIDE_W, interval=INTERV
     """The same sampling with fastdiff.sampling: fused solver step, guide skipped outside the interval."""
     from fastdiff.sampling import Autoguidance, Interval, sample
 
-    return sample(net, noise, "heun", steps=num_steps, guidance=Interval(Autoguidance(gnet, w), sigma=interval),
+    return sample(net, noise, "heun", steps=num_steps, guidance=Interval(Autoguidance(w, gnet), sigma=interval),
                   labels=labels)
 
 
@@ -346,7 +346,7 @@ def every_sampler_case(opt: Options, net, gnet, pnet, pgnet, noise, labels, step
     from fastdiff.sampling import SAMPLERS, Autoguidance, Interval, rng, sample
 
     def run(sampler: str, info=None):
-        g = Interval(Autoguidance(gnet, GUIDE_W), sigma=INTERVAL)
+        g = Interval(Autoguidance(GUIDE_W, gnet), sigma=INTERVAL)
         gens = rng.seed_generators(range(noise.shape[0]), device=noise.device)
         return sample(net, noise, sampler, steps=steps, guidance=g, labels=labels, generators=gens, info=info)
 

@@ -156,7 +156,7 @@ def run_toy(outdir: str = "toy-out", seed: int = 0, guidance: float = 3.0, steps
         f"CFG w={guidance:g}": sample(main_net, noise, steps=steps, labels=labels, guidance=CFG(guidance),
                                       sigma_max=SIGMA_MAX),
         f"autoguidance w={guidance:g}": sample(main_net, noise, steps=steps, labels=labels,
-                                               guidance=Autoguidance(guide_net, guidance), sigma_max=SIGMA_MAX),
+                                               guidance=Autoguidance(guidance, guide_net), sigma_max=SIGMA_MAX),
     }
     timings["sampling_s"] = time.perf_counter() - t
     ref_logp = mixture.log_prob(reference, 0.0, ref_labels)

@@ -12,7 +12,7 @@ network trained for its noise level.
 
 from fastdiff.sampling import guidance, rng
 from fastdiff.sampling.experts import Experts
-from fastdiff.sampling.generate import generate_images
+from fastdiff.sampling.generate import generate_images, make_guidance
 from fastdiff.sampling.graphs import GraphedDenoiser, cuda_graphed
 from fastdiff.sampling.guidance import APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Guided, Interval
 from fastdiff.sampling.kdiffusion import KDiffusionDenoiser, as_kdiffusion
@@ -28,7 +28,7 @@ from fastdiff.sampling.samplers import (
 )
 
 __all__ = [
-    "sample", "edm_sampler", "edm_sigma_steps", "SAMPLERS", "generate_images", "guidance", "rng",
+    "sample", "edm_sampler", "edm_sigma_steps", "SAMPLERS", "generate_images", "make_guidance", "guidance", "rng",
     "Guidance", "Guided", "CFG", "Autoguidance", "Interval", "APG", "ICG", "TSG", "CADS",
     "KDiffusionDenoiser", "as_kdiffusion", "cuda_graphed", "GraphedDenoiser", "Experts", "sampler_function",
     "sample_heun", "sample_euler", "sample_euler_ancestral", "sample_dpmpp_2m", "sample_dpm_2", "sample_dpm_2_ancestral",

@@ -7,7 +7,7 @@ by the one network whose range ``(lo, hi]`` holds the sample's sigma (the first 
 ``sigma = 0``). The ranges must cover ``(0, inf)`` without gap or overlap. It has what the samplers and the
 guidance methods expect of a network (``img_channels``, ``img_resolution``, ``label_dim``,
 ``forward(x, sigma, class_labels)``), so it composes with every sampler and guidance method, and a guide may
-itself be an ensemble (``Autoguidance(Experts(...), w)``). Each sample costs one network evaluation, whichever
+itself be an ensemble (``Autoguidance(w, Experts(...))``). Each sample costs one network evaluation, whichever
 expert makes it: sampling with experts costs what sampling with one of them does.
 
 A batch whose samples fall into several ranges is split, each part evaluated by its expert, and the results

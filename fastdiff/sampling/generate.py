@@ -19,7 +19,8 @@ from fastdiff.sampling import rng
 from fastdiff.sampling.guidance import Autoguidance, Guidance, Interval
 from fastdiff.sampling.samplers import SAMPLERS, check_churn_options, sample
 
-__all__ = ["generate_images", "to_uint8", "split_batches", "MAX_SEED", "check_churn_options", "nonfinite_rows"]
+__all__ = ["generate_images", "make_guidance", "to_uint8", "split_batches", "MAX_SEED", "check_churn_options",
+           "nonfinite_rows"]
 
 MAX_SEED = 2**32 - 1
 
@@ -74,23 +75,23 @@ def make_guidance(gnet, guidance: float, interval: tuple[float, float] | None) -
         return None
     if gnet is None:
         raise ValueError(f"guidance={guidance} needs a guiding network (--gnet); guidance=1 means no guidance")
-    g: Guidance = Autoguidance(gnet, guidance)
+    g: Guidance = Autoguidance(guidance, gnet)
     if interval is not None:
         g = Interval(g, sigma=interval)
     return g
 
 
-def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0, sampler: str = "heun", steps: int = 32,
-                    class_idx: int | None = None, batch: int = 32, device=None, dtype: torch.dtype = torch.float32,
-                    interval: tuple[float, float] | None = None, guidance_obj: Guidance | None = None,
-                    rank: int | None = None, world_size: int | None = None, decoder: Callable | None = None,
+def generate_images(net, seeds: Sequence[int], guidance: Guidance | None = None, sampler: str = "heun",
+                    steps: int = 32, class_idx: int | None = None, batch: int = 32, device=None,
+                    dtype: torch.dtype = torch.float32, rank: int | None = None, world_size: int | None = None,
+                    decoder: Callable | None = None,
                     on_nonfinite: Callable[[list[int]], None] | None = None,
                     **sample_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yields ``(batch_seeds, images)`` with ``images`` uint8 ``[n, C, H, W]`` on the CPU.
 
-    ``net`` (and ``gnet``) are Precond-like: ``net(x, sigma, class_labels)`` with attributes
-    ``img_resolution``, ``img_channels``, ``label_dim``. ``guidance``/``interval`` build autoguidance
-    as in the official tool; ``guidance_obj`` instead uses any guidance object. ``class_idx`` fixes the
+    ``net`` is Precond-like: ``net(x, sigma, class_labels)`` with attributes ``img_resolution``,
+    ``img_channels``, ``label_dim``. ``guidance``: any guidance object (None: unguided); the official
+    tool's ``gnet`` / ``guidance`` / ``interval`` are :func:`make_guidance`'s. ``class_idx`` fixes the
     class (else a random class per seed). Under ``torch.distributed`` (or with explicit
     ``rank``/``world_size``) only this rank's share of the seeds is generated. ``decoder`` turns the
     sampler's output into uint8 images (e.g. a VAE for latent networks); default: pixels in [-1, 1].
@@ -115,8 +116,10 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
             raise ValueError(
                 f"class {class_idx} out of range: the network has {label_dim} classes [0, {label_dim - 1}]"
             )
-    if guidance_obj is None:
-        guidance_obj = make_guidance(gnet, float(guidance), interval)
+    if guidance is not None and not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance must be a fastdiff.sampling.guidance.Guidance object or None, got "
+                        f"{type(guidance).__name__}; the official gnet / weight / interval: make_guidance(gnet, w, "
+                        f"interval)")
     if rank is None or world_size is None:
         rank, world_size = rank_and_world()
     if device is None:
@@ -139,7 +142,7 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
         if label_dim:
             labels = torch.nn.functional.one_hot(torch.tensor(label_rows), label_dim)
             labels = labels.to(device=device, dtype=torch.float32)
-        x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance_obj, labels=labels, generators=gens,
+        x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance, labels=labels, generators=gens,
                    dtype=dtype, **sample_kwargs)
         bad = nonfinite_rows(x)
         if bool(bad.any()):

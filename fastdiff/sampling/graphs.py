@@ -7,7 +7,7 @@ parameter and buffer, so changed weights are captured anew) into a CUDA graph wi
 then serves each call by copying the inputs in, replaying the graph and returning a copy of the output.
 
     from fastdiff.sampling import cuda_graphed, sample, Autoguidance, Interval
-    x = sample(cuda_graphed(net), noise, guidance=Interval(Autoguidance(cuda_graphed(gnet), 2.0), sigma=(0.28, 2.9)))
+    x = sample(cuda_graphed(net), noise, guidance=Interval(Autoguidance(2.0, cuda_graphed(gnet)), sigma=(0.28, 2.9)))
 
 Falls back to calling ``net`` directly (same results) when it cannot help: CPU tensors, autograd enabled with
 parameters that need gradients, or extra keyword arguments; TSG calls the wrapped network itself, since its

@@ -277,7 +277,7 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     ``net(x, sigma, labels)`` with a per-sample ``sigma`` ``[N]``."""
     if guidance != 1 and gnet is None:
         raise ValueError(f"guidance={guidance} needs a guiding network (gnet); guidance=1 means no guidance")
-    g = Autoguidance(gnet, guidance) if guidance != 1 else None
+    g = Autoguidance(guidance, gnet) if guidance != 1 else None
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=noise.device)
     return sample_heun(net, noise.to(dtype) * t_steps[0], t_steps, guidance=g, labels=labels, s_churn=S_churn,
                        s_tmin=S_min, s_tmax=S_max, s_noise=S_noise, randn_like=randn_like,
