@@ -191,7 +191,7 @@ def build_run(args):
 def main(args) -> int:
     from fastdiff.data import DatasetError
     from fastdiff import _dist as D
-    from fastdiff.training.checkpoint import CheckpointError
+    from fastdiff.training.training_state import CheckpointError
     from fastdiff.training.loop import training_loop
     from fastdiff.training.rundir import RunDirectoryBusy
 

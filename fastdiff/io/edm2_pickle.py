@@ -19,8 +19,8 @@ allocate) into inert :class:`PersistentObject` records; then:
 Building the network is charged to the same allocation budget as reading the file (``max_bytes=``), so a
 small file cannot ask for a huge network either.
 
-Entry points: :func:`load_edm2_pickle` (the whole file as a dict), :func:`load_any_network` (one network
-from a ``.pkl``, a ``torch.save`` file or a fastdiff ``.safetensors`` file: what every ``--net`` reads).
+Entry points: :func:`load_edm2_pickle` (the whole file as a dict), :func:`load_edm2_network` (one network
+and the file's other entries; :func:`fastdiff.io.load_any_network` also reads fastdiff's own files).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from fastdiff.io.safe_pickle import (
 )
 
 __all__ = [
-    "load_edm2_pickle", "load_any_network", "load_network_and_info", "build_network", "infer_precond_kwargs",
-    "describe", "EDM2ImportError", "NETWORK_CLASSES",
+    "load_edm2_pickle", "load_edm2_network", "build_network", "infer_precond_kwargs", "describe", "EDM2ImportError",
+    "NETWORK_CLASSES",
 ]
 
 
@@ -387,37 +387,12 @@ def _is_state_dict(obj):
                                                  for k, v in obj.items())
 
 
-# --- one network from any file --------------------------------------------------------------------------------
+# --- one network from a pickle or torch.save file -------------------------------------------------------------
 
 
-def load_any_network(path, device="cpu", key=None, max_bytes=None):
-    """One network from ``path``, whatever its format (sniffed from the content):
-
-    * a fastdiff network file (``.safetensors``) -> :func:`fastdiff.io.load_network`;
-    * an official EDM2 pickle -> entry ``key`` (default ``'ema'``) via the safe importer;
-    * a ``torch.save`` file holding a ``Precond`` state dict (config inferred from names and shapes,
-      see :func:`infer_precond_kwargs`), or a dict with such a state dict or a network under ``key``
-      (default: ``'ema'``, ``'net'``, ``'state_dict'``, ``'model'``, the first present).
-
-    ``max_bytes``: for pickles and ``torch.save`` files, what reading the file and building the network may
-    allocate (default: a multiple of the file's size; see ``fastdiff.io.safe_pickle``).
-    """
-    return load_network_and_info(path, device, key, max_bytes)[0]
-
-
-def load_network_and_info(path, device="cpu", key=None, max_bytes=None):
-    """``(network, info)``: :func:`load_any_network`'s network, and the file's other top-level entries as
-    plain data (other networks as ``{'class_name': ...}`` only); ``info`` is ``{}`` for fastdiff files. The
-    network keeps ``info`` as ``net.source_entries`` (so an img512 network knows its encoder record)."""
-    from fastdiff.io.checkpoint import load_network
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not (head.startswith(b"\x80") or head == b"PK\x03\x04"):
-        return load_network(path, device=device), {}
+def load_edm2_network(path, device="cpu", key=None, max_bytes=None):
+    """``(network, info)`` from an official EDM2 pickle or a ``torch.save`` file (see
+    :func:`fastdiff.io.load_any_network`), under one allocation budget of ``max_bytes``."""
     with _budget(path, max_bytes), _import_errors(path):
         return _network_and_info(path, device, key)
 

@@ -46,7 +46,7 @@ import torch
 
 from fastdiff._runtime import dtype_of, nvtx_range
 from fastdiff.data.latent import OFFICIAL_SCALING, mean_std_channels
-from fastdiff.training.checkpoint import (capture_rng, checkpoint_records, latest_checkpoint, orphan_weights,
+from fastdiff.training.training_state import (capture_rng, checkpoint_records, latest_checkpoint, orphan_weights,
                                           prune_checkpoints, restore_rng, save_checkpoint)
 from fastdiff.training.rundir import RunDirectoryBusy, RunLock
 from fastdiff.training.phema import PowerFunctionEMA, std_to_exp
