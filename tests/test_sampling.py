@@ -394,7 +394,8 @@ def test_interval_matches_formula_and_steps():
 
     noise = _noise()
     want = heun_direct(per_sample(D), noise, edm_sigma_steps(12))
-    got = sample(MIX, noise, "heun", steps=12, guidance=Interval(Autoguidance(w, guide), sigma=(lo, hi)), dtype=torch.float64)
+    got = sample(MIX, noise, "heun", steps=12, guidance=Interval(Autoguidance(w, guide), sigma=(lo, hi)),
+                 dtype=torch.float64)
     _close(got, want)
     g = Counter(guide)
     sample(MIX, noise, "heun", steps=12, guidance=Interval(Autoguidance(w, g), steps=(3, 5)), dtype=torch.float64)

@@ -2,47 +2,11 @@
 
     fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
     fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
-    fastdiff generate --expert=low.safetensors:0,1 --expert=high.safetensors:1,inf --outdir=out  # experts by sigma
-    fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
     fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
-    fastdiff generate --net=edm2-img512-s-2147483-0.130.pkl --vae=sd-vae-ft-mse/ --grid=grid.png   # latents -> PNGs
 
-Under torchrun the seeds are split across the ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
-PNGs are written atomically (temporary file, then rename); the temporaries a killed run leaves are removed
-when the next one starts on that --outdir. A sample holding NaN or Inf (a diverged network) is not written:
-its seed is named and the exit status is 1.
-
-Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
-
-- ``--guidance-method auto`` (default): the official tool's rule, autoguidance by ``--gnet`` (which is
-  CFG when ``--gnet`` is unconditional).
-- ``cfg``: classifier-free guidance; without ``--gnet`` the unconditional branch is ``--net`` itself
-  with the null (all-zero) label, which needs a class-conditional network trained with label dropout
-  (``fastdiff train --label-dropout``); with ``--gnet``, a separate unconditional network.
-- ``autoguidance``: guidance by ``--gnet`` (required), a smaller or less-trained version of ``--net``.
-- ``apg``: adaptive projected guidance, unconditional branch as in ``cfg`` (null label) or by ``--gnet``
-  (``--apg-eta``, ``--apg-momentum``, ``--apg-rescale``).
-- ``icg``: independent condition guidance (random classes instead of the null label).
-- ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
-
-Samplers (``--sampler``, fastdiff.sampling.SAMPLERS): EDM's ``heun`` (default), ``euler``,
-``euler_ancestral``, ``dpmpp_2m`` and k-diffusion's ``dpm_2``, ``dpm_2_ancestral``, ``lms``,
-``dpmpp_2s_ancestral``, ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpm_adaptive`` (``--rtol``,
-``--atol``; ``--steps`` does not apply). ``--S-churn`` etc. (heun, euler, dpm_2), ``--S-noise`` (also the
-ancestral and SDE samplers) and ``--eta`` go to the samplers that take them; an option the chosen
-sampler has no use for is an error.
-
-``--interval LO,HI`` limits any guidance method to sigma in (LO, HI], decided per network evaluation;
-``--interval-steps FIRST,LAST`` to the sampler steps FIRST..LAST (0-based, both inclusive), the form of the
-official configurations, where a Heun step's correction follows its step's decision (the two forms differ
-only at the corrections next to the boundary); ``--cads`` (``--cads-tau1`` ...) anneals the
-class condition around any of them (also without guidance). The parameters' defaults are those of the
-guidance classes. The set-up is printed as one line to stderr at the start.
-
-Latent networks (EDM2's img512, or any trained on a latent dataset): ``--vae PATH`` decodes the latents with a
-local Stable Diffusion VAE (fastdiff.vae; ``--vae-device``, ``--vae-batch``) and writes PNGs; without it the
-latents are written as ``.npy`` files (float32 ``[4, 64, 64]``), and the command says so.
+Under torchrun the seeds are split across the ranks. PNGs are written atomically; a sample holding NaN or Inf
+is not written, its seed is named and the exit status is 1. Guidance, sampler and VAE flags: ``--help``.
 """
 
 from __future__ import annotations

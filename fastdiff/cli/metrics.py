@@ -2,13 +2,10 @@
 
     fastdiff metrics ref  --data DIR_OR_ZIP|builtin:digits --dest ref.npz [--detector inception] [--metrics fd,pr,kid]
     fastdiff metrics calc --images DIR_OR_ZIP --ref ref.npz [--metrics fid,pr,kid] [--out results.json]
-    fastdiff metrics gen  --net net.safetensors --ref ref.npz [--gnet guide.safetensors --guidance 2]
-                          [--interval LO,HI | --interval-steps FIRST,LAST] [--steps 32] [--seeds 0-49999]
-                          [--out results.json]
-                          (every guidance flag of fastdiff generate: --guidance-method cfg|apg|..., --cads)
+    fastdiff metrics gen  --net net.safetensors --ref ref.npz [every guidance flag of fastdiff generate]
 
-The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless
-``--num`` is lowered explicitly. ``--num all`` uses every image (e.g. a whole training set as reference).
+The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless ``--num``
+is lowered explicitly. ``--num all`` uses every image.
 """
 
 from __future__ import annotations

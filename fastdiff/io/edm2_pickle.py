@@ -1,26 +1,11 @@
 """Import of the official EDM2 networks: an official network pickle (``.pkl``), a ``torch.save`` file or a
 state dict becomes a ``fastdiff.nn`` module with the official parameter names.
 
-The official release pickles its networks with NVIDIA's ``torch_utils.persistence``: every network object
-is stored as a call ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where ``meta`` holds the
-Python *source* of the defining module (``module_src``), the ``class_name`` and the object's ``state``
-(its ``__dict__``: ``_parameters``, ``_buffers``, ``_modules``, ``_init_args``, ``_init_kwargs`` and plain
-attributes). Loading such a file with ``pickle.load`` executes that source. Here the file is read by
-``fastdiff.io.safe_pickle`` (an allow-list unpickler that runs nothing and bounds what a file can make it
-allocate) into inert :class:`PersistentObject` records; then:
-
-* the networks are rebuilt as ``fastdiff.nn`` modules from the recorded class name and constructor
-  arguments, and their parameters and buffers are loaded from the recorded state tree, checking that
-  every official tensor is consumed, every fastdiff tensor is supplied, shapes and plain attributes
-  (heads, flavors, balances...) agree; any mismatch is an :class:`EDM2ImportError` naming the tensor;
-* a bare state dict (``torch.save(net.state_dict())``) gets its constructor arguments inferred from its
-  names and shapes (:func:`infer_precond_kwargs`).
-
-Building the network is charged to the same allocation budget as reading the file (``max_bytes=``), so a
-small file cannot ask for a huge network either.
-
-Entry points: :func:`load_edm2_pickle` (the whole file as a dict), :func:`load_edm2_network` (one network
-and the file's other entries; :func:`fastdiff.io.load_any_network` also reads fastdiff's own files).
+The official pickles embed the Python source of their modules, which ``pickle.load`` would execute; here the
+file is read by ``fastdiff.io.safe_pickle`` into inert records and the networks are rebuilt from the recorded
+class names, constructor arguments and tensors (:func:`build_network`, every tensor checked), or inferred from
+a bare state dict (:func:`infer_precond_kwargs`), under the reader's allocation budget. Entry points:
+:func:`load_edm2_pickle` (the whole file) and :func:`load_edm2_network` (one network and the other entries).
 """
 
 from __future__ import annotations
@@ -182,7 +167,26 @@ def _collect(obj, module, prefix, tensors, errors):
 def build_network(obj, device="cpu", where="network"):
     """The fastdiff module (``Precond``, ``UNet``, ...) for the recorded persistent object ``obj``, with
     every parameter and buffer loaded from the record (exactly; float16 weights become float32).
-    Its tensors are charged to the current allocation budget, if any (``fastdiff.io.safe_pickle``)."""
+    Its tensors are charged to the current allocation budget, if any (``fastdiff.io.safe_pickle``).
+
+    The official release pickles its networks with NVIDIA's ``torch_utils.persistence``: every network object
+    is stored as a call ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where ``meta`` holds the
+    Python *source* of the defining module (``module_src``), the ``class_name`` and the object's ``state``
+    (its ``__dict__``: ``_parameters``, ``_buffers``, ``_modules``, ``_init_args``, ``_init_kwargs`` and plain
+    attributes). Loading such a file with ``pickle.load`` executes that source. Here the file is read by
+    ``fastdiff.io.safe_pickle`` (an allow-list unpickler that runs nothing and bounds what a file can make it
+    allocate) into inert :class:`PersistentObject` records; then:
+
+    * the networks are rebuilt as ``fastdiff.nn`` modules from the recorded class name and constructor
+      arguments, and their parameters and buffers are loaded from the recorded state tree, checking that
+      every official tensor is consumed, every fastdiff tensor is supplied, shapes and plain attributes
+      (heads, flavors, balances...) agree; any mismatch is an :class:`EDM2ImportError` naming the tensor;
+    * a bare state dict (``torch.save(net.state_dict())``) gets its constructor arguments inferred from its
+      names and shapes (:func:`infer_precond_kwargs`).
+
+    Building the network is charged to the same allocation budget as reading the file (``max_bytes=``), so a
+    small file cannot ask for a huge network either.
+    """
     with _import_errors(where):
         return _build_network(obj, device, where)
 

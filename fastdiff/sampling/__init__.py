@@ -1,13 +1,10 @@
 """Samplers and guidance for EDM-family diffusion models.
 
-``sample(denoiser, noise, sampler='heun', steps=32, guidance=None, labels=None, generators=None, ...)``
-draws samples with any ``denoiser(x, sigma, labels) -> D`` by any sampler of ``SAMPLERS``, each also a
-public function in the k-diffusion manner (``sample_heun(denoiser, x, sigmas, *, guidance=None, ...)``,
-``sample_dpmpp_2m_sde``, ``sample_dpm_adaptive``, ...); ``edm_sampler`` is a drop-in for the
-official EDM2 function; guidance objects (CFG, Autoguidance, Interval, APG, ICG, TSG, CADS) compose
-with every sampler; ``generate_images`` turns seeds into uint8 images; ``cuda_graphed(net)`` replays
-captured CUDA graphs of a network's forward; ``Experts([(lo, hi, net), ...])`` routes each evaluation to the
-network trained for its noise level.
+``sample(denoiser, noise, sampler='heun', steps=32, guidance=None, labels=None, generators=None, ...)`` draws
+samples with any ``denoiser(x, sigma, labels) -> D`` by any sampler of ``SAMPLERS`` (each also a public
+``sample_NAME`` function in the k-diffusion manner); ``edm_sampler`` is a drop-in for the official function;
+guidance objects compose with every sampler; ``generate_images`` turns seeds into uint8 images;
+``cuda_graphed`` replays CUDA graphs; ``Experts`` routes each evaluation to the network for its noise level.
 """
 
 from fastdiff.sampling import guidance, rng

@@ -1,21 +1,11 @@
 """Guidance as small composable objects, applied on the denoised prediction ``D`` inside every network
 evaluation of every sampler (the Heun correction included).
 
-A guidance object turns ``(denoiser, x, sigma, labels, ctx)`` into a :class:`Guided` result: either a
-plain linear combination ``D = d0 + w (d1 - d0)`` of the main output ``d1`` and a guiding output
-``d0`` (no guidance, CFG, autoguidance, ICG, TSG, and any of them inside :class:`Interval` or
-:class:`CADS`) that the samplers hand to the fused solver step as it is, or an already combined ``D``
-(:class:`APG`, whose projection is not linear).
-
-Conventions:
-
-- ``denoiser(x, sigma, labels)`` with ``sigma`` a per-sample ``[N]`` tensor and ``labels`` one-hot
-  class vectors ``[N, label_dim]`` (or None), like ``fastdiff.nn.Precond``.
-- ``w = 1`` means no guidance: only the main network is evaluated (as in the official EDM2 sampler).
-- Where the main and the guiding branch are the same network (CFG with a null label, ICG, TSG) both
-  branches run as ONE forward of the concatenated batch ``[2N, ...]``.
-- Random draws (ICG labels, TSG and CADS noise) come from the per-sample generators of the context,
-  so a sample's result depends on its own seed only.
+A guidance object turns ``(denoiser, x, sigma, labels, ctx)`` into a :class:`Guided` result: a linear
+combination ``D = d0 + w (d1 - d0)`` that the fused solver step takes as it is, or an already combined ``D``
+(:class:`APG`). ``w = 1`` evaluates the main network only; where both branches are the same network they run
+as one batched forward; random draws come from the per-sample generators. Each class declares its
+command-line name and parameters (:class:`Param`), which ``fastdiff generate`` reads.
 """
 
 from __future__ import annotations
@@ -176,7 +166,24 @@ class Param:
 
 
 class Guidance:
-    """No guidance: ``D = D_1``, one forward of the main network. The base class of all guidance."""
+    """No guidance: ``D = D_1``, one forward of the main network. The base class of all guidance.
+
+    A guidance object turns ``(denoiser, x, sigma, labels, ctx)`` into a :class:`Guided` result: either a
+    plain linear combination ``D = d0 + w (d1 - d0)`` of the main output ``d1`` and a guiding output
+    ``d0`` (no guidance, CFG, autoguidance, ICG, TSG, and any of them inside :class:`Interval` or
+    :class:`CADS`) that the samplers hand to the fused solver step as it is, or an already combined ``D``
+    (:class:`APG`, whose projection is not linear).
+
+    Conventions:
+
+    - ``denoiser(x, sigma, labels)`` with ``sigma`` a per-sample ``[N]`` tensor and ``labels`` one-hot
+      class vectors ``[N, label_dim]`` (or None), like ``fastdiff.nn.Precond``.
+    - ``w = 1`` means no guidance: only the main network is evaluated (as in the official EDM2 sampler).
+    - Where the main and the guiding branch are the same network (CFG with a null label, ICG, TSG) both
+      branches run as ONE forward of the concatenated batch ``[2N, ...]``.
+    - Random draws (ICG labels, TSG and CADS noise) come from the per-sample generators of the context,
+      so a sample's result depends on its own seed only.
+    """
 
     weight: float = 1.0
     #: The method's name in ``METHODS`` and on command lines (None: not a method of its own).
