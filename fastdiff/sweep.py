@@ -38,13 +38,19 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fastdiff._atomic import atomic_write_with
+from fastdiff._atomic import atomic_write_with, remove_orphan_temps
 from fastdiff.sampling.guidance import EvalContext, Guidance, Guided
 
 __all__ = ["Interval", "Cell", "SweepSpec", "PerRowGuidance", "run_sweep", "load_cells", "heatmaps",
-           "refine_axes", "generate_command", "AXES"]
+           "refine_axes", "generate_command", "AXES", "NonFiniteSamples"]
 
 AXES = ("main_std", "guide_std", "weight", "interval")
+
+
+
+
+class NonFiniteSamples(ValueError):
+    """Samples holding NaN or Inf (a diverged network): a score of them would be meaningless."""
 
 
 # ------------------------------------------------------------------------------------------------ cells
@@ -314,9 +320,13 @@ def sample_settings(net, settings: Sequence[Cell], seeds: Sequence[int], guide=N
                     sigma_min: float = 0.002) -> dict:
     """Sample ``seeds`` under every setting (weight + interval) with one network pair; all settings of a
     seed chunk go through the network together (``batch`` rows per call at most, at least one setting).
-    ``on_batch(setting_index, uint8_images)`` receives the images. Returns evaluation counts."""
+    ``on_batch(setting_index, uint8_images)`` receives the images. Returns evaluation counts.
+    Samples holding NaN or Inf raise :class:`NonFiniteSamples` naming their seeds, once all are sampled."""
     from fastdiff.sampling import sample
-    from fastdiff.sampling.generate import to_uint8
+    from fastdiff.sampling.generate import nonfinite_rows, to_uint8
+
+    seeds = list(seeds)
+    bad: dict[int, list[int]] = {}  # setting index -> seeds of its non-finite samples
 
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
     label_dim = int(net.label_dim or 0)
@@ -342,10 +352,20 @@ def sample_settings(net, settings: Sequence[Cell], seeds: Sequence[int], guide=N
             x = sample(net, x0, sampler="heun", steps=steps, guidance=guidance, labels=labels,
                        sigma_max=sigma_max, sigma_min=sigma_min)
             images = to_uint8(x).cpu()
+            rows = nonfinite_rows(x).cpu().tolist()
             for q, j in enumerate(part):
+                bad_seeds = [seeds[s0 + r] for r in range(n) if rows[q * n + r]]
+                if bad_seeds:
+                    bad.setdefault(j, []).extend(bad_seeds)
                 on_batch(j, images[q * n:(q + 1) * n])
             counts["main"] += guidance.rows_main
             counts["guide"] += guidance.rows_guide
+    if bad:
+        j, listed = min(bad.items())
+        shown = ", ".join(map(str, listed[:20])) + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
+        others = f" (and in {len(bad) - 1} other setting(s))" if len(bad) > 1 else ""
+        raise NonFiniteSamples(f"{len(listed)} of {len(seeds)} samples of setting {settings[j].key} are not finite "
+                               f"(NaN or Inf: the network diverged), seeds {shown}{others}; no score is recorded")
     return counts
 
 
@@ -383,6 +403,10 @@ def run_sweep(spec: SweepSpec, outdir: str, *, detector, ref, seeds: Sequence[in
     if rank is None or world_size is None:
         rank, world_size = _world()
     os.makedirs(_cells_dir(outdir), exist_ok=True)
+    if rank == 0:  # what a killed sweep left (other ranks write nothing before _evaluate's first barrier)
+        for folder in (outdir, _cells_dir(outdir), os.path.join(outdir, "phema-main"),
+                       os.path.join(outdir, "phema-guide")):
+            remove_orphan_temps(folder)
     mains = _Networks("main", main_net, main_snapshots, outdir, device, progress)
     guides = _Networks("guide", guide_net, guide_snapshots, outdir, device, progress)
     if not guides.given and any(g is not None for g in spec.guide_stds):

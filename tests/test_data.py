@@ -238,3 +238,31 @@ def test_convert_reports_bad_images(tmp_path, capsys):
     assert "b.png" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o.zip")
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_an_unlabelled_dataset_end_to_end(tmp_path, capsys, one_thread):
+    """A folder of PNGs without classes -> ``{"labels": null}`` -> info, and train with the default preset (a
+    class-conditional one: the network follows the data and is built without labels)."""
+    from fastdiff.cli import train
+    from fastdiff.training.snapshots import list_snapshots
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "src").mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(tmp_path / "src" / f"{i}.png")
+    dest = tmp_path / "x.zip"
+    assert _run_cli(["convert", "--source", tmp_path / "src", "--dest", dest, "--no-progress"]) == 0
+    with zipfile.ZipFile(dest) as zf:
+        assert json.loads(zf.read("dataset.json")) == {"labels": None}
+    ds = open_dataset(str(dest))
+    assert not ds.has_labels and ds.label_dim == 0 and ds.labels is None and len(ds) == 5
+    assert ds[4][1].item() == -1 and ds[4][0].shape == (3, 16, 16)
+    capsys.readouterr()
+    assert _run_cli(["info", "--data", dest]) == 0
+    assert "5 items, 3x16x16, no labels" in capsys.readouterr().out
+    assert run_cli(train, "--data", dest, "--outdir", tmp_path / "run", "--duration", 4, "--batch", 4,
+                   "--workers", 0, "--no-progress", "--device", "cpu", "--ema", "0.1") == 0
+    (snap,) = list_snapshots(str(tmp_path / "run"))
+    from fastdiff.io import load_network
+
+    assert load_network(snap.path).label_dim == 0

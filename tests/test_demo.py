@@ -122,6 +122,24 @@ def test_demo_trains_the_main_model_with_label_dropout(tmp_path, capsys):
     assert not (tmp_path / "train").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--kimg", "-1"], "--kimg must be a finite number > 0, got -1"),
+    (["--kimg", "0"], "--kimg must be a finite number > 0"),
+    (["--guide-kimg", "nan"], "--guide-kimg must be a finite number > 0"),
+    (["--batch", "0"], "--batch must be a finite number > 0"),
+    (["--outdir", "{file}"], "is a file, not a folder"),
+])
+def test_demo_refuses_bad_sizes_and_outdir_before_any_work(tmp_path, capsys, argv, message):
+    (tmp_path / "f").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "f")) for a in argv]
+    if "--outdir" not in argv:
+        argv += ["--outdir", str(tmp_path / "out")]
+    assert demo.main(_demo_args("--fast", "--no-progress", *argv)) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_parse_preset():
     assert demo.parse_preset("tiny-16") == ("tiny-16", {})
     assert demo.parse_preset("tiny-16?model_channels=16&channel_mult=1,2&dropout=0.1") == (
@@ -202,3 +220,33 @@ def test_metrics_gen(tmp_path, pooldet, capsys):
     assert _metrics_cli("gen", "--ref", str(tmp_path / "ref.npz"), "--net", str(tmp_path / "none.safetensors"),
                         "--seeds", "0-3", "--no-progress") == 1
     assert "none.safetensors: not found" in capsys.readouterr().err
+
+
+def test_metrics_gen_fails_on_a_diverged_network(tmp_path, pooldet, capsys, monkeypatch):
+    """NaN weights: refused when loaded (naming the tensor); let through for debugging, the samples are NaN and
+    ``metrics gen`` names them and exits 1 without a score."""
+    import fastdiff.nn as fnn
+    from fastdiff.io import load_any_network, load_network, save_network
+
+    torch.manual_seed(0)
+    net = fnn.build("tiny-16", model_channels=8, logvar_channels=8, use_fp16=False)
+    name, param = [(n, p) for n, p in net.named_parameters() if p.ndim > 1][1]
+    with torch.no_grad():
+        param.view(-1)[3] = float("inf")
+    save_network(net, tmp_path / "net.safetensors")
+    for load in (load_network, load_any_network):
+        with pytest.raises(ValueError, match=f"tensor {name} holds 1 of {param.numel()} values that are not finite"):
+            load(tmp_path / "net.safetensors")
+    assert not torch.isfinite(load_network(tmp_path / "net.safetensors", allow_nonfinite=True)
+                              .state_dict()[name]).all()
+    real = (torch.rand(20, 3, 16, 16) * 255).to(torch.uint8)
+    compute_feature_stats([real], pooldet(), num=None, progress=False).to_reference("pool").save(tmp_path / "ref.npz")
+    argv = ["gen", "--ref", str(tmp_path / "ref.npz"), "--net", str(tmp_path / "net.safetensors"), "--steps", "2",
+            "--batch", "4", "--device", "cpu", "--no-progress", "--seeds", "0-5", "--out", str(tmp_path / "r.json")]
+    assert _metrics_cli(*argv) == 1
+    assert f"tensor {name} holds 1 of" in capsys.readouterr().err
+    monkeypatch.setenv("FASTDIFF_ALLOW_NONFINITE", "1")
+    assert _metrics_cli(*argv) == 1
+    captured = capsys.readouterr()
+    assert "6 of 6 samples are not finite" in captured.err and "seeds 0, 1, 2, 3, 4, 5;" in captured.err
+    assert "fd_pool" not in captured.out and not (tmp_path / "r.json").exists()

@@ -208,3 +208,91 @@ def test_sweep_cli_errors(setup, capsys):
     assert "must be >= 1" in capsys.readouterr().err
     assert _cli("--ref", ref, "--main-snapshots", setup["main"], "--main-stds", "0.1", "--intervals", "1") == 2
     assert "expected LO,HI" in capsys.readouterr().err
+
+
+# --- hardening: diverged networks, kill points, output folder ---------------------------------------------------
+
+
+def test_nonfinite_samples_fail_the_cell_and_name_the_seeds(setup, tmp_path, capsys):
+    from test_generate_integrity import ElementwiseNet, _bad_seeds
+
+    seeds = list(range(10))
+    expected = _bad_seeds(seeds, 0.8)
+    assert 0 < len(expected) < len(seeds)
+    cells = [sweep.Cell(None, None, 1.0, None)]
+    with pytest.raises(sweep.NonFiniteSamples, match=f"{len(expected)} of 10 samples of setting .* are not finite"
+                       ) as info:
+        sweep.sample_settings(ElementwiseNet(0.8), cells, seeds, steps=2, batch=4, device="cpu",
+                              on_batch=lambda j, im: None)
+    assert "seeds " + ", ".join(map(str, expected)) + ";" in str(info.value)
+    got = []
+    sweep.sample_settings(ElementwiseNet(), cells, seeds, steps=2, batch=4, device="cpu",
+                          on_batch=lambda j, im: got.append(im))
+    assert sum(len(g) for g in got) == 10
+    # The CLI: a network file with NaN weights is refused before any sampling, naming the tensor.
+    net = fnn.build("tiny-16", model_channels=8, logvar_channels=8, img_channels=1, label_dim=10)
+    with torch.no_grad():
+        next(p for p in net.parameters() if p.ndim > 1).fill_(float("nan"))
+    from fastdiff.io import save_network
+
+    save_network(net, tmp_path / "nan.safetensors")
+    out = tmp_path / "out"
+    assert _cli("--net", str(tmp_path / "nan.safetensors"), "--weights", "1", "--ref", str(setup["root"] / "ref.npz"),
+                "--detector-weights", str(setup["root"] / "classifier.safetensors"), "--seeds", "0-3", "--steps",
+                str(STEPS), "--outdir", str(out), "--no-progress") != 0
+    err = capsys.readouterr().err
+    assert "not finite" in err and "Traceback" not in err
+    assert not (out / "sweep.csv").exists() and not os.listdir(out / "cells")
+
+
+def _sweep_argv(setup, out):
+    return ["sweep", "--main-snapshots", setup["main"], "--main-stds", "0.05,0.1", "--guide-snapshots",
+            setup["guide"], "--guide-stds", "0.1", "--weights", "1,2", "--ref", str(setup["root"] / "ref.npz"),
+            "--detector-weights", str(setup["root"] / "classifier.safetensors"), "--seeds", "0-3", "--steps",
+            str(STEPS), "--outdir", str(out), "--no-progress", "--no-plot", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    from fastdiff.cli import main
+
+    out = tmp_path_factory.mktemp("whole") / "sweep"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed subprocess runs (OMP_NUM_THREADS=1): the same float sums
+    try:
+        assert main(_sweep_argv(setup, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "sweep.json").read_text())
+
+
+@pytest.mark.parametrize("where", ["phema-main/*.safetensors", "*.json", "sweep.csv"])
+def test_sweep_killed_mid_write_resumes_and_removes_the_temporary(setup, uninterrupted, tmp_path, where, one_thread):
+    """SIGKILL just before a file gets its name (a reconstructed network, a cell, the table): the rerun of the
+    same command removes the temporary left behind and ends with the uninterrupted run's results."""
+    from _killpoints import kill_at_replace, run_killed
+
+    from fastdiff._atomic import is_orphan_temp
+    from fastdiff.cli import main
+
+    out = tmp_path / "sweep"
+    run_killed(_sweep_argv(setup, out), kill_at_replace(where.rsplit("/", 1)[-1]))
+
+    def temporaries():
+        return [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if is_orphan_temp(f)]
+
+    assert len(temporaries()) == 1, sorted(os.walk(out))
+    assert main(_sweep_argv(setup, out)) == 0
+    assert temporaries() == []
+    summary = json.loads((out / "sweep.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "round"} for r in rows]  # noqa: E731
+    assert [r["value"] for r in summary["rows"]] == [r["value"] for r in uninterrupted["rows"]]
+    assert strip(summary["rows"]) == strip(uninterrupted["rows"]) and summary["best"] == uninterrupted["best"]
+
+
+def test_sweep_outdir_must_be_a_folder(setup, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    argv = _sweep_argv(setup, tmp_path / "a-file")[1:]
+    assert _cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert "--outdir" in err and "is a file, not a folder" in err

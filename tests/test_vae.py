@@ -261,6 +261,24 @@ def test_encode_dataset_writes_the_official_layout_with_labels(tmp_path, vae, on
         encode_dataset(tmp_path / "img", tmp_path / "lat.zip", vae, progress=False)
 
 
+def test_encode_an_unlabelled_dataset(tmp_path, vae_dir, one_thread, capsys):
+    """``dataset convert`` of a folder without classes writes ``{"labels": null}``; encoding it keeps that."""
+    from fastdiff.cli import main
+    from fastdiff.data import open_dataset
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "src" / f"{i}.png")
+    assert main(["dataset", "convert", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "x.zip"),
+                 "--no-progress"]) == 0
+    assert main(["dataset", "encode", "--data", str(tmp_path / "x.zip"), "--vae", vae_dir, "--dest",
+                 str(tmp_path / "lat.zip"), "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    assert json.loads(_zip_contents(tmp_path / "lat.zip")["dataset.json"]) == {"labels": None}
+    lat = open_dataset(str(tmp_path / "lat.zip"))
+    assert lat.is_latent and not lat.has_labels and len(lat) == 3 and lat.num_channels == 8
+
+
 def _encode_cmd(src, dest, vae_dir, delay):
     # The CLI, with each VAE batch slowed down so that the run can be killed in the middle.
     code = ("import sys, time; import fastdiff.vae as v; enc = v.VAE.encode\n"

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from fastdiff._atomic import atomic_write_with
+from fastdiff.cli._checks import prepare_outdir
 from fastdiff.cli.common import save_png, torch_threads
 from fastdiff.metrics.classifier import DigitClassifier, classify, train_classifier
 
@@ -316,11 +317,13 @@ def run_demo(args) -> dict:
         raise ValueError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}")
     if not float(opts["select_weight"]) > 1:
         raise ValueError(f"--select-weight must be > 1, got {opts['select_weight']}")
+    for flag, key in (("--kimg", "kimg"), ("--guide-kimg", "guide_kimg"), ("--batch", "batch")):
+        if not 0 < float(opts[key]) < float("inf"):  # not "one step anyway": a mistake, said so
+            raise ValueError(f"{flag} must be a finite number > 0, got {opts[key]}")
     progress = not args.no_progress
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    outdir = args.outdir
-    os.makedirs(outdir, exist_ok=True)
+    outdir = prepare_outdir(args.outdir)
     timings: dict[str, dict] = {}
 
     def log(msg):

@@ -174,13 +174,21 @@ def _run_gen(args) -> int:
         raise ValueError("the network makes latents: give --vae PATH (a local Stable Diffusion VAE) to decode them")
     guidance, summary = build_guidance(guidance_options, net, gnet)
     print(f"fastdiff metrics gen: guidance: {summary}", file=sys.stderr, flush=True)
+    bad_seeds: list[int] = []
     images = generate_images(net, seeds[:num], guidance=guidance, sampler=args.sampler, steps=args.steps,
-                             class_idx=args.class_idx, batch=args.batch, device=args.device, decoder=decoder)
+                             class_idx=args.class_idx, batch=args.batch, device=args.device, decoder=decoder,
+                             on_nonfinite=bad_seeds.extend)
     with torch.inference_mode():
         results = calc_from_generator((batch for _seeds, batch in images), ref, metrics=args.metrics,
                                       detector=detector, num=num, device=args.device, batch_size=args.batch,
                                       weights=args.weights, max_features=args.max_features, seed=args.seed,
                                       progress=args.progress)
+    if bad_seeds:  # as fastdiff generate: a diverged network's score is no result
+        shown = ", ".join(map(str, bad_seeds[:20])) + (f" and {len(bad_seeds) - 20} more" if len(bad_seeds) > 20
+                                                        else "")
+        print(f"fastdiff metrics gen: error: {len(bad_seeds)} of {num} samples are not finite (NaN or Inf: the "
+              f"network diverged), seeds {shown}; no metrics reported", file=sys.stderr)
+        return 1
     _warn_if_biased(num, canonical, "gen")
     print(_format_table(results))
     if args.out:

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from fastdiff._dist import init_distributed, rank_and_world, shutdown_distributed
+from fastdiff.cli._checks import prepare_outdir
 from fastdiff.cli.common import check_device, parse_seeds, parse_stds
 
 
@@ -81,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from fastdiff.metrics import fd_metric_name, get_detector, load_reference
     from fastdiff.metrics.evaluate import resolve_metrics
-    from fastdiff.sweep import SweepSpec, generate_command, run_sweep, write_outputs
+    from fastdiff.sweep import NonFiniteSamples, SweepSpec, generate_command, run_sweep, write_outputs
 
     try:
         seeds = parse_seeds(args.seeds)
@@ -106,6 +107,7 @@ def main(args) -> int:
         canonical, det_name = resolve_metrics(args.metric, args.detector, ref.detector)
         if canonical != ["fd"]:
             raise ValueError(f"--metric {args.metric}: the sweep scores Frechet distances only (fd, fid, fd_dinov2)")
+        prepare_outdir(args.outdir)  # last: nothing is created for a command refused above
     except (ValueError, argparse.ArgumentTypeError, FileNotFoundError) as exc:
         print(f"fastdiff sweep: error: {exc}", file=sys.stderr)
         return 2
@@ -127,6 +129,9 @@ def main(args) -> int:
                                                    args.guide_snapshots is not None))
             print(f"wrote {', '.join(paths)}")
         return 0
+    except NonFiniteSamples as exc:  # as fastdiff generate: a diverged network fails the run
+        print(f"fastdiff sweep: error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as exc:
         print(f"fastdiff sweep: error: {exc}", file=sys.stderr)
         return 2

@@ -89,6 +89,22 @@ def _round_to(n: int, batch: int) -> int:
     return max(batch, (int(n) // batch) * batch)
 
 
+def _data_has_labels(spec: str) -> bool:
+    """Whether the dataset ``spec`` has class labels (the built-in ones all do; a folder or zip when its
+    ``dataset.json`` lists them), read before the network is built so that ``--cond``'s default can follow it."""
+    import os
+
+    from fastdiff.data import ImageDataset
+
+    if str(spec).startswith("builtin:") or not os.path.exists(str(spec)):
+        return True  # (a missing path is reported when the dataset is opened)
+    ds = ImageDataset(str(spec))
+    try:
+        return ds.has_labels
+    finally:
+        ds.close()
+
+
 def build_run(args):
     """(net, loss_fn, dataset, TrainConfig) from parsed arguments."""
     import torch
@@ -99,8 +115,8 @@ def build_run(args):
     overrides = {}
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
-    if args.cond is False:
-        overrides["label_dim"] = 0
+    if args.cond is False or (args.cond is None and not _data_has_labels(args.data)):
+        overrides["label_dim"] = 0  # --uncond, or the default for a dataset without labels
     torch.manual_seed(args.seed)  # the same initial weights in every process
     precision_in_net = False
     if ":" in args.preset:

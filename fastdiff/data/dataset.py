@@ -188,8 +188,9 @@ class ImageDataset(Dataset):
         # Labels.
         self.labels = None
         if "dataset.json" in all_names and use_labels:
-            self.labels = self._read_labels()
-            self.label_dim = int(self.labels.max()) + 1 if self.labels.size else 0
+            self.labels = self._read_labels()  # None for {"labels": null}: an unlabelled dataset
+            if self.labels is not None:
+                self.label_dim = int(self.labels.max()) + 1 if self.labels.size else 0
         # Shape from the first item.
         first = self._load_raw(0)
         self.num_channels, h, w = first.shape

@@ -398,7 +398,12 @@ def load_edm2_network(path, device="cpu", key=None, max_bytes=None):
     """``(network, info)`` from an official EDM2 pickle or a ``torch.save`` file (see
     :func:`fastdiff.io.load_any_network`), under one allocation budget of ``max_bytes``."""
     with _budget(path, max_bytes), _import_errors(path):
-        return _network_and_info(path, device, key)
+        net, info = _network_and_info(path, device, key)
+    if isinstance(net, torch.nn.Module):
+        from fastdiff.io.network_file import check_finite_weights
+
+        check_finite_weights(net.state_dict(), path)
+    return net, info
 
 
 def _network_and_info(path, device, key):

@@ -19,7 +19,8 @@ import torch
 from fastdiff._atomic import atomic_write
 
 __all__ = ["save_network", "load_network", "read_network_config", "read_network_tensors", "write_network_file",
-           "network_config", "tensor_digest", "FORMAT", "META_KEY", "DIGEST_KEY", "atomic_write"]
+           "network_config", "tensor_digest", "check_finite_weights", "FORMAT", "META_KEY", "DIGEST_KEY",
+           "atomic_write", "ALLOW_NONFINITE_ENV"]
 
 FORMAT = "fastdiff.network/1"
 META_KEY = "fastdiff"
@@ -188,12 +189,33 @@ def _match_dtypes(path, state: dict, expected: dict) -> dict:
     return out
 
 
-def load_network(path, device="cpu"):
+ALLOW_NONFINITE_ENV = "FASTDIFF_ALLOW_NONFINITE"
+
+
+def check_finite_weights(tensors, path, allow_nonfinite: bool | None = None) -> None:
+    """``ValueError`` naming the first tensor (in the order given) that holds NaN or Inf: a diverged network
+    samples nothing but NaN, and every score of it would be meaningless. ``allow_nonfinite`` (default: the
+    environment variable ``FASTDIFF_ALLOW_NONFINITE=1``, for every command line) lets them through, for
+    debugging."""
+    if allow_nonfinite is None:
+        allow_nonfinite = os.environ.get(ALLOW_NONFINITE_ENV, "") not in ("", "0")
+    if allow_nonfinite:
+        return
+    for name, t in (tensors.items() if isinstance(tensors, dict) else tensors):
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"load_network: {path}: tensor {name} holds {bad} of {t.numel()} values that are not "
+                             f"finite (NaN or Inf: the network diverged); set {ALLOW_NONFINITE_ENV}=1 to load it "
+                             "anyway, for debugging")
+
+
+def load_network(path, device="cpu", allow_nonfinite: bool | None = None):
     """Rebuild the network saved by ``save_network`` and load its weights (strict) onto ``device``.
 
     Returns a ``fastdiff.nn.Precond`` in eval mode; ``net.preset`` and ``net.checkpoint_extra`` are set
     from the file. Float16/bfloat16 tensors where the network declares float32 are converted (exactly);
-    other dtype mismatches, an unknown config key, a digest mismatch are ``ValueError`` naming the file.
+    other dtype mismatches, an unknown config key, a digest mismatch, weights holding NaN or Inf (unless
+    ``allow_nonfinite``, see :func:`check_finite_weights`) are ``ValueError`` naming the file.
     """
     from fastdiff import nn as fnn
 
@@ -229,6 +251,7 @@ def load_network(path, device="cpu"):
         net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"load_network: {path}: the weights do not match the stored config: {exc}") from None
+    check_finite_weights(net.state_dict(), path, allow_nonfinite)
     net.preset = config.get("preset")
     net.checkpoint_extra = config.get("extra")
     return net.to(device).eval()
