@@ -87,3 +87,19 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[IO], object], mo
     """``write(f)`` on an open file object (e.g. ``img.save(f, format="PNG")``), atomically."""
     with atomic_open(path, mode) as f:
         write(f)
+
+
+def prepare_outdir(path, flag: str = "--outdir") -> str:
+    """Create the output folder ``path`` (and its parents) now and check that files can be written in it;
+    ``ValueError`` naming ``flag`` otherwise (a file in the way, a folder that cannot be created or written).
+    Returns ``path``."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot create or write the folder ({exc.strerror or exc})") from None
+    return path

@@ -3,26 +3,9 @@ error found only after minutes of training or sampling)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+from fastdiff._atomic import prepare_outdir  # noqa: F401  (re-exported: the commands' --outdir check)
 
 __all__ = ["prepare_outdir", "positive_count"]
-
-
-def prepare_outdir(path, flag: str = "--outdir") -> str:
-    """Create the output folder ``path`` (and its parents) now and check that files can be written in it;
-    ``ValueError`` naming ``flag`` otherwise (a file in the way, a folder that cannot be created or written).
-    Returns ``path``."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: cannot create or write the folder ({exc.strerror or exc})") from None
-    return path
 
 
 def positive_count(value, flag: str, allow_none: bool = True):

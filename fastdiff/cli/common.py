@@ -19,6 +19,7 @@ import torch
 
 from fastdiff._atomic import atomic_write_with
 from fastdiff._dist import resolve_device
+from fastdiff._images import make_grid, save_png  # noqa: F401  (the commands' PNG and grid output)
 from fastdiff._runtime import DTYPE_NAMES
 from fastdiff.sampling.generate import MAX_SEED, make_guidance
 from fastdiff.training.phema import MAX_STD
@@ -363,32 +364,6 @@ def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     return os.path.join(folder, f"{seed:06d}.png")
 
 
-def save_png(image, path: str) -> None:
-    """A uint8 image as a PNG, written atomically (fastdiff._atomic): a tensor ``[C, H, W]`` (C = 1 or 3), or
-    an array ``[H, W]`` / ``[H, W, 3]``."""
-    import numpy as np
-    from PIL import Image
-
-    arr = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    pil = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
-    atomic_write_with(path, lambda f: pil.save(f, format="PNG"))
-
-
-def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
-    """A near-square grid [C, rows*H, cols*W] of uint8 [C, H, W] images (row-major, zero padding)."""
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    c, h, w = images[0].shape
-    grid = torch.zeros((c, rows * h, cols * w), dtype=torch.uint8)
-    for k, img in enumerate(images):
-        r, q = divmod(k, cols)
-        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return grid
-
-
 def parse_stds(text: str) -> list[float]:
     try:
         stds = [float(s) for s in str(text).replace(" ", "").split(",") if s]
@@ -434,8 +409,6 @@ def make_vae_decoder(args, net, device) -> tuple[Callable | None, bool]:
                              f"channels of the Stable Diffusion VAE")
         scaling = OFFICIAL_SCALING
     from fastdiff.vae import load_vae
-
-    from fastdiff._dist import resolve_device
 
     vae_device = resolve_device(args.vae_device) if args.vae_device else device
     try:

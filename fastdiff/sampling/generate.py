@@ -130,18 +130,11 @@ def generate_images(net, seeds: Sequence[int], guidance: Guidance | None = None,
     for batch_seeds in split_batches(seeds, batch, rank, world_size):
         if not batch_seeds:
             continue
-        gens = rng.seed_generators(batch_seeds)
-        noise_rows, label_rows = [], []
-        for g in gens:  # per sample: noise, then label
-            noise_rows.append(torch.randn(shape, generator=g, dtype=torch.float32))
-            if label_dim:
-                idx = int(class_idx) if class_idx is not None else int(torch.randint(label_dim, (1,), generator=g))
-                label_rows.append(idx)
-        noise = torch.stack(noise_rows).to(device)
+        gens, noise, classes = rng.seed_inputs(batch_seeds, shape, label_dim, class_idx)  # per sample: noise, label
+        noise = noise.to(device)
         labels = None
         if label_dim:
-            labels = torch.nn.functional.one_hot(torch.tensor(label_rows), label_dim)
-            labels = labels.to(device=device, dtype=torch.float32)
+            labels = torch.nn.functional.one_hot(classes, label_dim).to(device=device, dtype=torch.float32)
         x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance, labels=labels, generators=gens,
                    dtype=dtype, **sample_kwargs)
         bad = nonfinite_rows(x)

@@ -48,3 +48,21 @@ def randint(generators: Generators, n: int, high: int, device=None) -> torch.Ten
     check_generators(generators, n)
     vals = [int(torch.randint(high, (1,), generator=g, device=g.device)) for g in generators]
     return torch.tensor(vals, dtype=torch.int64, device=device)
+
+
+def seed_inputs(seeds: Sequence[int], shape, label_dim: int = 0, class_idx: int | None = None):
+    """The start of every sample: ``(generators, noise, classes)`` for ``seeds``, each seed's generator drawing
+    first its initial noise ``shape`` (float32, on the CPU), then its class in ``[0, label_dim)`` (only for a
+    conditional network, ``label_dim > 0``, without a fixed ``class_idx``). ``noise`` is ``[N, *shape]``,
+    ``classes`` int64 ``[N]`` (None for ``label_dim = 0``); the generators go on to the sampler."""
+    gens = seed_generators(seeds)
+    noise, classes = [], []
+    for g in gens:
+        noise.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
+        if label_dim and class_idx is not None:
+            classes.append(int(class_idx))
+        elif label_dim:
+            classes.append(int(torch.randint(label_dim, (1,), generator=g)))
+    labels = torch.tensor(classes, dtype=torch.int64) if label_dim else None
+    return gens, torch.stack(noise), labels
+
