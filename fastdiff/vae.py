@@ -11,6 +11,7 @@ Needs ``pip install "fastdiff[latent]"`` (diffusers).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
@@ -68,15 +69,124 @@ def _read_config(config) -> dict:
         path = os.path.join(path, "config.json")
     try:
         with open(path) as f:
-            data = json.load(f)
+            data = json.loads(f.read(_MAX_CONFIG_CHARS + 1))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VAEError(f"VAE config {path}: cannot read a JSON config ({exc})") from None
+    except RecursionError:
+        raise VAEError(f"VAE config {path}: the JSON is nested too deeply to be a VAE config") from None
     if not isinstance(data, dict):
         raise VAEError(f"VAE config {path}: expected a JSON object")
     return data
 
 
+_MAX_CONFIG_CHARS = 1 << 20  # a VAE config is a few hundred bytes
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_config(cfg: dict, where: str) -> None:
+    """The config values an ``AutoencoderKL`` is built from, checked so that a bad one is one clear line (not
+    a ZeroDivisionError or IndexError from inside diffusers)."""
+    name = cfg.get("_class_name")
+    if name is not None and name != "AutoencoderKL":
+        raise VAEError(f"{where}: _class_name is {name!r}, not 'AutoencoderKL' (the Stable Diffusion VAE)")
+    channels = cfg.get("block_out_channels", (64,))
+    if not isinstance(channels, (list, tuple)) or not channels or not all(_positive_int(c) for c in channels):
+        raise VAEError(f"{where}: block_out_channels must be a non-empty list of positive integers, got "
+                       f"{channels!r:.80}")
+    for key in ("norm_num_groups", "latent_channels", "layers_per_block", "in_channels", "out_channels"):
+        if key in cfg and not _positive_int(cfg[key]):
+            raise VAEError(f"{where}: {key} must be a positive integer, got {cfg[key]!r:.80}")
+    groups = cfg.get("norm_num_groups", 32)
+    if any(c % groups for c in channels):
+        raise VAEError(f"{where}: norm_num_groups ({groups}) must divide every block_out_channels ({list(channels)})")
+    for key in ("down_block_types", "up_block_types"):
+        if key in cfg and (not isinstance(cfg[key], (list, tuple)) or len(cfg[key]) != len(channels)):
+            raise VAEError(f"{where}: {key} must list one block per block_out_channels entry ({len(channels)}), "
+                           f"got {cfg[key]!r:.80}")
+
+
+def _model_shapes(cfg: dict, where: str) -> dict[str, tuple]:
+    """The tensor shapes of the ``AutoencoderKL`` the config describes, built on the meta device (no memory:
+    a config asking for billions of parameters costs nothing here)."""
+    _check_config(cfg, where)
+    AutoencoderKL = _diffusers().AutoencoderKL
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKL.from_config(cfg)
+    except Exception as exc:  # diffusers' own checks raise many types
+        raise VAEError(f"{where}: cannot build an AutoencoderKL from the config ({type(exc).__name__}: {exc})") \
+            from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _file_shapes(path: str) -> dict[str, tuple]:
+    """Tensor name -> shape from a safetensors file's header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise VAEError(f"{path}: not a safetensors file ({exc})") from None
+
+
+_OLD_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def _current_name(key: str) -> str:
+    """diffusers' older attention names (``query``, ``proj_attn``...), which it renames when loading."""
+    if ".attentions." in key:
+        for old, new in _OLD_ATTENTION.items():
+            if old in key:
+                return key.replace(old, new)
+    return key
+
+
+def _squeezed(shape: tuple) -> tuple:
+    while len(shape) > 2 and shape[-1] == 1:  # a 1x1 convolution's weight holds a linear layer's
+        shape = shape[:-1]
+    return shape
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _check_weights(cfg: dict, weights: str, where: str) -> None:
+    """The weights file (diffusers' names) against the config, before anything is allocated: the same tensor
+    names (missing or unexpected ones named) and shapes."""
+    want = _model_shapes(cfg, where)
+    have = {_current_name(k): s for k, s in _file_shapes(weights).items()}
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    if missing or unexpected:
+        parts = ([f"{len(missing)} missing ({_few(missing)})"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected ({_few(unexpected)})"] if unexpected else [])
+        raise VAEError(f"{weights}: the weights do not fit the VAE config {where}: tensors " + ", ".join(parts))
+    bad = [k for k in want if _squeezed(want[k]) != _squeezed(have[k])]
+    if bad:
+        raise VAEError(f"{weights}: the weights do not fit the VAE config {where}: {bad[0]} is {list(have[bad[0]])} "
+                       f"in the file, the config makes {list(want[bad[0]])} ({len(bad)} such tensors)")
+
+
+def _check_finite(model, where: str) -> None:
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise VAEError(f"{where}: the VAE weight {name} holds {bad} of {t.numel()} values that are not finite "
+                           "(NaN or Inf); the file is damaged")
+
+
 def _load_autoencoder(path, config=None):
+    model = _load_unchecked(path, config)
+    _check_finite(model, os.fspath(path))
+    return model
+
+
+def _load_unchecked(path, config=None):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no VAE at {path!r}: give a local folder (diffusers layout) or a .safetensors "
@@ -90,6 +200,8 @@ def _load_autoencoder(path, config=None):
                 if not os.path.isfile(os.path.join(folder, _WEIGHTS)):
                     raise VAEError(f"{folder}: has config.json but no {_WEIGHTS} (only safetensors weights are "
                                    f"read; pickled .bin weights can run code)")
+                config_path = os.path.join(folder, "config.json")
+                _check_weights(_read_config(config_path), os.path.join(folder, _WEIGHTS), config_path)
                 try:
                     return AutoencoderKL.from_pretrained(folder, use_safetensors=True, **kw)
                 except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
@@ -98,16 +210,15 @@ def _load_autoencoder(path, config=None):
     if not path.lower().endswith(".safetensors"):
         raise VAEError(f"{path}: expected a .safetensors file or a diffusers folder (pickled weights such as "
                        f".ckpt / .pt / .bin are refused: loading them can run code)")
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:  # safetensors raises its own error types
-        raise VAEError(f"{path}: not a safetensors file ({exc})") from None
+    shapes = _file_shapes(path)
+    keys = list(shapes)
     cfg = _read_config(config)
+    where = "(the Stable Diffusion VAE's)" if config is None else \
+        f"({'given' if isinstance(config, dict) else os.fspath(config)})"
     if any(k.startswith("encoder.down_blocks.") for k in keys):  # already in diffusers' naming
+        _check_weights(cfg, path, where)
         model = AutoencoderKL.from_config(cfg)
         try:
             model.load_state_dict(load_file(path), strict=True)
@@ -116,6 +227,13 @@ def _load_autoencoder(path, config=None):
         return model
     if not any(k.startswith(("encoder.down.", "first_stage_model.encoder.down.")) for k in keys):
         raise VAEError(f"{path}: no VAE encoder weights (encoder.down... or encoder.down_blocks...) found")
+    # Other names (the original LDM's): at least the config's number of values must be in the file, before
+    # a model of the config's size is built.
+    need = sum(math.prod(s) for s in _model_shapes(cfg, where).values())
+    held = sum(math.prod(s) for k, s in shapes.items() if "model_ema." not in k)
+    if need > held:
+        raise VAEError(f"{path}: the VAE config {where} makes {need:,} parameters, but the file holds only {held:,} "
+                       "values: the weights do not fit it")
     with tempfile.TemporaryDirectory(prefix="fastdiff-vae-config.") as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f)

@@ -266,3 +266,57 @@ def test_an_unlabelled_dataset_end_to_end(tmp_path, capsys, one_thread):
     from fastdiff.io import load_network
 
     assert load_network(snap.path).label_dim == 0
+
+
+_WRITESTR_KILL = """
+import zipfile
+_orig, _seen = zipfile.ZipFile.writestr, [0]
+def _writestr(self, *a, **k):
+    _seen[0] += 1
+    if _seen[0] == 3:
+        _kill()
+    return _orig(self, *a, **k)
+zipfile.ZipFile.writestr = _writestr
+"""
+
+
+@pytest.mark.parametrize("dest, where", [("x.zip", "mid-write"), ("x.zip", "rename"), ("xdir", "rename")])
+def test_convert_killed_reruns_cleanly(tmp_path, dest, where):
+    """SIGKILL while the images are written, or just before the finished temporary is renamed: the rerun of the
+    same command removes that temporary (only this destination's) and writes what an uninterrupted run does."""
+    from _killpoints import kill_at_replace, run_killed
+
+    from fastdiff._atomic import is_orphan_temp
+
+    _write_folder(tmp_path / "src", n=5)
+    other = tmp_path / ".other.zip.~fdtmp-abcd1234.tmp"  # another destination's temporary: left alone
+    other.write_bytes(b"x")
+    argv = ["dataset", "convert", "--source", tmp_path / "src", "--dest", tmp_path / dest, "--no-progress"]
+    run_killed(argv, _WRITESTR_KILL if where == "mid-write" else kill_at_replace(dest))
+    left = [p for p in os.listdir(tmp_path) if is_orphan_temp(p) and p != other.name]
+    assert len(left) == 1 and not (tmp_path / dest).exists()
+    assert _run_cli(argv[1:]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([other.name, "src", dest])
+    assert _run_cli(["convert", "--source", tmp_path / "src", "--dest", tmp_path / "whole" / dest,
+                     "--no-progress"]) == 0
+    a, b = open_dataset(str(tmp_path / dest)), open_dataset(str(tmp_path / "whole" / dest))
+    assert len(a) == len(b) == 5 and a.labels.tolist() == b.labels.tolist()
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(5))
+
+
+def test_written_files_have_the_mode_open_would_give(tmp_path):
+    """Not the 0600 / 0700 of tempfile: 0666 / 0777 less the umask, for datasets and atomically written files."""
+    from fastdiff._atomic import atomic_write_with
+
+    old = os.umask(0o027)
+    try:
+        _write_folder(tmp_path / "src", n=2)
+        assert _run_cli(["convert", "--source", tmp_path / "src", "--dest", tmp_path / "x.zip", "--no-progress"]) == 0
+        assert _run_cli(["convert", "--source", tmp_path / "src", "--dest", tmp_path / "xdir", "--no-progress"]) == 0
+        atomic_write_with(tmp_path / "f.bin", lambda f: f.write(b"1"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "x.zip").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "f.bin").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "xdir").st_mode & 0o777 == 0o750
+    assert os.stat(tmp_path / "xdir" / "dataset.json").st_mode & 0o777 == 0o640

@@ -489,3 +489,129 @@ def test_metrics_gen_decodes_with_the_vae(tmp_path, latent_net, vae_dir, vae, on
         assert direct["fd_pool"] == pytest.approx(record["results"]["fd_pool"], rel=1e-4)
     finally:
         unregister_detector("pool")
+
+
+@pytest.fixture(scope="module")
+def encoded_whole(vae, tmp_path_factory):
+    """The uninterrupted encode the killed ones are compared with (one thread, as the subprocesses run)."""
+    root = tmp_path_factory.mktemp("whole")
+    _image_folder(root / "img", n=6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        encode_dataset(root / "img", root / "full.zip", VAE(vae.model, batch_size=2), batch=2, chunk=2,
+                       progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.mark.parametrize("where", ["chunk", "join", "cleanup"])
+def test_dataset_encode_resumes_from_each_kill_point(tmp_path, vae_dir, encoded_whole, one_thread, capsys, where):
+    """SIGKILL while a chunk gets its name, while the joined dataset does, and after that but before the work
+    folder is removed: the same command then completes, leaves no temporary or work folder, and gives the
+    uninterrupted run's bytes."""
+    from _killpoints import kill_at_call, kill_at_replace, run_killed
+
+    from fastdiff._atomic import is_orphan_temp
+    from fastdiff.cli import main
+
+    dest = tmp_path / "lat.zip"
+    argv = ["dataset", "encode", "--data", str(encoded_whole / "img"), "--vae", vae_dir, "--dest", str(dest),
+            "--batch", "2", "--chunk", "2", "--device", "cpu", "--workers", "0", "--no-progress"]
+    patch = {"chunk": kill_at_replace("chunk-000001.zip"), "join": kill_at_replace("lat.zip"),
+             "cleanup": kill_at_call("fastdiff.data.latent", "_remove_work")}[where]
+    run_killed(argv, patch)
+    assert dest.exists() == (where == "cleanup") and (tmp_path / "lat.zip.partial").is_dir()
+    assert main(argv) == 0
+    assert sorted(os.listdir(tmp_path)) == ["lat.zip"]
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files if is_orphan_temp(f)]
+    assert _zip_contents(dest) == _zip_contents(encoded_whole / "full.zip")
+    # A finished encode rerun is refused, as before.
+    assert main(argv) == 1 and "exists" in capsys.readouterr().err
+
+
+# --- crafted VAE folders: refused with one line, before anything large is allocated ------------------------------
+
+
+def _vae_copy(vae_dir, dest, config=None, tensors=None):
+    """A copy of the tiny VAE folder with its config.json and / or weights changed."""
+    from safetensors.torch import load_file, save_file
+
+    import shutil
+
+    shutil.copytree(vae_dir, dest)
+    if isinstance(config, str):
+        (dest / "config.json").write_text(config)
+    elif config is not None:
+        cfg = json.loads((dest / "config.json").read_text())
+        cfg.update(config)
+        (dest / "config.json").write_text(json.dumps(cfg))
+    if tensors is not None:
+        weights = dest / "diffusion_pytorch_model.safetensors"
+        save_file(tensors(load_file(weights)), weights)
+    return str(dest)
+
+
+def test_a_vae_with_missing_or_nonfinite_weights_is_refused(tmp_path, vae_dir, capsys):
+    def half(state):
+        return {k: v for i, (k, v) in enumerate(sorted(state.items())) if i % 2 == 0}
+
+    def poisoned(state):
+        state["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
+        return state
+
+    def extra(state):
+        return dict(state, **{"encoder.surprise.weight": torch.zeros(2)})
+
+    with pytest.raises(VAEError, match=r"tensors \d+ missing \(encoder\.") as info:
+        load_vae(_vae_copy(vae_dir, tmp_path / "half", tensors=half))
+    assert "and " in str(info.value) and "more" in str(info.value)
+    with pytest.raises(VAEError, match=r"1 unexpected \(encoder.surprise.weight\)"):
+        load_vae(_vae_copy(vae_dir, tmp_path / "extra", tensors=extra))
+    with pytest.raises(VAEError, match="decoder.conv_out.weight holds 1 of .* not finite"):
+        load_vae(_vae_copy(vae_dir, tmp_path / "nan", tensors=poisoned))
+    # dataset encode says so and writes nothing.
+    from fastdiff.cli import main
+
+    _image_folder(tmp_path / "img", n=2)
+    assert main(["dataset", "encode", "--data", str(tmp_path / "img"), "--vae", str(tmp_path / "half"), "--dest",
+                 str(tmp_path / "lat.zip"), "--device", "cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err and not (tmp_path / "lat.zip").exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"_class_name": "UNet2DConditionModel"}, "_class_name is 'UNet2DConditionModel', not 'AutoencoderKL'"),
+    ({"norm_num_groups": 0}, "norm_num_groups must be a positive integer, got 0"),
+    ({"norm_num_groups": 3}, r"norm_num_groups \(3\) must divide every block_out_channels"),
+    ({"block_out_channels": []}, "block_out_channels must be a non-empty list of positive integers"),
+    ({"block_out_channels": None}, "block_out_channels must be a non-empty list"),
+    ({"latent_channels": -4}, "latent_channels must be a positive integer"),
+    ({"down_block_types": ["DownEncoderBlock2D"]}, "down_block_types must list one block per"),
+    # A config far larger than the weights: compared by shape before anything is built for real.
+    ({"block_out_channels": [4096, 8192]}, r"encoder.conv_in.weight is \[8, 3, 3, 3\] in the file, the config "
+                                         r"makes \[4096, 3, 3, 3\]"),
+    ('{"a": ' * 100000 + "1" + "}" * 100000, "nested too deeply"),
+])
+def test_a_bad_vae_config_is_one_clear_error(tmp_path, vae_dir, config, message):
+    folder = _vae_copy(vae_dir, tmp_path / "vae", config=config)
+    with pytest.raises(VAEError, match=message):
+        load_vae(folder)
+
+
+def test_single_files_are_checked_against_the_config_first(tmp_path, vae):
+    from safetensors.torch import save_file
+
+    big = dict(TINY, block_out_channels=[4096, 8192])
+    ldm = tmp_path / "ldm.safetensors"
+    save_file(_ldm_state_dict(vae.model), ldm)
+    with pytest.raises(VAEError, match="makes .* parameters, but the file holds only"):
+        load_vae(ldm, config=big)
+    flat = tmp_path / "diffusers-names.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.model.state_dict().items()}, flat)
+    with pytest.raises(VAEError, match=r"is \[8, 3, 3, 3\] in the file, the config makes \[4096, 3, 3, 3\]"):
+        load_vae(flat, config=big)
+    with pytest.raises(VAEError, match="norm_num_groups must be a positive integer"):
+        load_vae(flat, config=dict(TINY, norm_num_groups=0))
+    assert load_vae(flat, config=dict(TINY)).latent_channels == 4

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastdiff._atomic import atomic_write_with
+from fastdiff._atomic import atomic_write_with, prepare_outdir  # noqa: F401  (the commands' --outdir check)
 from fastdiff._dist import resolve_device
 from fastdiff._images import make_grid, save_png  # noqa: F401  (the commands' PNG and grid output)
 from fastdiff._runtime import DTYPE_NAMES
@@ -167,6 +167,8 @@ def parse_guidance(args, has_gnet: bool | None = None) -> GuidanceOptions:
         raise ValueError(f"unknown --guidance-method {method!r}; expected one of {', '.join(GUIDANCE_METHODS)}")
     if not math.isfinite(w):
         raise ValueError(f"--guidance must be a finite number, got {weight}")
+    if w < 0:
+        raise ValueError(f"--guidance must be >= 0 (1: no guidance, 0: the unguided branch alone), got {weight}")
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None
     steps = parse_interval_steps(getattr(args, "interval_steps", None))
@@ -437,3 +439,16 @@ def torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# ---- checks of output folders and sizes, made before any work ----------------------------------------------
+
+
+def positive_count(value, flag: str, allow_none: bool = True):
+    """``value`` if it is ``None`` (with ``allow_none``: the default applies) or a number > 0; else a
+    ``ValueError`` naming ``flag`` (``--batch 0`` must not silently mean the default)."""
+    if value is None and allow_none:
+        return value
+    if value is None or not value > 0:
+        raise ValueError(f"{flag} must be > 0, got {value}")
+    return value

@@ -22,7 +22,7 @@ import torch
 from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shutdown_distributed
 from fastdiff.cli.common import (DTYPES, GuidanceOptions, add_guidance_arguments, add_vae_arguments, build_guidance,
                                  check_network_files, image_path, make_grid, make_vae_decoder, parse_guidance,
-                                 parse_seeds, save_npy, save_png)
+                                 parse_seeds, prepare_outdir, save_npy, save_png)
 from fastdiff.sampling.experts import Experts, parse_sigma_range
 from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.samplers import SAMPLERS, sampler_kwargs
@@ -249,6 +249,8 @@ def main(args) -> int:
                 if not os.path.isfile(path):
                     raise ValueError(f"--{flag} {spec}: {path} " + ("is a folder, not a network file"
                                                                     if os.path.isdir(path) else "not found"))
+        if config.outdir is not None:  # before any sampling: not a NotADirectoryError after it
+            prepare_outdir(config.outdir, create=False)
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastdiff.cli.common import parse_stds
+from fastdiff.cli.common import parse_stds, prepare_outdir
 from fastdiff.training.phema import reconstruct_phema
 from fastdiff.training.units import parse_nimg
 
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     try:
+        prepare_outdir(args.outdir, create=False)
         reconstruct_phema(args.indir, args.outstd, args.outdir, out_nimg=args.outnimg, in_stds=args.instd,
                           device=args.device, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as exc:

@@ -13,8 +13,7 @@ import argparse
 import sys
 
 from fastdiff._dist import init_distributed, rank_and_world, shutdown_distributed
-from fastdiff.cli._checks import prepare_outdir
-from fastdiff.cli.common import check_device, parse_seeds, parse_stds
+from fastdiff.cli.common import check_device, parse_seeds, parse_stds, prepare_outdir
 
 
 def _floats(text: str, what: str) -> list[float]:

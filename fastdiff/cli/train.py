@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from fastdiff.cli.common import parse_stds
+from fastdiff.cli.common import parse_stds, positive_count, prepare_outdir
 from fastdiff.training.units import parse_nimg
 
 __all__ = ["add_arguments", "main", "build_run"]
@@ -164,8 +164,9 @@ def build_run(args):
 
         load_init_weights(net, args.init)
 
-    batch = args.batch or int(training.get("batch", 2048))
-    duration = args.duration or int(training.get("duration", 1 << 27))
+    # Not `args.batch or default`: --batch 0 / --duration 0 are mistakes, not "the preset's".
+    batch = positive_count(args.batch, "--batch") or int(training.get("batch", 2048))
+    duration = positive_count(args.duration, "--duration") or int(training.get("duration", 1 << 27))
     rampup = args.rampup
     if rampup is None:
         rampup = training.get("rampup_mimg")
@@ -205,6 +206,9 @@ def main(args) -> int:
     from fastdiff.training.rundir import RunDirectoryBusy
 
     try:
+        positive_count(args.batch, "--batch")
+        positive_count(args.duration, "--duration")
+        prepare_outdir(args.outdir, create=False)
         info = D.init_distributed(args.device)
     except (RuntimeError, ValueError) as exc:
         print(f"fastdiff train: error: {exc}", file=sys.stderr)

@@ -13,12 +13,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import zipfile
 
 import numpy as np
 
-from fastdiff.data.dataset import IMAGE_EXTENSIONS, DatasetError, parse_label_table
+from fastdiff._atomic import remove_orphan_temps, temp_dir_beside, temp_file_beside
+from fastdiff.data.dataset import IMAGE_EXTENSIONS, DatasetError, parse_label_table, warn_unknown_labels
 
 __all__ = ["convert_dataset", "TRANSFORMS"]
 
@@ -88,6 +88,7 @@ def _iter_folder(source: str, resolution, transform, channels):
                 missing = [n for n in names if n not in table]
                 if missing:
                     raise DatasetError(f"{meta}: no label for {missing[0]!r}")
+                warn_unknown_labels(table, names, meta)
                 labels = [table[n] for n in names]
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             if isinstance(exc, DatasetError):
@@ -156,11 +157,9 @@ def convert_dataset(source: str, dest: str, resolution: int | None = None, trans
         raise FileExistsError(f"{dest}: exists and is not empty")
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
-    if to_zip:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".tmp", dir=parent)
-        os.close(fd)
-    else:
-        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(dest) + ".", suffix=".tmp", dir=parent)
+    # What a killed convert to this destination left (only its temporaries: the folder may hold others').
+    remove_orphan_temps(parent, of=os.path.basename(dest), dirs=True)
+    tmp = temp_file_beside(dest) if to_zip else temp_dir_beside(dest)
     count = 0
     labels = []
     shape = None

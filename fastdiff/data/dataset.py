@@ -12,13 +12,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 import zipfile
 
 import numpy as np
 import torch
 
 __all__ = ["Dataset", "ImageDataset", "ArrayDataset", "IMAGE_EXTENSIONS", "to_model_input", "DatasetError",
-           "parse_label_table"]
+           "parse_label_table", "warn_unknown_labels"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _ALL_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
@@ -57,6 +58,15 @@ def parse_label_table(raw, where: str) -> dict[str, int]:
             raise DatasetError(f"{where}: {name!r} is labelled twice with different classes "
                                f"({table[name]} and {lab})")
     return table
+
+
+def warn_unknown_labels(table: dict[str, int], names, where: str) -> None:
+    """One warning, with the count, for labels of files that are not in the dataset (they are not used)."""
+    present = set(names)
+    unknown = [n for n in table if n not in present]
+    if unknown:
+        warnings.warn(f"{where}: labels {len(unknown)} file(s) that are not in the dataset (e.g. {unknown[0]!r}); "
+                      "those labels are ignored", UserWarning, stacklevel=3)
 
 
 class Dataset(torch.utils.data.Dataset):

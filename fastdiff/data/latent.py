@@ -266,9 +266,15 @@ def encode_dataset(source, dest, vae, batch: int = 8, chunk: int = 1000, max_ima
 
     dest = os.path.abspath(os.fspath(dest))
     to_zip = dest.lower().endswith(".zip")
-    if os.path.exists(dest) and (to_zip or os.listdir(dest)):
-        raise FileExistsError(f"{dest}: exists" + ("" if to_zip else " and is not empty"))
     work = dest + ".partial"
+    parent = os.path.dirname(dest)
+    # What a killed run left beside the destination: the join's temporary, a work folder being deleted.
+    os.makedirs(parent, exist_ok=True)
+    remove_orphan_temps(parent, of=os.path.basename(dest), dirs=True)
+    remove_orphan_temps(parent, of=os.path.basename(work), dirs=True)
+    dest_exists = os.path.exists(dest) and (to_zip or bool(os.listdir(dest)))
+    if dest_exists and not os.path.isdir(work):
+        raise FileExistsError(f"{dest}: exists" + ("" if to_zip else " and is not empty"))
     os.makedirs(work, exist_ok=True)
     remove_orphan_temps(work)  # a chunk being written when the last run was killed
     record = {"format": ENCODE_FORMAT, "source": os.path.abspath(str(source)) if os.path.exists(str(source))
@@ -290,6 +296,14 @@ def encode_dataset(source, dest, vae, batch: int = 8, chunk: int = 1000, max_ima
     done = 0
     while done < num_chunks and _chunk_complete(_chunk_path(work, done), sizes[done]):
         done += 1
+    if dest_exists:
+        if done < num_chunks or not os.path.isfile(record_path):
+            raise FileExistsError(f"{dest}: exists" + ("" if to_zip else " and is not empty") +
+                                  f", beside an unfinished encode in {work}; remove one of them")
+        # Killed after the join put dest in place, before the work folder was removed: only that is left.
+        say(f"{dest} was complete; removing the work folder {work}")
+        _remove_work(work)
+        return n
 
     def save_record(chunks_done: int) -> None:
         with atomic_open(record_path, "w") as f:
@@ -341,10 +355,9 @@ def encode_dataset(source, dest, vae, batch: int = 8, chunk: int = 1000, max_ima
 
         atomic_write(dest, join)
     else:
-        import tempfile
+        from fastdiff._atomic import temp_dir_beside
 
-        parent = os.path.dirname(dest)
-        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(dest) + ".", suffix=".tmp", dir=parent)
+        tmp = temp_dir_beside(dest)
         try:
             for c in range(num_chunks):
                 with zipfile.ZipFile(_chunk_path(work, c)) as zf:
@@ -357,5 +370,17 @@ def encode_dataset(source, dest, vae, batch: int = 8, chunk: int = 1000, max_ima
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_work(work)
     return n
+
+
+def _remove_work(work: str) -> None:
+    """Remove the work folder: first renamed to a temporary name (one atomic step: a kill during the deletion
+    leaves no half-deleted folder that looks like an unfinished encode), then deleted."""
+    import shutil
+
+    from fastdiff._atomic import temp_dir_beside
+
+    trash = temp_dir_beside(work)
+    os.replace(work, trash)  # over the fresh empty folder
+    shutil.rmtree(trash, ignore_errors=True)

@@ -71,7 +71,36 @@ def write_network_file(tensors: dict[str, torch.Tensor], path, config: dict) -> 
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     metadata = {META_KEY: json.dumps(config), DIGEST_KEY: tensor_digest(tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=metadata)
+        _sort_metadata(tmp)
+
+    atomic_write(path, write)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its ``__metadata__`` entries in sorted order.
+    safetensors writes them in the order of a randomly seeded hash map, so that identical networks would give
+    files that differ byte-wise; sorted, identical runs write identical files. The tensors' entries and data
+    stay as they are (the header keeps its length, or is padded again to a multiple of 8)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+        ordered.update(header)
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # the same entries: the same length, in practice
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
+            return
+        f.seek(8 + n)
+        data = f.read()
+        text += b" " * (-len(text) % 8)
+        f.seek(0)
+        f.write(len(text).to_bytes(8, "little") + text + data)
+        f.truncate()
 
 
 def save_network(net: torch.nn.Module, path, extra: dict | None = None) -> None:

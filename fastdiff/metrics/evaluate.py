@@ -188,20 +188,25 @@ def calc_from_generator(batches: Iterable[torch.Tensor], ref: ReferenceStats | s
     return compute_metrics(stats, ref, canonical, det, seed=seed, **metric_kwargs)
 
 
-def _image_batches(path, num: int | None, batch_size: int, workers: int, seed: int, progress: bool):
-    """(batches of this rank's share of the selected images, number selected in total)."""
+def _image_batches(path, num: int | None, batch_size: int, workers: int, seed: int, progress: bool,
+                   resolution=None):
+    """(batches of this rank's share of the selected images, number selected in total); every image of
+    ``resolution`` (H, W) when given, else of the first one's."""
     files = open_images(path)
     indices = select_indices(len(files), num, seed)
     if progress and len(indices) < len(files):
         print(f"using a random subset of {len(indices):,} of the {len(files):,} images in {path}", file=sys.stderr)
     rank, world = rank_and_world()
-    return iterate_image_batches(files, indices[rank::world], batch_size, workers), len(indices)
+    return (iterate_image_batches(files, indices[rank::world], batch_size, workers, resolution=resolution,
+                                  what="the reference statistics' images"), len(indices))
 
 
 def calc_from_images(images, ref: ReferenceStats | str, *, num: int | None = DEFAULT_NUM, batch_size: int = 64,
                      workers: int = 0, seed: int = 0, progress: bool = True, **kwargs) -> dict[str, float]:
-    """``calc_from_generator`` on a folder or ``.zip`` of images (``num`` of them; None: all)."""
-    batches, total = _image_batches(images, num, batch_size, workers, seed, progress)
+    """``calc_from_generator`` on a folder or ``.zip`` of images (``num`` of them; None: all), each of the
+    reference's resolution (when it records one)."""
+    ref = ref if isinstance(ref, ReferenceStats) else load_reference(ref)
+    batches, total = _image_batches(images, num, batch_size, workers, seed, progress, ref.resolution)
     return calc_from_generator(batches, ref, num=total, batch_size=batch_size, seed=seed, progress=progress,
                                **kwargs)
 
@@ -218,9 +223,17 @@ def make_reference(data, dest=None, *, metrics: str | Sequence[str] = "fd", dete
     batches, total = _image_batches(data, num, batch_size, workers, seed, progress)
     det = _make_detector(detector, name, weights, device, batch_size)
     keep = max_features if any(m in SAMPLE_METRICS for m in canonical) else 0
-    stats = compute_feature_stats(batches, det, num=total, max_features=keep, seed=seed, progress=progress,
-                                  desc=f"{det.name} features")
+    sizes = []  # the images' (H, W), one for all (iterate_image_batches checks), recorded in the file
+
+    def recorded(batches):
+        for b in batches:
+            sizes.append(tuple(b.shape[-2:]))
+            yield b
+
+    stats = compute_feature_stats(recorded(batches), det, num=total, max_features=keep, seed=seed,
+                                  progress=progress, desc=f"{det.name} features")
     ref = stats.to_reference(det.name)
+    ref.resolution = sizes[0] if sizes else None
     if dest is not None and rank_and_world()[0] == 0:
         ref.save(dest)
     return ref

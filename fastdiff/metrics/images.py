@@ -103,18 +103,53 @@ def open_images(path) -> torch.utils.data.Dataset:
     return ImageFiles(path)
 
 
-def _collate_same_size(items: list[torch.Tensor]) -> torch.Tensor:
-    sizes = {tuple(x.shape[1:]) for x in items}
-    if len(sizes) > 1:
-        raise ValueError(f"images of different sizes in one batch ({sorted(sizes)}); the metrics expect a set of "
-                         "equally sized images (resize them first)")
-    return torch.stack(items)
+class _Items(torch.utils.data.Dataset):
+    """``(index, image)`` for each index, or ``(index, message)`` for an image that cannot be read: a reading
+    error travels back from a DataLoader worker as a value, to be raised as one line in the main process
+    (not as a worker's traceback text)."""
+
+    def __init__(self, files, indices):
+        self.files, self.indices = files, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        idx = self.indices[i]
+        try:
+            return idx, self.files[idx]
+        except Exception as e:  # reported by iterate_image_batches
+            return idx, f"{e}"
+
+
+def _list(items):
+    return items
+
+
+def _image_name(files, idx: int) -> str:
+    names = getattr(files, "names", None)
+    return repr(names[idx]) if names is not None else f"image {idx}"
 
 
 def iterate_image_batches(files: torch.utils.data.Dataset, indices: Sequence[int], batch_size: int,
-                          num_workers: int = 0) -> Iterator[torch.Tensor]:
-    """Yield uint8 [n, 3, H, W] batches of ``files[i] for i in indices``, in order."""
-    subset = torch.utils.data.Subset(files, list(indices))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=_collate_same_size, prefetch_factor=2 if num_workers else None)
-    yield from loader
+                          num_workers: int = 0, resolution: tuple[int, int] | None = None,
+                          what: str = "the reference") -> Iterator[torch.Tensor]:
+    """Yield uint8 [n, 3, H, W] batches of ``files[i] for i in indices``, in order. Every image must have
+    the same ``(H, W)``: ``resolution`` (``what``'s, e.g. the reference statistics') when given, else the
+    first image's; a ``ValueError`` names the first that differs (or cannot be read)."""
+    where = getattr(files, "path", "images")
+    loader = torch.utils.data.DataLoader(_Items(files, indices), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_list,
+                                         prefetch_factor=2 if num_workers else None)
+    size, source = (tuple(int(v) for v in resolution), what) if resolution is not None else (None, None)
+    for items in loader:
+        for idx, x in items:
+            if isinstance(x, str):
+                raise ValueError(x)
+            if size is None:
+                size, source = tuple(x.shape[1:]), f"the first image ({_image_name(files, idx)})"
+            elif tuple(x.shape[1:]) != size:
+                raise ValueError(f"{where}: images of different sizes: {_image_name(files, idx)} is "
+                                 f"{x.shape[2]}x{x.shape[1]}, {source} {size[1]}x{size[0]}; every image must have "
+                                 "one resolution (resize them first)")
+        yield torch.stack([x for _, x in items])

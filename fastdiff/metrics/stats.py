@@ -158,8 +158,14 @@ class ReferenceStats:
     num_images: int
     detector: str
     features: np.ndarray | None = None
+    resolution: tuple[int, int] | None = None  # (H, W) of the reference images, when known
 
     def __post_init__(self):
+        if self.resolution is not None:
+            res = np.asarray(self.resolution).reshape(-1)
+            if res.shape != (2,) or res.dtype.kind not in "iu" or not (0 < res).all() or not (res < 2**31).all():
+                raise ValueError(f"reference resolution must be two positive integers (H, W), got {self.resolution!r}")
+            self.resolution = (int(res[0]), int(res[1]))
         self.mu = np.asarray(self.mu, np.float64)
         self.sigma = np.asarray(self.sigma, np.float64)
         self.num_images = int(self.num_images)
@@ -194,6 +200,8 @@ class ReferenceStats:
                       detector=np.str_(self.detector), format_version=np.int64(REF_FORMAT_VERSION))
         if self.features is not None:
             arrays["features"] = self.features
+        if self.resolution is not None:
+            arrays["resolution"] = np.asarray(self.resolution, np.int64)
         with atomic_write(path) as f:
             np.savez(f, **arrays)
 
@@ -216,7 +224,8 @@ class ReferenceStats:
                              f"(found {sorted(arrays)}; expected {list(_REQUIRED_KEYS)} and optionally 'features')")
         try:
             ref = cls(mu=arrays["mu"], sigma=arrays["sigma"], num_images=arrays["num_images"].item(),
-                      detector=arrays["detector"].item(), features=arrays.get("features"))
+                      detector=arrays["detector"].item(), features=arrays.get("features"),
+                      resolution=arrays.get("resolution"))
             ref.validate()
             return ref
         except ValueError as e:

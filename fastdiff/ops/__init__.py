@@ -82,7 +82,9 @@ def _call(op, *args):
 def _gain_tensor(gain, like: torch.Tensor) -> torch.Tensor:
     if isinstance(gain, torch.Tensor):
         return gain
-    return torch.full((), float(gain), dtype=torch.float32, device=like.device)
+    # A Python float keeps its precision for float64 weights (float32 would round it: 1e-8 relative).
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.full((), float(gain), dtype=dtype, device=like.device)
 
 
 # --- forced weight normalization and MP conv / linear -------------------------------------------
@@ -102,6 +104,7 @@ def weight_norm(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 def weight_norm_(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Forced weight normalization in place, ``W <- N(W)``, with no gradient through the write."""
+    reference.check_floating("weight_norm_", w=w)  # an int32 tensor would be overwritten with rounded values
     with torch.no_grad():
         if uses_kernel("weight_norm_", w):
             return torch.ops.fastdiff.weight_norm_(w, eps)

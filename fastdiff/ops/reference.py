@@ -74,6 +74,7 @@ def weight_norm(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 def weight_norm_(w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Forced weight normalization in place (no gradient through the write)."""
+    check_floating("weight_norm_", w=w)
     with torch.no_grad():
         w.copy_(normalize(w.to(acc_dtype(w.dtype)), eps=eps))
     return w
