@@ -203,5 +203,4 @@ def test_layering_argparse_and_commands():
         if target != pkg:
             assert LAYERS[target] < LAYERS[pkg], f"{rel} imports {mod}: {target} is not below {pkg}"
         if pkg == "cli" and target == "cli" and rel != os.path.join("cli", "__init__.py"):
-            shared = mod == "fastdiff.cli.common" or mod.split(".")[2].startswith("_")  # common.py, _checks.py
-            assert shared, f"{rel} imports another command module ({mod})"
+            assert mod == "fastdiff.cli.common", f"{rel} imports another command module ({mod})"
