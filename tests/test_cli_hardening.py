@@ -137,3 +137,33 @@ def test_the_output_folder_check_leaves_nothing_behind(tmp_path):
     assert os.listdir(tmp_path) == []
     prepare_outdir(tmp_path / "a" / "b")
     assert os.listdir(tmp_path / "a" / "b") == []
+
+
+def test_phema_killed_mid_write_reruns_to_the_same_files(tmp_path, one_thread):
+    """SIGKILL just before the second reconstruction gets its name: the rerun removes its temporary and writes
+    the files an uninterrupted run writes, byte for byte."""
+    from _killpoints import kill_at_replace, run_killed
+
+    import fastdiff.nn as fnn
+    from fastdiff._atomic import is_orphan_temp
+    from fastdiff.cli import main
+    from fastdiff.training.snapshots import save_snapshot, snapshot_name
+
+    torch.manual_seed(0)
+    net = fnn.build("tiny-16", model_channels=4, logvar_channels=4)
+    for t, nimg in enumerate((64, 128)):
+        for std in (0.05, 0.10):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+            save_snapshot(net, tmp_path / "run" / snapshot_name(nimg, std),
+                          dict(kind="ema", nimg=nimg, std=std, exponent=0.0, step=t, batch_size=64))
+    argv = ["phema", "--indir", str(tmp_path / "run"), "--outstd", "0.06,0.08", "--no-progress"]
+    assert main(argv + ["--outdir", str(tmp_path / "whole")]) == 0
+    run_killed(argv + ["--outdir", str(tmp_path / "out")], kill_at_replace("phema-*", nth=2))
+    assert len([f for f in os.listdir(tmp_path / "out") if is_orphan_temp(f)]) == 1
+    assert main(argv + ["--outdir", str(tmp_path / "out")]) == 0
+    names = sorted(os.listdir(tmp_path / "whole"))
+    assert len(names) == 2 and sorted(os.listdir(tmp_path / "out")) == names
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

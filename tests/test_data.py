@@ -320,3 +320,35 @@ def test_written_files_have_the_mode_open_would_give(tmp_path):
     assert os.stat(tmp_path / "f.bin").st_mode & 0o777 == 0o640
     assert os.stat(tmp_path / "xdir").st_mode & 0o777 == 0o750
     assert os.stat(tmp_path / "xdir" / "dataset.json").st_mode & 0o777 == 0o640
+
+
+def test_items_are_read_and_decoded_only_up_to_a_cap(tmp_path, monkeypatch):
+    """A zip member inflating to far more than an image of the resolution needs is refused unread; an image with
+    more pixels than the cap is refused before it is decoded; FASTDIFF_MAX_ITEM_MB raises the cap."""
+    import io as _io
+
+    def png(w, h, level):
+        buf = _io.BytesIO()
+        Image.new("L", (w, h)).save(buf, format="png", compress_level=level)
+        return buf.getvalue()
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", png(16, 16, 6))
+        zf.writestr("b.png", png(1500, 1500, 0))  # 2.25 MB inflated, a few kB stored
+    assert os.path.getsize(bomb) < 100_000
+    ds = ImageDataset(bomb, resolution=16)
+    with pytest.raises(DatasetError, match=r"bomb.zip:b.png: holds more than [\d,]+ bytes \(an image of 16x16"):
+        ds[1]
+    with pytest.raises(DatasetError, match="b.png: holds more than"):
+        ImageDataset(bomb).validate()  # the first image sets the resolution, and so the cap
+    monkeypatch.setenv("FASTDIFF_MAX_ITEM_MB", "8")
+    with pytest.raises(DatasetError, match="b.png: 1500x1500 image, expected 16x16"):  # read, refused by size
+        ImageDataset(bomb).validate()
+    monkeypatch.delenv("FASTDIFF_MAX_ITEM_MB")
+    # Pixels: a small file of a huge image is refused before it is decoded.
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "huge.png").write_bytes(png(9000, 9000, 9))
+    assert os.path.getsize(tmp_path / "big" / "huge.png") < 1_000_000
+    with pytest.raises(DatasetError, match=r"huge.png: 9000x9000 image, more than the [\d,]+ pixels allowed"):
+        ImageDataset(tmp_path / "big")

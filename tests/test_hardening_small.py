@@ -83,3 +83,47 @@ def test_labels_of_absent_files_are_reported_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(open_dataset(str(tmp_path / "x.zip"), max_size=2)) == 2
+
+
+DEEP_JSON = '{"labels": ' + "[" * 100000 + "]" * 100000 + "}"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model_channels", -32, "cannot build Precond from the stored config: model_channels must be an integer >= 1, got -32"),
+    ("channel_mult", [], "channel_mult must be a non-empty list of positive integers"),
+    ("label_dim", -3, "label_dim must be an integer >= 0"),
+    ("attn_resolutions", [-8], "attn_resolutions must be a list of positive integers"),
+    ("dropout", 2, r"dropout must be a number in \[0, 1\)"),
+    ("deep", None, "nested too deeply"),
+])
+def test_a_bad_network_config_is_one_clear_error(tmp_path, key, value, message):
+    import fastdiff.nn as fnn
+    from fastdiff.io import load_network, save_network
+    from fastdiff.io.network_file import META_KEY, read_network_config, read_network_tensors, write_network_file
+
+    save_network(fnn.build("tiny-16", model_channels=4, logvar_channels=4), tmp_path / "n.safetensors")
+    tensors = read_network_tensors(tmp_path / "n.safetensors")
+    if key == "deep":
+        from safetensors.torch import save_file
+
+        save_file(tensors, tmp_path / "m.safetensors", metadata={META_KEY: "[" * 100000 + "]" * 100000})
+    else:
+        config = read_network_config(tmp_path / "n.safetensors")
+        config["kwargs"][key] = value
+        write_network_file(tensors, tmp_path / "m.safetensors", config)
+    with pytest.raises(ValueError, match=message):
+        load_network(tmp_path / "m.safetensors")
+
+
+def test_a_deeply_nested_dataset_json_is_one_clear_error(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    from fastdiff.data import DatasetError, open_dataset
+    from fastdiff.data.convert import convert_dataset
+
+    (tmp_path / "src").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "src" / "a.png")
+    (tmp_path / "src" / "dataset.json").write_text(DEEP_JSON)
+    with pytest.raises(DatasetError, match="nested too deeply"):
+        open_dataset(str(tmp_path / "src"))
+    with pytest.raises(DatasetError, match="nested too deeply"):
+        convert_dataset(str(tmp_path / "src"), str(tmp_path / "x.zip"), progress=False)

@@ -90,6 +90,8 @@ def _iter_folder(source: str, resolution, transform, channels):
                     raise DatasetError(f"{meta}: no label for {missing[0]!r}")
                 warn_unknown_labels(table, names, meta)
                 labels = [table[n] for n in names]
+        except RecursionError:
+            raise DatasetError(f"{meta}: the JSON is nested too deeply to be a label table") from None
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
             if isinstance(exc, DatasetError):
                 raise

@@ -23,6 +23,27 @@ __all__ = ["Dataset", "ImageDataset", "ArrayDataset", "IMAGE_EXTENSIONS", "to_mo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _ALL_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
+MAX_ITEM_ENV = "FASTDIFF_MAX_ITEM_MB"
+DEFAULT_MAX_ITEM_BYTES = 64 << 20  # before the resolution is known: a 4096x4096 RGBA image, uncompressed
+
+
+def item_byte_cap(resolution: int | None, channels: int | None = None) -> int:
+    """The most bytes one stored item (a PNG / JPEG / ``.npy`` member, inflated) may take: what an image of the
+    target ``resolution`` can need, generously (16 bytes per pixel and channel, at least 4 channels, plus 1 MiB:
+    uncompressed PNGs and float64 arrays fit), else :data:`DEFAULT_MAX_ITEM_BYTES`. The environment variable
+    ``FASTDIFF_MAX_ITEM_MB`` sets it instead (for data that really is larger)."""
+    env = os.environ.get(MAX_ITEM_ENV, "").strip()
+    if env:
+        try:
+            mb = float(env)
+        except ValueError:
+            raise DatasetError(f"{MAX_ITEM_ENV}={env!r}: expected a number of megabytes") from None
+        if not mb > 0:
+            raise DatasetError(f"{MAX_ITEM_ENV}={env!r}: expected a positive number of megabytes")
+        return int(mb * (1 << 20))
+    if not resolution:
+        return DEFAULT_MAX_ITEM_BYTES
+    return 16 * int(resolution) ** 2 * max(int(channels or 4), 4) + (1 << 20)
 
 
 class DatasetError(ValueError):
@@ -168,6 +189,7 @@ class ImageDataset(Dataset):
         self.name = os.path.basename(self.path.rstrip("/")) or self.path
         self._zip = None
         self._zip_pid = None
+        self._want_resolution = resolution
         if os.path.isdir(self.path):
             self._type = "dir"
             names = []
@@ -249,6 +271,8 @@ class ImageDataset(Dataset):
                 data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DatasetError(f"{where}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise DatasetError(f"{where}: the JSON is nested too deeply to be a label table") from None
         if not isinstance(data, dict) or "labels" not in data:
             raise DatasetError(f'{where}: expected {{"labels": [[name, int], ...]}} or {{"labels": null}}')
         raw = data["labels"]
@@ -270,11 +294,25 @@ class ImageDataset(Dataset):
             raise DatasetError(f"{where}: negative label {labels.min()} for {bad!r}")
         return labels
 
+    def _read_capped(self, raw_idx: int) -> tuple[bytes, int]:
+        """An item's bytes, read only up to :func:`item_byte_cap` (a zip member that inflates to gigabytes is
+        refused, not read whole); and that cap."""
+        fname = self._fnames[raw_idx]
+        res = getattr(self, "resolution", 0) or self._want_resolution
+        cap = item_byte_cap(res, getattr(self, "num_channels", 0) or self._want_channels)
+        size = self._get_zip().getinfo(fname).file_size if self._type == "zip" else None
+        with self._open(fname) as f:
+            data = f.read(cap + 1) if size is None or size <= cap else b""
+        if (size is not None and size > cap) or len(data) > cap:
+            why = f"an image of {res}x{res} needs far less" if res else "the limit before the resolution is known"
+            raise DatasetError(f"{self._describe_file(raw_idx)}: holds more than {cap:,} bytes ({why}); set "
+                               f"{MAX_ITEM_ENV} to allow larger items")
+        return data, cap
+
     def _load_raw(self, raw_idx: int) -> np.ndarray:
         fname = self._fnames[raw_idx]
         try:
-            with self._open(fname) as f:
-                data = f.read()
+            data, cap = self._read_capped(raw_idx)
             if fname.lower().endswith(".npy"):
                 arr = np.load(io.BytesIO(data), allow_pickle=False)
                 if arr.ndim == 2:
@@ -285,6 +323,15 @@ class ImageDataset(Dataset):
                 from PIL import Image
 
                 with Image.open(io.BytesIO(data)) as img:
+                    # The size is known before decoding: no decoding of an image that cannot be used.
+                    res = getattr(self, "resolution", 0) or self._want_resolution
+                    w, h = img.size
+                    if res and (w, h) != (int(res), int(res)):
+                        raise DatasetError(f"{self._describe_file(raw_idx)}: {w}x{h} image, expected {res}x{res} "
+                                           f"(convert with `fastdiff dataset convert --resolution {res}`)")
+                    if w * h > cap:
+                        raise DatasetError(f"{self._describe_file(raw_idx)}: {w}x{h} image, more than the {cap:,} "
+                                           f"pixels allowed; set {MAX_ITEM_ENV} to allow larger items")
                     want = self._want_channels
                     if want is not None:
                         mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(int(want))

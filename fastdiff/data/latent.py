@@ -285,8 +285,9 @@ def encode_dataset(source, dest, vae, batch: int = 8, chunk: int = 1000, max_ima
         try:
             with open(record_path) as f:
                 old = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DatasetError(f"{record_path}: unreadable progress record ({exc}); delete {work} to start over")
+        except (OSError, json.JSONDecodeError, RecursionError) as exc:
+            raise DatasetError(f"{record_path}: unreadable progress record ({type(exc).__name__}: {exc}); delete "
+                               f"{work} to start over") from None
         differs = [k for k in record if old.get(k) != record[k]]
         if differs:
             raise DatasetError(f"{work}: an unfinished encode with other settings ({', '.join(differs)} differ); "

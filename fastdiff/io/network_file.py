@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 
 import torch
@@ -148,6 +149,8 @@ def read_network_config(path) -> dict:
         config = json.loads(meta[META_KEY])
     except json.JSONDecodeError as exc:
         raise ValueError(f"load_network: {path} has a corrupt fastdiff config: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"load_network: {path}: the fastdiff config is JSON nested too deeply to be one") from None
     if not isinstance(config, dict) or not str(config.get("format", "")).startswith("fastdiff.network/"):
         got = config.get("format") if isinstance(config, dict) else config
         raise ValueError(f"load_network: {path}: unknown format {got!r}, expected {FORMAT}")
@@ -238,6 +241,35 @@ def check_finite_weights(tensors, path, allow_nonfinite: bool | None = None) -> 
                              "anyway, for debugging")
 
 
+_COUNTS = {"img_resolution": 1, "img_channels": 1, "model_channels": 1, "num_blocks": 1, "logvar_channels": 1,
+           "label_dim": 0}  # constructor argument -> its least value
+
+
+def check_network_kwargs(kwargs: dict, where: str, cls_name: str = "the network") -> None:
+    """The sizes a stored config gives the network, checked before it is built: a ``model_channels`` of -32
+    is one clear line, not an error from deep inside torch."""
+    where = f"{where}: cannot build {cls_name} from the stored config:"
+
+    def count(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and least <= v < 2**31
+
+    for key, least in _COUNTS.items():
+        if key in kwargs and not count(kwargs[key], least):
+            raise ValueError(f"load_network: {where} {key} must be an integer >= {least}, got "
+                             f"{kwargs[key]!r:.60}")
+    for key, empty_ok in (("channel_mult", False), ("attn_resolutions", True)):
+        v = kwargs.get(key)
+        if key in kwargs and not (isinstance(v, (list, tuple)) and (v or empty_ok) and all(count(c, 1) for c in v)):
+            raise ValueError(f"load_network: {where} {key} must be a {'' if empty_ok else 'non-empty '}list of "
+                             f"positive integers, got {v!r:.60}")
+    for key in ("dropout", "sigma_data"):
+        v = kwargs.get(key)
+        if key in kwargs and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or not (0 <= v < 1 if key == "dropout" else v > 0)):
+            raise ValueError(f"load_network: {where} {key} must be a number in "
+                             f"{'[0, 1)' if key == 'dropout' else '(0, inf)'}, got {v!r:.60}")
+
+
 def load_network(path, device="cpu", allow_nonfinite: bool | None = None):
     """Rebuild the network saved by ``save_network`` and load its weights (strict) onto ``device``.
 
@@ -264,6 +296,7 @@ def load_network(path, device="cpu", allow_nonfinite: bool | None = None):
             f"load_network: {path}: unknown config key {unknown[0]!r} for {cls_name} (written by a newer or "
             f"modified fastdiff?); known keys: {', '.join(known)}"
         )
+    check_network_kwargs(kwargs, path, cls_name)
     from fastdiff.io.safe_pickle import PickleLimitError, allocation_budget, charged_construction
 
     try:  # a config asking for a network far larger than the file's tensors is refused while it is built
@@ -272,7 +305,7 @@ def load_network(path, device="cpu", allow_nonfinite: bool | None = None):
     except PickleLimitError:
         raise ValueError(f"load_network: {path}: the stored config asks for a network far larger than the "
                          "tensors in the file") from None
-    except (TypeError, ValueError, ArithmeticError) as exc:
+    except (TypeError, ValueError, ArithmeticError, RuntimeError, LookupError) as exc:
         raise ValueError(f"load_network: {path}: cannot build {cls_name} from the stored config: {exc}") from None
     state = read_network_tensors(path)
     state = _match_dtypes(path, state, net.state_dict())

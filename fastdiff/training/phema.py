@@ -285,6 +285,7 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
     import os
     import sys
 
+    from fastdiff._atomic import remove_orphan_temps
     from fastdiff.training.snapshots import list_snapshots, load_snapshot_tensors, save_tensors, snapshot_name
 
     snaps = list_snapshots(indir)
@@ -328,6 +329,7 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
             **{k: v for k, v in (base.get("extra") or {}).items() if k in ("label_dropout", "encoder")},
         }
         path = os.path.join(outdir, snapshot_name(out_nimg, std, prefix="phema"))
+        remove_orphan_temps(outdir, of=os.path.basename(path))  # this file's, left by a killed reconstruction
         save_tensors(tensors, path, config)
         paths.append(path)
         if verbose:

@@ -44,7 +44,7 @@ def load_cells(outdir: str) -> dict[str, dict]:
             with open(os.path.join(folder, name), "rb") as f:
                 rec = json.loads(f.read(1 << 20))
             out[Cell.from_dict(rec["cell"]).key] = rec
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue
     return out
 
