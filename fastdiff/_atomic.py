@@ -156,9 +156,15 @@ def prepare_outdir(path, flag: str = "--outdir", create: bool = True) -> str:
         made.insert(0, head)
         head = os.path.dirname(head)
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        for attempt in range(5):  # under torchrun another rank's check may remove the folder in between
+            try:
+                os.makedirs(path, exist_ok=True)
+                with tempfile.TemporaryFile(dir=path):
+                    pass
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
     except OSError as exc:
         raise ValueError(f"{flag} {path}: cannot create or write the folder ({exc.strerror or exc})") from None
     finally:

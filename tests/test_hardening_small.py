@@ -4,17 +4,15 @@ refuses integer tensors, labels of absent files are reported, network files are 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import rel_err
 
 from fastdiff import ops
 from fastdiff.ops import reference as R
-
-from conftest import rel_err
 
 
 def test_a_python_float_gain_keeps_float64_precision():
@@ -24,7 +22,8 @@ def test_a_python_float_gain_keeps_float64_precision():
         with ctx:
             assert rel_err(ops.mp_conv(x, w, 0.1), R.mp_conv(x, w, 0.1)) < 1e-14
             assert rel_err(ops.mp_weight(w, 0.1), R.mp_weight(w, 0.1)) < 1e-14
-            assert rel_err(ops.mp_linear(x[:, :, 0, 0], w[:, :, 0, 0], 0.3), R.mp_conv(x[:, :, 0, 0], w[:, :, 0, 0], 0.3)) < 1e-14
+            x2, w2 = x[:, :, 0, 0], w[:, :, 0, 0]
+            assert rel_err(ops.mp_linear(x2, w2, 0.3), R.mp_conv(x2, w2, 0.3)) < 1e-14
     # float32 weights: the gain as float32, as before
     assert ops.mp_conv(x.float(), w.float(), 0.1).dtype == torch.float32
 
@@ -56,7 +55,7 @@ def test_network_files_are_byte_reproducible(tmp_path):
     assert all(f == files[0] for f in files)
     n = int.from_bytes(files[0][:8], "little")
     header = json.loads(files[0][8:8 + n])
-    assert list(header) [0] == "__metadata__" and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert next(iter(header)) == "__metadata__" and list(header["__metadata__"]) == sorted(header["__metadata__"])
     loaded = load_network(tmp_path / "0.safetensors")
     assert loaded.checkpoint_extra == extra
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
@@ -89,7 +88,8 @@ DEEP_JSON = '{"labels": ' + "[" * 100000 + "]" * 100000 + "}"
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("model_channels", -32, "cannot build Precond from the stored config: model_channels must be an integer >= 1, got -32"),
+    ("model_channels", -32, ("cannot build Precond from the stored config: model_channels must be an integer >= 1, "
+                             "got -32")),
     ("channel_mult", [], "channel_mult must be a non-empty list of positive integers"),
     ("label_dim", -3, "label_dim must be an integer >= 0"),
     ("attn_resolutions", [-8], "attn_resolutions must be a list of positive integers"),

@@ -267,7 +267,8 @@ def uninterrupted(setup, tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["phema-main/*.safetensors", "*.json", "sweep.csv"])
-def test_sweep_killed_mid_write_resumes_and_removes_the_temporary(setup, uninterrupted, tmp_path, where, one_thread):
+def test_sweep_killed_mid_write_resumes_and_removes_the_temporary(setup, uninterrupted, tmp_path, where,
+                                                                  one_thread):
     """SIGKILL just before a file gets its name (a reconstructed network, a cell, the table): the rerun of the
     same command removes the temporary left behind and ends with the uninterrupted run's results."""
     from _killpoints import kill_at_replace, run_killed
@@ -285,7 +286,9 @@ def test_sweep_killed_mid_write_resumes_and_removes_the_temporary(setup, uninter
     assert main(_sweep_argv(setup, out)) == 0
     assert temporaries() == []
     summary = json.loads((out / "sweep.json").read_text())
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "round"} for r in rows]  # noqa: E731
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "round"} for r in rows]
+
     assert [r["value"] for r in summary["rows"]] == [r["value"] for r in uninterrupted["rows"]]
     assert strip(summary["rows"]) == strip(uninterrupted["rows"]) and summary["best"] == uninterrupted["best"]
 

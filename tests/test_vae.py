@@ -507,7 +507,8 @@ def encoded_whole(vae, tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["chunk", "join", "cleanup"])
-def test_dataset_encode_resumes_from_each_kill_point(tmp_path, vae_dir, encoded_whole, one_thread, capsys, where):
+def test_dataset_encode_resumes_from_each_kill_point(tmp_path, vae_dir, encoded_whole, one_thread, capsys,
+                                                     where):
     """SIGKILL while a chunk gets its name, while the joined dataset does, and after that but before the work
     folder is removed: the same command then completes, leaves no temporary or work folder, and gives the
     uninterrupted run's bytes."""
@@ -590,8 +591,8 @@ def test_a_vae_with_missing_or_nonfinite_weights_is_refused(tmp_path, vae_dir, c
     ({"latent_channels": -4}, "latent_channels must be a positive integer"),
     ({"down_block_types": ["DownEncoderBlock2D"]}, "down_block_types must list one block per"),
     # A config far larger than the weights: compared by shape before anything is built for real.
-    ({"block_out_channels": [4096, 8192]}, r"encoder.conv_in.weight is \[8, 3, 3, 3\] in the file, the config "
-                                         r"makes \[4096, 3, 3, 3\]"),
+    ({"block_out_channels": [4096, 8192]}, (r"encoder.conv_in.weight is \[8, 3, 3, 3\] in the file, the config "
+                                          r"makes \[4096, 3, 3, 3\]")),
     ('{"a": ' * 100000 + "1" + "}" * 100000, "nested too deeply"),
 ])
 def test_a_bad_vae_config_is_one_clear_error(tmp_path, vae_dir, config, message):
