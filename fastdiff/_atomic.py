@@ -140,3 +140,38 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[IO], object], mo
     """``write(f)`` on an open file object (e.g. ``img.save(f, format="PNG")``), atomically."""
     with atomic_open(path, mode) as f:
         write(f)
+
+
+def prepare_outdir(path, flag: str = "--outdir", create: bool = True) -> str:
+    """Check that the output folder ``path`` can be made and written: ``ValueError`` naming ``flag`` otherwise
+    (a file in the way, a folder that cannot be created or written). ``create``: leave the folder (and its
+    parents) made; else remove again what the check made, so that a command refused later leaves nothing
+    behind. Returns ``path``."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a file, not a folder")
+    made = []  # the folders this check creates, outermost first
+    head = os.path.abspath(path)
+    while not os.path.exists(head) and os.path.dirname(head) != head:
+        made.insert(0, head)
+        head = os.path.dirname(head)
+    try:
+        for attempt in range(5):  # under torchrun another rank's check may remove the folder in between
+            try:
+                os.makedirs(path, exist_ok=True)
+                with tempfile.TemporaryFile(dir=path):
+                    pass
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot create or write the folder ({exc.strerror or exc})") from None
+    finally:
+        if not create:
+            for folder in reversed(made):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+    return path

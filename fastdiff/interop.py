@@ -1,35 +1,13 @@
 """Arrays from other frameworks: NumPy, CuPy and any DLPack producer, in and out of fastdiff's functional API.
 
-``wrap(fn)`` returns a version of ``fn`` that accepts foreign arrays wherever it takes tensors and
-returns the caller's kind of array::
+``wrap(fn)`` returns a version of ``fn`` that accepts foreign arrays wherever it takes tensors and returns the
+caller's kind of array, zero-copy where the memory allows it (see :func:`wrap`)::
 
-    import numpy as np
-    from fastdiff import interop
     y = interop.ops.mp_silu(np.random.randn(4, 8).astype(np.float32))   # -> numpy.ndarray
-    x_next, d, D = interop.ops.solver_step(x, d1, d0, 2.0, sigma_cur, sigma_next)  # numpy in, numpy out
-    D = interop.cfg_combine(d_uncond, d_cond, 3.0)
 
-Conversions are zero-copy where the memory allows it:
-
-- NumPy in: ``torch.from_numpy`` (shares memory; read-only arrays too, since the ops do not write
-  their inputs -- except the in-place ops such as ``weight_norm_``, which then update the caller's
-  array, as they would a tensor). Arrays torch cannot view (negative strides, non-native byte
-  order) are copied. NumPy out: ``tensor.numpy()`` (shares memory) after moving the result to the
-  CPU if needed; bfloat16 results become float32 (NumPy has no bfloat16).
-- CuPy in: ``torch.from_dlpack`` (same GPU memory, stream-synchronised by the DLPack protocol).
-  CuPy out: ``cupy.from_dlpack``.
-- Other objects with ``__dlpack__`` / ``__dlpack_device__`` (JAX, MLX, dpctl, ...): in through
-  ``torch.from_dlpack``; out through the producer package's ``from_dlpack`` when it has one, else
-  as torch tensors.
-
-Results are converted recursively through tuples, lists and dicts; numbers and None pass through.
-The kind of the first foreign array decides the output kind; mixing NumPy and CuPy arrays in one
-call is an error. Plain torch calls stay fast: the wrapper checks each argument's type against a
-set of native types once and calls ``fn`` directly when nothing is foreign.
-
-``fastdiff.interop.ops`` mirrors ``fastdiff.ops`` with every function wrapped (``wrap_module`` does
-the same for any module); ``cfg_combine`` / ``autoguidance_combine`` are the functional guidance
-combinations; ``frechet_distance`` wraps ``fastdiff.metrics.frechet_distance`` (imported on first use).
+``fastdiff.interop.ops`` mirrors ``fastdiff.ops`` with every function wrapped (``wrap_module`` does the same
+for any module); ``cfg_combine`` / ``autoguidance_combine`` are the functional guidance combinations;
+``frechet_distance`` wraps ``fastdiff.metrics.frechet_distance``.
 """
 
 from __future__ import annotations
@@ -74,7 +52,7 @@ def _is_ndarray(obj) -> bool:
 
 
 def to_torch(obj: Any, kind: str | None = None) -> torch.Tensor:
-    """A foreign array as a torch tensor, sharing memory where possible (see the module docstring)."""
+    """A foreign array as a torch tensor, sharing memory where possible (see :func:`wrap`)."""
     kind = kind or array_kind(obj)
     if kind == "numpy":
         import numpy as np
@@ -145,7 +123,26 @@ def _convert_out(obj, kind: str):
 
 
 def wrap(fn: Callable) -> Callable:
-    """``fn`` accepting NumPy / CuPy / DLPack arrays and returning the caller's kind of array."""
+    """``fn`` accepting NumPy / CuPy / DLPack arrays and returning the caller's kind of array.
+
+    Conversions are zero-copy where the memory allows it:
+
+    - NumPy in: ``torch.from_numpy`` (shares memory; read-only arrays too, since the ops do not write
+      their inputs -- except the in-place ops such as ``weight_norm_``, which then update the caller's
+      array, as they would a tensor). Arrays torch cannot view (negative strides, non-native byte
+      order) are copied. NumPy out: ``tensor.numpy()`` (shares memory) after moving the result to the
+      CPU if needed; bfloat16 results become float32 (NumPy has no bfloat16).
+    - CuPy in: ``torch.from_dlpack`` (same GPU memory, stream-synchronised by the DLPack protocol).
+      CuPy out: ``cupy.from_dlpack``.
+    - Other objects with ``__dlpack__`` / ``__dlpack_device__`` (JAX, MLX, dpctl, ...): in through
+      ``torch.from_dlpack``; out through the producer package's ``from_dlpack`` when it has one, else
+      as torch tensors.
+
+    Results are converted recursively through tuples, lists and dicts; numbers and None pass through.
+    The kind of the first foreign array decides the output kind; mixing NumPy and CuPy arrays in one
+    call is an error. Plain torch calls stay fast: the wrapper checks each argument's type against a
+    set of native types once and calls ``fn`` directly when nothing is foreign.
+    """
     if getattr(fn, "__fastdiff_interop__", False):
         return fn
 

@@ -1,24 +1,9 @@
 """The VAE stage of EDM2's latent models: the Stable Diffusion VAE (diffusers' ``AutoencoderKL``), from local files.
 
 EDM2's ImageNet-512 networks (Karras et al. 2024, Sec. 5) denoise 4x64x64 latents of the Stable Diffusion VAE
-``sd-vae-ft-mse``. :class:`VAE` is that stage as EDM2 defines it:
-
-* :meth:`VAE.encode`: uint8 pixels ``[N, 3, H, W]`` -> the encoder's posterior mean and std, concatenated to
-  ``[N, 8, H/8, W/8]`` float32 ("raw latents", what a latent dataset stores; :func:`fastdiff.data.latent`).
-  The pixels enter the VAE as ``x / 255`` in ``[0, 1]``, as the official encoder feeds them (the official
-  latents and networks were made that way, so fastdiff keeps it).
-* :meth:`VAE.sample_latents`: one latent per image from the stored mean/std, normalized per channel with
-  EDM2's constants (:class:`fastdiff.data.latent.LatentScaling`).
-* :meth:`VAE.decode`: the network's latents -> uint8 pixels: undo the normalization, run the VAE decoder,
-  ``clamp(0, 1) * 255`` truncated to uint8 (the official decoding).
-
-The VAE is read from a local folder in the diffusers layout (``config.json`` and
-``diffusion_pytorch_model.safetensors``; a Stable Diffusion pipeline folder's ``vae/`` is found too) or from a
-single ``.safetensors`` file (e.g. ``vae-ft-mse-840000-ema-pruned.safetensors``, in the original LDM naming, or
-a diffusers state dict); a single file is built with the Stable Diffusion VAE configuration
-(:data:`SD_VAE_CONFIG`) unless ``config`` says otherwise. Nothing is ever downloaded: the hub is switched
-off (``HF_HUB_OFFLINE``) and every load is ``local_files_only``. Pickled weights (``.ckpt``, ``.bin``,
-``.pt``) are refused, since loading them can run code.
+``sd-vae-ft-mse``. :class:`VAE` is that stage as EDM2 defines it (encode to the posterior mean and std, sample
+normalized latents, decode to uint8), read by :func:`load_vae` from a diffusers folder or one ``.safetensors``
+file. Nothing is ever downloaded and pickled weights are refused.
 
 Needs ``pip install "fastdiff[latent]"`` (diffusers).
 """
@@ -260,7 +245,25 @@ def _load_unchecked(path, config=None):
 
 class VAE:
     """EDM2's VAE stage around a diffusers ``AutoencoderKL`` (module docstring). ``batch_size`` images (or
-    latents) go through the VAE at a time; ``scaling``: the latent normalization (default EDM2's)."""
+    latents) go through the VAE at a time; ``scaling``: the latent normalization (default EDM2's).
+
+    * :meth:`VAE.encode`: uint8 pixels ``[N, 3, H, W]`` -> the encoder's posterior mean and std, concatenated to
+      ``[N, 8, H/8, W/8]`` float32 ("raw latents", what a latent dataset stores; :func:`fastdiff.data.latent`).
+      The pixels enter the VAE as ``x / 255`` in ``[0, 1]``, as the official encoder feeds them (the official
+      latents and networks were made that way, so fastdiff keeps it).
+    * :meth:`VAE.sample_latents`: one latent per image from the stored mean/std, normalized per channel with
+      EDM2's constants (:class:`fastdiff.data.latent.LatentScaling`).
+    * :meth:`VAE.decode`: the network's latents -> uint8 pixels: undo the normalization, run the VAE decoder,
+      ``clamp(0, 1) * 255`` truncated to uint8 (the official decoding).
+
+    The VAE is read from a local folder in the diffusers layout (``config.json`` and
+    ``diffusion_pytorch_model.safetensors``; a Stable Diffusion pipeline folder's ``vae/`` is found too) or from a
+    single ``.safetensors`` file (e.g. ``vae-ft-mse-840000-ema-pruned.safetensors``, in the original LDM naming, or
+    a diffusers state dict); a single file is built with the Stable Diffusion VAE configuration
+    (:data:`SD_VAE_CONFIG`) unless ``config`` says otherwise. Nothing is ever downloaded: the hub is switched
+    off (``HF_HUB_OFFLINE``) and every load is ``local_files_only``. Pickled weights (``.ckpt``, ``.bin``,
+    ``.pt``) are refused, since loading them can run code.
+    """
 
     def __init__(self, model, scaling: LatentScaling | None = None, batch_size: int = 8, device="cpu"):
         if int(batch_size) < 1:

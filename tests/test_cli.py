@@ -98,7 +98,7 @@ def test_interval_steps_is_interval_of_steps(nets, tmp_path, capsys):
     assert gen_cli.main(cli_args(gen_cli, *argv)) == 0
     assert "interval steps 1..2" in capsys.readouterr().err
     want = [img for _, batch in generate_images(net, range(3), steps=4, batch=3, device="cpu",
-                                                guidance_obj=Interval(CFG(3.0), steps=(1, 2)))
+                                                guidance=Interval(CFG(3.0), steps=(1, 2)))
             for img in batch.permute(0, 2, 3, 1).numpy()]
     got = _pngs(out)
     assert len(got) == 3 and all(np.array_equal(g, w) for g, w in zip(got, want))
@@ -125,14 +125,42 @@ def test_cfg_refuses_a_null_label_trained_without_label_dropout(nets, tmp_path, 
     assert "label dropout" not in capsys.readouterr().err
 
 
+def test_guidance_flags_come_from_the_classes():
+    """Each guidance class declares its parameters (defaults = its constructor's, weight first); the methods
+    and the --<method>-<param> flags of every command are built from those declarations."""
+    import argparse
+    import inspect
+
+    from fastdiff.cli.common import GUIDANCE_METHODS, add_guidance_arguments
+    from fastdiff.sampling.guidance import CADS, METHODS
+
+    assert GUIDANCE_METHODS == ("auto", "cfg", "autoguidance", "apg", "icg", "tsg")
+    for cls in (*METHODS.values(), CADS):
+        signature = inspect.signature(cls).parameters
+        assert [p.name for p in cls.params if signature[p.name].default != p.default] == [], cls
+        assert cls is CADS or next(iter(signature)) == "weight", cls
+    parser = argparse.ArgumentParser()
+    add_guidance_arguments(parser)
+    flags = {o for a in parser._actions for o in a.option_strings if o.startswith(("--apg-", "--tsg-", "--cads-"))}
+    assert flags == {"--apg-eta", "--apg-momentum", "--apg-rescale", "--tsg-scale", "--tsg-c-noise-scale",
+                     "--cads-tau1", "--cads-tau2", "--cads-s", "--cads-psi"}
+    from fastdiff.sampling import Autoguidance
+
+    with pytest.raises(TypeError, match="weight comes first"):
+        Autoguidance(lambda x, sigma, labels: x, 2.0)
+
+
 # The layers of README.md's Architecture section, bottom (0) to top: a module may import only from its own
 # package and from packages of a lower rank.
 LAYERS = {
     "_C": 0, "_build": 0, "_build_info": 0, "_runtime": 0, "_atomic": 0, "_dist": 0, "__version__": 0,
+    "_images": 0.5,  # PNGs written atomically (_atomic)
     "ops": 1, "diffusion": 2, "nn": 3, "data": 3,
     "io": 3.5,  # network files and the official-pickle importer: builds nn networks, used by training
     "sampling": 4, "training": 4, "metrics": 4, "toy": 4, "vae": 4,
-    "bench": 5, "interop": 5, "sweep": 5, "compat": 5, "diffusers": 5, "cli": 6, "__main__": 7, "__init__": 7,
+    "bench": 5, "interop": 5, "compat": 5, "diffusers": 5,
+    "experiments": 5,  # the sweep and the demo: the library used as a user would, below their thin commands
+    "cli": 6, "__main__": 7, "__init__": 7,
 }
 
 

@@ -90,7 +90,7 @@ def test_fallbacks_call_the_network_directly():
 def test_sampling_with_graphed_networks_equals_eager():
     net, gnet = _net(0), _net(1, model_channels=16, logvar_channels=16)
     noise, _, labels = _inputs(2, 3)
-    guidance = lambda a, b: Interval(Autoguidance(b, 2.0), sigma=(0.28, 2.9))  # noqa: E731
+    guidance = lambda a, b: Interval(Autoguidance(2.0, b), sigma=(0.28, 2.9))  # noqa: E731
     with torch.no_grad():
         want = sample(net, noise, "heun", steps=6, guidance=guidance(net, gnet), labels=labels)
         gn = GraphedDenoiser(net, capture=EagerCapture())
@@ -104,7 +104,7 @@ def test_sampling_with_graphed_networks_equals_eager():
 def test_real_cuda_graphs_match_eager():
     net, gnet = _net(0).cuda(), _net(1, model_channels=16, logvar_channels=16).cuda()
     noise, _, labels = (t.cuda() for t in _inputs(4, 3))
-    guidance = lambda a, b: Interval(Autoguidance(b, 2.0), sigma=(0.28, 2.9))  # noqa: E731
+    guidance = lambda a, b: Interval(Autoguidance(2.0, b), sigma=(0.28, 2.9))  # noqa: E731
     with torch.no_grad():
         want = sample(net, noise, "heun", steps=8, guidance=guidance(net, gnet), labels=labels)
         gn, gg = cuda_graphed(net), cuda_graphed(gnet)

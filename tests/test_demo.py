@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastdiff.cli import demo
+from fastdiff.experiments import demo as demo_lib
 from fastdiff.metrics import ModuleDetector, compute_feature_stats, register_detector, unregister_detector
 from fastdiff.cli import metrics as metrics_cli
 
@@ -83,7 +84,7 @@ def test_demo_verdicts_need_both_seed_halves():
     results = dict(settings=[row("none", "none", 1, 10.0, 11.0, 12.0), row("cfg-w2", "CFG", 2, 9.0, 10.0, 12.5),
                              row("autoguidance-w2", "autoguidance", 2, 8.0, 9.0, 10.0),
                              row("autoguidance-interval-w2", "autoguidance+interval", 2, 12.0, 13.0, 14.0)])
-    got = {(c["a"], c["b"]): c["verdict"] for c in demo._comparisons(results)}
+    got = {(c["a"], c["b"]): c["verdict"] for c in demo_lib.comparisons(results)}
     assert got[("CFG", "none")] == "within the seed-to-seed spread"  # lower overall, higher on half B
     assert got[("autoguidance", "none")] == "better" and got[("autoguidance", "CFG")] == "better"
     assert got[("autoguidance+interval", "none")] == "worse"
@@ -112,7 +113,7 @@ def test_labels_for_seeds_match_generate_images():
     for _ in generate_images(Recorder(), seeds, steps=1, batch=2):
         pass
     drawn = torch.cat(seen[::1])  # steps=1: one evaluation per batch
-    assert drawn.tolist() == demo.labels_for_seeds(seeds, (1, 4, 4), 7).tolist()
+    assert drawn.tolist() == demo_lib.labels_for_seeds(seeds, (1, 4, 4), 7).tolist()
 
 
 def test_demo_trains_the_main_model_with_label_dropout(tmp_path, capsys):
@@ -141,11 +142,11 @@ def test_demo_refuses_bad_sizes_and_outdir_before_any_work(tmp_path, capsys, arg
 
 
 def test_parse_preset():
-    assert demo.parse_preset("tiny-16") == ("tiny-16", {})
-    assert demo.parse_preset("tiny-16?model_channels=16&channel_mult=1,2&dropout=0.1") == (
+    assert demo_lib.parse_preset("tiny-16") == ("tiny-16", {})
+    assert demo_lib.parse_preset("tiny-16?model_channels=16&channel_mult=1,2&dropout=0.1") == (
         "tiny-16", {"model_channels": 16, "channel_mult": [1, 2], "dropout": 0.1})
     with pytest.raises(ValueError):
-        demo.parse_preset("tiny-16?model_channels")
+        demo_lib.parse_preset("tiny-16?model_channels")
 
 
 # ------------------------------------------------------------------------------------------------ metrics gen

@@ -377,7 +377,7 @@ def _legacy_storage_bytes(payload_obj):
     """What ``torch.storage._load_from_bytes`` receives (a legacy torch.save stream), with ``payload_obj``
     as its main object."""
     head = b"".join(pickle.dumps(x, protocol=2) for x in (
-        safe_pickle._LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
+        safe_pickle.torch_files._LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
                                           "type_sizes": {"short": 2, "int": 4, "long": 4}}))
     return head + pickle.dumps(payload_obj, protocol=2) + pickle.dumps([], protocol=2)
 
@@ -408,7 +408,7 @@ def test_stand_ins_cannot_be_tampered_with(tmp_path):
     """A BUILD on an allowed global (to patch it for later loads) is refused; nothing is changed."""
     state = b"}X\x0c\x00\x00\x00__defaults__K\x01\x85s"  # {'__defaults__': (1,)}
     slot_state = b"N" + state + b"\x86"  # (None, {...}): the setattr path
-    defaults = safe_pickle._rebuild_tensor.__defaults__
+    defaults = safe_pickle.standins._rebuild_tensor.__defaults__
     for target in (b"ctorch._utils\n_rebuild_tensor_v2\n", b"cdnnlib.util\nEasyDict\n",
                    b"ctorch.nn.modules.container\nModuleDict\n", b"ccollections\nOrderedDict\n",
                    b"cnumpy\nndarray\n"):
@@ -417,7 +417,7 @@ def test_stand_ins_cannot_be_tampered_with(tmp_path):
             path.write_bytes(b"\x80\x02" + target + st + b"b." )
             with pytest.raises(SafePickleError):
                 load_edm2_pickle(path)
-    assert safe_pickle._rebuild_tensor.__defaults__ == defaults
+    assert safe_pickle.standins._rebuild_tensor.__defaults__ == defaults
     with pytest.raises(UnsafePickleError):
         safe_pickle.ALLOWED_GLOBALS[("dnnlib.util", "EasyDict")].__setstate__ = None
     with pytest.raises(UnsafePickleError):
@@ -648,8 +648,8 @@ def test_build_is_only_for_the_stand_ins_that_take_it(tmp_path, net):
 
 def test_stack_and_memo_are_capped(monkeypatch):
     """The pre-pass bounds the unpickler's stack and memo (caps lowered here so the files stay small)."""
-    monkeypatch.setattr(safe_pickle, "MAX_STACK", 1000)
-    monkeypatch.setattr(safe_pickle, "MAX_MEMO", 1000)
+    monkeypatch.setattr(safe_pickle.scan, "MAX_STACK", 1000)
+    monkeypatch.setattr(safe_pickle.scan, "MAX_MEMO", 1000)
     flood = b"\x80\x04" + b")" * 1001 + b"."
     with pytest.raises(safe_pickle.PickleLimitError, match="stack grows past 1,000 entries"):
         safe_pickle.read_pickle(io.BytesIO(flood))

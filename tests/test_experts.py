@@ -122,8 +122,8 @@ def test_networks_must_agree_and_gaps_can_be_filled():
 GUIDES = {
     "none": lambda main, guide: None,
     "cfg": lambda main, guide: CFG(2.0),
-    "autoguidance": lambda main, guide: Autoguidance(guide, 1.8),
-    "interval": lambda main, guide: Interval(Autoguidance(guide, 2.5), sigma=(0.3, 3.0)),
+    "autoguidance": lambda main, guide: Autoguidance(1.8, guide),
+    "interval": lambda main, guide: Interval(Autoguidance(2.5, guide), sigma=(0.3, 3.0)),
     "apg": lambda main, guide: APG(3.0, uncond=guide),
     "icg": lambda main, guide: ICG(1.5),
     "tsg": lambda main, guide: TSG(1.5),

@@ -51,7 +51,7 @@ def test_nonfinite_samples_are_named_not_written_and_fail_the_run(tmp_path, caps
     assert 0 < len(expected) < len(seeds)
     out = tmp_path / "out"
     args = _args(seeds="0-11", outdir=str(out), grid=str(tmp_path / "grid.png"), batch=12, steps=2, device="cpu")
-    assert gen_cli.run(args, ElementwiseNet(0.8)) == 1
+    assert gen_cli.run(gen_cli.parse_config(args), ElementwiseNet(0.8)) == 1
     err = capsys.readouterr().err
     assert f"{len(expected)} of 12 samples are not finite" in err
     assert "seeds " + ", ".join(map(str, expected)) in err and "PNGs were not written" in err
@@ -65,7 +65,8 @@ def test_nonfinite_samples_are_named_not_written_and_fail_the_run(tmp_path, caps
     with pytest.warns(RuntimeWarning, match=f"seeds {expected[0]}"):
         list(generate_images(ElementwiseNet(0.8), seeds, steps=2))
     # A healthy network: exit status 0, every PNG.
-    assert gen_cli.run(_args(seeds="0-3", outdir=str(tmp_path / "ok"), steps=2, device="cpu"), ElementwiseNet()) == 0
+    ok = gen_cli.parse_config(_args(seeds="0-3", outdir=str(tmp_path / "ok"), steps=2, device="cpu"))
+    assert gen_cli.run(ok, ElementwiseNet()) == 0
     assert len(os.listdir(tmp_path / "ok")) == 4
 
 
@@ -80,7 +81,7 @@ def test_orphan_temporaries_of_a_killed_run_are_removed(tmp_path, capsys):
     keep = out / "notes.png.tmp1234"  # not our pattern: left alone
     keep.write_text("x")
     args = _args(seeds="0-1", outdir=str(out), subdirs=True, steps=2, device="cpu")
-    assert gen_cli.run(args, ElementwiseNet()) == 0
+    assert gen_cli.run(gen_cli.parse_config(args), ElementwiseNet()) == 0
     assert not any(p.exists() for p in orphans) and keep.exists()
     assert "removed 2 temporary file(s)" in capsys.readouterr().err
     names = [n for _, _, files in os.walk(out) for n in files]

@@ -99,7 +99,7 @@ DEEP_JSON = '{"labels": ' + "[" * 100000 + "]" * 100000 + "}"
 def test_a_bad_network_config_is_one_clear_error(tmp_path, key, value, message):
     import fastdiff.nn as fnn
     from fastdiff.io import load_network, save_network
-    from fastdiff.io.checkpoint import META_KEY, read_network_config, read_network_tensors, write_network_file
+    from fastdiff.io.network_file import META_KEY, read_network_config, read_network_tensors, write_network_file
 
     save_network(fnn.build("tiny-16", model_channels=4, logvar_channels=4), tmp_path / "n.safetensors")
     tensors = read_network_tensors(tmp_path / "n.safetensors")

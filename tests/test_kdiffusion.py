@@ -102,7 +102,7 @@ def test_fastdiff_samplers_and_guidance_drive_a_kdiffusion_model():
     # Autoguidance with a second wrapped k-diffusion model as the guide.
     guide = KDiffusionDenoiser(KModel().requires_grad_(False), "cond", "index", NUM_CLASSES,
                                extra_args={"scale": 0.5})
-    a = sample(den, noise, guidance=Autoguidance(guide, 2.0), **kw)
+    a = sample(den, noise, guidance=Autoguidance(2.0, guide), **kw)
     assert torch.isfinite(a).all()
     calls = model.calls
     sample(den, noise, guidance=CFG(2.0), **kw)

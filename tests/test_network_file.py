@@ -1,4 +1,4 @@
-"""fastdiff's network file format (``fastdiff.network/1``, fastdiff.io.checkpoint): one writer for
+"""fastdiff's network file format (``fastdiff.network/1``, fastdiff.io.network_file): one writer for
 ``save_network``, training's EMA snapshots and post-hoc EMA; the SHA-256 digest of the tensor data; dtype
 and config checks on load; and every ``--net`` (generate, metrics gen) reading the same inputs."""
 
@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastdiff.io import load_any_network, load_network, save_network
-from fastdiff.io.checkpoint import DIGEST_KEY, META_KEY, read_network_tensors, tensor_digest
+from fastdiff.io.network_file import DIGEST_KEY, META_KEY, read_network_tensors, tensor_digest
 
 from conftest import tiny_net
 

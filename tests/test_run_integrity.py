@@ -15,7 +15,7 @@ from _standin import StandinLoss, tiny
 from fastdiff._atomic import atomic_write, is_orphan_temp, remove_orphan_temps
 from fastdiff.data import open_dataset
 from fastdiff.training import TrainConfig, training_loop
-from fastdiff.training.checkpoint import CheckpointError, find_checkpoints
+from fastdiff.training.training_state import CheckpointError, find_checkpoints
 from fastdiff.training.rundir import LOCK_NAME, RunDirectoryBusy, RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -446,10 +446,10 @@ def test_guidance_is_applied_at_every_evaluation(name):
     guided = lambda x, s, lab: guide(x, s, lab) + w * (MIX(x, s, lab) - guide(x, s, lab))  # noqa: E731
     kw = dict(dtype=torch.float64, steps=6)
     if name in SDE + ANCESTRAL:
-        a = sample(MIX, _noise(), name, guidance=Autoguidance(guide, w), generators=rng.seed_generators(range(5)), **kw)
+        a = sample(MIX, _noise(), name, guidance=Autoguidance(w, guide), generators=rng.seed_generators(range(5)), **kw)
         b = sample(guided, _noise(), name, generators=rng.seed_generators(range(5)), **kw)
     else:
-        a = sample(MIX, _noise(), name, guidance=Autoguidance(guide, w), **kw)
+        a = sample(MIX, _noise(), name, guidance=Autoguidance(w, guide), **kw)
         b = sample(guided, _noise(), name, **kw)
     _close(a, b, 1e-9)
     assert not torch.allclose(a, sample(MIX, _noise(), name, generators=rng.seed_generators(range(5)), **kw))

@@ -13,8 +13,9 @@ from fastdiff.sampling import (
     sample,
 )
 from fastdiff import _runtime as _nvtx
+from fastdiff.cli import common as cli_common
 from fastdiff.cli import generate as gen_cli
-from fastdiff.sampling.generate import split_batches
+from fastdiff.sampling.generate import make_guidance, split_batches
 from fastdiff.sampling.guidance import EvalContext
 
 from conftest import cli_args
@@ -277,7 +278,7 @@ def test_autoguidance_matches_formula(sampler):
     t = edm_sigma_steps(10)
     D = per_sample(guided(MIX, guide, w))
     want = {"heun": heun_direct, "euler": euler_direct, "dpmpp_2m": dpmpp_direct}[sampler](D, noise, t)
-    got = sample(MIX, noise, sampler, steps=10, guidance=Autoguidance(guide, w), dtype=torch.float64)
+    got = sample(MIX, noise, sampler, steps=10, guidance=Autoguidance(w, guide), dtype=torch.float64)
     _close(got, want, 1e-9)
 
 
@@ -299,7 +300,7 @@ def test_edm_sampler_drop_in():
 
 def test_kernel_and_reference_paths_agree():
     noise = _noise().float()
-    g = Autoguidance(GMM(MIX.mus, s0=0.8, pi=MIX.pi), 2.0)
+    g = Autoguidance(2.0, GMM(MIX.mus, s0=0.8, pi=MIX.pi))
     a = sample(MIX, noise, "heun", steps=12, guidance=g)
     with ops.use_reference():
         b = sample(MIX, noise, "heun", steps=12, guidance=g)
@@ -349,7 +350,7 @@ def test_cfg_on_gaussian_mixture():
 def test_guidance_weight_one_skips_guide():
     guide = Counter(MIX)
     base = sample(MIX, _noise(), "heun", steps=6, dtype=torch.float64)
-    for g in (Autoguidance(guide, 1.0), CFG(1.0, uncond=guide), APG(1.0, uncond=guide)):
+    for g in (Autoguidance(1.0, guide), CFG(1.0, uncond=guide), APG(1.0, uncond=guide)):
         out = sample(MIX, _noise(), "heun", steps=6, guidance=g, dtype=torch.float64)
         assert torch.equal(out, base)
     assert guide.calls == 0
@@ -376,7 +377,7 @@ def test_interval_skips_guide_outside(sampler):
     guide = Counter(GMM(MIX.mus, s0=0.8, pi=MIX.pi))
     main = Counter(MIX)
     lo, hi = 0.28, 2.9
-    sample(main, _noise(), sampler, steps=16, guidance=Interval(Autoguidance(guide, 2.0), sigma=(lo, hi)),
+    sample(main, _noise(), sampler, steps=16, guidance=Interval(Autoguidance(2.0, guide), sigma=(lo, hi)),
            generators=rng.seed_generators(range(16)), dtype=torch.float64)
     inside = [s for s in main.sigmas if lo < s <= hi]
     assert 0 < guide.calls == len(inside) < main.calls
@@ -393,13 +394,14 @@ def test_interval_matches_formula_and_steps():
 
     noise = _noise()
     want = heun_direct(per_sample(D), noise, edm_sigma_steps(12))
-    got = sample(MIX, noise, "heun", steps=12, guidance=Interval(Autoguidance(guide, w), sigma=(lo, hi)), dtype=torch.float64)
+    got = sample(MIX, noise, "heun", steps=12, guidance=Interval(Autoguidance(w, guide), sigma=(lo, hi)),
+                 dtype=torch.float64)
     _close(got, want)
     g = Counter(guide)
-    sample(MIX, noise, "heun", steps=12, guidance=Interval(Autoguidance(g, w), steps=(3, 5)), dtype=torch.float64)
+    sample(MIX, noise, "heun", steps=12, guidance=Interval(Autoguidance(w, g), steps=(3, 5)), dtype=torch.float64)
     assert g.calls == 6  # steps 3, 4, 5: Euler + correction each
     with pytest.raises(ValueError):
-        Interval(Autoguidance(guide, w))
+        Interval(Autoguidance(w, guide))
 
 
 def test_interval_mixed_batch():
@@ -407,7 +409,7 @@ def test_interval_mixed_batch():
     guide = Counter(GMM(MIX.mus, s0=0.8, pi=MIX.pi))
     x, sigma = _noise(4), torch.tensor([0.1, 1.0, 3.0, 10.0], dtype=torch.float64)
     ctx = EvalContext(num_steps=4, sigmas=edm_sigma_steps(4), sigma_min=0.002, sigma_max=80, rho=7, dtype=torch.float64, batch=4)
-    out = Interval(Autoguidance(guide, 2.0), sigma=(0.5, 5.0)).evaluate(MIX, x, sigma, None, ctx).combine()
+    out = Interval(Autoguidance(2.0, guide), sigma=(0.5, 5.0)).evaluate(MIX, x, sigma, None, ctx).combine()
     assert guide.rows == 2
     want = torch.where((sigma > 0.5)[:, None] & (sigma <= 5)[:, None], guided(MIX, guide.fn, 2.0)(x, sigma, None), MIX(x, sigma, None))
     _close(out, want)
@@ -616,7 +618,7 @@ def _gen_float(net, seeds, **kw):
 @pytest.mark.parametrize("reference", [True, False])
 def test_seed_independent_of_batch(reference):
     net, gnet = TinyNet(), TinyNet(shift=0.2)
-    g = Interval(Autoguidance(gnet, 2.0), sigma=(0.3, 10.0))
+    g = Interval(Autoguidance(2.0, gnet), sigma=(0.3, 10.0))
     with ops.use_reference(reference):
         alone = _gen_float(net, [7], guidance=g)
         mixed = _gen_float(net, [3, 7, 11, 12345], guidance=g)
@@ -634,8 +636,8 @@ def test_seed_independent_of_batch(reference):
         torch.testing.assert_close(alone_icg[0], other[2], rtol=1e-5, atol=1e-5)
         for a, b in pairs:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    a = _gen(net, [7, 8], 1, gnet=gnet, guidance=2.0)
-    b = _gen(net, [1, 8, 7], 3, gnet=gnet, guidance=2.0)
+    a = _gen(net, [7, 8], 1, guidance=Autoguidance(2.0, gnet))
+    b = _gen(net, [1, 8, 7], 3, guidance=Autoguidance(2.0, gnet))
     assert (a[7].int() - b[7].int()).abs().max() <= 1 and (a[8].int() - b[8].int()).abs().max() <= 1
 
 
@@ -652,8 +654,10 @@ def test_generate_images_basic_and_errors():
         list(generate_images(net, [-1]))
     with pytest.raises(ValueError, match="out of range"):
         list(generate_images(net, [2**32]))
+    with pytest.raises(TypeError, match="make_guidance"):
+        list(generate_images(net, [0], guidance=2.0))  # the official gnet / weight form is make_guidance's
     with pytest.raises(ValueError, match="gnet"):
-        list(generate_images(net, [0], guidance=2.0))
+        make_guidance(None, 2.0, None)
     with pytest.raises(ValueError, match="unknown sampler"):
         list(generate_images(net, [0], sampler="ddim"))
     with pytest.raises(ValueError, match="class"):
@@ -670,15 +674,15 @@ def test_split_batches():
 
 
 def test_parse_seeds_and_interval():
-    assert gen_cli.parse_seeds("0-3") == [0, 1, 2, 3]
-    assert gen_cli.parse_seeds("1,5, 7-8") == [1, 5, 7, 8]
+    assert cli_common.parse_seeds("0-3") == [0, 1, 2, 3]
+    assert cli_common.parse_seeds("1,5, 7-8") == [1, 5, 7, 8]
     for bad in ("a-b", "3-1", "1,,2", "-5", f"{2**32}"):
         with pytest.raises(ValueError):
-            gen_cli.parse_seeds(bad)
-    assert gen_cli.parse_interval("0.28,2.9") == (0.28, 2.9)
+            cli_common.parse_seeds(bad)
+    assert cli_common.parse_interval("0.28,2.9") == (0.28, 2.9)
     for bad in ("1", "2,1", "x,y"):
         with pytest.raises(ValueError):
-            gen_cli.parse_interval(bad)
+            cli_common.parse_interval(bad)
 
 
 def _args(**kw):
@@ -705,7 +709,7 @@ def _read_pngs(folder):
 def test_cli_run_writes_pngs_and_grid(tmp_path):
     args = _args(seeds="0-4,1000", outdir=str(tmp_path / "out"), subdirs=True, grid=str(tmp_path / "grid.png"),
                  batch=4, steps=3, device="cpu")
-    assert gen_cli.run(args, TinyNet()) == 0
+    assert gen_cli.run(gen_cli.parse_config(args), TinyNet()) == 0
     files = _read_pngs(tmp_path / "out")
     assert sorted(files) == ["000000/000000.png", "000000/000001.png", "000000/000002.png", "000000/000003.png",
                              "000000/000004.png", "001000/001000.png"]
@@ -736,7 +740,7 @@ def test_cli_every_sampler_and_its_options(tmp_path, capsys):
     for name, extra in [("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", dict(eta=0.3)), ("dpm_adaptive", dict(rtol=0.2)),
                         ("euler", dict(S_churn=20.0))]:
         args = _args(seeds="0-1", grid=str(tmp_path / "g.png"), steps=3, device="cpu", sampler=name, **extra)
-        assert gen_cli.run(args, TinyNet()) == 0
+        assert gen_cli.run(gen_cli.parse_config(args), TinyNet()) == 0
         out[(name, tuple(extra))] = (tmp_path / "g.png").read_bytes()
     assert out[("dpmpp_2m_sde", ())] != out[("dpmpp_2m_sde", ("eta",))]
     for flags, message in [(dict(sampler="dpmpp_2m", S_churn=2.0), "has no use for --S-churn"),
@@ -752,7 +756,7 @@ def _dist_worker(rank, world, init_file, outdir):
     try:
         torch.set_num_threads(1)
         args = _args(seeds="0-6", outdir=outdir, batch=2, steps=3, device="cpu", grid=os.path.join(outdir, "..", "grid2.png"))
-        gen_cli.run(args, TinyNet())
+        gen_cli.run(gen_cli.parse_config(args), TinyNet())
     finally:
         torch.distributed.destroy_process_group()
 
@@ -761,7 +765,8 @@ def test_cli_distributed_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
     single = tmp_path / "single"
-    gen_cli.run(_args(seeds="0-6", outdir=str(single), batch=7, steps=3, device="cpu"), TinyNet())
+    gen_cli.run(gen_cli.parse_config(_args(seeds="0-6", outdir=str(single), batch=7, steps=3, device="cpu")),
+                TinyNet())
     dist_dir = tmp_path / "dist" / "out"
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(dist_dir)), nprocs=2, join=True)
     a, b = _read_pngs(single), _read_pngs(dist_dir)
@@ -782,13 +787,13 @@ def _cli_images(tmp_path, name, net, gnet=None, flags=""):
     out = tmp_path / name
     args = _parse("--net", "unused", "--seeds", "0-3", "--outdir", out, "--batch", "4", "--steps", "3",
                   "--device", "cpu", "--no-progress", *flags.split())
-    assert gen_cli.run(args, net, gnet) == 0
+    assert gen_cli.run(gen_cli.parse_config(args, has_gnet=gnet is not None), net, gnet) == 0
     return _read_pngs(out)
 
 
-def _lib_images(net, guidance_obj, seeds=range(4), steps=3):
+def _lib_images(net, guidance, seeds=range(4), steps=3):
     out = {}
-    for s, imgs in generate_images(net, list(seeds), batch=4, steps=steps, device="cpu", guidance_obj=guidance_obj):
+    for s, imgs in generate_images(net, list(seeds), batch=4, steps=steps, device="cpu", guidance=guidance):
         out.update({f"{k:06d}.png": v.permute(1, 2, 0).numpy() for k, v in zip(s, imgs)})
     return out
 
@@ -802,7 +807,7 @@ COND_GUIDE, UNCOND_GUIDE = TinyNet(shift=0.2), TinyNet(label_dim=0, shift=0.3)
 CLI_METHODS = [  # (flags, --gnet, the library object the flags must build)
     ("--guidance-method cfg --guidance 2.5", None, lambda: CFG(2.5)),
     ("--guidance-method cfg --guidance 2", UNCOND_GUIDE, lambda: CFG(2.0, uncond=UNCOND_GUIDE)),
-    ("--guidance-method autoguidance --guidance 2", COND_GUIDE, lambda: Autoguidance(COND_GUIDE, 2.0)),
+    ("--guidance-method autoguidance --guidance 2", COND_GUIDE, lambda: Autoguidance(2.0, COND_GUIDE)),
     ("--guidance-method apg --guidance 3 --apg-eta 0.5 --apg-momentum -0.3 --apg-rescale 2", None,
      lambda: APG(3.0, eta=0.5, beta=-0.3, r=2.0)),
     ("--guidance-method apg --guidance 3", COND_GUIDE, lambda: APG(3.0, guide=COND_GUIDE)),
@@ -812,7 +817,7 @@ CLI_METHODS = [  # (flags, --gnet, the library object the flags must build)
     ("--guidance-method apg --guidance 2 --interval 0.5,10", None, lambda: Interval(APG(2.0), sigma=(0.5, 10.0))),
     ("--guidance-method cfg --guidance 2 --interval 0.3,5 --cads --cads-s 0.5", None,
      lambda: CADS(Interval(CFG(2.0), sigma=(0.3, 5.0)), s=0.5)),
-    ("--guidance 2 --cads --cads-tau2 0.95", COND_GUIDE, lambda: CADS(Autoguidance(COND_GUIDE, 2.0), tau2=0.95)),
+    ("--guidance 2 --cads --cads-tau2 0.95", COND_GUIDE, lambda: CADS(Autoguidance(2.0, COND_GUIDE), tau2=0.95)),
 ]
 
 
@@ -874,7 +879,7 @@ def test_cli_old_invocation_unchanged(tmp_path, net_files):
     assert _main("--net", net_files["net"], *flags, "--outdir", tmp_path / "old", *COMMON) == 0
     net, gnet = (load_network(net_files[k]).eval().requires_grad_(False) for k in ("net", "gnet"))
     ref = {}
-    for s, imgs in generate_images(net, range(4), gnet=gnet, guidance=2.0, interval=(0.3, 5.0), steps=3, batch=4,
+    for s, imgs in generate_images(net, range(4), guidance=make_guidance(gnet, 2.0, (0.3, 5.0)), steps=3, batch=4,
                                    device="cpu"):
         ref.update({f"{k:06d}.png": v.permute(1, 2, 0).numpy() for k, v in zip(s, imgs)})
     old = _read_pngs(tmp_path / "old")
@@ -946,7 +951,7 @@ def test_cli_guidance_method_cads_points_at_the_flag(capsys):
 def test_cli_guidance_network_errors(tmp_path, flags, net, gnet, message):
     args = _parse("--net", "n", "--outdir", tmp_path, "--seeds", "0", "--steps", "1", "--device", "cpu", *flags.split())
     with pytest.raises(ValueError, match=message):
-        gen_cli.run(args, net, gnet)
+        gen_cli.run(gen_cli.parse_config(args, has_gnet=gnet is not None), net, gnet)
     assert not os.listdir(tmp_path)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff.nn as fnn
-from fastdiff import sweep
+from fastdiff.experiments import sweep
 from fastdiff.metrics import FeatureStats, get_detector
 from fastdiff.metrics.classifier import DigitClassifier, load_classifier, save_classifier
 from fastdiff.sampling import Autoguidance, Interval as GInterval, generate_images
@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
 
 def _spec():
     return sweep.SweepSpec(main_stds=[0.05, 0.1], guide_stds=[0.1], weights=[1, 2],
-                           intervals=[None, sweep.Interval("sigma", 0.001, 10.0)])
+                           intervals=[None, sweep.IntervalSpec("sigma", 0.001, 10.0)])
 
 
 def test_classifier_file_roundtrip_and_errors(setup, tmp_path):
@@ -76,25 +76,25 @@ def test_per_row_guidance_matches_one_setting_at_a_time(setup, tmp_path):
     """All settings in one batch = each setting through generate_images with the library's guidance."""
     from fastdiff.io import load_network
 
-    paths = sweep._Networks("main", None, setup["main"], str(tmp_path), "cpu", False)
+    paths = sweep.Networks("main", None, setup["main"], str(tmp_path), "cpu", False)
     paths.prepare([0.1])
-    gpaths = sweep._Networks("guide", None, setup["guide"], str(tmp_path), "cpu", False)
+    gpaths = sweep.Networks("guide", None, setup["guide"], str(tmp_path), "cpu", False)
     gpaths.prepare([0.1])
     net, gnet = load_network(paths.paths[0.1]).eval(), load_network(gpaths.paths[0.1]).eval()
     settings = [sweep.Cell(0.1, 0.1, 1.0, None), sweep.Cell(0.1, 0.1, 2.0, None),
-                sweep.Cell(0.1, 0.1, 2.0, sweep.Interval("sigma", 0.001, 10.0)),
-                sweep.Cell(0.1, 0.1, 1.5, sweep.Interval("steps", 0, 0))]
+                sweep.Cell(0.1, 0.1, 2.0, sweep.IntervalSpec("sigma", 0.001, 10.0)),
+                sweep.Cell(0.1, 0.1, 1.5, sweep.IntervalSpec("steps", 0, 0))]
     got = {j: [] for j in range(len(settings))}
     counts = sweep.sample_settings(net, settings, SEEDS, gnet, steps=STEPS, batch=64, device="cpu",
                                    on_batch=lambda j, im: got[j].append(im))
-    refs = [None, Autoguidance(gnet, 2.0), GInterval(Autoguidance(gnet, 2.0), sigma=(0.001, 10.0)),
-            GInterval(Autoguidance(gnet, 1.5), steps=(0, 0))]
+    refs = [None, Autoguidance(2.0, gnet), GInterval(Autoguidance(2.0, gnet), sigma=(0.001, 10.0)),
+            GInterval(Autoguidance(1.5, gnet), steps=(0, 0))]
     for j, g in enumerate(refs):
-        want = torch.cat([im for _, im in generate_images(net, SEEDS, guidance_obj=g, steps=STEPS, batch=64)])
+        want = torch.cat([im for _, im in generate_images(net, SEEDS, guidance=g, steps=STEPS, batch=64)])
         diff = (torch.cat(got[j]).int() - want.int()).abs()
         assert diff.max() <= 1, (j, diff.max())  # batch composition may flip a rounding
     # evaluations: the guide only where guided (w != 1, inside the interval)
-    ev = [sweep._cell_evaluations(c, STEPS, len(SEEDS)) for c in settings]
+    ev = [sweep.cell_evaluations(c, STEPS, len(SEEDS)) for c in settings]
     evals = 2 * STEPS - 1
     assert counts["main"] == sum(e["main"] for e in ev) == 4 * evals * len(SEEDS)
     assert counts["guide"] == sum(e["guide"] for e in ev)

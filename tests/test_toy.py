@@ -150,11 +150,11 @@ def test_autoguidance_with_exact_main_and_blurred_guide_concentrates(small_tree)
     guide = tree.blurred(0.05)
     plain = sample(tree, noise, steps=16, labels=labels, dtype=torch.float64)
     guided = sample(tree, noise, steps=16, labels=labels, dtype=torch.float64,
-                    guidance=Autoguidance(guide, 2.5))
+                    guidance=Autoguidance(2.5, guide))
     lp_plain, lp_guided = tree.log_prob(plain, 0, labels), tree.log_prob(guided, 0, labels)
     assert float(lp_guided.mean()) > float(lp_plain.mean()) + 0.1, (float(lp_guided.mean()), float(lp_plain.mean()))
     assert float(lp_guided.median()) > float(lp_plain.median())
-    again = sample(tree, noise, steps=16, labels=labels, dtype=torch.float64, guidance=Autoguidance(guide, 2.5))
+    again = sample(tree, noise, steps=16, labels=labels, dtype=torch.float64, guidance=Autoguidance(2.5, guide))
     assert torch.equal(again, guided)
 
 

@@ -17,7 +17,7 @@ import torch
 from _standin import StandinLoss, StandinPrecond, tiny
 from fastdiff.data import open_dataset
 from fastdiff.training import TrainConfig, learning_rate_schedule, parse_nimg, training_loop
-from fastdiff.training.checkpoint import find_checkpoints, load_checkpoint
+from fastdiff.training.training_state import find_checkpoints, load_checkpoint
 from fastdiff.training.snapshots import list_snapshots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

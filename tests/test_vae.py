@@ -116,7 +116,7 @@ def test_sampling_is_deterministic_per_seed():
 def test_an_imported_img512_pickle_knows_its_latent_scaling(tmp_path):
     """The official pickles' encoder record (as the importer parses it) gives the official constants."""
     from test_edm2_pickle import tiny, write_official
-    from fastdiff.io.edm2_pickle import load_network_and_info
+    from fastdiff.io.any_network import load_network_and_info
 
     pkl = write_official(tmp_path / "net.pkl", tiny(img_channels=4))
     net, info = load_network_and_info(pkl)

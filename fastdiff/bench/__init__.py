@@ -2,13 +2,10 @@
 
     fastdiff bench                                   # every suite, on the CPU (float32)
     fastdiff bench network sampling --device cuda    # bf16 on the GPU, EDM2-S shapes at batch 64
-    fastdiff bench --device cuda --compile max-autotune --json bench.json
 
-Each case times its implementations in turns (see ``fastdiff.bench.timing``) and reports the median time per
-call, achieved throughput (GB/s, TFLOP/s or images/s), its share of the device's peak where the peak is
-known, the speed-up over the first implementation (the plain-PyTorch baseline) and, on CUDA, peak memory.
-The suites are described in ``fastdiff.bench.suites``; ``fastdiff.bench.plain_edm2`` is the plain-PyTorch
-EDM2 network the network, sampling and training suites compare against.
+Each case times its implementations in turns (``fastdiff.bench.timing``) and reports the median time per call,
+throughput, its share of the device's peak where known, the speed-up over the plain-PyTorch baseline and, on
+CUDA, peak memory. The suites are in ``fastdiff.bench.suites``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,10 @@
 """The cases of ``fastdiff bench``: each one a set of implementations of the same work, timed side by side.
 
-Suites (sizes are the defaults; ``Options.quick`` shrinks everything to a smoke test):
-
-- ``ops``: every fused elementwise op, forced weight normalization and the MP convolution vs the
-  plain-PyTorch reference (and its ``torch.compile`` with ``--compile``); achieved GB/s (the bytes an op must
-  read and write at least) or TFLOP/s. A device-to-device copy of the same size is the bandwidth yardstick.
-- ``attention``: fused cosine attention vs the einsum reference vs SDPA after a separate pixel norm, forward
-  and forward+backward at the EDM2-S attention shapes; TFLOP/s (4 N heads L^2 64 per forward, 3.5x that
-  for forward+backward, the usual flash-attention count).
-- ``network``: the preconditioned denoiser forward, fastdiff.nn vs the plain-PyTorch EDM2 of
-  ``fastdiff.bench.plain_edm2`` (weights normalized on every call, like the official code), in the chosen
-  dtype; images/s and model FLOP utilization (FLOPs per image counted by torch's FLOP counter on the plain
-  network).
-- ``sampling``: 32-step Heun with autoguidance and a guidance interval: fastdiff.sampling vs the same loop in
-  plain PyTorch (guide evaluated at every step, its result discarded outside the interval); images/s. On
-  CUDA also fastdiff with both networks replayed from CUDA graphs (``fastdiff.sampling.cuda_graphed``).
-  Then every sampler of ``fastdiff.sampling.SAMPLERS`` on the same work, with its network forwards.
-- ``training``: one training step (EDM2 loss with learned uncertainty, backward, non-finite gradients
-  zeroed, Adam, two power-function EMAs) under autocast: fastdiff vs plain; images/s and peak memory.
+Suites: ``ops`` (every fused op and the MP convolution vs the plain-PyTorch reference, GB/s or TFLOP/s),
+``attention`` (fused cosine attention vs einsum vs SDPA), ``network`` (the denoiser forward vs the plain
+EDM2 of ``fastdiff.bench.plain_edm2``), ``sampling`` (32-step Heun with autoguidance and an interval, then
+every sampler) and ``training`` (one step with EMAs under autocast). Each ``*_cases`` function says what it
+times; ``Options.quick`` shrinks everything to a smoke test.
 """
 
 from __future__ import annotations
@@ -39,6 +26,28 @@ GUIDE_W, INTERVAL = 2.0, (0.28, 2.9)  # autoguidance weight; guidance interval i
 
 @dataclass
 class Options:
+    """What every suite takes (``quick`` shrinks everything to a smoke test).
+
+    Suites (sizes are the defaults; ``Options.quick`` shrinks everything to a smoke test):
+
+    - ``ops``: every fused elementwise op, forced weight normalization and the MP convolution vs the
+      plain-PyTorch reference (and its ``torch.compile`` with ``--compile``); achieved GB/s (the bytes an op must
+      read and write at least) or TFLOP/s. A device-to-device copy of the same size is the bandwidth yardstick.
+    - ``attention``: fused cosine attention vs the einsum reference vs SDPA after a separate pixel norm, forward
+      and forward+backward at the EDM2-S attention shapes; TFLOP/s (4 N heads L^2 64 per forward, 3.5x that
+      for forward+backward, the usual flash-attention count).
+    - ``network``: the preconditioned denoiser forward, fastdiff.nn vs the plain-PyTorch EDM2 of
+      ``fastdiff.bench.plain_edm2`` (weights normalized on every call, like the official code), in the chosen
+      dtype; images/s and model FLOP utilization (FLOPs per image counted by torch's FLOP counter on the plain
+      network).
+    - ``sampling``: 32-step Heun with autoguidance and a guidance interval: fastdiff.sampling vs the same loop in
+      plain PyTorch (guide evaluated at every step, its result discarded outside the interval); images/s. On
+      CUDA also fastdiff with both networks replayed from CUDA graphs (``fastdiff.sampling.cuda_graphed``).
+      Then every sampler of ``fastdiff.sampling.SAMPLERS`` on the same work, with its network forwards.
+    - ``training``: one training step (EDM2 loss with learned uncertainty, backward, non-finite gradients
+      zeroed, Adam, two power-function EMAs) under autocast: fastdiff vs plain; images/s and peak memory.
+    """
+
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     batch: int | None = None                 # overrides every suite's batch
@@ -306,7 +315,7 @@ def fastdiff_heun_loop(net, gnet, noise, labels=None, w=GUIDE_W, interval=INTERV
     """The same sampling with fastdiff.sampling: fused solver step, guide skipped outside the interval."""
     from fastdiff.sampling import Autoguidance, Interval, sample
 
-    return sample(net, noise, "heun", steps=num_steps, guidance=Interval(Autoguidance(gnet, w), sigma=interval),
+    return sample(net, noise, "heun", steps=num_steps, guidance=Interval(Autoguidance(w, gnet), sigma=interval),
                   labels=labels)
 
 
@@ -354,7 +363,7 @@ def every_sampler_case(opt: Options, net, gnet, pnet, pgnet, noise, labels, step
     from fastdiff.sampling import SAMPLERS, Autoguidance, Interval, rng, sample
 
     def run(sampler: str, info=None):
-        g = Interval(Autoguidance(gnet, GUIDE_W), sigma=INTERVAL)
+        g = Interval(Autoguidance(GUIDE_W, gnet), sigma=INTERVAL)
         gens = rng.seed_generators(range(noise.shape[0]), device=noise.device)
         return sample(net, noise, sampler, steps=steps, guidance=g, labels=labels, generators=gens, info=info)
 

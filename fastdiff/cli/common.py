@@ -9,24 +9,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 
 import torch
 
-from fastdiff._atomic import atomic_write_with
+from fastdiff._atomic import atomic_write_with, prepare_outdir  # noqa: F401  (the commands' --outdir check)
 from fastdiff._dist import resolve_device
+from fastdiff._images import make_grid, save_png  # noqa: F401  (the commands' PNG and grid output)
 from fastdiff._runtime import DTYPE_NAMES
 from fastdiff.sampling.generate import MAX_SEED, make_guidance
 from fastdiff.training.phema import MAX_STD
-from fastdiff.sampling.guidance import (
-    APG, CADS, CFG, ICG, TSG, Autoguidance, Guidance, Interval, noise_embedding_layer,
-)
+from fastdiff.sampling.guidance import CADS, METHODS, Guidance, Interval, Param
 
 DTYPES = DTYPE_NAMES  # what --dtype accepts
 
@@ -93,11 +90,11 @@ def parse_interval_steps(text: str | None) -> tuple[int, int] | None:
 
 
 # --- guidance -----------------------------------------------------------------------------------------
+# The flags come from the guidance classes' declarations (fastdiff.sampling.guidance: ``method``, ``params``,
+# ``guide_arg``, ``needs_labels``...): a new method there is a new --guidance-method here.
 
-GUIDANCE_METHODS = ("auto", "cfg", "autoguidance", "apg", "icg", "tsg")
-# Methods that compare the class condition with something else, so --net must be class-conditional
-# (apg only without --gnet: with one, its unconditional branch is that network).
-_NEEDS_LABELS = {"cfg", "icg"}
+GUIDANCE_METHODS = ("auto", *METHODS)  # auto: the official tool's rule (autoguidance by --gnet)
+NETWORK_NAMES = {"net": "--net", "guide": "--gnet", "unconditional": "--net is unconditional (label_dim 0)"}
 
 
 def _guidance_method(text: str) -> str:
@@ -114,106 +111,64 @@ def _guidance_method(text: str) -> str:
     return text
 
 
-def _finite(v: float) -> str | None:
-    return None if math.isfinite(v) else "must be a finite number"
+def _param_owners() -> tuple[type[Guidance], ...]:
+    """The classes whose parameters are flags: every method, then CADS (--cads, around any method)."""
+    return (*METHODS.values(), CADS)
 
 
-def _nonneg(v: float) -> str | None:
-    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+def _flag(cls: type[Guidance], p: Param) -> str:
+    return f"--{cls.method}-{p.cli_name}"
 
 
-def _positive(v: float) -> str | None:
-    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+def _dest(cls: type[Guidance], p: Param) -> str:
+    return _flag(cls, p)[2:].replace("-", "_")
 
 
-def _nonpositive(v: float) -> str | None:
-    return None if math.isfinite(v) and v <= 0 else "must be a finite number <= 0 (a momentum beta < 0; 0 = none)"
+def _flags(cls: type[Guidance]) -> dict[str, str]:
+    return {p.name: _flag(cls, p) for p in cls.params}
 
 
-def _unit(v: float) -> str | None:
-    return None if 0 <= v <= 1 else "must lie in [0, 1]"
+def _fmt(v) -> str:
+    return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 @dataclasses.dataclass(frozen=True)
-class GuidanceParam:
-    """A command-line parameter of a guidance class: ``--flag`` sets keyword ``kwarg`` of ``cls``, for
-    ``owner`` (a method of ``--guidance-method``, or ``cads`` for ``--cads``). The default is the
-    constructor's, read from its signature: it is defined once, in the class."""
+class GuidanceOptions:
+    """The guidance flags, parsed and checked as far as no network is needed (:func:`parse_guidance`).
 
-    flag: str
-    owner: str
-    cls: type
-    kwarg: str
-    help: str
-    check: Callable[[float], str | None]
+    ``weight``: ``--guidance`` as given (None: not given, i.e. 1); ``params``: per method (and ``"cads"``)
+    the constructor keywords given on the command line, the rest keep the classes' defaults."""
 
-    @property
-    def dest(self) -> str:
-        return self.flag[2:].replace("-", "_")
+    method: str = "auto"
+    weight: float | None = None
+    interval: tuple[float, float] | None = None
+    interval_steps: tuple[int, int] | None = None
+    cads: bool = False
+    params: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    force: bool = False
 
     @property
-    def name(self) -> str:
-        """The flag without its method prefix (``--apg-momentum`` -> ``momentum``), for the summary line."""
-        return self.flag[len(self.owner) + 3:]
+    def w(self) -> float:
+        return 1.0 if self.weight is None else float(self.weight)
 
-    @property
-    def default(self):
-        return inspect.signature(self.cls).parameters[self.kwarg].default
-
-
-GUIDANCE_PARAMS = (
-    GuidanceParam("--apg-eta", "apg", APG, "eta", "APG: weight eta of the update's part parallel to D_c", _finite),
-    GuidanceParam("--apg-momentum", "apg", APG, "beta", "APG: momentum beta (< 0; 0 = no momentum)", _nonpositive),
-    GuidanceParam("--apg-rescale", "apg", APG, "r", "APG: rescale radius r, ||D_c - D_u|| clipped to r per sample "
-                  "(none = no rescale)", _positive),
-    GuidanceParam("--tsg-scale", "tsg", TSG, "scale", "TSG: s in e~ = e + s std(e) n, for networks with a noise "
-                  "embedding layer (fastdiff's, and official pickles loaded by fastdiff)", _nonneg),
-    GuidanceParam("--tsg-c-noise-scale", "tsg", TSG, "c_noise_scale", "TSG on networks without that layer (other "
-                  "callables): std of the perturbation of c_noise = ln(sigma)/4", _nonneg),
-    GuidanceParam("--cads-tau1", "cads", CADS, "tau1", "CADS: full condition below t = tau1 (t in [0, 1], 1 = noise)",
-                  _unit),
-    GuidanceParam("--cads-tau2", "cads", CADS, "tau2", "CADS: pure noise condition above t = tau2", _unit),
-    GuidanceParam("--cads-s", "cads", CADS, "s", "CADS: noise scale s of the annealed condition", _nonneg),
-    GuidanceParam("--cads-psi", "cads", CADS, "psi", "CADS: mix psi of the condition rescaled to the original "
-                  "mean/std (0 = no rescale)", _unit),
-)
+    def values(self, cls: type[Guidance]) -> dict:
+        """Every parameter of ``cls``: the given value, else the class's default."""
+        given = self.params.get(cls.method, {})
+        return {p.name: given.get(p.name, p.default) for p in cls.params}
 
 
-def _given(args, p: GuidanceParam) -> bool:
-    return getattr(args, p.dest, None) is not None
-
-
-def _method(args) -> str:
-    return getattr(args, "guidance_method", None) or "auto"
-
-
-def _weight(args) -> float:
-    return 1.0 if args.guidance is None else float(args.guidance)
-
-
-def _owner_active(args, owner: str) -> bool:
-    return bool(getattr(args, "cads", False)) if owner == "cads" else _method(args) == owner
-
-
-def _param_values(args, owner: str) -> dict:
-    """The constructor keywords given on the command line for ``owner`` (the rest keep their defaults)."""
-    return {p.kwarg: getattr(args, p.dest) for p in GUIDANCE_PARAMS if p.owner == owner and _given(args, p)}
-
-
-def _effective(args, p: GuidanceParam):
-    return getattr(args, p.dest) if _given(args, p) else p.default
-
-
-def validate_guidance(args, has_gnet: bool | None = None) -> None:
-    """Checks of the guidance flags that need no network (ValueError naming the flag). ``has_gnet``:
-    whether a guiding network is given (default: whether ``args.gnet`` is)."""
-    method, w = _method(args), _weight(args)
+def parse_guidance(args, has_gnet: bool | None = None) -> GuidanceOptions:
+    """The guidance flags of ``args`` as :class:`GuidanceOptions`, with every check that needs no network
+    (ValueError naming the flag). ``has_gnet``: whether a guiding network is given (default: ``args.gnet``)."""
+    method = getattr(args, "guidance_method", None) or "auto"
+    weight = getattr(args, "guidance", None)
+    w = 1.0 if weight is None else float(weight)
     if method not in GUIDANCE_METHODS:
         raise ValueError(f"unknown --guidance-method {method!r}; expected one of {', '.join(GUIDANCE_METHODS)}")
     if not math.isfinite(w):
-        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+        raise ValueError(f"--guidance must be a finite number, got {weight}")
     if w < 0:
-        raise ValueError(f"--guidance must be >= 0 (1: no guidance, 0: the unguided branch alone), got {args.guidance}")
+        raise ValueError(f"--guidance must be >= 0 (1: no guidance, 0: the unguided branch alone), got {weight}")
     if has_gnet is None:
         has_gnet = getattr(args, "gnet", None) is not None
     steps = parse_interval_steps(getattr(args, "interval_steps", None))
@@ -226,63 +181,79 @@ def validate_guidance(args, has_gnet: bool | None = None) -> None:
     if method == "auto":
         if w != 1 and not has_gnet:
             raise ValueError(
-                f"--guidance={args.guidance} needs a guiding network (--gnet), or a --guidance-method: e.g. "
+                f"--guidance={weight} needs a guiding network (--gnet), or a --guidance-method: e.g. "
                 "--guidance-method cfg for classifier-free guidance with the null label of a network trained with "
                 "--label-dropout; --guidance=1 means no guidance"
             )
     else:
-        if args.guidance is None:
+        cls = METHODS[method]
+        if weight is None:
             raise ValueError(f"--guidance-method {method} needs a weight: give --guidance W (W = 1 is no guidance)")
-        if method == "autoguidance" and not has_gnet:
-            raise ValueError("--guidance-method autoguidance needs a guiding network (--gnet)")
-        if method in ("icg", "tsg") and has_gnet:
+        if cls.guide_required and not has_gnet:
+            raise ValueError(f"--guidance-method {method} needs a guiding network (--gnet)")
+        if cls.guide_arg is None and has_gnet:
             raise ValueError(f"--guidance-method {method} guides with --net itself; --gnet is not used by it")
-    for p in GUIDANCE_PARAMS:
-        if not _given(args, p):
-            continue
-        if not _owner_active(args, p.owner):
-            where = "--cads" if p.owner == "cads" else f"--guidance-method {p.owner}"
-            raise ValueError(f"{p.flag} is only used with {where}" +
-                             ("" if p.owner == "cads" else f", not with --guidance-method {method}"))
-        problem = p.check(float(getattr(args, p.dest)))
-        if problem:
-            raise ValueError(f"{p.flag} {problem}, got {getattr(args, p.dest)}")
-    if getattr(args, "cads", False):
-        tau1, tau2 = (_effective(args, p) for p in GUIDANCE_PARAMS if p.kwarg in ("tau1", "tau2"))
-        if not tau1 <= tau2:
-            raise ValueError(f"--cads-tau1 ({tau1}) must not exceed --cads-tau2 ({tau2})")
+    cads = bool(getattr(args, "cads", False))
+    params: dict[str, dict[str, float]] = {}
+    for cls in _param_owners():
+        active = cads if cls is CADS else method == cls.method
+        for p in cls.params:
+            value = getattr(args, _dest(cls, p), None)
+            if value is None:
+                continue
+            if not active:
+                where = "--cads" if cls is CADS else f"--guidance-method {cls.method}"
+                raise ValueError(f"{_flag(cls, p)} is only used with {where}" +
+                                 ("" if cls is CADS else f", not with --guidance-method {method}"))
+            problem = p.check(p.type(value))
+            if problem:
+                raise ValueError(f"{_flag(cls, p)} {problem}, got {value}")
+            params.setdefault(cls.method, {})[p.name] = value
+    options = GuidanceOptions(method=method, weight=weight, interval=parse_interval(getattr(args, "interval", None)),
+                              interval_steps=steps, cads=cads, params=params, force=bool(getattr(args, "force", False)))
+    for cls in _param_owners():
+        if (cads if cls is CADS else method == cls.method):
+            problem = cls.check_params(options.values(cls))
+            if problem:
+                raise ValueError(problem.format(**_flags(cls)))
+    return options
 
 
-def _check_gnet(net, gnet, method: str) -> None:
+def _label_dim(net) -> int:
+    return int(getattr(net, "label_dim", 0) or 0)
+
+
+def _check_gnet(net, gnet, cls: type[Guidance] | None) -> None:
+    """--gnet against --net: the same images, and the classes the method's guide takes."""
     for attr in ("img_channels", "img_resolution"):
         a, b = getattr(net, attr, None), getattr(gnet, attr, None)
         if a is not None and b is not None and int(a) != int(b):
             raise ValueError(f"--gnet does not match --net: {attr} {int(b)} vs {int(a)}")
-    net_dim, g_dim = int(getattr(net, "label_dim", 0) or 0), int(getattr(gnet, "label_dim", 0) or 0)
-    if method == "cfg" and g_dim:
+    net_dim, g_dim = _label_dim(net), _label_dim(gnet)
+    if cls is None:
+        return
+    if cls.guide_arg == "uncond" and g_dim:
         raise ValueError(
-            f"--guidance-method cfg with --gnet needs an unconditional --gnet (label_dim 0), this one has "
+            f"--guidance-method {cls.method} with --gnet needs an unconditional --gnet (label_dim 0), this one has "
             f"label_dim {g_dim}: use --guidance-method autoguidance for a conditional guide, or leave out --gnet "
-            "for CFG with the null label of --net"
+            f"for CFG with the null label of --net"
         )
-    if method in ("autoguidance", "apg") and g_dim and g_dim != net_dim:
+    if cls.guide_arg == "guide" and g_dim and g_dim != net_dim:
         raise ValueError(f"--gnet has label_dim {g_dim} but --net has {net_dim}: the guide must take the same "
                          "classes, or none (an unconditional guide)")
 
 
-def _check_null_label(args, net, gnet, method: str) -> None:
-    """CFG / APG without ``--gnet`` take their unconditional branch from ``--net``'s null label, which only a
-    network trained with label dropout has learned. A network file that records ``label_dropout`` 0 is refused
-    (a warning with ``--force``); files that record nothing (official pickles, older files) are trusted."""
-    if gnet is not None or method not in ("cfg", "apg") or _weight(args) == 1:
-        return
+def _check_null_label(options: GuidanceOptions, net, method: str) -> None:
+    """A method guiding with ``--net``'s null label, which only a network trained with label dropout has
+    learned: a network file that records ``label_dropout`` 0 is refused (a warning with ``--force``); files
+    that record nothing (official pickles, older files) are trusted."""
     recorded = (getattr(net, "checkpoint_extra", None) or {}).get("label_dropout")
     if recorded is None or float(recorded) > 0:
         return
     problem = (f"--guidance-method {method} without --gnet guides with the null label of --net, but --net was "
                "trained without label dropout (label_dropout 0 in its file), so its null label was never trained: "
                "train it with --label-dropout (e.g. 0.1), or give an unconditional --gnet")
-    if not getattr(args, "force", False):
+    if not options.force:
         raise ValueError(problem + "; --force guides anyway")
     print(f"warning: {problem}", file=sys.stderr)
 
@@ -296,77 +267,51 @@ def check_network_files(args, *flags: str) -> None:
             raise ValueError(f"--{flag} {path}: {what}")
 
 
-def _fmt(v) -> str:
-    return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+def build_guidance(options: GuidanceOptions, net, gnet=None) -> tuple[Guidance | None, str]:
+    """The guidance object of the command line and a one-line description of it, with the checks that
+    need the networks (ValueError naming the flag).
 
+    ``--guidance-method auto`` builds exactly what the official tool (and :func:`make_guidance`) builds.
+    Otherwise the method's class is built from its declaration (the weight, ``--gnet`` as its
+    ``guide_arg``, its parameters); ``--interval`` wraps it in :class:`Interval`, and ``--cads`` wraps the
+    result in :class:`CADS` (the condition is annealed everywhere on CADS's own schedule; the interval
+    limits only the guidance)."""
+    method, w = options.method, options.w
+    interval, steps = options.interval, options.interval_steps
+    cls = METHODS.get(method)
+    g: Guidance | None = None
+    if cls is not None:
+        kwargs = dict(options.params.get(method, {}))
+        if cls.guide_arg is not None and gnet is not None:
+            kwargs[cls.guide_arg] = gnet
+        g = cls(w, **kwargs)
+        if g.needs_labels and not _label_dim(net):
+            raise ValueError(f"--guidance-method {method} " + cls.labels_reason.format(**NETWORK_NAMES))
+    if options.cads and not _label_dim(net):
+        raise ValueError("--cads " + CADS.labels_reason.format(**NETWORK_NAMES))
+    if gnet is not None and (cls is not None or w != 1):
+        _check_gnet(net, gnet, cls)
+    if g is not None and g.uses_null_label and w != 1:
+        _check_null_label(options, net, method)
 
-def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
-    """The guidance object of the command line and a one-line description of it.
-
-    ``--guidance-method auto`` builds exactly what the official tool (and ``generate_images(gnet=,
-    guidance=, interval=)``) builds. Otherwise ``--interval`` wraps the method in :class:`Interval`, and
-    ``--cads`` wraps the result in :class:`CADS` (the condition is annealed everywhere on CADS's own
-    schedule; the interval limits only the guidance). Errors (ValueError) name the flag."""
-    validate_guidance(args, has_gnet=gnet is not None)
-    method, w = _method(args), _weight(args)
-    interval = parse_interval(getattr(args, "interval", None))
-    steps = parse_interval_steps(getattr(args, "interval_steps", None))
-    label_dim = int(getattr(net, "label_dim", 0) or 0)
-    cads = bool(getattr(args, "cads", False))
-    unconditional = "--net is unconditional (label_dim 0)"
-    if method in _NEEDS_LABELS and not label_dim:
-        raise ValueError(f"--guidance-method {method} needs a class-conditional --net; {unconditional}")
-    if method == "apg" and gnet is None and not label_dim:
-        raise ValueError(f"--guidance-method apg without --gnet uses the null label of --net, so it needs a "
-                         f"class-conditional --net; {unconditional} (or give a guiding network with --gnet)")
-    if cads and not label_dim:
-        raise ValueError(f"--cads anneals the class condition, so it needs a class-conditional --net; {unconditional}")
-    if gnet is not None and (method != "auto" or w != 1):
-        _check_gnet(net, gnet, method)
-    _check_null_label(args, net, gnet, method)
-
-    g: Guidance | None
-    # A guide without classes next to a conditional --net makes autoguidance CFG.
-    as_cfg = gnet is not None and label_dim > 0 and not int(getattr(gnet, "label_dim", 0) or 0)
-    if method == "auto":
+    if cls is None:  # auto
         g = make_guidance(gnet, w, interval)  # the official semantics, unchanged
         if g is not None and steps is not None:
             g = Interval(g, steps=steps)
         if g is None:
             desc = "none (--guidance 1)"
         else:
+            as_cfg = _label_dim(net) > 0 and not _label_dim(gnet)
             desc = f"auto = {'cfg (unconditional --gnet)' if as_cfg else 'autoguidance'}, w={_fmt(w)}"
     else:
-        params = _param_values(args, method)
-        shown = {p.name: _effective(args, p) for p in GUIDANCE_PARAMS if p.owner == method}
-        if method == "cfg":
-            g = CFG(w, uncond=gnet)
-            branch = "unconditional --gnet" if gnet is not None else "null label of --net"
-        elif method == "autoguidance":
-            g = Autoguidance(gnet, w)
-            branch = "guide --gnet" + (" (unconditional: CFG)" if as_cfg else "")
-        elif method == "apg":
-            g = APG(w, guide=gnet, **params)
-            branch = "guide --gnet" if gnet is not None else "null label of --net"
-        elif method == "icg":
-            g = ICG(w)
-            branch = "random class"
-        else:  # tsg
-            hook = noise_embedding_layer(net) is not None
-            if not hook and "scale" in params:
-                raise ValueError(
-                    "--tsg-scale has no effect on this network: it has no noise embedding layer, so TSG perturbs its "
-                    "noise conditioning c_noise instead (set that with --tsg-c-noise-scale)"
-                )
-            if hook and "c_noise_scale" in params:
-                raise ValueError(
-                    "--tsg-c-noise-scale has no effect on this network: it has a noise embedding layer, so TSG "
-                    "perturbs its noise embedding (set that with --tsg-scale)"
-                )
-            g = TSG(w, **params)
-            branch = "perturbed noise embedding" if hook else "perturbed c_noise"
-            shown.pop("c-noise-scale" if hook else "scale")
-        details = "".join(f", {k}={_fmt(v)}" for k, v in shown.items())
+        given, flags = options.params.get(method, {}), _flags(cls)
+        for p in cls.params:
+            if p.name in given and p.applies is not None and not p.applies(net):
+                raise ValueError(f"{flags[p.name]} has no effect on this network: {p.no_effect.format(**flags)}")
+        values = options.values(cls)
+        details = "".join(f", {p.cli_name}={_fmt(values[p.name])}" for p in cls.params
+                          if p.applies is None or p.applies(net))
+        branch = g.branch(net).format(**NETWORK_NAMES)
         desc = f"{method}, w={_fmt(w)}{' (w = 1: no guidance)' if w == 1 else ''}, {branch}{details}"
         if interval is not None:
             g = Interval(g, sigma=interval)
@@ -376,16 +321,16 @@ def build_guidance(args, net, gnet=None) -> tuple[Guidance | None, str]:
         desc += f", interval sigma in ({_fmt(interval[0])}, {_fmt(interval[1])}]"
     if steps is not None and g is not None:
         desc += f", interval steps {steps[0]}..{steps[1]} (both inclusive, a Heun correction with its step)"
-    if cads:
-        kw = _param_values(args, "cads")
-        g = CADS(g, **kw)
-        desc += ", cads (" + ", ".join(f"{p.name}={_fmt(_effective(args, p))}" for p in GUIDANCE_PARAMS
-                                       if p.owner == "cads") + ")"
+    if options.cads:
+        g = CADS(g, **options.params.get("cads", {}))
+        values = options.values(CADS)
+        desc += ", cads (" + ", ".join(f"{p.cli_name}={_fmt(values[p.name])}" for p in CADS.params) + ")"
     return g, desc
 
 
 def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
-    """--gnet, --guidance, --interval, --guidance-method, --cads and the methods' parameters."""
+    """--gnet, --guidance, --interval, --guidance-method, --cads and, from the classes' declarations, every
+    method's parameters (``--<method>-<param>``)."""
     group = parser.add_argument_group(
         "guidance", "--guidance W and --interval apply to every method; a method's parameters are an error with "
         "another method. The defaults are those of the classes in fastdiff.sampling.guidance.")
@@ -410,40 +355,15 @@ def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--force", action="store_true",
                        help="guide even with --net's null label when its file says it was trained without label "
                             "dropout (CFG / APG without --gnet; refused otherwise)")
-    for p in GUIDANCE_PARAMS:
-        group.add_argument(p.flag, dest=p.dest, type=float, default=None, metavar="X",
-                           help=f"{p.help} [default: {_fmt(p.default)}]")
+    for cls in _param_owners():
+        for p in cls.params:
+            group.add_argument(_flag(cls, p), dest=_dest(cls, p), type=p.type, default=None, metavar="X",
+                               help=f"{cls.__name__}: {p.help} [default: {_fmt(p.default)}]")
 
 
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
     folder = os.path.join(outdir, f"{seed - seed % 1000:06d}") if subdirs else outdir
     return os.path.join(folder, f"{seed:06d}.png")
-
-
-def save_png(image, path: str) -> None:
-    """A uint8 image as a PNG, written atomically (fastdiff._atomic): a tensor ``[C, H, W]`` (C = 1 or 3), or
-    an array ``[H, W]`` / ``[H, W, 3]``."""
-    import numpy as np
-    from PIL import Image
-
-    arr = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    pil = Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
-    atomic_write_with(path, lambda f: pil.save(f, format="PNG"))
-
-
-def make_grid(images: list[torch.Tensor]) -> torch.Tensor:
-    """A near-square grid [C, rows*H, cols*W] of uint8 [C, H, W] images (row-major, zero padding)."""
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    c, h, w = images[0].shape
-    grid = torch.zeros((c, rows * h, cols * w), dtype=torch.uint8)
-    for k, img in enumerate(images):
-        r, q = divmod(k, cols)
-        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    return grid
 
 
 def parse_stds(text: str) -> list[float]:
@@ -492,8 +412,6 @@ def make_vae_decoder(args, net, device) -> tuple[Callable | None, bool]:
         scaling = OFFICIAL_SCALING
     from fastdiff.vae import load_vae
 
-    from fastdiff._dist import resolve_device
-
     vae_device = resolve_device(args.vae_device) if args.vae_device else device
     try:
         vae = load_vae(args.vae, device=vae_device, batch_size=args.vae_batch, scaling=scaling)
@@ -524,41 +442,6 @@ def torch_threads(threads: int | None):
 
 
 # ---- checks of output folders and sizes, made before any work ----------------------------------------------
-
-
-def prepare_outdir(path, flag: str = "--outdir", create: bool = True) -> str:
-    """Check that the output folder ``path`` can be made and written: ``ValueError`` naming ``flag`` otherwise
-    (a file in the way, a folder that cannot be created or written). ``create``: leave the folder (and its
-    parents) made; else remove again what the check made, so that a command refused later leaves nothing
-    behind. Returns ``path``."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{flag} {path}: is a file, not a folder")
-    made = []  # the folders this check creates, outermost first
-    head = os.path.abspath(path)
-    while not os.path.exists(head) and os.path.dirname(head) != head:
-        made.insert(0, head)
-        head = os.path.dirname(head)
-    try:
-        for attempt in range(5):  # under torchrun another rank's check may remove the folder in between
-            try:
-                os.makedirs(path, exist_ok=True)
-                with tempfile.TemporaryFile(dir=path):
-                    pass
-                break
-            except FileNotFoundError:
-                if attempt == 4:
-                    raise
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: cannot create or write the folder ({exc.strerror or exc})") from None
-    finally:
-        if not create:
-            for folder in reversed(made):
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    break
-    return path
 
 
 def positive_count(value, flag: str, allow_none: bool = True):

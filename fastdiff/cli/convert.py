@@ -58,8 +58,8 @@ def _list_entries(path, max_bytes) -> int:
 
 
 def main(args) -> int:
-    from fastdiff.io.checkpoint import save_network
-    from fastdiff.io.edm2_pickle import load_network_and_info
+    from fastdiff.io.network_file import save_network
+    from fastdiff.io.any_network import load_network_and_info
 
     try:
         if args.list:

@@ -2,52 +2,17 @@
 
     fastdiff generate --net=net.safetensors --outdir=out --seeds=0-63 --batch=32
     fastdiff generate --net=big.safetensors --gnet=small.safetensors --guidance=2.0 --grid=grid.png
-    fastdiff generate --expert=low.safetensors:0,1 --expert=high.safetensors:1,inf --outdir=out  # experts by sigma
-    fastdiff generate --net=net.safetensors --guidance-method=cfg --guidance=2.0 --outdir=out   # null-label CFG
     fastdiff generate --net=net.safetensors --guidance-method=apg --guidance=4 --apg-rescale=15 --cads --outdir=out
     torchrun --nproc-per-node=4 -m fastdiff generate --net=... --seeds=0-49999 --subdirs --outdir=out
-    fastdiff generate --net=edm2-img512-s-2147483-0.130.pkl --vae=sd-vae-ft-mse/ --grid=grid.png   # latents -> PNGs
 
-Under torchrun the seeds are split across the ranks (torch.distributed: NCCL on GPUs, gloo on CPU).
-PNGs are written atomically (temporary file, then rename); the temporaries a killed run leaves are removed
-when the next one starts on that --outdir. A sample holding NaN or Inf (a diverged network) is not written:
-its seed is named and the exit status is 1.
-
-Guidance (fastdiff.sampling.guidance; ``--guidance W``, 1 = none):
-
-- ``--guidance-method auto`` (default): the official tool's rule, autoguidance by ``--gnet`` (which is
-  CFG when ``--gnet`` is unconditional).
-- ``cfg``: classifier-free guidance; without ``--gnet`` the unconditional branch is ``--net`` itself
-  with the null (all-zero) label, which needs a class-conditional network trained with label dropout
-  (``fastdiff train --label-dropout``); with ``--gnet``, a separate unconditional network.
-- ``autoguidance``: guidance by ``--gnet`` (required), a smaller or less-trained version of ``--net``.
-- ``apg``: adaptive projected guidance, unconditional branch as in ``cfg`` (null label) or by ``--gnet``
-  (``--apg-eta``, ``--apg-momentum``, ``--apg-rescale``).
-- ``icg``: independent condition guidance (random classes instead of the null label).
-- ``tsg``: time-step guidance (``--tsg-scale``, ``--tsg-c-noise-scale``).
-
-Samplers (``--sampler``, fastdiff.sampling.SAMPLERS): EDM's ``heun`` (default), ``euler``,
-``euler_ancestral``, ``dpmpp_2m`` and k-diffusion's ``dpm_2``, ``dpm_2_ancestral``, ``lms``,
-``dpmpp_2s_ancestral``, ``dpmpp_sde``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``dpm_adaptive`` (``--rtol``,
-``--atol``; ``--steps`` does not apply). ``--S-churn`` etc. (heun, euler, dpm_2), ``--S-noise`` (also the
-ancestral and SDE samplers) and ``--eta`` go to the samplers that take them; an option the chosen
-sampler has no use for is an error.
-
-``--interval LO,HI`` limits any guidance method to sigma in (LO, HI], decided per network evaluation;
-``--interval-steps FIRST,LAST`` to the sampler steps FIRST..LAST (0-based, both inclusive), the form of the
-official configurations, where a Heun step's correction follows its step's decision (the two forms differ
-only at the corrections next to the boundary); ``--cads`` (``--cads-tau1`` ...) anneals the
-class condition around any of them (also without guidance). The parameters' defaults are those of the
-guidance classes. The set-up is printed as one line to stderr at the start.
-
-Latent networks (EDM2's img512, or any trained on a latent dataset): ``--vae PATH`` decodes the latents with a
-local Stable Diffusion VAE (fastdiff.vae; ``--vae-device``, ``--vae-batch``) and writes PNGs; without it the
-latents are written as ``.npy`` files (float32 ``[4, 64, 64]``), and the command says so.
+Under torchrun the seeds are split across the ranks. PNGs are written atomically; a sample holding NaN or Inf
+is not written, its seed is named and the exit status is 1. Guidance, sampler and VAE flags: ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -55,14 +20,12 @@ import sys
 import torch
 
 from fastdiff._dist import init_distributed, rank_and_world, resolve_device, shutdown_distributed
-from fastdiff.cli.common import (DTYPES, add_guidance_arguments, add_vae_arguments, build_guidance,
-                                 check_network_files, image_path, make_grid, make_vae_decoder, parse_interval,
-                                 parse_interval_steps, parse_seeds, prepare_outdir, save_npy, save_png,
-                                 validate_guidance)
+from fastdiff.cli.common import (DTYPES, GuidanceOptions, add_guidance_arguments, add_vae_arguments, build_guidance,
+                                 check_network_files, image_path, make_grid, make_vae_decoder, parse_guidance,
+                                 parse_seeds, prepare_outdir, save_npy, save_png)
 from fastdiff.sampling.experts import Experts, parse_sigma_range
 from fastdiff.sampling.generate import generate_images
 from fastdiff.sampling.samplers import SAMPLERS, sampler_kwargs
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--net", default=None, help="main network: fastdiff .safetensors or official EDM2 .pkl "
@@ -108,9 +71,40 @@ def parse_expert(spec: str) -> tuple[str, float, float]:
     return path, lo, hi
 
 
-def _validate(args, has_gnet: bool | None = None) -> None:
-    for spec in list(getattr(args, "expert", None) or []) + list(getattr(args, "gexpert", None) or []):
-        parse_expert(spec)
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """The command line of ``fastdiff generate``, parsed and checked once (:func:`parse_config`)."""
+
+    net: str | None
+    gnet: str | None
+    experts: tuple[tuple[str, float, float], ...]
+    gexperts: tuple[tuple[str, float, float], ...]
+    seeds: tuple[int, ...]
+    sampler: str
+    steps: int
+    sampler_options: dict
+    class_idx: int | None
+    batch: int
+    outdir: str | None
+    subdirs: bool
+    grid: str | None
+    device: str | None
+    dtype: torch.dtype
+    progress: bool
+    cuda_graphs: bool
+    guidance: GuidanceOptions
+    vae: str | None
+    vae_device: str | None
+    vae_batch: int
+
+
+def parse_config(args: argparse.Namespace, has_gnet: bool | None = None) -> GenerateConfig:
+    """Every check of the flags that needs no network file (ValueError naming the flag). ``has_gnet``:
+    whether a guiding network is given (default: ``--gnet`` or ``--gexpert``)."""
+    if getattr(args, "net", None) is None and not getattr(args, "expert", None):
+        raise ValueError("no network: give --net and/or --expert NET:LO,HI")
+    experts = tuple(parse_expert(spec) for spec in getattr(args, "expert", None) or ())
+    gexperts = tuple(parse_expert(spec) for spec in getattr(args, "gexpert", None) or ())
     if args.outdir is None and args.grid is None:
         raise ValueError("nothing to write: give --outdir and/or --grid")
     if args.steps < 1:
@@ -118,9 +112,16 @@ def _validate(args, has_gnet: bool | None = None) -> None:
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if has_gnet is None:
-        has_gnet = getattr(args, "gnet", None) is not None or bool(getattr(args, "gexpert", None))
-    validate_guidance(args, has_gnet)
-    _sampler_kwargs(args)
+        has_gnet = getattr(args, "gnet", None) is not None or bool(gexperts)
+    guidance = parse_guidance(args, has_gnet)
+    sampler_options = _sampler_kwargs(args)
+    return GenerateConfig(
+        net=args.net, gnet=args.gnet, experts=experts, gexperts=gexperts, seeds=tuple(parse_seeds(args.seeds)),
+        sampler=args.sampler, steps=args.steps, sampler_options=sampler_options, class_idx=args.class_idx,
+        batch=args.batch, outdir=args.outdir, subdirs=args.subdirs, grid=args.grid, device=args.device,
+        dtype=DTYPES[args.dtype], progress=getattr(args, "progress", True), cuda_graphs=getattr(args, "cuda_graphs",
+                                                                                               False),
+        guidance=guidance, vae=args.vae, vae_device=args.vae_device, vae_batch=args.vae_batch)
 
 
 def _sampler_kwargs(args) -> dict:
@@ -150,19 +151,18 @@ def _remove_orphans(outdir: str) -> None:
               f"(e.g. {removed[0]})", file=sys.stderr, flush=True)
 
 
-def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
+def run(config: GenerateConfig, net, gnet=None, decoder=None, latent: bool = False) -> int:
     """Generates and writes the images with already loaded networks (this rank's share under
     torch.distributed); rank 0 writes the grid. ``decoder``: latents -> uint8 images (a VAE's);
     ``latent`` without a decoder: write the raw latents as ``.npy`` files."""
-    _validate(args, has_gnet=gnet is not None)
     raw = latent and decoder is None
-    if raw and args.grid is not None:
+    if raw and config.grid is not None:
         raise ValueError("the network makes latents: a --grid needs pixels, give --vae PATH to decode them")
-    seeds = parse_seeds(args.seeds)
-    guidance, summary = build_guidance(args, net, gnet)
+    seeds = list(config.seeds)
+    guidance, summary = build_guidance(config.guidance, net, gnet)
     rank, world = rank_and_world()
     distributed = world > 1
-    device = resolve_device(args.device)
+    device = resolve_device(config.device)
     if rank == 0:
         print(f"fastdiff generate: guidance: {summary}", file=sys.stderr, flush=True)
         if raw:
@@ -172,49 +172,47 @@ def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
             if isinstance(m, Experts):
                 print(f"fastdiff generate: {role} network: {len(m)} experts, sigma ranges {m.extra_repr()[7:]}",
                       file=sys.stderr, flush=True)
-        if args.outdir is not None:
-            _remove_orphans(args.outdir)
+        if config.outdir is not None:
+            _remove_orphans(config.outdir)
     if distributed:
         torch.distributed.barrier()  # no rank writes before rank 0 has cleared the temporaries
     bad_seeds: set[int] = set()
     batches = generate_images(
-        net, seeds, guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
-        class_idx=args.class_idx, batch=args.batch, device=device, dtype=DTYPES[args.dtype], rank=rank,
-        world_size=world,
-        decoder=(lambda x: x.float().cpu()) if raw else decoder,
-        on_nonfinite=bad_seeds.update,
-        **_sampler_kwargs(args),
+        net, seeds, guidance=guidance, sampler=config.sampler, steps=config.steps,
+        class_idx=config.class_idx, batch=config.batch, device=device, dtype=config.dtype, rank=rank, world_size=world,
+        decoder=(lambda x: x.float().cpu()) if raw else decoder, on_nonfinite=bad_seeds.update,
+        **config.sampler_options,
     )
     progress = None
-    if rank == 0 and getattr(args, "progress", True):
+    if rank == 0 and config.progress:
         from tqdm import tqdm
 
         progress = tqdm(total=len(seeds), unit="img", desc="generate")
     kept: list[tuple[int, torch.Tensor]] = []
     for batch_seeds, images in batches:
-        if args.outdir is not None:
+        if config.outdir is not None:
             for seed, img in zip(batch_seeds, images):
                 if seed in bad_seeds:  # a NaN sample would be a black PNG that looks like a result
                     continue
-                path = image_path(args.outdir, seed, args.subdirs)
+                path = image_path(config.outdir, seed, config.subdirs)
                 if raw:
                     save_npy(img, os.path.splitext(path)[0] + ".npy")
                 else:
                     save_png(img, path)
-        if args.grid is not None:
+        if config.grid is not None:
             kept.extend(zip(batch_seeds, images))
         if progress is not None:
             progress.update(len(batch_seeds) * world)
     if progress is not None:
         progress.close()
-    if args.grid is not None:
+    if config.grid is not None:
         if distributed:
             gathered: list = [None] * world
             torch.distributed.all_gather_object(gathered, kept)
             kept = [item for part in gathered for item in part]
         if rank == 0:
             kept.sort(key=lambda item: item[0])
-            save_png(make_grid([img for _, img in kept]), args.grid)
+            save_png(make_grid([img for _, img in kept]), config.grid)
     if distributed:
         parts: list = [None] * world
         torch.distributed.all_gather_object(parts, sorted(bad_seeds))
@@ -224,8 +222,8 @@ def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
         if rank == 0:
             listed = sorted(bad_seeds)
             shown = ", ".join(map(str, listed[:20])) + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
-            skipped = "; their PNGs were not written" if args.outdir is not None else ""
-            tiles = "; their grid tiles are black" if args.grid is not None else ""
+            skipped = "; their PNGs were not written" if config.outdir is not None else ""
+            tiles = "; their grid tiles are black" if config.grid is not None else ""
             print(f"fastdiff generate: error: {len(listed)} of {len(seeds)} samples are not finite (NaN or Inf: the "
                   f"network diverged), seeds {shown}{skipped}{tiles}", file=sys.stderr, flush=True)
         return 1
@@ -233,49 +231,41 @@ def run(args, net, gnet=None, decoder=None, latent: bool = False) -> int:
 
 
 def _with_experts(base, specs, load):
-    """``base`` alone, or the ensemble of the ``--expert`` specs (``base`` filling the uncovered ranges)."""
+    """``base`` alone, or the ensemble of the parsed ``--expert`` specs (``base`` filling the uncovered ranges)."""
     if not specs:
         return base
-    from fastdiff.sampling.experts import Experts, fill_gaps
+    from fastdiff.sampling.experts import fill_gaps
 
-    experts = []
-    for spec in specs:
-        path, lo, hi = parse_expert(spec)
-        experts.append((lo, hi, load(path)))
+    experts = [(lo, hi, load(path)) for path, lo, hi in specs]
     return Experts(fill_gaps(experts, base) if base is not None else experts)
 
 
 def main(args) -> int:
     try:
-        if getattr(args, "net", None) is None and not getattr(args, "expert", None):
-            raise ValueError("no network: give --net and/or --expert NET:LO,HI")
-        _validate(args)
-        parse_seeds(args.seeds)
-        parse_interval(args.interval)
-        parse_interval_steps(args.interval_steps)
-        check_network_files(args, "net", "gnet")
-        for flag in ("expert", "gexpert"):
-            for spec in getattr(args, flag, None) or []:
-                path = parse_expert(spec)[0]
+        config = parse_config(args)
+        check_network_files(config, "net", "gnet")
+        for flag, specs in (("expert", config.experts), ("gexpert", config.gexperts)):
+            for (path, _, _), spec in zip(specs, getattr(args, flag)):
                 if not os.path.isfile(path):
                     raise ValueError(f"--{flag} {spec}: {path} " + ("is a folder, not a network file"
                                                                     if os.path.isdir(path) else "not found"))
-        if args.outdir is not None:  # before any sampling: not a NotADirectoryError after it
-            prepare_outdir(args.outdir, create=False)
+        if config.outdir is not None:  # before any sampling: not a NotADirectoryError after it
+            prepare_outdir(config.outdir, create=False)
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2
     try:
-        info = init_distributed(args.device)
+        info = init_distributed(config.device)
     except ValueError as exc:
         print(f"fastdiff generate: error: --device: {exc}", file=sys.stderr)
         return 2
-    args.device = device = str(info.device)
+    config = dataclasses.replace(config, device=str(info.device))
+    device = config.device
     try:
         # fastdiff .safetensors, or an official EDM2 .pkl / torch.save file read safely (no code from it runs)
         from fastdiff.io import load_any_network as load_network
 
-        graphed = getattr(args, "cuda_graphs", False)
+        graphed = config.cuda_graphs
         if graphed and torch.device(device).type != "cuda":
             raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {device}")
 
@@ -292,11 +282,11 @@ def main(args) -> int:
                 m = cuda_graphed(m)
             return m
 
-        net = _with_experts(load(args.net) if args.net is not None else None, getattr(args, "expert", []), load)
-        gnet = _with_experts(load(args.gnet) if args.gnet is not None else None, getattr(args, "gexpert", []), load)
+        net = _with_experts(load(config.net) if config.net is not None else None, config.experts, load)
+        gnet = _with_experts(load(config.gnet) if config.gnet is not None else None, config.gexperts, load)
         # Latents or pixels, from the first network loaded (--net, else the first --expert), before graphing.
-        decoder, latent = make_vae_decoder(args, loaded[0], device)
-        return run(args, net, gnet, decoder=decoder, latent=latent)
+        decoder, latent = make_vae_decoder(config, loaded[0], device)
+        return run(config, net, gnet, decoder=decoder, latent=latent)
     except ValueError as exc:
         print(f"fastdiff generate: error: {exc}", file=sys.stderr)
         return 2

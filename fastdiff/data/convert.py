@@ -1,16 +1,9 @@
 """Convert an image folder (or a built-in dataset, or another dataset) to the training format.
 
 Output: a zip (``--dest out.zip``) or folder of PNGs named ``00000/img00000000.png`` with ``dataset.json``
-labels, written atomically (a temporary zip or folder renamed into place at the end).
-
-Transforms: ``center-crop`` (the largest centered square, then Lanczos to the resolution), ``center-crop-wide``
-(a centered 2:1 strip padded to square), ``center-crop-dhariwal`` (the ImageNet preparation of ADM, Dhariwal &
-Nichol 2021, that EDM2 uses for its ImageNet-64 and -512 sets: halve with a box filter while the short side is
-at least twice the resolution, resize bicubically so that the short side is the resolution, crop the center),
-``resize`` (Lanczos, no crop) and ``none``.
-
-Labels come from the source's ``dataset.json`` if it has one, else from first-level subfolders (one class
-per subfolder, in sorted order) when every image lies in one, else there are none.
+labels, written atomically. Labels come from the source's ``dataset.json``, else from first-level subfolders
+(one class each), else there are none. The transforms (``center-crop``, ``center-crop-wide``,
+``center-crop-dhariwal``, ``resize``, ``none``) are described at :func:`convert_dataset`.
 """
 
 from __future__ import annotations
@@ -135,7 +128,14 @@ def _iter_dataset(ds, resolution, transform):
 
 def convert_dataset(source: str, dest: str, resolution: int | None = None, transform: str = "center-crop",
                     channels: int = 3, max_images: int | None = None, progress: bool = True) -> int:
-    """Write ``source`` to ``dest`` in the training format; returns the number of images written."""
+    """Write ``source`` to ``dest`` in the training format; returns the number of images written.
+
+    Transforms: ``center-crop`` (the largest centered square, then Lanczos to the resolution), ``center-crop-wide``
+    (a centered 2:1 strip padded to square), ``center-crop-dhariwal`` (the ImageNet preparation of ADM, Dhariwal &
+    Nichol 2021, that EDM2 uses for its ImageNet-64 and -512 sets: halve with a box filter while the short side is
+    at least twice the resolution, resize bicubically so that the short side is the resolution, crop the center),
+    ``resize`` (Lanczos, no crop) and ``none``.
+    """
     if transform not in TRANSFORMS:
         raise DatasetError(f"unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)}")
     if channels not in (1, 3, 4):

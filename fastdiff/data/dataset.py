@@ -1,14 +1,10 @@
 """Training datasets in the official EDM2 format, and in-memory arrays.
 
-A dataset is a folder, or an (uncompressed) zip file, of equally sized square images: PNG (or JPEG / WebP,
-read with Pillow) holding pixels, or ``.npy`` arrays (``[C, H, W]``, e.g. VAE latents). Class labels, if any,
-live in ``dataset.json`` at its top level: ``{"labels": [["00000/img00000000.png", 6], ...]}`` (names
-relative, with ``/``), or ``{"labels": null}``.
-
-Items are ``(image, label)``: ``image`` a ``[C, H, W]`` tensor, ``uint8`` for pixels (``[0, 255]``) or the
-stored float dtype for ``.npy``; ``label`` an ``int64`` class index (``-1`` without labels). ``xflip=True``
-doubles the dataset with mirrored copies (index ``i + len`` is item ``i`` flipped left-right), so that
-augmentation is deterministic and resumable like the rest of the data order.
+A dataset is a folder, or an (uncompressed) zip file, of equally sized square images (PNG, JPEG, WebP) or
+``.npy`` arrays (``[C, H, W]``, e.g. VAE latents), with class labels, if any, in ``dataset.json``
+(``{"labels": [["00000/img00000000.png", 6], ...]}``). Items are ``(image, label)``: a ``[C, H, W]`` tensor
+(``uint8`` pixels or the stored float dtype) and an ``int64`` class (``-1`` without labels); ``xflip=True``
+doubles the dataset with mirrored copies at ``i + len``, deterministic and resumable.
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """Latent data: EDM2's per-channel latent normalization, and datasets of stored VAE mean/std.
 
-EDM2 (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", Sec. 5 and
-App. C) trains its ImageNet-512 models in the 4x64x64 latent space of the Stable Diffusion VAE. The dataset
-stores, per image, the VAE encoder's posterior *mean and std* (8 channels: 4 means, then 4 stds; "raw
-latents"). Each time the training loop uses an image it draws one latent from that posterior and maps each
-channel ``c`` affinely so that its assumed raw statistics ``(raw_mean[c], raw_std[c])`` become
-``(final_mean, final_std)``:
-
-    z     = mean + std * n,                  n ~ N(0, I)
-    x[c]  = z[c] * scale[c] + bias[c],       scale = final_std / raw_std,  bias = final_mean - raw_mean * scale
-
-with EDM2's constants ``raw_mean = [5.81, 3.25, 0.12, -2.15]``, ``raw_std = [4.17, 4.62, 3.71, 3.28]``,
-``final_mean = 0``, ``final_std = 0.5`` (so the latents match the networks' ``sigma_data = 0.5``). Decoding
-inverts the map, ``z = (x - bias) / scale``, before the VAE decoder (:mod:`fastdiff.vae`).
+EDM2 (Karras et al. 2024, Sec. 5 and App. C) trains its ImageNet-512 models in the 4x64x64 latent space of the
+Stable Diffusion VAE; the dataset stores each image's posterior mean and std (8 channels), and every use draws
+one latent and normalizes it per channel (:class:`LatentScaling`, where the map and EDM2's constants are).
 
 This module needs only torch: the VAE itself (diffusers) is in :mod:`fastdiff.vae`.
 """
@@ -53,10 +43,25 @@ def _floats(value, what: str) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class LatentScaling:
-    """EDM2's per-channel affine map between raw VAE latents and the network's latents (module docstring).
+    """EDM2's per-channel affine map between raw VAE latents and the network's latents.
 
     ``scale`` and ``bias`` hold one float per latent channel, float32-exact (as the official encoder computes
-    them in float32)."""
+    them in float32).
+
+    EDM2 (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", Sec. 5 and
+    App. C) trains its ImageNet-512 models in the 4x64x64 latent space of the Stable Diffusion VAE. The dataset
+    stores, per image, the VAE encoder's posterior *mean and std* (8 channels: 4 means, then 4 stds; "raw
+    latents"). Each time the training loop uses an image it draws one latent from that posterior and maps each
+    channel ``c`` affinely so that its assumed raw statistics ``(raw_mean[c], raw_std[c])`` become
+    ``(final_mean, final_std)``:
+
+        z     = mean + std * n,                  n ~ N(0, I)
+        x[c]  = z[c] * scale[c] + bias[c],       scale = final_std / raw_std,  bias = final_mean - raw_mean * scale
+
+    with EDM2's constants ``raw_mean = [5.81, 3.25, 0.12, -2.15]``, ``raw_std = [4.17, 4.62, 3.71, 3.28]``,
+    ``final_mean = 0``, ``final_std = 0.5`` (so the latents match the networks' ``sigma_data = 0.5``). Decoding
+    inverts the map, ``z = (x - bias) / scale``, before the VAE decoder (:mod:`fastdiff.vae`).
+    """
 
     scale: tuple[float, ...]
     bias: tuple[float, ...]

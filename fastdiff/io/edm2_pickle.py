@@ -1,26 +1,11 @@
 """Import of the official EDM2 networks: an official network pickle (``.pkl``), a ``torch.save`` file or a
 state dict becomes a ``fastdiff.nn`` module with the official parameter names.
 
-The official release pickles its networks with NVIDIA's ``torch_utils.persistence``: every network object
-is stored as a call ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where ``meta`` holds the
-Python *source* of the defining module (``module_src``), the ``class_name`` and the object's ``state``
-(its ``__dict__``: ``_parameters``, ``_buffers``, ``_modules``, ``_init_args``, ``_init_kwargs`` and plain
-attributes). Loading such a file with ``pickle.load`` executes that source. Here the file is read by
-``fastdiff.io.safe_pickle`` (an allow-list unpickler that runs nothing and bounds what a file can make it
-allocate) into inert :class:`PersistentObject` records; then:
-
-* the networks are rebuilt as ``fastdiff.nn`` modules from the recorded class name and constructor
-  arguments, and their parameters and buffers are loaded from the recorded state tree, checking that
-  every official tensor is consumed, every fastdiff tensor is supplied, shapes and plain attributes
-  (heads, flavors, balances...) agree; any mismatch is an :class:`EDM2ImportError` naming the tensor;
-* a bare state dict (``torch.save(net.state_dict())``) gets its constructor arguments inferred from its
-  names and shapes (:func:`infer_precond_kwargs`).
-
-Building the network is charged to the same allocation budget as reading the file (``max_bytes=``), so a
-small file cannot ask for a huge network either.
-
-Entry points: :func:`load_edm2_pickle` (the whole file as a dict), :func:`load_any_network` (one network
-from a ``.pkl``, a ``torch.save`` file or a fastdiff ``.safetensors`` file: what every ``--net`` reads).
+The official pickles embed the Python source of their modules, which ``pickle.load`` would execute; here the
+file is read by ``fastdiff.io.safe_pickle`` into inert records and the networks are rebuilt from the recorded
+class names, constructor arguments and tensors (:func:`build_network`, every tensor checked), or inferred from
+a bare state dict (:func:`infer_precond_kwargs`), under the reader's allocation budget. Entry points:
+:func:`load_edm2_pickle` (the whole file) and :func:`load_edm2_network` (one network and the other entries).
 """
 
 from __future__ import annotations
@@ -43,8 +28,8 @@ from fastdiff.io.safe_pickle import (
 )
 
 __all__ = [
-    "load_edm2_pickle", "load_any_network", "load_network_and_info", "build_network", "infer_precond_kwargs",
-    "describe", "jsonable", "EDM2ImportError", "NETWORK_CLASSES",
+    "load_edm2_pickle", "load_edm2_network", "build_network", "infer_precond_kwargs", "describe", "jsonable",
+    "EDM2ImportError", "NETWORK_CLASSES",
 ]
 
 
@@ -182,7 +167,26 @@ def _collect(obj, module, prefix, tensors, errors):
 def build_network(obj, device="cpu", where="network"):
     """The fastdiff module (``Precond``, ``UNet``, ...) for the recorded persistent object ``obj``, with
     every parameter and buffer loaded from the record (exactly; float16 weights become float32).
-    Its tensors are charged to the current allocation budget, if any (``fastdiff.io.safe_pickle``)."""
+    Its tensors are charged to the current allocation budget, if any (``fastdiff.io.safe_pickle``).
+
+    The official release pickles its networks with NVIDIA's ``torch_utils.persistence``: every network object
+    is stored as a call ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where ``meta`` holds the
+    Python *source* of the defining module (``module_src``), the ``class_name`` and the object's ``state``
+    (its ``__dict__``: ``_parameters``, ``_buffers``, ``_modules``, ``_init_args``, ``_init_kwargs`` and plain
+    attributes). Loading such a file with ``pickle.load`` executes that source. Here the file is read by
+    ``fastdiff.io.safe_pickle`` (an allow-list unpickler that runs nothing and bounds what a file can make it
+    allocate) into inert :class:`PersistentObject` records; then:
+
+    * the networks are rebuilt as ``fastdiff.nn`` modules from the recorded class name and constructor
+      arguments, and their parameters and buffers are loaded from the recorded state tree, checking that
+      every official tensor is consumed, every fastdiff tensor is supplied, shapes and plain attributes
+      (heads, flavors, balances...) agree; any mismatch is an :class:`EDM2ImportError` naming the tensor;
+    * a bare state dict (``torch.save(net.state_dict())``) gets its constructor arguments inferred from its
+      names and shapes (:func:`infer_precond_kwargs`).
+
+    Building the network is charged to the same allocation budget as reading the file (``max_bytes=``), so a
+    small file cannot ask for a huge network either.
+    """
     with _import_errors(where):
         return _build_network(obj, device, where)
 
@@ -387,41 +391,16 @@ def _is_state_dict(obj):
                                                  for k, v in obj.items())
 
 
-# --- one network from any file --------------------------------------------------------------------------------
+# --- one network from a pickle or torch.save file -------------------------------------------------------------
 
 
-def load_any_network(path, device="cpu", key=None, max_bytes=None):
-    """One network from ``path``, whatever its format (sniffed from the content):
-
-    * a fastdiff network file (``.safetensors``) -> :func:`fastdiff.io.load_network`;
-    * an official EDM2 pickle -> entry ``key`` (default ``'ema'``) via the safe importer;
-    * a ``torch.save`` file holding a ``Precond`` state dict (config inferred from names and shapes,
-      see :func:`infer_precond_kwargs`), or a dict with such a state dict or a network under ``key``
-      (default: ``'ema'``, ``'net'``, ``'state_dict'``, ``'model'``, the first present).
-
-    ``max_bytes``: for pickles and ``torch.save`` files, what reading the file and building the network may
-    allocate (default: a multiple of the file's size; see ``fastdiff.io.safe_pickle``).
-    """
-    return load_network_and_info(path, device, key, max_bytes)[0]
-
-
-def load_network_and_info(path, device="cpu", key=None, max_bytes=None):
-    """``(network, info)``: :func:`load_any_network`'s network, and the file's other top-level entries as
-    plain data (other networks as ``{'class_name': ...}`` only); ``info`` is ``{}`` for fastdiff files. The
-    network keeps ``info`` as ``net.source_entries`` (so an img512 network knows its encoder record)."""
-    from fastdiff.io.checkpoint import load_network
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not (head.startswith(b"\x80") or head == b"PK\x03\x04"):
-        return load_network(path, device=device), {}
+def load_edm2_network(path, device="cpu", key=None, max_bytes=None):
+    """``(network, info)`` from an official EDM2 pickle or a ``torch.save`` file (see
+    :func:`fastdiff.io.load_any_network`), under one allocation budget of ``max_bytes``."""
     with _budget(path, max_bytes), _import_errors(path):
         net, info = _network_and_info(path, device, key)
     if isinstance(net, torch.nn.Module):
-        from fastdiff.io.checkpoint import check_finite_weights
+        from fastdiff.io.network_file import check_finite_weights
 
         check_finite_weights(net.state_dict(), path)
     return net, info

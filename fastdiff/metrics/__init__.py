@@ -1,14 +1,11 @@
 """Evaluation metrics: FID, FD_DINOv2, precision/recall and KID, with reference statistics.
 
-Typical use::
-
     from fastdiff import metrics
     ref = metrics.make_reference("dataset.zip", "ref.npz", num=None)         # statistics of a dataset
     metrics.calc_from_images("samples/", "ref.npz")                           # {"fid": ...}
     metrics.calc_from_generator(batches, "ref.npz", metrics="fid,pr,kid")     # straight from a sampler
 
-or ``fastdiff metrics ref|calc ...`` on the command line. Detector weights are read from local
-files only (see ``InceptionV3Detector`` and ``DINOv2Detector``).
+or ``fastdiff metrics ref|calc|gen`` on the command line. Detector weights are read from local files only.
 """
 
 from fastdiff.metrics.detectors import (DINOv2Detector, Detector, InceptionV3Detector, ModuleDetector,

@@ -1,15 +1,9 @@
 """Feature detectors: networks that map uint8 images [N, 3, H, W] to float32 features [N, D].
 
-Every detector has ``name``, ``feature_dim`` and ``device`` and is called on uint8 NCHW tensors
-(1 or 3 channels, any size; each detector resizes to its own input size). Inputs are processed in
-chunks of ``batch_size`` under ``torch.inference_mode``.
-
-Weights are never downloaded. A detector looks for its file, in order: the explicit ``weights``
-argument, an environment variable, then a default location (see each class); when none exists it
-raises ``FileNotFoundError`` saying what to get and where to put it.
-
-Detectors are created by name through a small registry (``get_detector``), which the CLI uses and
-which user code or tests can extend with ``register_detector``.
+Every detector has ``name``, ``feature_dim`` and ``device`` and is called on uint8 NCHW tensors (1 or 3
+channels, any size) in chunks of ``batch_size``. Weights are never downloaded: a detector looks for its file
+in the ``weights`` argument, an environment variable, then a default location, and otherwise raises
+``FileNotFoundError`` saying what to get. ``get_detector`` / ``register_detector`` form the registry.
 """
 
 from __future__ import annotations

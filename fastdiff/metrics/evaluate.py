@@ -1,14 +1,10 @@
 """The metrics pipeline: images -> detector features -> statistics -> metric values.
 
-* ``make_reference``: statistics of a dataset (folder / .zip) -> ``ReferenceStats`` (optionally saved).
-* ``calc_from_images``: metrics of a folder / .zip of generated images against a reference.
-* ``calc_from_generator``: the same for any iterator of uint8 NCHW batches, e.g. straight from a
-  sampler, without writing images to disk.
-
-Metric names: ``fd`` (Frechet distance in the detector's feature space, reported as ``fid`` for
-Inception and ``fd_dinov2`` for DINOv2), ``pr`` (precision / recall), ``kid``. ``fid`` and
-``fd_dinov2`` are accepted as metric names too and select their detector. Under torch.distributed
-each rank processes its share of the images and the statistics are all-reduced.
+:func:`make_reference` (statistics of a dataset), :func:`calc_from_images` (a folder / .zip of generated
+images against a reference) and :func:`calc_from_generator` (any iterator of uint8 NCHW batches, e.g. straight
+from a sampler). Metric names: ``fd`` (reported as ``fid`` for Inception, ``fd_dinov2`` for DINOv2), ``pr``,
+``kid``; ``fid`` and ``fd_dinov2`` also select their detector. Under torch.distributed each rank processes
+its share and the statistics are all-reduced.
 """
 
 from __future__ import annotations

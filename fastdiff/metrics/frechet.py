@@ -2,12 +2,9 @@
 
     FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2))
 
-computed in float64. ``Tr sqrtm(S1 S2)`` is the sum of the square roots of the eigenvalues of
-``S1 S2``, which has the same eigenvalues as the symmetric PSD matrix ``sqrt(S1) S2 sqrt(S1)``; the
-default route therefore uses two symmetric eigendecompositions (torch, any device) and needs no
-regularising offset, even for singular covariances (fewer samples than feature dimensions). The
-classic route through ``scipy.linalg.sqrtm`` of the product (with a small diagonal offset when
-the product is singular) is available as ``method="sqrtm"``.
+computed in float64. By default ``Tr sqrtm(S1 S2)`` is the sum of the square roots of the eigenvalues of the
+symmetric PSD ``sqrt(S1) S2 sqrt(S1)`` (two symmetric eigendecompositions, no regularising offset even for
+singular covariances); ``method="sqrtm"`` is the classic route through ``scipy.linalg.sqrtm``.
 """
 
 from __future__ import annotations

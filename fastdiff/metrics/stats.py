@@ -1,19 +1,10 @@
 """Streaming feature statistics and reference ``.npz`` files.
 
-``FeatureStats`` accumulates, in float64, the count, the sum and the sum of outer products of the
-features it is fed, so that any number of images can be summarised in O(D^2) memory::
-
-    mu    = sum f / n
-    Sigma = (sum f f^T - n mu mu^T) / (n - 1)
-
-It can also keep a uniform random subset of the raw features (reservoir sampling, capped by
-``max_features``) for the metrics that need samples rather than moments (precision/recall, KID).
-
-A reference file (``ReferenceStats.save`` / ``load``) is a plain ``.npz`` holding ``mu``, ``sigma``,
-``num_images``, ``detector`` (name of the feature network) and optionally ``features``. ``load`` also reads
-the official EDM2 dataset-refs pickles (``{'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}}``, written by
-the release's ``calculate_metrics.py ref``) through fastdiff's allow-list unpickler, which accepts plain
-containers and numeric numpy arrays only here and runs no code from the file.
+:class:`FeatureStats` accumulates, in float64, the count, sum and sum of outer products of the features it is
+fed (any number of images in O(D^2) memory) and optionally a uniform random subset of the raw features for
+precision/recall and KID. A reference file (:class:`ReferenceStats`) is a plain ``.npz`` holding ``mu``,
+``sigma``, ``num_images``, ``detector`` and optionally ``features``; ``load`` also reads the official EDM2
+dataset-refs pickles through the allow-list unpickler (plain containers and numeric arrays only).
 """
 
 from __future__ import annotations
@@ -39,6 +30,12 @@ class FeatureStats:
     Args:
         max_features: keep a uniform random subset of at most this many raw features (0: keep none).
         seed: seed of the subset selection.
+
+    ``FeatureStats`` accumulates, in float64, the count, the sum and the sum of outer products of the
+    features it is fed, so that any number of images can be summarised in O(D^2) memory::
+
+        mu    = sum f / n
+        Sigma = (sum f f^T - n mu mu^T) / (n - 1)
     """
 
     def __init__(self, max_features: int = 0, seed: int = 0):

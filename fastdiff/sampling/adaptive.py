@@ -1,23 +1,9 @@
 """The adaptive-step DPM-Solver (DPM-Solver-12 and -23 of Lu et al. 2022, "DPM-Solver"), as k-diffusion
-publishes it, for EDM denoisers, with the step size chosen per sample.
+publishes it, for EDM denoisers, with the step size chosen per sample (:func:`sample_dpm_adaptive`, where
+the error measure, the PID controller and the differences from k-diffusion's batch-wide version are).
 
-In ``t = -ln sigma`` each attempt from ``s`` to ``t = min(t_end, s + h)`` computes a lower- and a
-higher-order DPM-Solver step (orders 1 and 2, or 2 and 3 with ``r1 = 1/3``, ``r2 = 2/3``), measures
-``E = ||(x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|))||_2 / sqrt(M)`` (``M`` the sample's
-element count), and a PID controller (k-diffusion's ``PIDStepSizeController``: factor ``1 + atan(f -
-1)`` with ``f = e_0^b1 e_1^b2 e_2^b3`` of the inverse errors) scales ``h``; the attempt is accepted when
-the factor reaches ``accept_safety``. Differences from k-diffusion's batch-wide version, by design:
-the error, the step size and the accept decision are per sample (one sample's trajectory never
-depends on the others in its batch, nor on the batch size), so every sample follows the published
-algorithm run on it alone; the evaluation at the start of an attempt is kept across rejected attempts
-(it is the same evaluation; k-diffusion repeats it), so fewer network evaluations are spent. The
-noise of ``eta > 0`` comes from the per-sample generators.
-
-Host reads, by design: which samples still integrate and which need a new evaluation decide the shapes of
-the next network calls, so each round of attempts reads one small flag tensor from the device (a second
-read with ``eta > 0``: which samples' generators draw); everything else (the error control, accepting or
-rejecting, the updates) stays on the device. Guidance that decides by noise level (``Interval``, ``CADS``)
-reads per evaluation here, since the samples sit at different noise levels.
+Host reads, by design: each round of attempts reads one small flag tensor from the device (which samples
+still integrate and need an evaluation; a second with ``eta > 0``); see :func:`sample_dpm_adaptive`.
 """
 
 from __future__ import annotations
@@ -91,14 +77,27 @@ def sample_dpm_adaptive(denoiser, x, sigma_min, sigma_max, *, guidance=None, lab
                         callback=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0,
                         dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0, randn_like=None, schedule=None,
                         info=None, return_info=False):
-    """Integrates from ``sigma_max`` down to ``sigma_min`` (both > 0) with adaptive steps (see the module
-    docstring); ``x`` the start at ``sigma_max``. ``order`` 2 or 3; ``rtol``/``atol`` the error
+    """Integrates from ``sigma_max`` down to ``sigma_min`` (both > 0) with adaptive steps (see
+    below); ``x`` the start at ``sigma_max``. ``order`` 2 or 3; ``rtol``/``atol`` the error
     tolerances; ``h_init`` the first step in ``t = -ln sigma``; ``pcoeff``/``icoeff``/``dcoeff`` the PID
     coefficients; ``eta > 0`` adds ancestral noise ``s_noise sigma_up n`` after each accepted step.
     ``callback(i, x, denoised)`` after each round of attempts (``denoised`` at each sample's current
     sigma). ``info`` (and the second value returned with ``return_info=True``) receives per-sample
     ``nfe`` (evaluations spent), ``n_accept``, ``n_reject`` ([N] int tensors), and ``evaluations`` (network
-    forwards in all)."""
+    forwards in all).
+
+    In ``t = -ln sigma`` each attempt from ``s`` to ``t = min(t_end, s + h)`` computes a lower- and a
+    higher-order DPM-Solver step (orders 1 and 2, or 2 and 3 with ``r1 = 1/3``, ``r2 = 2/3``), measures
+    ``E = ||(x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|))||_2 / sqrt(M)`` (``M`` the sample's
+    element count), and a PID controller (k-diffusion's ``PIDStepSizeController``: factor ``1 + atan(f -
+    1)`` with ``f = e_0^b1 e_1^b2 e_2^b3`` of the inverse errors) scales ``h``; the attempt is accepted when
+    the factor reaches ``accept_safety``. Differences from k-diffusion's batch-wide version, by design:
+    the error, the step size and the accept decision are per sample (one sample's trajectory never
+    depends on the others in its batch, nor on the batch size), so every sample follows the published
+    algorithm run on it alone; the evaluation at the start of an attempt is kept across rejected attempts
+    (it is the same evaluation; k-diffusion repeats it), so fewer network evaluations are spent. The
+    noise of ``eta > 0`` comes from the per-sample generators.
+    """
     if not (sigma_min > 0 and sigma_max > 0):
         raise ValueError(f"dpm_adaptive: sigma_min and sigma_max must be > 0, got {sigma_min}, {sigma_max}")
     if not sigma_min < sigma_max:

@@ -1,13 +1,10 @@
 """The DPM-Solver family, LMS and the SDE samplers, as k-diffusion publishes them, for EDM denoisers.
 
-Same calling convention as :mod:`fastdiff.sampling.samplers`: ``sample_NAME(denoiser, x, sigmas, *,
-guidance=None, labels=None, generators=None, callback=None, ...)``. Notation: ``t = -ln sigma`` (the
-half log-SNR of the VE process, ``lambda`` in the DPM-Solver papers), ``h = t_next - t``, ``D`` the
-guided denoiser output. Every random draw comes from the per-sample generators. The SDE samplers take
-their noise from a Brownian motion in sigma drawn from those generators
-(:class:`fastdiff.sampling._loop.BrownianNoise`): the same law as k-diffusion's Brownian tree, not the
-same numbers; ``noise_sampler(sigma, sigma_next)`` replaces it (e.g. to share noise with another
-implementation).
+Same calling convention as :mod:`fastdiff.sampling.samplers`. Notation: ``t = -ln sigma`` (``lambda`` in the
+DPM-Solver papers), ``h = t_next - t``, ``D`` the guided denoiser output. Every random draw comes from the
+per-sample generators; the SDE samplers take their noise from a Brownian motion in sigma drawn from them
+(:class:`fastdiff.sampling._loop.BrownianNoise`: k-diffusion's law, not its numbers), or from
+``noise_sampler(sigma, sigma_next)``.
 """
 
 from __future__ import annotations

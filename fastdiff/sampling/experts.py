@@ -1,20 +1,9 @@
 """Expert denoisers by noise level: one network per sigma range, as in eDiff-I's ensemble of expert denoisers
-(Balaji et al. 2022, "eDiff-I: Text-to-Image Diffusion Models with an Ensemble of Expert Denoisers"), where
-experts branched from a shared model each specialize in part of the noise levels.
+(Balaji et al. 2022).
 
-``Experts([(lo, hi, net), ...])`` is itself a denoiser: each evaluation ``D(x; sigma)`` of a sample is done
-by the one network whose range ``(lo, hi]`` holds the sample's sigma (the first range also takes
-``sigma = 0``). The ranges must cover ``(0, inf)`` without gap or overlap. It has what the samplers and the
-guidance methods expect of a network (``img_channels``, ``img_resolution``, ``label_dim``,
-``forward(x, sigma, class_labels)``), so it composes with every sampler and guidance method, and a guide may
-itself be an ensemble (``Autoguidance(Experts(...), w)``). Each sample costs one network evaluation, whichever
-expert makes it: sampling with experts costs what sampling with one of them does.
-
-A batch whose samples fall into several ranges is split, each part evaluated by its expert, and the results
-put back in order; the samplers evaluate a whole batch at one sigma, so there each call goes to one expert
-with the whole batch. Keyword arguments (e.g. ``return_logvar=True``) are passed on; tensors among them
-with one row per sample are split with the batch. TSG reaches an ensemble through its generic route (the
-guiding branch at a perturbed sigma), since the embedding hook of one network does not apply to another.
+``Experts([(lo, hi, net), ...])`` is itself a denoiser: each evaluation of a sample goes to the network whose
+range ``(lo, hi]`` holds its sigma, so it composes with every sampler and guidance method (a guide may be an
+ensemble too) and costs what sampling with one of its networks does. See :class:`Experts`.
 """
 
 from __future__ import annotations
@@ -86,9 +75,24 @@ def fill_gaps(experts: Sequence[tuple[float, float, Callable]], fallback: Callab
 
 
 class Experts(torch.nn.Module):
-    """A denoiser made of networks for disjoint sigma ranges ``(lo, hi]`` covering ``(0, inf)``; see the
-    module docstring. ``experts``: ``[(lo, hi, net), ...]`` in any order; the networks must agree on
-    ``img_channels``, ``img_resolution`` and ``label_dim`` (and ``sigma_data`` where they have one)."""
+    """A denoiser made of networks for disjoint sigma ranges ``(lo, hi]`` covering ``(0, inf)`` (below).
+    ``experts``: ``[(lo, hi, net), ...]`` in any order; the networks must agree on
+    ``img_channels``, ``img_resolution`` and ``label_dim`` (and ``sigma_data`` where they have one).
+
+    ``Experts([(lo, hi, net), ...])`` is itself a denoiser: each evaluation ``D(x; sigma)`` of a sample is done
+    by the one network whose range ``(lo, hi]`` holds the sample's sigma (the first range also takes
+    ``sigma = 0``). The ranges must cover ``(0, inf)`` without gap or overlap. It has what the samplers and the
+    guidance methods expect of a network (``img_channels``, ``img_resolution``, ``label_dim``,
+    ``forward(x, sigma, class_labels)``), so it composes with every sampler and guidance method, and a guide may
+    itself be an ensemble (``Autoguidance(w, Experts(...))``). Each sample costs one network evaluation, whichever
+    expert makes it: sampling with experts costs what sampling with one of them does.
+
+    A batch whose samples fall into several ranges is split, each part evaluated by its expert, and the results
+    put back in order; the samplers evaluate a whole batch at one sigma, so there each call goes to one expert
+    with the whole batch. Keyword arguments (e.g. ``return_logvar=True``) are passed on; tensors among them
+    with one row per sample are split with the batch. TSG reaches an ensemble through its generic route (the
+    guiding branch at a perturbed sigma), since the embedding hook of one network does not apply to another.
+    """
 
     def __init__(self, experts: Sequence[tuple[float, float, Callable]]):
         super().__init__()

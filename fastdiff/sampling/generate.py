@@ -24,7 +24,8 @@ from fastdiff.sampling import rng
 from fastdiff.sampling.guidance import Autoguidance, Guidance, Interval
 from fastdiff.sampling.samplers import SAMPLERS, check_churn_options, sample
 
-__all__ = ["generate_images", "to_uint8", "split_batches", "MAX_SEED", "check_churn_options", "nonfinite_rows"]
+__all__ = ["generate_images", "make_guidance", "to_uint8", "split_batches", "MAX_SEED", "check_churn_options",
+           "nonfinite_rows"]
 
 MAX_SEED = 2**32 - 1
 
@@ -79,23 +80,22 @@ def make_guidance(gnet, guidance: float, interval: tuple[float, float] | None) -
         return None
     if gnet is None:
         raise ValueError(f"guidance={guidance} needs a guiding network (--gnet); guidance=1 means no guidance")
-    g: Guidance = Autoguidance(gnet, guidance)
+    g: Guidance = Autoguidance(guidance, gnet)
     if interval is not None:
         g = Interval(g, sigma=interval)
     return g
 
 
-def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0, sampler: str = "heun", steps: int = 32,
-                    class_idx: int | None = None, batch: int = 32, device=None, dtype: torch.dtype = torch.float32,
-                    interval: tuple[float, float] | None = None, guidance_obj: Guidance | None = None,
-                    rank: int | None = None, world_size: int | None = None, decoder: Callable | None = None,
-                    on_nonfinite: Callable[[list[int]], None] | None = None, generator_device=None,
-                    **sample_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
+def generate_images(net, seeds: Sequence[int], guidance: Guidance | None = None, sampler: str = "heun",
+                    steps: int = 32, class_idx: int | None = None, batch: int = 32, device=None,
+                    dtype: torch.dtype = torch.float32, rank: int | None = None, world_size: int | None = None,
+                    decoder: Callable | None = None, on_nonfinite: Callable[[list[int]], None] | None = None,
+                    generator_device=None, **sample_kwargs) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yields ``(batch_seeds, images)`` with ``images`` uint8 ``[n, C, H, W]`` on the CPU.
 
-    ``net`` (and ``gnet``) are Precond-like: ``net(x, sigma, class_labels)`` with attributes
-    ``img_resolution``, ``img_channels``, ``label_dim``. ``guidance``/``interval`` build autoguidance
-    as in the official tool; ``guidance_obj`` instead uses any guidance object. ``class_idx`` fixes the
+    ``net`` is Precond-like: ``net(x, sigma, class_labels)`` with attributes ``img_resolution``,
+    ``img_channels``, ``label_dim``. ``guidance``: any guidance object (None: unguided); the official
+    tool's ``gnet`` / ``guidance`` / ``interval`` are :func:`make_guidance`'s. ``class_idx`` fixes the
     class (else a random class per seed). Under ``torch.distributed`` (or with explicit
     ``rank``/``world_size``) only this rank's share of the seeds is generated. ``generator_device``: where the
     per-seed generators live (default: ``device``; see the module docstring). ``decoder`` turns the
@@ -121,8 +121,10 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
             raise ValueError(
                 f"class {class_idx} out of range: the network has {label_dim} classes [0, {label_dim - 1}]"
             )
-    if guidance_obj is None:
-        guidance_obj = make_guidance(gnet, float(guidance), interval)
+    if guidance is not None and not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance must be a fastdiff.sampling.guidance.Guidance object or None, got "
+                        f"{type(guidance).__name__}; the official gnet / weight / interval: make_guidance(gnet, w, "
+                        f"interval)")
     if rank is None or world_size is None:
         rank, world_size = rank_and_world()
     if device is None:
@@ -134,20 +136,13 @@ def generate_images(net, seeds: Sequence[int], gnet=None, guidance: float = 1.0,
     for batch_seeds in split_batches(seeds, batch, rank, world_size):
         if not batch_seeds:
             continue
-        gens = rng.seed_generators(batch_seeds, device=gen_device)
-        noise_rows, label_rows = [], []
-        for g in gens:  # per sample: noise, then label
-            noise_rows.append(torch.randn(shape, generator=g, dtype=torch.float32, device=g.device))
-            if label_dim:
-                label_rows.append(torch.full((1,), int(class_idx), dtype=torch.int64, device=g.device)
-                                  if class_idx is not None else
-                                  torch.randint(label_dim, (1,), generator=g, device=g.device, dtype=torch.int64))
-        noise = torch.stack(noise_rows).to(device)
+        gens, noise, classes = rng.seed_inputs(batch_seeds, shape, label_dim, class_idx, device=gen_device)
+        noise = noise.to(device)
         labels = None
         if label_dim:  # one-hot by a scatter: no host read of the drawn classes
-            index = torch.cat(label_rows).to(device).reshape(-1, 1)
+            index = classes.to(device).reshape(-1, 1)
             labels = torch.zeros(len(gens), label_dim, dtype=torch.float32, device=device).scatter_(1, index, 1.0)
-        x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance_obj, labels=labels, generators=gens,
+        x = sample(net, noise, sampler=sampler, steps=steps, guidance=guidance, labels=labels, generators=gens,
                    dtype=dtype, **sample_kwargs)
         bad = nonfinite_rows(x)
         if bool(bad.any()):

@@ -1,26 +1,13 @@
 """CUDA graphs for sampling: ``cuda_graphed(net)`` replays captured graphs of the network's forward.
 
-A sampler calls the same network tens of times on inputs of one shape; each forward launches hundreds of
-small kernels, and at small batches the launch cost is a large share of the step. ``cuda_graphed(net)``
-captures ``net(x, sigma, labels)`` once per input signature (shapes, dtypes, device, and the version of every
-parameter and buffer, so changed weights are captured anew) into a CUDA graph with static input buffers,
-then serves each call by copying the inputs in, replaying the graph and returning a copy of the output.
+A sampler calls the same network tens of times on inputs of one shape; at small batches the launch cost of
+its kernels is a large share of the step. ``cuda_graphed(net)`` captures ``net(x, sigma, labels)`` once per
+input signature and replays it, falling back to ``net`` itself where it cannot help (see :func:`cuda_graphed`)::
 
-    from fastdiff.sampling import cuda_graphed, sample, Autoguidance, Interval
-    x = sample(cuda_graphed(net), noise, guidance=Interval(Autoguidance(cuda_graphed(gnet), 2.0), sigma=(0.28, 2.9)))
+    x = sample(cuda_graphed(net), noise, guidance=Interval(Autoguidance(2.0, cuda_graphed(gnet)), sigma=(0.28, 2.9)))
 
-Falls back to calling ``net`` directly (same results) when it cannot help: CPU tensors, autograd enabled with
-parameters that need gradients, or extra keyword arguments; TSG calls the wrapped network itself, since its
-forward hook on the noise embedding must run in an eager forward. The network must
-not synchronize with the host inside its forward (fastdiff's networks do not, given float labels); at most
-``max_graphs`` signatures are kept (least recently used dropped), each with its own memory pool.
-
-A graph replays reads of fixed addresses, so each graph owns what it reads: its static inputs and output,
-the network's parameters and buffers, and the effective weights its capture read from the layers' caches
-(``MPConv.cached_tensors()``, the single-slot eval-mode caches). A layer that later replaces its cache (an
-eager call in another dtype) cannot free memory the graph still reads; a weight changed in place (its
-version), replaced (its identity) or moved (its storage) is another signature, captured anew; ``clear_weight_caches`` drops
-every graph at the next call (or :meth:`GraphedDenoiser.reset`), so that the memory is freed.
+Each graph owns what it reads (its static buffers, the parameters and the effective weights its capture read
+from the layers' caches); a weight changed, replaced or moved is a new signature, captured anew.
 """
 
 from __future__ import annotations
@@ -69,7 +56,7 @@ class _Graph:
 
 
 class GraphedDenoiser:
-    """``net(x, sigma, labels)`` served from captured graphs; see the module docstring."""
+    """``net(x, sigma, labels)`` served from captured graphs; see :func:`cuda_graphed`."""
 
     def __init__(self, net: Callable, max_graphs: int = 8, capture=None):
         if max_graphs < 1:
@@ -169,7 +156,20 @@ class GraphedDenoiser:
 
 
 def cuda_graphed(net: Callable, max_graphs: int = 8) -> GraphedDenoiser:
-    """Wrap ``net`` (called as ``net(x, sigma, labels)``) so sampling replays captured CUDA graphs."""
+    """Wrap ``net`` (called as ``net(x, sigma, labels)``) so sampling replays captured CUDA graphs.
+
+    A sampler calls the same network tens of times on inputs of one shape; each forward launches hundreds of
+    small kernels, and at small batches the launch cost is a large share of the step. ``cuda_graphed(net)``
+    captures ``net(x, sigma, labels)`` once per input signature (shapes, dtypes, device, and the version of every
+    parameter and buffer, so changed weights are captured anew) into a CUDA graph with static input buffers,
+    then serves each call by copying the inputs in, replaying the graph and returning a copy of the output.
+
+    Falls back to calling ``net`` directly (same results) when it cannot help: CPU tensors, autograd enabled with
+    parameters that need gradients, or extra keyword arguments; TSG calls the wrapped network itself, since its
+    forward hook on the noise embedding must run in an eager forward. The network must
+    not synchronize with the host inside its forward (fastdiff's networks do not, given float labels); at most
+    ``max_graphs`` signatures are kept (least recently used dropped), each with its own memory pool.
+    """
     if isinstance(net, GraphedDenoiser):
         return net
     return GraphedDenoiser(net, max_graphs=max_graphs)

@@ -1,26 +1,17 @@
 """Guidance as small composable objects, applied on the denoised prediction ``D`` inside every network
 evaluation of every sampler (the Heun correction included).
 
-A guidance object turns ``(denoiser, x, sigma, labels, ctx)`` into a :class:`Guided` result: either a
-plain linear combination ``D = d0 + w (d1 - d0)`` of the main output ``d1`` and a guiding output
-``d0`` (no guidance, CFG, autoguidance, ICG, TSG, and any of them inside :class:`Interval` or
-:class:`CADS`) that the samplers hand to the fused solver step as it is, or an already combined ``D``
-(:class:`APG`, whose projection is not linear).
-
-Conventions:
-
-- ``denoiser(x, sigma, labels)`` with ``sigma`` a per-sample ``[N]`` tensor and ``labels`` one-hot
-  class vectors ``[N, label_dim]`` (or None), like ``fastdiff.nn.Precond``.
-- ``w = 1`` means no guidance: only the main network is evaluated (as in the official EDM2 sampler).
-- Where the main and the guiding branch are the same network (CFG with a null label, ICG, TSG) both
-  branches run as ONE forward of the concatenated batch ``[2N, ...]``.
-- Random draws (ICG labels, TSG and CADS noise) come from the per-sample generators of the context,
-  so a sample's result depends on its own seed only.
+A guidance object turns ``(denoiser, x, sigma, labels, ctx)`` into a :class:`Guided` result: a linear
+combination ``D = d0 + w (d1 - d0)`` that the fused solver step takes as it is, or an already combined ``D``
+(:class:`APG`). ``w = 1`` evaluates the main network only; where both branches are the same network they run
+as one batched forward; random draws come from the per-sample generators. Each class declares its
+command-line name and parameters (:class:`Param`), which ``fastdiff generate`` reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch
@@ -32,7 +23,7 @@ from fastdiff.sampling.hostreads import host_list
 
 __all__ = [
     "Guided", "EvalContext", "Guidance", "CFG", "Autoguidance", "Interval", "APG", "ICG", "TSG", "CADS",
-    "noise_embedding_layer",
+    "Param", "METHODS", "noise_embedding_layer",
 ]
 
 
@@ -146,10 +137,103 @@ def _host_mask(fn: Callable[[torch.Tensor], torch.Tensor], host: float, like: to
     return fn(torch.full(like.shape, host, dtype=like.dtype))
 
 
+
+def finite(v: float) -> str | None:
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+def nonnegative(v: float) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+
+def positive(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+def nonpositive(v: float) -> str | None:
+    return None if math.isfinite(v) and v <= 0 else "must be a finite number <= 0 (a momentum beta < 0; 0 = none)"
+
+
+def unit(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must lie in [0, 1]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A tunable parameter of a guidance class, declared next to its constructor.
+
+    ``name``: the constructor keyword; ``type`` and ``default``: the constructor's; ``check(value)``: what
+    is wrong with a value (None: fine); ``help``: one line; ``flag``: its name after the method's on a
+    command line (``apg`` + ``momentum``: ``--apg-momentum``; default ``name`` with ``-`` for ``_``).
+    ``applies(net)``: whether it has an effect with the main network ``net`` (None: always); where it has
+    none, ``no_effect`` says why, naming other parameters as ``{name}``."""
+
+    name: str
+    type: type
+    default: Any
+    check: Callable[[Any], str | None]
+    help: str
+    flag: str = ""
+    applies: Callable[[Callable], bool] | None = None
+    no_effect: str = ""
+
+    @property
+    def cli_name(self) -> str:
+        return self.flag or self.name.replace("_", "-")
+
+
 class Guidance:
-    """No guidance: ``D = D_1``, one forward of the main network. The base class of all guidance."""
+    """No guidance: ``D = D_1``, one forward of the main network. The base class of all guidance.
+
+    A guidance object turns ``(denoiser, x, sigma, labels, ctx)`` into a :class:`Guided` result: either a
+    plain linear combination ``D = d0 + w (d1 - d0)`` of the main output ``d1`` and a guiding output
+    ``d0`` (no guidance, CFG, autoguidance, ICG, TSG, and any of them inside :class:`Interval` or
+    :class:`CADS`) that the samplers hand to the fused solver step as it is, or an already combined ``D``
+    (:class:`APG`, whose projection is not linear).
+
+    Conventions:
+
+    - ``denoiser(x, sigma, labels)`` with ``sigma`` a per-sample ``[N]`` tensor and ``labels`` one-hot
+      class vectors ``[N, label_dim]`` (or None), like ``fastdiff.nn.Precond``.
+    - ``w = 1`` means no guidance: only the main network is evaluated (as in the official EDM2 sampler).
+    - Where the main and the guiding branch are the same network (CFG with a null label, ICG, TSG) both
+      branches run as ONE forward of the concatenated batch ``[2N, ...]``.
+    - Random draws (ICG labels, TSG and CADS noise) come from the per-sample generators of the context,
+      so a sample's result depends on its own seed only.
+    """
 
     weight: float = 1.0
+    #: The method's name in ``METHODS`` and on command lines (None: not a method of its own).
+    method: str | None = None
+    #: Its tunable parameters (see :class:`Param`); the constructor takes each as a keyword.
+    params: tuple[Param, ...] = ()
+    #: The constructor keyword taking a guiding network (None: guides with the main network itself), and
+    #: whether that network is required.
+    guide_arg: str | None = None
+    guide_required: bool = False
+    #: Why the main network must be class-conditional where :attr:`needs_labels` says so (``{net}`` and
+    #: ``{guide}`` name the networks).
+    labels_reason: str = "needs a class-conditional {net}"
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether it compares the class condition with something else (the main network must be conditional)."""
+        return False
+
+    @property
+    def uses_null_label(self) -> bool:
+        """Whether a branch is the main network with the null label (learned only with label dropout)."""
+        return False
+
+    def branch(self, net: Callable) -> str:
+        """What the guiding branch is, in a few words (``{net}`` and ``{guide}`` name the networks)."""
+        return "none"
+
+    @classmethod
+    def check_params(cls, values: dict) -> str | None:
+        """What is wrong with the parameter values together (each one's own check aside); ``{name}`` marks
+        a parameter's name. ``values`` holds every parameter (defaults filled in)."""
+        return None
 
     def evaluate(self, net: Callable, x: torch.Tensor, sigma: torch.Tensor, labels, ctx: EvalContext) -> Guided:
         return Guided(ctx.call(net, x, sigma, labels))
@@ -167,10 +251,21 @@ class CFG(Guidance):
     ``uncond`` is None, the main network with the null label ``null_label`` (default: all-zero label
     vectors), both branches in one batched forward."""
 
+    method, guide_arg = "cfg", "uncond"
+
     def __init__(self, weight: float, uncond: Callable | None = None, null_label: torch.Tensor | None = None):
         self.weight = float(weight)
         self.uncond = uncond
         self.null_label = null_label
+
+    needs_labels = True
+
+    @property
+    def uses_null_label(self) -> bool:
+        return self.uncond is None
+
+    def branch(self, net) -> str:
+        return "unconditional {guide}" if self.uncond is not None else "null label of {net}"
 
     def _null(self, labels: torch.Tensor) -> torch.Tensor:
         if self.null_label is None:
@@ -198,11 +293,19 @@ class Autoguidance(Guidance):
     trained version of the main network (the official EDM2 ``gnet``). With an unconditional ``guide``
     this is CFG with a separate unconditional network."""
 
-    def __init__(self, guide: Callable, weight: float):
+    method, guide_arg, guide_required = "autoguidance", "guide", True
+
+    def __init__(self, weight: float, guide: Callable):
+        if callable(weight) or isinstance(guide, (int, float)):
+            raise TypeError("Autoguidance(weight, guide): the weight comes first, then the guide network")
         if guide is None:
             raise ValueError("Autoguidance needs a guide network")
-        self.guide = guide
         self.weight = float(weight)
+        self.guide = guide
+
+    def branch(self, net) -> str:
+        as_cfg = int(getattr(net, "label_dim", 0) or 0) > 0 and not int(getattr(self.guide, "label_dim", 0) or 0)
+        return "guide {guide}" + (" (unconditional: CFG)" if as_cfg else "")
 
     def evaluate(self, net, x, sigma, labels, ctx) -> Guided:
         if self.weight == 1:
@@ -232,6 +335,10 @@ class Interval(Guidance):
         self.inner = inner
         self.sigma = sigma
         self.steps = set(int(s) for s in steps) if steps is not None else None
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.inner.needs_labels
 
     def inside(self, sigma: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
         if self.steps is not None:
@@ -278,11 +385,32 @@ class APG(Guidance):
     The unconditional branch is chosen as in :class:`CFG` (``uncond`` network or null label) or, with
     ``guide=``, a guide network as in :class:`Autoguidance`."""
 
+    method, guide_arg = "apg", "guide"
+    params = (
+        Param("eta", float, 0.0, finite, "weight eta of the update's part parallel to D_c"),
+        Param("beta", float, -0.5, nonpositive, "momentum beta (< 0; 0 = no momentum)", flag="momentum"),
+        Param("r", float, None, positive, "rescale radius r, ||D_c - D_u|| clipped to r per sample (none = no "
+              "rescale)", flag="rescale"),
+    )
+    labels_reason = ("without {guide} uses the null label of {net}, so it needs a class-conditional {net}; "
+                     "{unconditional} (or give a guiding network with {guide})")
+
     def __init__(self, weight: float, uncond: Callable | None = None, null_label: torch.Tensor | None = None,
                  guide: Callable | None = None, eta: float = 0.0, r: float | None = None, beta: float = -0.5):
         self.weight = float(weight)
-        self.source = Autoguidance(guide, 2.0) if guide is not None else CFG(2.0, uncond, null_label)
+        self.source = Autoguidance(2.0, guide) if guide is not None else CFG(2.0, uncond, null_label)
         self.eta, self.r, self.beta = float(eta), (None if r is None else float(r)), float(beta)
+
+    @property
+    def needs_labels(self) -> bool:
+        return isinstance(self.source, CFG)
+
+    @property
+    def uses_null_label(self) -> bool:
+        return self.source.uses_null_label
+
+    def branch(self, net) -> str:
+        return "guide {guide}" if isinstance(self.source, Autoguidance) else self.source.branch(net)
 
     def evaluate(self, net, x, sigma, labels, ctx) -> Guided:
         if self.weight == 1:
@@ -318,6 +446,12 @@ class ICG(Guidance):
     """Independent condition guidance: CFG whose unconditional branch uses an independent random class
     (one-hot, drawn per sample and per evaluation from the sample's generator) instead of a null
     label. Both branches in one batched forward."""
+
+    method = "icg"
+    needs_labels = True
+
+    def branch(self, net) -> str:
+        return "random class"
 
     def __init__(self, weight: float, num_classes: int | None = None):
         self.weight = float(weight)
@@ -370,6 +504,22 @@ class TSG(Guidance):
     ``sigma * exp(4 c_noise_scale n)``, which also changes the network's preconditioning and is only an
     approximation of TSG. Both branches in one batched forward."""
 
+    method = "tsg"
+    params = (
+        Param("scale", float, 1.0, nonnegative, "s in e~ = e + s std(e) n, for networks with a noise embedding "
+              "layer (fastdiff's, and official pickles loaded by fastdiff)",
+              applies=lambda net: noise_embedding_layer(net) is not None,
+              no_effect="it has no noise embedding layer, so TSG perturbs its noise conditioning c_noise instead "
+                        "(set that with {c_noise_scale})"),
+        Param("c_noise_scale", float, 0.1, nonnegative, "on networks without that layer (other callables): std of "
+              "the perturbation of c_noise = ln(sigma)/4",
+              applies=lambda net: noise_embedding_layer(net) is None,
+              no_effect="it has a noise embedding layer, so TSG perturbs its noise embedding (set that with {scale})"),
+    )
+
+    def branch(self, net) -> str:
+        return "perturbed noise embedding" if noise_embedding_layer(net) is not None else "perturbed c_noise"
+
     def __init__(self, weight: float, scale: float = 1.0, c_noise_scale: float = 0.1):
         self.weight = float(weight)
         self.scale = float(scale)
@@ -414,6 +564,22 @@ class CADS(Guidance):
     :meth:`EvalContext.t_of`): 1 at ``sigma_max`` (pure noise), 0 at ``sigma_min``; at step i of N it
     is ``1 - i/(N-1)``. The annealed condition goes to every branch that takes the condition."""
 
+    method = "cads"
+    params = (
+        Param("tau1", float, 0.6, unit, "full condition below t = tau1 (t in [0, 1], 1 = noise)"),
+        Param("tau2", float, 0.9, unit, "pure noise condition above t = tau2"),
+        Param("s", float, 0.25, nonnegative, "noise scale s of the annealed condition"),
+        Param("psi", float, 1.0, unit, "mix psi of the condition rescaled to the original mean/std (0 = no rescale)"),
+    )
+    needs_labels = True
+    labels_reason = "anneals the class condition, so it needs a class-conditional {net}; {unconditional}"
+
+    @classmethod
+    def check_params(cls, values: dict) -> str | None:
+        if not values["tau1"] <= values["tau2"]:
+            return f"{{tau1}} ({values['tau1']}) must not exceed {{tau2}} ({values['tau2']})"
+        return None
+
     def __init__(self, inner: Guidance | None = None, tau1: float = 0.6, tau2: float = 0.9, s: float = 0.25,
                  psi: float = 1.0, rescale: bool = True):
         if not 0 <= tau1 <= tau2 <= 1:
@@ -456,6 +622,10 @@ class CADS(Guidance):
         with nvtx_range("guidance"):
             labels = self.anneal(labels, sigma, ctx)
         return self.inner.evaluate(net, x, sigma, labels, ctx)
+
+
+#: The guidance methods by name: each class's :attr:`Guidance.method` (CADS wraps any of them).
+METHODS: dict[str, type[Guidance]] = {cls.method: cls for cls in (CFG, Autoguidance, APG, ICG, TSG)}
 
 
 def as_guidance(guidance) -> Guidance:

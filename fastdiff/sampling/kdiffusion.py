@@ -1,20 +1,9 @@
 """k-diffusion interop, both directions.
 
-k-diffusion's convention for a denoiser is ``model(x, sigma, **extra_args) -> denoised`` with ``sigma``
-a per-sample ``[N]`` tensor and the condition passed as a keyword argument (``cond=``,
-``class_labels=``, ``class_cond=``, ...); its samplers are called as
-``sample_heun(model, x, sigmas, extra_args={...})``. fastdiff's convention is a callable
-``denoiser(x, sigma, labels) -> D`` with ``sigma`` ``[N]`` and ``labels`` one-hot ``[N, label_dim]``
-(or None; an all-zero row means "no class", the null label of CFG).
-
-- :class:`KDiffusionDenoiser` turns a k-diffusion model into a fastdiff denoiser, so that fastdiff's
-  samplers and guidance objects (CFG, autoguidance, interval, APG, ...) drive it.
-- :func:`as_kdiffusion` turns a fastdiff network (``net(x, sigma, class_labels)``, e.g. ``Precond``, a
-  guided denoiser, the toy's exact mixture) into a k-diffusion model, so that it plugs into other
-  samplers.
-
-Both are ``torch.nn.Module`` s when they wrap one (``.to()``, ``.eval()``, ``.parameters()`` reach the
-wrapped network) and add no arithmetic: a round trip gives bit-identical outputs.
+:class:`KDiffusionDenoiser` turns a k-diffusion model (``model(x, sigma, **extra_args)``) into a fastdiff
+denoiser (``denoiser(x, sigma, labels)``, one-hot labels), so fastdiff's samplers and guidance drive it;
+:func:`as_kdiffusion` turns a fastdiff network into a k-diffusion model. Both add no arithmetic: a round trip
+gives bit-identical outputs.
 """
 
 from __future__ import annotations
@@ -48,6 +37,16 @@ class KDiffusionDenoiser(torch.nn.Module):
     trained with an extra 'unconditional' class; an error if None). ``extra_args``: further keyword
     arguments for every call. ``pass_none``: pass ``label_arg=None`` when labels are None (else the
     keyword is left out).
+
+    k-diffusion's convention for a denoiser is ``model(x, sigma, **extra_args) -> denoised`` with ``sigma``
+    a per-sample ``[N]`` tensor and the condition passed as a keyword argument (``cond=``,
+    ``class_labels=``, ``class_cond=``, ...); its samplers are called as
+    ``sample_heun(model, x, sigmas, extra_args={...})``. fastdiff's convention is a callable
+    ``denoiser(x, sigma, labels) -> D`` with ``sigma`` ``[N]`` and ``labels`` one-hot ``[N, label_dim]``
+    (or None; an all-zero row means "no class", the null label of CFG).
+
+    Both are ``torch.nn.Module`` s when they wrap one (``.to()``, ``.eval()``, ``.parameters()`` reach the
+    wrapped network) and add no arithmetic: a round trip gives bit-identical outputs.
     """
 
     def __init__(self, model: Callable, label_arg: str | None = "cond", label_format: str = "onehot",

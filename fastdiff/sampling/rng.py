@@ -53,3 +53,24 @@ def randint(generators: Generators, n: int, high: int, device=None) -> torch.Ten
     if not rows:
         return torch.empty((0,), dtype=torch.int64, device=device)
     return torch.cat(rows).to(device)  # no host read of the draws
+
+
+def seed_inputs(seeds: Sequence[int], shape, label_dim: int = 0, class_idx: int | None = None, device="cpu"):
+    """The start of every sample: ``(generators, noise, classes)`` for ``seeds``, each seed's generator (on
+    ``device``) drawing first its initial noise ``shape`` (float32), then its class in ``[0, label_dim)`` (only
+    for a conditional network, ``label_dim > 0``, without a fixed ``class_idx``). ``noise`` is ``[N, *shape]``,
+    ``classes`` int64 ``[N]`` (None for ``label_dim = 0``), both on ``device`` and drawn without a host read;
+    the generators go on to the sampler."""
+    gens = seed_generators(seeds, device=device)
+    noise, classes = [], []
+    for g in gens:
+        noise.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=g.device))
+        if label_dim and class_idx is not None:
+            classes.append(torch.full((1,), int(class_idx), dtype=torch.int64, device=g.device))
+        elif label_dim:
+            classes.append(torch.randint(label_dim, (1,), generator=g, device=g.device, dtype=torch.int64))
+    if not gens:
+        noise_t = torch.empty((0, *tuple(shape)), dtype=torch.float32, device=device)
+        return gens, noise_t, (torch.empty((0,), dtype=torch.int64, device=device) if label_dim else None)
+    return gens, torch.stack(noise), (torch.cat(classes) if label_dim else None)
+

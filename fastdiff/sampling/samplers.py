@@ -1,22 +1,11 @@
 """Samplers for EDM-parameterized denoisers ``D(x; sigma)``, each a small public function in the
 k-diffusion manner, ``sample_NAME(denoiser, x, sigmas, *, guidance=None, labels=None, generators=None,
-callback=None, ...)`` with ``x`` the starting sample at ``sigmas[0]`` (noise times ``sigmas[0]``), and
-:func:`sample`, a dispatcher over the registry :data:`SAMPLERS` that builds the EDM schedule.
+callback=None, ...)``, and :func:`sample`, a dispatcher over the registry :data:`SAMPLERS`.
 
-This module holds EDM's Heun (deterministic or stochastic), Euler (with churn), Euler ancestral and
-DPM-Solver++(2M); :mod:`fastdiff.sampling.dpm` the DPM-Solver family, LMS and the SDE samplers;
-:mod:`fastdiff.sampling.adaptive` the adaptive-step DPM-Solver. Every sampler composes with every
-guidance object (the guided ``D`` is used at every evaluation) and draws its noise from the per-sample
-generators, so a sample depends on its own seed only. Euler-type updates go through the batched fused
-solver step ``fastdiff.ops.solver_step`` (one kernel forms the guided ``D`` from the one or two network
-outputs, the derivative and the update); the higher-order updates are a few tensor expressions.
-
-Keywords every sampler takes: ``guidance`` (a :mod:`fastdiff.sampling.guidance` object or None),
-``labels`` (one-hot ``[N, label_dim]`` or None), ``generators`` (one per sample, or None for torch's
-global generator / ``randn_like``), ``callback(i, x, denoised)`` after each step, ``schedule`` (the
-``(sigma_min, sigma_max, rho)`` the sigmas came from, for guidance that reads the normalized time) and
-``info`` (a dict that receives ``'evaluations'``). A new sampler is a function of this shape added to
-:data:`REGISTRY`.
+This module holds EDM's Heun, Euler, Euler ancestral and DPM-Solver++(2M); :mod:`fastdiff.sampling.dpm` the
+DPM-Solver family, LMS and the SDE samplers; :mod:`fastdiff.sampling.adaptive` the adaptive DPM-Solver. Every
+sampler composes with every guidance object and draws its noise from the per-sample generators; the keywords
+they share are listed at :func:`sample`.
 """
 
 from __future__ import annotations
@@ -245,6 +234,21 @@ def sample(denoiser: Callable, noise: torch.Tensor, sampler: str = "heun", steps
     option a sampler has no use for is an error. ``callback(i, x, denoised)`` runs after each step.
     ``info``: a dict that receives ``'evaluations'`` (network forwards) and the sampler's own report
     (``'dpm_adaptive'``: per-sample ``nfe``, ``n_accept``, ``n_reject``). Returns the final ``x`` in ``dtype``.
+
+    This module holds EDM's Heun (deterministic or stochastic), Euler (with churn), Euler ancestral and
+    DPM-Solver++(2M); :mod:`fastdiff.sampling.dpm` the DPM-Solver family, LMS and the SDE samplers;
+    :mod:`fastdiff.sampling.adaptive` the adaptive-step DPM-Solver. Every sampler composes with every
+    guidance object (the guided ``D`` is used at every evaluation) and draws its noise from the per-sample
+    generators, so a sample depends on its own seed only. Euler-type updates go through the batched fused
+    solver step ``fastdiff.ops.solver_step`` (one kernel forms the guided ``D`` from the one or two network
+    outputs, the derivative and the update); the higher-order updates are a few tensor expressions.
+
+    Keywords every sampler takes: ``guidance`` (a :mod:`fastdiff.sampling.guidance` object or None),
+    ``labels`` (one-hot ``[N, label_dim]`` or None), ``generators`` (one per sample, or None for torch's
+    global generator / ``randn_like``), ``callback(i, x, denoised)`` after each step, ``schedule`` (the
+    ``(sigma_min, sigma_max, rho)`` the sigmas came from, for guidance that reads the normalized time) and
+    ``info`` (a dict that receives ``'evaluations'``). A new sampler is a function of this shape added to
+    :data:`REGISTRY`.
     """
     fn = sampler_function(sampler)
     if not isinstance(noise, torch.Tensor) or noise.ndim < 1:
@@ -286,7 +290,7 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     ``net(x, sigma, labels)`` with a per-sample ``sigma`` ``[N]``."""
     if guidance != 1 and gnet is None:
         raise ValueError(f"guidance={guidance} needs a guiding network (gnet); guidance=1 means no guidance")
-    g = Autoguidance(gnet, guidance) if guidance != 1 else None
+    g = Autoguidance(guidance, gnet) if guidance != 1 else None
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, dtype=dtype, device=noise.device)
     return sample_heun(net, noise.to(dtype) * t_steps[0], t_steps, guidance=g, labels=labels, s_churn=S_churn,
                        s_tmin=S_min, s_tmax=S_max, s_noise=S_noise, randn_like=randn_like,

@@ -1,25 +1,9 @@
 """A 2-D Gaussian mixture with an exact denoiser, and the tree-shaped two-class toy distribution.
 
-Every component ``k`` is an anisotropic Gaussian with mean ``mu_k``, a unit axis ``u_k`` (the
-orthogonal axis is ``v_k = (-u_k[1], u_k[0])``), standard deviations ``a_k`` along ``u_k`` and ``b_k``
-along ``v_k`` (so ``Sigma_k = a_k^2 u u^T + b_k^2 v v^T``), a class ``c_k`` and a weight ``pi_k``
-(normalised to sum to 1 within each class); the classes have prior masses ``class_weights`` (default:
-equally likely).
-
-Diffusing the data with noise of std ``sigma`` keeps it a mixture: ``p(x; sigma) = sum_k pi_k
-N(x; mu_k, Sigma_k + sigma^2 I)``, and in the component's own frame the covariance stays diagonal,
-``diag(a^2 + sigma^2, b^2 + sigma^2)``. The exact denoiser (the posterior mean, Tweedie) is
-
-    D(x; sigma) = E[x0 | x] = sum_k r_k(x) (mu_k + Sigma_k (Sigma_k + sigma^2 I)^-1 (x - mu_k))
-
-with responsibilities ``r_k = softmax_k(log pi_k + log N(x; mu_k, Sigma_k + sigma^2 I))``, computed
-with logsumexp in float64, so it is stable from ``sigma = 0`` to ``sigma = 80``. No matrix is ever
-inverted: ``Sigma (Sigma + sigma^2 I)^-1`` is ``diag(a^2/(a^2+sigma^2), b^2/(b^2+sigma^2))`` in the
-component frame.
-
-Class conditioning follows fastdiff's convention: ``labels`` are one-hot rows ``[N, num_classes]``
-(any non-negative class weights work); a row of zeros, or ``labels=None``, means unconditional (the
-class prior).
+:class:`GaussianMixture` holds anisotropic Gaussian components with classes and weights; diffusing it keeps it
+a mixture, so its density and its denoiser (the posterior mean) are exact at every noise level, computed in
+float64 without inverting a matrix (the formulas are at the class). :func:`tree_mixture` builds the toy of the
+autoguidance paper. ``labels`` are one-hot rows; a row of zeros, or ``labels=None``, means unconditional.
 """
 
 from __future__ import annotations
@@ -36,7 +20,25 @@ _LOG_2PI = math.log(2 * math.pi)
 
 @dataclasses.dataclass
 class GaussianMixture:
-    """``K`` anisotropic 2-D Gaussians (all tensors float64 on the CPU; see the module docstring)."""
+    """``K`` anisotropic 2-D Gaussians (all tensors float64 on the CPU).
+
+    Every component ``k`` is an anisotropic Gaussian with mean ``mu_k``, a unit axis ``u_k`` (the
+    orthogonal axis is ``v_k = (-u_k[1], u_k[0])``), standard deviations ``a_k`` along ``u_k`` and ``b_k``
+    along ``v_k`` (so ``Sigma_k = a_k^2 u u^T + b_k^2 v v^T``), a class ``c_k`` and a weight ``pi_k``
+    (normalised to sum to 1 within each class); the classes have prior masses ``class_weights`` (default:
+    equally likely).
+
+    Diffusing the data with noise of std ``sigma`` keeps it a mixture: ``p(x; sigma) = sum_k pi_k
+    N(x; mu_k, Sigma_k + sigma^2 I)``, and in the component's own frame the covariance stays diagonal,
+    ``diag(a^2 + sigma^2, b^2 + sigma^2)``. The exact denoiser (the posterior mean, Tweedie) is
+
+        D(x; sigma) = E[x0 | x] = sum_k r_k(x) (mu_k + Sigma_k (Sigma_k + sigma^2 I)^-1 (x - mu_k))
+
+    with responsibilities ``r_k = softmax_k(log pi_k + log N(x; mu_k, Sigma_k + sigma^2 I))``, computed
+    with logsumexp in float64, so it is stable from ``sigma = 0`` to ``sigma = 80``. No matrix is ever
+    inverted: ``Sigma (Sigma + sigma^2 I)^-1`` is ``diag(a^2/(a^2+sigma^2), b^2/(b^2+sigma^2))`` in the
+    component frame.
+    """
 
     mean: torch.Tensor  # [K, 2]
     axis: torch.Tensor  # [K, 2], unit vectors u_k

@@ -1,23 +1,9 @@
 """Small magnitude-preserving MLP denoisers for 2-D data, built from ``fastdiff.ops``, and their training.
 
-The network ``F`` follows the EDM2 recipe on a small scale (SPEC sections 1-3):
-
-- input ``[c_in x, 1]`` (a constant channel, as the EDM2 UNet appends) -> MP linear to ``C`` features;
-- embedding: MP Fourier features of ``c_noise = ln(sigma)/4`` -> MP linear to ``C``, summed with an MP
-  linear of the one-hot label times ``sqrt(label_dim)`` (``mp_sum``, ``t=0.5``; a zero label gives the
-  unconditional model), then ``mp_silu``;
-- ``blocks`` residual blocks: ``y = W1 mp_silu(x)``; ``c = W_emb(emb, gain=emb_gain) + 1``;
-  ``y = mp_silu(y * c)``; ``y = W2 y``; ``x = mp_sum(x, y, t=0.3)``;
-- output: MP linear to 2 with the learned ``out_gain`` (initialised to 0, so the untrained network is
-  ``D = c_skip x``);
-- EDM preconditioning ``D = c_skip x + c_out F(c_in x, c_noise, label)`` with ``sigma_data`` of the data,
-  and a learned uncertainty ``u(sigma)`` (MP linear of the Fourier features) for the loss
-  ``lambda / exp(u) * (D - x0)^2 + u``.
-
-All MP linears use forced weight normalization (``W <- N(W)`` before each training forward).
-Training: ``ln sigma ~ N(P_mean, P_std^2)``, Adam (0.9, 0.99), learning rate ``lr / sqrt(max(t / t_ref, 1))``
-with a short warm-up, label dropout (so one network is both the conditional and the unconditional
-model that CFG needs) and a power-function EMA of the weights (``sigma_rel``).
+:class:`ToyDenoiser` follows the EDM2 recipe on a small scale (MP layers, forced weight normalization, EDM
+preconditioning, learned uncertainty; the architecture is at the class); :func:`train_denoiser` trains it
+with the EDM2 loss, Adam, label dropout (one network is both the conditional and the unconditional model
+that CFG needs) and a power-function EMA.
 """
 
 from __future__ import annotations
@@ -61,10 +47,30 @@ class _Block(torch.nn.Module):
 
 
 class ToyDenoiser(torch.nn.Module):
-    """A preconditioned MP-MLP denoiser ``D(x; sigma, labels)`` for 2-D points (see the module docstring).
+    """A preconditioned MP-MLP denoiser ``D(x; sigma, labels)`` for 2-D points.
 
     Called as ``net(x, sigma, labels)`` with ``x`` ``[N, 2]``, ``sigma`` a number or ``[N]`` tensor and
-    ``labels`` one-hot ``[N, label_dim]`` or None (unconditional), like ``fastdiff.nn.Precond``."""
+    ``labels`` one-hot ``[N, label_dim]`` or None (unconditional), like ``fastdiff.nn.Precond``.
+
+    The network ``F`` follows the EDM2 recipe on a small scale (SPEC sections 1-3):
+
+    - input ``[c_in x, 1]`` (a constant channel, as the EDM2 UNet appends) -> MP linear to ``C`` features;
+    - embedding: MP Fourier features of ``c_noise = ln(sigma)/4`` -> MP linear to ``C``, summed with an MP
+      linear of the one-hot label times ``sqrt(label_dim)`` (``mp_sum``, ``t=0.5``; a zero label gives the
+      unconditional model), then ``mp_silu``;
+    - ``blocks`` residual blocks: ``y = W1 mp_silu(x)``; ``c = W_emb(emb, gain=emb_gain) + 1``;
+      ``y = mp_silu(y * c)``; ``y = W2 y``; ``x = mp_sum(x, y, t=0.3)``;
+    - output: MP linear to 2 with the learned ``out_gain`` (initialised to 0, so the untrained network is
+      ``D = c_skip x``);
+    - EDM preconditioning ``D = c_skip x + c_out F(c_in x, c_noise, label)`` with ``sigma_data`` of the data,
+      and a learned uncertainty ``u(sigma)`` (MP linear of the Fourier features) for the loss
+      ``lambda / exp(u) * (D - x0)^2 + u``.
+
+    All MP linears use forced weight normalization (``W <- N(W)`` before each training forward).
+    Training: ``ln sigma ~ N(P_mean, P_std^2)``, Adam (0.9, 0.99), learning rate ``lr / sqrt(max(t / t_ref, 1))``
+    with a short warm-up, label dropout (so one network is both the conditional and the unconditional
+    model that CFG needs) and a power-function EMA of the weights (``sigma_rel``).
+    """
 
     def __init__(self, channels: int = 64, blocks: int = 3, label_dim: int = 2, sigma_data: float = 0.5,
                  fourier: int = 32, seed: int = 0):

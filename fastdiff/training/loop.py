@@ -1,31 +1,9 @@
 """The EDM2 training loop (EDM2 Sec. 3 and Appendix B: loss, Adam, inverse-sqrt learning-rate decay).
 
-``training_loop(net, loss_fn, dataset, outdir, config)`` trains ``net`` (a ``Precond``, or anything called as
-``net(x, sigma, labels, return_logvar=True) -> (D, logvar)``) with ``loss_fn(net, images, labels)`` (an
-``EDM2Loss``; per-element losses): Adam (0.9, 0.99, 1e-8) with the EDM2 learning-rate schedule, gradient
-accumulation, non-finite gradients zeroed (and counted), optional bf16 / fp16 autocast over float32 master
-weights, power-function EMAs with periodic snapshots, checkpoints with automatic resume, and DDP when
-``torch.distributed`` is initialized (e.g. under ``torchrun``).
-
-Determinism: the data order is a function of the seed and the image count (``fastdiff.data.InfiniteSampler``);
-the noise of each micro-batch comes from a generator seeded by (seed, step, position of the micro-batch in the
-global batch), and the global RNG is reseeded the same way before each forward (dropout). A run resumed from
-a checkpoint therefore follows the trajectory of an uninterrupted one, and the global batch a step sees does
-not depend on the number of processes (only the reduction order of the gradients does).
-
-Label dropout (``TrainConfig.label_dropout = p``, for classifier-free guidance): each training image's one-hot
-label is replaced by the null label (all zeros) with probability ``p``, so that the network also learns the
-unconditional denoiser that CFG's null-label branch evaluates (``fastdiff.sampling.CFG``). The mask of each
-micro-batch comes from its own generator, seeded like the noise by (seed, step, position of the micro-batch
-in the global batch): deterministic, resume-safe, and independent of the number of processes in the same
-sense. ``p = 0`` draws nothing, so the trajectory is exactly that of a run without the option.
-
-Latent datasets (EDM2's ImageNet-512 set-up): when the dataset holds stored VAE posterior mean/std (float
-``.npy`` items with twice the network's channels, as ``fastdiff dataset encode`` and the official tool write
-them), every use of an image draws a fresh latent ``mean + std * n`` and normalizes it per channel with EDM2's
-constants (``fastdiff.data.latent.sample_latents``). ``n`` comes from a generator seeded like the noise, by
-(seed, step, position of the micro-batch in the global batch), so a resumed run stays exact. The snapshots
-record the latent scaling (``extra['encoder']``), so ``fastdiff generate --vae`` knows how to decode.
+:func:`training_loop` trains a ``Precond``-like network with an ``EDM2Loss``: Adam with the EDM2 learning-rate
+schedule, gradient accumulation, non-finite gradients zeroed, optional bf16 / fp16 autocast, power-function
+EMAs with snapshots, checkpoints with automatic resume, DDP under ``torch.distributed``, label dropout for CFG
+and latent datasets. A resumed run follows the trajectory of an uninterrupted one; its docstring says how.
 """
 
 from __future__ import annotations
@@ -46,7 +24,7 @@ import torch
 
 from fastdiff._runtime import dtype_of, nvtx_range
 from fastdiff.data.latent import OFFICIAL_SCALING, mean_std_channels
-from fastdiff.training.checkpoint import (capture_rng, checkpoint_records, latest_checkpoint, orphan_weights,
+from fastdiff.training.training_state import (capture_rng, checkpoint_records, latest_checkpoint, orphan_weights,
                                           prune_checkpoints, restore_rng, save_checkpoint)
 from fastdiff.training.rundir import RunDirectoryBusy, RunLock
 from fastdiff.training.phema import PowerFunctionEMA, std_to_exp
@@ -205,10 +183,38 @@ def _own_run_directory(outdir: str, cfg: TrainConfig, rank: int, world: int, dev
 
 def training_loop(net: torch.nn.Module, loss_fn, dataset, outdir: str, config: TrainConfig | None = None,
                   device="cpu") -> dict:
-    """Train; returns ``{'nimg', 'step', 'stopped', 'resumed_from'}``. See the module docstring.
+    """Train; returns ``{'nimg', 'step', 'stopped', 'resumed_from'}``.
 
     The run owns ``outdir`` while it trains: a second run on the same folder gets ``RunDirectoryBusy``
-    (an flock, see ``fastdiff.training.rundir``; under torch.distributed rank 0 holds it)."""
+    (an flock, see ``fastdiff.training.rundir``; under torch.distributed rank 0 holds it).
+
+    ``training_loop(net, loss_fn, dataset, outdir, config)`` trains ``net`` (a ``Precond``, or anything called as
+    ``net(x, sigma, labels, return_logvar=True) -> (D, logvar)``) with ``loss_fn(net, images, labels)`` (an
+    ``EDM2Loss``; per-element losses): Adam (0.9, 0.99, 1e-8) with the EDM2 learning-rate schedule, gradient
+    accumulation, non-finite gradients zeroed (and counted), optional bf16 / fp16 autocast over float32 master
+    weights, power-function EMAs with periodic snapshots, checkpoints with automatic resume, and DDP when
+    ``torch.distributed`` is initialized (e.g. under ``torchrun``).
+
+    Determinism: the data order is a function of the seed and the image count (``fastdiff.data.InfiniteSampler``);
+    the noise of each micro-batch comes from a generator seeded by (seed, step, position of the micro-batch in the
+    global batch), and the global RNG is reseeded the same way before each forward (dropout). A run resumed from
+    a checkpoint therefore follows the trajectory of an uninterrupted one, and the global batch a step sees does
+    not depend on the number of processes (only the reduction order of the gradients does).
+
+    Label dropout (``TrainConfig.label_dropout = p``, for classifier-free guidance): each training image's one-hot
+    label is replaced by the null label (all zeros) with probability ``p``, so that the network also learns the
+    unconditional denoiser that CFG's null-label branch evaluates (``fastdiff.sampling.CFG``). The mask of each
+    micro-batch comes from its own generator, seeded like the noise by (seed, step, position of the micro-batch
+    in the global batch): deterministic, resume-safe, and independent of the number of processes in the same
+    sense. ``p = 0`` draws nothing, so the trajectory is exactly that of a run without the option.
+
+    Latent datasets (EDM2's ImageNet-512 set-up): when the dataset holds stored VAE posterior mean/std (float
+    ``.npy`` items with twice the network's channels, as ``fastdiff dataset encode`` and the official tool write
+    them), every use of an image draws a fresh latent ``mean + std * n`` and normalizes it per channel with EDM2's
+    constants (``fastdiff.data.latent.sample_latents``). ``n`` comes from a generator seeded like the noise, by
+    (seed, step, position of the micro-batch in the global batch), so a resumed run stays exact. The snapshots
+    record the latent scaling (``extra['encoder']``), so ``fastdiff generate --vae`` knows how to decode.
+    """
     locks: list = []  # filled by _training_loop once the arguments are checked (nothing is written before)
     try:
         return _training_loop(net, loss_fn, dataset, os.fspath(outdir), config, device, locks)

@@ -1,19 +1,9 @@
 """Power-function EMA and post-hoc EMA reconstruction (EDM2 Sec. 3 and Appendix C).
 
-A power-function EMA with exponent ``g`` averages the training trajectory ``theta(tau)`` over ``[0, t]``
-with the weight profile ``p(tau) = (g + 1) tau^g / t^(g + 1)``. Its relative standard deviation
-(width of the profile relative to ``t``) is ``sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3)))``; the
-EMA is parameterized by ``sigma_rel`` ("std") rather than by ``g``.
-
-Discretely, after each optimizer step ``ema <- lerp(ema, theta, 1 - beta)`` with
-``beta = (1 - delta / t)^(g + 1)``, ``t`` the training time counted *after* the step and ``delta`` the
-length of the step. Time may be counted in images (``delta`` = batch size) or in steps (``delta`` = 1): the
-profiles only depend on ratios of times, so any consistent unit gives the same result.
-
-Post-hoc EMA: snapshots of the EMAs taken at times ``t_i`` with exponents ``g_i`` span a space of profiles;
-a profile ``(t_out, g_out)`` that was never tracked is approximated by the least-squares combination
-``sum_i X_i p_i`` (inner products of profiles in closed form), whose weights ``sum_i X_i theta_i`` are then
-an estimate of that EMA's weights.
+:class:`PowerFunctionEMA` tracks EMAs parameterized by their relative standard deviation ``sigma_rel``
+("std"); :func:`solve_posthoc_coefficients` and :func:`reconstruct_phema` approximate an EMA that was never
+tracked as the least-squares combination of stored snapshots. The profiles and the discrete update are
+described at :class:`PowerFunctionEMA`.
 """
 
 from __future__ import annotations
@@ -169,6 +159,21 @@ class PowerFunctionEMA:
     ``[(ema_net, suffix), ...]`` with suffixes like ``'-0.050'``; ``state_dict()`` / ``load_state_dict()``
     hold ``{'stds': [...], 'emas': [state_dict, ...]}``. The EMA networks are deep copies of ``net`` kept in
     eval mode without gradients; buffers are copied from ``net`` when ``get()`` is called.
+
+    A power-function EMA with exponent ``g`` averages the training trajectory ``theta(tau)`` over ``[0, t]``
+    with the weight profile ``p(tau) = (g + 1) tau^g / t^(g + 1)``. Its relative standard deviation
+    (width of the profile relative to ``t``) is ``sigma_rel = sqrt((g + 1) / ((g + 2)^2 (g + 3)))``; the
+    EMA is parameterized by ``sigma_rel`` ("std") rather than by ``g``.
+
+    Discretely, after each optimizer step ``ema <- lerp(ema, theta, 1 - beta)`` with
+    ``beta = (1 - delta / t)^(g + 1)``, ``t`` the training time counted *after* the step and ``delta`` the
+    length of the step. Time may be counted in images (``delta`` = batch size) or in steps (``delta`` = 1): the
+    profiles only depend on ratios of times, so any consistent unit gives the same result.
+
+    Post-hoc EMA: snapshots of the EMAs taken at times ``t_i`` with exponents ``g_i`` span a space of profiles;
+    a profile ``(t_out, g_out)`` that was never tracked is approximated by the least-squares combination
+    ``sum_i X_i p_i`` (inner products of profiles in closed form), whose weights ``sum_i X_i theta_i`` are then
+    an estimate of that EMA's weights.
     """
 
     def __init__(self, net: torch.nn.Module, stds: Sequence[float] = (0.050, 0.100)):

@@ -1,4 +1,4 @@
-"""EMA snapshot files: fastdiff network files (``fastdiff.io.checkpoint``, format ``fastdiff.network/1``),
+"""EMA snapshot files: fastdiff network files (``fastdiff.io.network_file``, format ``fastdiff.network/1``),
 one per tracked EMA, so a snapshot loads with ``fastdiff.io.load_network`` like any other network file.
 
 The config's ``extra`` says what the file is: ``{"kind": "ema", "nimg": ..., "step": ..., "batch_size": ...,
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff._atomic import atomic_write
-from fastdiff.io.checkpoint import network_config, read_network_config, read_network_tensors, write_network_file
+from fastdiff.io.network_file import network_config, read_network_config, read_network_tensors, write_network_file
 
 __all__ = ["atomic_write", "save_snapshot", "read_snapshot_meta", "load_snapshot_tensors", "list_snapshots",
            "list_official_snapshots", "official_kimg_to_nimg", "SnapshotInfo", "snapshot_name", "network_config",

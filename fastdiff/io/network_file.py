@@ -1,16 +1,10 @@
 """fastdiff's network file format (``fastdiff.network/1``): one ``.safetensors`` file holding the weights (and
 buffers) and, in its metadata, a JSON config (class name, constructor arguments, preset name, ``extra``) to
-rebuild the network, plus a SHA-256 digest of the tensor data.
+rebuild the network, plus a SHA-256 digest of the tensor data, checked on every read.
 
-This module is the one writer and reader of the format: :func:`save_network` (a network),
-:func:`write_network_file` (a state dict and a config, as training's EMA snapshots and post-hoc EMA
-write them), :func:`read_network_config`, :func:`read_network_tensors` and :func:`load_network`.
-
-Metadata keys: ``"fastdiff"`` holds the JSON config ``{"format", "class", "kwargs", "preset",
-"fastdiff_version"[, "extra"]}``; ``"fastdiff.sha256"`` the hex SHA-256 of the tensors (see
-:func:`tensor_digest`), checked on every read (files written before the digest existed have none and still
-load). Writes go to a temporary file in the same folder that is then renamed over the target, so a crash
-never leaves a half-written file behind.
+This module is the one writer and reader of the format: :func:`save_network`, :func:`write_network_file` (a
+state dict and a config, as EMA snapshots are written), :func:`read_network_config`,
+:func:`read_network_tensors` and :func:`load_network`. Writes are atomic (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -66,7 +60,14 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def write_network_file(tensors: dict[str, torch.Tensor], path, config: dict) -> None:
     """Write ``tensors`` with the JSON ``config`` (see :func:`network_config`) and their digest to ``path``,
-    atomically."""
+    atomically.
+
+    Metadata keys: ``"fastdiff"`` holds the JSON config ``{"format", "class", "kwargs", "preset",
+    "fastdiff_version"[, "extra"]}``; ``"fastdiff.sha256"`` the hex SHA-256 of the tensors (see
+    :func:`tensor_digest`), checked on every read (files written before the digest existed have none and still
+    load). Writes go to a temporary file in the same folder that is then renamed over the target, so a crash
+    never leaves a half-written file behind.
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}

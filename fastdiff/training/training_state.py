@@ -1,4 +1,4 @@
-"""Training checkpoints: a safetensors file of tensors plus a JSON file of state.
+"""Training state (the checkpoints training resumes from): a safetensors file of tensors plus a JSON file of state.
 
 ``training-state-<nimg>.safetensors`` holds the network, the EMAs, the optimizer's tensors and the torch RNG
 states; ``training-state-<nimg>.json`` holds the step, the image count, the optimizer's hyper-state, the
