@@ -45,18 +45,18 @@ GUIDANCE = {
     "none": lambda: None,
     "cfg": lambda: CFG(2.0),
     "cfg-uncond": lambda: CFG(2.0, uncond=UNCOND),
-    "autoguidance": lambda: Autoguidance(GNET, 2.0),
+    "autoguidance": lambda: Autoguidance(2.0, GNET),
     "apg": lambda: APG(2.0, r=5.0),
     "icg": lambda: ICG(2.0),
     "tsg": lambda: TSG(2.0, scale=0.5),
     "cads": lambda: CADS(CFG(2.0)),
-    "interval-autoguidance": lambda: Interval(Autoguidance(GNET, 2.0), sigma=(0.28, 2.9)),
-    "interval-steps": lambda: Interval(Autoguidance(GNET, 2.0), steps=(1, 2)),
+    "interval-autoguidance": lambda: Interval(Autoguidance(2.0, GNET), sigma=(0.28, 2.9)),
+    "interval-steps": lambda: Interval(Autoguidance(2.0, GNET), steps=(1, 2)),
     "interval-icg": lambda: Interval(ICG(2.0), sigma=(0.5, 10.0)),
     "interval-apg": lambda: Interval(APG(2.0), sigma=(0.5, 10.0)),
     "interval-tsg": lambda: Interval(TSG(2.0), sigma=(0.5, 10.0)),
     "interval-cads": lambda: Interval(CADS(CFG(2.0)), sigma=(0.5, 10.0)),
-    "cads-interval": lambda: CADS(Interval(Autoguidance(GNET, 2.0), sigma=(0.28, 2.9))),
+    "cads-interval": lambda: CADS(Interval(Autoguidance(2.0, GNET), sigma=(0.28, 2.9))),
 }
 
 
@@ -97,7 +97,7 @@ def test_no_host_reads_with_churn_and_other_dtypes(options):
 
 def test_heun_32_steps_interval_autoguidance_reads_nothing():
     """The issue's case: before, 112 reads (3.5 per step) for 32 steps."""
-    reads = _count("heun", Interval(Autoguidance(GNET, 2.0), sigma=(0.28, 2.9)), steps=32)
+    reads = _count("heun", Interval(Autoguidance(2.0, GNET), sigma=(0.28, 2.9)), steps=32)
     assert (reads.reads, reads.uploads) == (0, 0), dict(reads.where)
 
 
@@ -120,7 +120,7 @@ def test_the_counter_sees_reads():
 
     ctx = EvalContext(num_steps=4, sigmas=edm_sigma_steps(4), sigma_min=0.002, sigma_max=80, rho=7, batch=3)
     with count_host_reads() as reads:
-        Interval(Autoguidance(GNET, 2.0), sigma=(0.28, 2.9)).evaluate(NET, noise, torch.tensor([0.1, 1.0, 5.0]),
+        Interval(Autoguidance(2.0, GNET), sigma=(0.28, 2.9)).evaluate(NET, noise, torch.tensor([0.1, 1.0, 5.0]),
                                                                       labels, ctx)
     assert reads.reads > 0
 
@@ -178,7 +178,7 @@ def test_dpm_adaptive_reads_once_per_round(eta):
     noise, labels = _inputs(3)
     info = {}
     with count_host_reads(trace=True) as reads:
-        sample(NET, noise, "dpm_adaptive", guidance=Autoguidance(GNET, 2.0), labels=labels, eta=eta,
+        sample(NET, noise, "dpm_adaptive", guidance=Autoguidance(2.0, GNET), labels=labels, eta=eta,
                generators=rng.seed_generators(range(3)), info=info, rtol=0.01)
     rounds = int((info["n_accept"] + info["n_reject"]).max())
     assert rounds > 3 and int(info["n_reject"].sum()) > 0  # rejections happened: the masked updates ran
@@ -216,7 +216,7 @@ def test_cuda_loop_never_synchronizes(sampler):
     loop, CUDA's sync debug mode (set to error) sees no synchronizing call (a read, a blocking copy)."""
     net, gnet = Net().cuda(), Net(0.3).cuda()
     noise, labels = (t.cuda() for t in _inputs(2))
-    for make in (lambda: Interval(Autoguidance(gnet, 2.0), sigma=(0.28, 2.9)), lambda: CADS(ICG(2.0)),
+    for make in (lambda: Interval(Autoguidance(2.0, gnet), sigma=(0.28, 2.9)), lambda: CADS(ICG(2.0)),
                  lambda: Interval(TSG(2.0), sigma=(0.5, 10.0)), lambda: APG(2.0, r=5.0)):
         calls = [0]
 
