@@ -328,7 +328,7 @@ def reconstruct_phema(indir, out_stds, outdir, out_nimg=None, in_stds=None, devi
         if not s.official:
             return load_snapshot_tensors(s.path, device=device)
         from fastdiff.io.network_file import network_config
-        from fastdiff.io.edm2_pickle import load_network_and_info
+        from fastdiff.io.any_network import load_network_and_info
 
         net, info = load_network_and_info(s.path, device=device, key="ema")
         last["config"], last["info"] = network_config(net), info
