@@ -11,7 +11,8 @@ Suites (sizes are the defaults; ``Options.quick`` shrinks everything to a smoke 
 - ``network``: the preconditioned denoiser forward, fastdiff.nn vs the plain-PyTorch EDM2 of
   ``fastdiff.bench.plain_edm2`` (weights normalized on every call, like the official code), in the chosen
   dtype; images/s and model FLOP utilization (FLOPs per image counted by torch's FLOP counter on the plain
-  network).
+  network). With ``--peers onnxruntime,openvino`` also the plain network exported to ONNX and run by those
+  runtimes (``fastdiff.bench.peers``), checked against the plain network's output.
 - ``sampling``: 32-step Heun with autoguidance and a guidance interval: fastdiff.sampling vs the same loop in
   plain PyTorch (guide evaluated at every step, its result discarded outside the interval); images/s. On
   CUDA also fastdiff with both networks replayed from CUDA graphs (``fastdiff.sampling.cuda_graphed``).
@@ -46,6 +47,7 @@ class Options:
     compile: str = "none"                    # none | default | max-autotune | reduce-overhead ...
     quick: bool = False
     steps: int = 32                          # sampler steps
+    peers: tuple[str, ...] = ()              # network suite: other runtimes (fastdiff.bench.peers.PEERS)
 
     @property
     def cuda(self) -> bool:
@@ -251,10 +253,19 @@ def network_cases(opt: Options) -> Iterator[Case]:
         impls = {"plain": lambda pnet=pnet, x=x, s=sigma, y=labels: pnet(x, s, y),
                  "fastdiff": lambda net=net, x=x, s=sigma, y=labels: net(x, s, y)}
         impls = {k: torch.no_grad()(f) for k, f in _with_compiled(impls, "plain", opt).items()}
+        notes = []
+        if opt.peers:
+            if opt.cuda or opt.dtype != torch.float32:
+                notes.append("peers run on the CPU in float32 only: skipped")
+            else:
+                from fastdiff.bench.peers import peer_runners
+
+                runners, notes = peer_runners(pnet, (x, sigma) + ((labels,) if labels is not None else ()), opt.peers)
+                impls.update(runners)
         with torch.no_grad():
             flops = _count(impls["plain"])
         yield Case("network", f"denoiser forward {preset} b{batch} {_dtype_name(opt.dtype)}", impls, "img/s", batch,
-                   flops=flops, memory=True, check=_agreement(impls, "plain"))
+                   flops=flops, memory=True, check=_agreement(impls, "plain"), notes=notes)
 
 
 def _count(fn: Callable) -> float | None:
