@@ -61,7 +61,12 @@ def main(argv=None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     load = os.getloadavg()
     cpu = device_info("cpu").name
-    print(f"{cpu} ({platform.machine()}), torch {torch.__version__}, load average {load[0]:.1f} at start\n")
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"{cpu} ({platform.machine()}), torch {torch.__version__}, load average {load[0]:.1f} at start, "
+          f"OMP_WAIT_POLICY {wait}\n")
+    if load[0] > os.cpu_count() and wait.lower() != "passive":
+        print("note: the machine is busy; torch's and fastdiff's OpenMP threads spin at every barrier, which on busy "
+              "cores costs whole time slices (10-50x at 2 threads here): OMP_WAIT_POLICY=PASSIVE avoids that\n")
     rows, records = [], []
     for th in threads:
         peak = mm_gflops(th)
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
         from fastdiff._atomic import atomic_open
 
         with atomic_open(args.json, "w") as f:
-            json.dump({"cpu": cpu, "torch": torch.__version__, "records": records}, f, indent=1)
+            json.dump({"cpu": cpu, "torch": torch.__version__, "omp_wait_policy": wait, "records": records}, f,
+                      indent=1)
     return 0
 
 
