@@ -135,3 +135,47 @@ def test_gpu_tools_do_not_rot():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK: every kernel ran" in out.stdout and "cosine_attention" in out.stdout
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "tools", "gpu_session.sh")]).returncode == 0
+
+
+# --- peers (fastdiff.bench.peers): the plain network exported to ONNX and run by other runtimes ------------------
+
+def test_peers_parse_and_bad_names(capsys):
+    from fastdiff.bench.peers import parse_peers
+
+    assert parse_peers("onnxruntime, OpenVINO,onnxruntime") == ("onnxruntime", "openvino")
+    assert parse_peers(None) == () and parse_peers("") == ()
+    with pytest.raises(ValueError, match="expected some of: onnxruntime, openvino"):
+        parse_peers("onnxruntime,tensorrt")
+    assert cli.main(["bench", "network", "--peers", "tensorrt", *FAST]) == 2
+    assert "--peers: unknown peer(s) tensorrt" in capsys.readouterr().err
+
+
+def test_missing_peer_is_skipped_with_the_install_hint(monkeypatch):
+    from fastdiff.bench import peers
+
+    monkeypatch.setattr(peers, "_has", lambda module: False)
+    runners, notes = peers.peer_runners(None, (), ("onnxruntime", "openvino"), threads=1)  # nothing exported
+    assert runners == {}
+    assert len(notes) == 2 and all("fastdiff[peers]" in n and "not installed" in n for n in notes)
+    assert notes[0].startswith("onnxruntime skipped") and notes[1].startswith("openvino skipped")
+    monkeypatch.setattr(peers, "_has", lambda module: module != "onnx")
+    assert peers.missing("openvino") == "openvino skipped: onnx not installed (" + peers.INSTALL["openvino"] + ")"
+
+
+@pytest.mark.parametrize("peer", ["onnxruntime", "openvino"])
+def test_peer_runs_the_plain_network(peer, one_thread):
+    """One peer, once through, on the tiny preset: its output is the plain network's (float32 rounding), and the
+    case times it beside fastdiff and the plain network. Skips where the peer or onnx is not installed."""
+    pytest.importorskip(peer, reason=f"{peer} not installed (pip install 'fastdiff[peers]')")
+    pytest.importorskip("onnx", reason="onnx (the exporter's dependency) not installed")
+    (case,) = list(CASES["network"](Options(quick=True, batch=1, peers=(peer,))))
+    names = list(case.impls)
+    assert names[:2] == ["plain", "fastdiff"] and len(names) == 3 and names[2].startswith(peer + " ")
+    with torch.no_grad():
+        want, got = case.impls["plain"](), case.impls[names[2]]()
+    assert got.shape == want.shape and got.dtype == torch.float32
+    err = float((got.double() - want.double()).norm() / want.double().norm())
+    assert err < 1e-5, err
+    rec = run_case(case, device_info("cpu"), rounds=1, min_time=0, warmup=1)
+    assert [r["impl"] for r in rec["results"]] == names and all(r["median_s"] > 0 for r in rec["results"])
+    assert f"{names[2]} " in rec["agreement"] and "ONNX" in "; ".join(rec["notes"])

@@ -2,9 +2,9 @@
 
 Suites: ``ops`` (every fused op and the MP convolution vs the plain-PyTorch reference, GB/s or TFLOP/s),
 ``attention`` (fused cosine attention vs einsum vs SDPA), ``network`` (the denoiser forward vs the plain
-EDM2 of ``fastdiff.bench.plain_edm2``), ``sampling`` (32-step Heun with autoguidance and an interval, then
-every sampler) and ``training`` (one step with EMAs under autocast). Each ``*_cases`` function says what it
-times; ``Options.quick`` shrinks everything to a smoke test.
+EDM2 of ``fastdiff.bench.plain_edm2``; with ``--peers`` also ONNX Runtime / OpenVINO on its ONNX export),
+``sampling`` (32-step Heun with autoguidance and an interval, then every sampler) and ``training`` (one step
+with EMAs under autocast). Each ``*_cases`` function says what it times; ``Options.quick`` shrinks everything.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Options:
     compile: str = "none"                    # none | default | max-autotune | reduce-overhead ...
     quick: bool = False
     steps: int = 32                          # sampler steps
+    peers: tuple[str, ...] = ()              # network suite: other runtimes (fastdiff.bench.peers.PEERS)
 
     @property
     def cuda(self) -> bool:
@@ -268,10 +269,19 @@ def network_cases(opt: Options) -> Iterator[Case]:
         impls = {"plain": lambda pnet=pnet, x=x, s=sigma, y=labels: pnet(x, s, y),
                  "fastdiff": lambda net=net, x=x, s=sigma, y=labels: net(x, s, y)}
         impls = {k: torch.no_grad()(f) for k, f in _with_compiled(impls, "plain", opt).items()}
+        notes = []
+        if opt.peers:
+            if opt.cuda or opt.dtype != torch.float32:
+                notes.append("peers run on the CPU in float32 only: skipped")
+            else:
+                from fastdiff.bench.peers import peer_runners
+
+                runners, notes = peer_runners(pnet, (x, sigma) + ((labels,) if labels is not None else ()), opt.peers)
+                impls.update(runners)
         with torch.no_grad():
             flops = _count(impls["plain"])
         yield Case("network", f"denoiser forward {preset} b{batch} {_dtype_name(opt.dtype)}", impls, "img/s", batch,
-                   flops=flops, memory=True, check=_agreement(impls, "plain"))
+                   flops=flops, memory=True, check=_agreement(impls, "plain"), notes=notes)
 
 
 def _count(fn: Callable) -> float | None:

@@ -39,6 +39,10 @@ def add_arguments(parser) -> None:
                         help="the device's dense bf16 peak, TFLOP/s, for utilization (default: known GPUs' datasheet)")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="the device's memory bandwidth, GB/s (default: known GPUs' datasheet)")
+    parser.add_argument("--peers", default=None,
+                        help="network suite: also time the plain network exported to ONNX in these runtimes, of: "
+                             "onnxruntime, openvino (comma-separated; needs `pip install 'fastdiff[peers]'`; a "
+                             "missing one is skipped with the install hint)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every record (all samples) here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -78,8 +82,19 @@ def main(args) -> int:
     if args.batch is not None and args.batch < 1:
         print("fastdiff bench: --batch must be at least 1", file=sys.stderr)
         return 2
+    from fastdiff.bench.peers import missing, parse_peers
+
+    try:
+        peers = parse_peers(args.peers)
+    except ValueError as exc:
+        print(f"fastdiff bench: --peers: {exc}", file=sys.stderr)
+        return 2
+    for peer in peers:
+        why = missing(peer)
+        if why:
+            print(f"fastdiff bench: {why}", file=sys.stderr)
     opt = Options(device=args.device, dtype=dtype, batch=args.batch, presets=presets, compile=compile_mode,
-                  quick=args.quick, steps=args.steps)
+                  quick=args.quick, steps=args.steps, peers=peers)
     from fastdiff import __version__, ops
 
     kernels = "fused kernels" if ops.HAS_EXTENSION else "NO compiled extension (reference ops only)"
