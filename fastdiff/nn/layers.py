@@ -144,8 +144,8 @@ class MPConv(torch.nn.Module):
         if not self._use_cache(gain):
             return ops.mp_conv_fused(x, self.weight, gain, silu_in=silu_in, c=c, res=res, t=t, clip=clip)
         if ops.uses_kernel("winograd_conv", x) and not _wg._needs_grad(x, c, res):
-            # Eval mode, no gradient: straight to the kernel with the cached transform and factor (the
-            # checks of mp_conv_fused cost ~30 us of Python per call, 10% of a tiny-16 forward).
+            # Eval mode, no gradient: straight to the kernel with the cached transform and factor, without
+            # mp_conv_fused's per-call checks.
             u, row = self.winograd_weight(x.dtype)
             key = (row, self._gain_key(gain))
             sc = getattr(self, "_scache", None)  # (absent on modules unpickled from before it existed)
@@ -245,7 +245,7 @@ class MPFourier(torch.nn.Module):
 
 def _upsample_nearest2x_copy(x: torch.Tensor) -> torch.Tensor:
     """2x nearest upsampling of ``[N, C, H, W]`` as broadcast copies (the values of ``F.interpolate(mode="nearest")``):
-    on the CPU without a gradient 2-5x faster than ATen's kernel; under ``torch.compile`` it works around an inductor
+    on the CPU without a gradient faster than ATen's kernel (BENCHMARKS.md); under ``torch.compile`` it works around an inductor
     CPU bug (torch 2.13) that reorders a reader before the accumulating scatter of nearest-upsampling's backward, so
     the gradient is a plain sum. See tests/test_nn.py ``test_torch_compile_inductor_training_matches_eager``."""
     n, c, h, w = x.shape

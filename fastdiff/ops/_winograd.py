@@ -43,9 +43,8 @@ def _cl_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def winograd_weight_grad_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the Winograd weight gradient beats ATen's for this input: it accumulates a transform-domain
-    gradient of ``36 cin cout`` floats (4x the weight), which needs enough tiles to amortize (idle AMD Zen
-    4, 1 thread: 0.2-0.9x at 4-16 tiles or at 32 tiles with 768 channels, 1.6-2.8x from 32 tiles with
-    <= 256 channels and from 128 tiles with 576-768; BENCHMARKS.md)."""
+    gradient of ``36 cin cout`` floats (4x the weight), which needs enough tiles to amortize (the measured
+    crossovers: BENCHMARKS.md, "Winograd selector crossovers")."""
     tiles = x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4)
     return tiles >= 32 and tiles * 8 >= max(w.shape[0], w.shape[1])
 
@@ -149,14 +148,12 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     tiles = batch * -(-height // 4) * -(-width // 4)
     if min(height, width) < 8:
         return "aten", f"{height}x{width} map < 8x8"
-    # Idle AMD EPYC (Zen 4), 1 thread, Winograd / ATen time: 3 or 4 input channels 0.5-0.75x (but 3.4x at
-    # batch 8 of 32x32); 8 -> 8 channels 0.87x at 4 tiles, 1.2-2.3x from 16; 16 and more 1.3-3.5x.
+    # The channel and tile thresholds: BENCHMARKS.md, "Winograd selector crossovers".
     if cin < 8:
         return "aten", f"{cin} input channels < 8 (the transforms run on 8 padded channels)"
     if cin < 16 and tiles < 16:
         return "aten", f"{cin} input channels < 16 and {tiles} tiles < 16"
-    # Few tiles need no rule of their own any more: at 4 tiles (an 8x8 map at batch 1) the transformed
-    # weight, streamed from memory in contiguous panels, still measured 1.7x (768 channels, 81 MiB) to 3.9x.
+    # Few tiles need no rule of their own: the transformed weight is streamed in contiguous panels.
     return "winograd", f"{tiles} tiles of 4x4"
 
 
@@ -176,8 +173,8 @@ def _picks_winograd(cin, cout, h, w, n, dtype, device, kh, kw, force) -> bool:
 
 def conv1x1(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, w_hat)`` for a 1x1 effective weight without a gradient: fastdiff's own GEMM micro-kernel
-    (torch.ops.fastdiff.conv1x1) on the CPU in float32 where it measured faster than ATen's 1x1 convolution
-    (1.0-1.3x at 1 thread, 1.1-3.8x at 2 at EDM2's attention and skip shapes; BENCHMARKS.md), ATen elsewhere."""
+    (torch.ops.fastdiff.conv1x1) on the CPU in float32, where it measured faster than ATen's 1x1 convolution
+    (BENCHMARKS.md, "Winograd selector crossovers"), ATen elsewhere."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and w_hat.dtype == torch.float32 and x.ndim == 4
             and x.shape[2] * x.shape[3] % 8 == 0 and min(w_hat.shape[0], w_hat.shape[1]) >= 8 and x.is_contiguous()
             and _FORCE[0] != "aten" and _ext.has_kernel("conv1x1", "cpu") and not _needs_grad(x, w_hat)):
