@@ -15,11 +15,9 @@ namespace {
 
 using cuda::DType;
 using cuda::dtype_of;
+using cuda::check_cuda;
 using cuda::launch_on;
 
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fastdiff.", op, ": expected '", name, "' on a CUDA device, got ", t.device());
-}
 
 std::tuple<at::Tensor, at::Tensor> sum_clip_impl(const at::Tensor& a_in, const at::Tensor& b_in, double t,
                                                  double limit, bool silu, const char* op) {

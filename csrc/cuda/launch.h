@@ -1,5 +1,5 @@
-// What every CUDA glue file (ops_cuda.cpp, solver_cuda.cpp, attention_cuda.cpp) needs around a raw
-// launcher: the dtype tag of a tensor, and one call that makes the tensor's device current, passes its
+// What every CUDA glue file (ops_cuda.cpp, block_cuda.cpp, solver_cuda.cpp, attention_cuda.cpp) needs around
+// a raw launcher: the dtype tag of a tensor, the device check, and one call that makes the tensor's device current, passes its
 // current stream to the launcher and checks the launch.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -24,6 +24,11 @@ inline DType dtype_of(const at::Tensor& t, const char* op) {
                   t.scalar_type());
   }
   return DType::Float;  // unreachable
+}
+
+// The tensor `name` of op `op` must be on a CUDA device (the CUDA kernels' first check).
+inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "fastdiff.", op, ": expected '", name, "' on a CUDA device, got ", t.device());
 }
 
 // launch(stream) on `on`'s device and current stream, then the launch error check.

@@ -20,11 +20,9 @@ namespace {
 using cuda::DType;
 
 using cuda::dtype_of;
+using cuda::check_cuda;
 using cuda::launch_on;
 
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fastdiff.", op, ": expected '", name, "' on a CUDA device, got ", t.device());
-}
 
 void check_on(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), "fastdiff.", op, ": expected '", name, "' on the same device as '", ref_name,

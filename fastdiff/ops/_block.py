@@ -19,6 +19,7 @@ import torch
 
 from fastdiff._runtime import is_compiling as _is_compiling
 from fastdiff.ops import _ext
+from fastdiff.ops._register import _dense
 
 lib = "fastdiff::"
 
@@ -27,15 +28,6 @@ def gpu_route(x: torch.Tensor) -> bool:
     """Whether the network takes its GPU design for activation ``x``: CUDA, eager (under ``torch.compile`` the
     reference ops are traced instead)."""
     return x.device.type == "cuda" and not _is_compiling()
-
-
-def _dense(x: torch.Tensor) -> bool:
-    expected = 1
-    for stride, size in sorted((x.stride(i), x.size(i)) for i in range(x.ndim) if x.size(i) != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _shared_like(ref: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
