@@ -10,6 +10,7 @@ seed, no guidance) and all the real images.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import time
@@ -17,10 +18,17 @@ import time
 import numpy as np
 import torch
 
-from fastdiff.cli import demo
 from fastdiff.data import open_dataset
-from fastdiff.metrics import ModuleDetector
+from fastdiff.experiments.demo.training import train_network
+from fastdiff.io import load_network
+from fastdiff.metrics import compute_feature_stats, frechet_distance
+from fastdiff.metrics.classifier import classifier_detector, train_classifier
 from fastdiff.sampling import SAMPLERS, generate_images
+
+
+def _fd(images: torch.Tensor, detector, ref) -> float:
+    stats = compute_feature_stats(images.split(256), detector, num=len(images), progress=False)
+    return float(frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov))
 
 
 def main() -> None:
@@ -31,20 +39,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[6, 12, 24])
     p.add_argument("--rtol", type=float, nargs="+", default=[0.1, 0.03])
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS))
+    p.add_argument("--classifier-epochs", type=int, default=6)
     args = p.parse_args()
     device = torch.device("cpu")
     dataset = open_dataset("builtin:digits", resolution=16, channels=1)
     real = torch.from_numpy(np.ascontiguousarray(dataset.images))
     t = time.perf_counter()
-    clf, acc, _ = demo.train_classifier(dataset.images, np.asarray(dataset.labels, dtype=np.int64),
-                                        int(dataset.label_dim), epochs=6, seed=0, device=device, progress=False)
-    detector = ModuleDetector(demo._FeatureModule(clf), "classifier", demo.DigitClassifier.feature_dim,
-                              preprocess=lambda x: demo._to_unit(x, 1), device=device, batch_size=256)
-    ref = demo._feature_stats(real, detector, "real", False)
+    clf, acc, _ = train_classifier(dataset.images, np.asarray(dataset.labels, dtype=np.int64),
+                                   int(dataset.label_dim), epochs=args.classifier_epochs, seed=0, device=device, progress=False)
+    detector = classifier_detector(clf, device=device)
+    ref = compute_feature_stats(real.split(256), detector, num=len(real), progress=False)
     print(f"classifier accuracy {acc:.3f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
-    net, info = demo._train("tiny-16", dataset, os.path.join(args.outdir, "train"), kimg=args.kimg, batch=64,
-                            label_dropout=0.0, ema=0.10, seed=0, device=device, progress=False)
-    print(f"trained {info['kimg']} kimg in {info['seconds']:.0f} s", file=sys.stderr, flush=True)
+    rundir = os.path.join(args.outdir, "train")
+    info = train_network("tiny-16", dataset, rundir, kimg=args.kimg, batch=64, label_dropout=0.0, seed=0,
+                         device=device, progress=False)
+    last = sorted(glob.glob(os.path.join(rundir, "network-snapshot-*-0.100.safetensors")))[-1]
+    net = load_network(last, device=device).eval().requires_grad_(False)
+    print(f"trained {info['kimg']} kimg in {info['time']['wall_s']:.0f} s ({os.path.basename(last)})", file=sys.stderr, flush=True)
     rows = []
     for name in args.samplers:
         settings = ([dict(rtol=r, atol=r / 10) for r in args.rtol] if name == "dpm_adaptive"
@@ -61,7 +72,7 @@ def main() -> None:
                 setattr(counting, attr, getattr(net, attr))
             images = torch.cat([im for _, im in generate_images(counting, range(args.num), sampler=name,
                                                                  batch=args.num, **kw)])
-            fd = demo._fd(demo._feature_stats(images, detector, name, False), ref)
+            fd = _fd(images, detector, ref)
             setting = f"rtol {kw['rtol']}" if "rtol" in kw else f"{kw['steps']} steps"
             rows.append((name, setting, counted["n"], fd))
             print(f"{name:20s} {setting:12s} NFE {counted['n']:4d}  FD {fd:8.3f}  ({time.perf_counter() - t:.0f} s)",
