@@ -96,8 +96,8 @@ def test_weight_cache_invalidated_by_optimizer_step():
     conv.eval()
     with torch.no_grad():
         y1 = conv(x, gain=gain)
-        w_first = conv._cache[1]
-        assert conv(x, gain=gain) is not None and conv._cache[1] is w_first  # cache hit
+        (w_first,) = conv.cached_tensors()
+        assert conv(x, gain=gain) is not None and conv.cached_tensors()[0] is w_first  # cache hit
     assert rel_err(y1, expected()) < 1e-5
     # A training step (grad enabled: the cache is bypassed), then eval again: fresh weights.
     conv.train()
@@ -106,7 +106,7 @@ def test_weight_cache_invalidated_by_optimizer_step():
     conv.eval()
     with torch.no_grad():
         y2 = conv(x, gain=gain)
-    assert conv._cache[1] is not w_first
+    assert conv.cached_tensors()[0] is not w_first
     assert rel_err(y2, expected()) < 1e-5 and rel_err(y2, y1) > 1e-3
     # An in-place edit of the gain alone invalidates too.
     with torch.no_grad():
@@ -127,7 +127,7 @@ def test_weight_cache_invalidated_by_optimizer_step():
     conv(xg).sum().backward()
     assert xg.grad is not None
     # deepcopy does not carry the cache along
-    assert copy.deepcopy(conv)._cache is None
+    assert conv.cached_tensors() and copy.deepcopy(conv).cached_tensors() == []
 
 
 # --- blocks against the plain implementation ------------------------------------------------------
