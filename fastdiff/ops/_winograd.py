@@ -22,6 +22,7 @@ import torch
 
 from fastdiff.ops import _dispatch, _ext, reference
 from fastdiff.ops._dispatch import check, check_cond, check_float, check_same, register, uses_kernel
+from fastdiff.ops._dispatch import needs_grad as _needs_grad
 from fastdiff.ops._weight import mp_weight_vjp
 
 __all__ = ["winograd_weight", "conv1x1", "mp_conv_fused", "conv_epilogue", "conv_path", "use_conv_path", "use_aten_conv",
@@ -242,12 +243,6 @@ def conv1x1(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.fastdiff.conv1x1(x, w_hat)
     return reference.conv1x1(x, w_hat)
-
-
-def _needs_grad(*tensors) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool = False, c=None, res=None,
