@@ -14,7 +14,7 @@ from fastdiff.ops import _winograd as _wg
 from fastdiff.ops import reference
 from fastdiff.ops._dispatch import EPS, call, channels_last, check, check_float, dense_like, gain_tensor, needs_grad
 from fastdiff.ops._dispatch import register, uses_kernel
-from fastdiff.ops._weight import check_gain, mp_weight, weight_norm_scale
+from fastdiff.ops._weight import check_gain, mp_weight
 from fastdiff.ops._winograd import winograd_weight
 
 __all__ = ["mp_conv", "mp_linear", "MPConvWeights"]
@@ -192,7 +192,8 @@ class MPConvWeights:
             return cache[1]
         with torch.inference_mode(False), torch.no_grad():
             wd = w.detach()
-            pair = (winograd_weight(wd.to(dtype)), weight_norm_scale(wd, EPS))
+            # (Only reached where the Winograd kernels exist: the row scale is always the kernel's.)
+            pair = (winograd_weight(wd.to(dtype)), torch.ops.fastdiff.weight_norm_scale(wd, EPS))
         self._wino = (key, pair)
         return pair
 
