@@ -14,11 +14,20 @@ from fastdiff.ops._block import mp_sum_clip
 from fastdiff.ops._conv import MPConvWeights, mp_conv, mp_linear
 from fastdiff.ops._dispatch import EPS, gpu_route, use_gpu_route, use_reference, uses_kernel
 from fastdiff.ops._elementwise import CLIP_LIMIT, clip, mp_cat, mp_silu, mp_silu_modulate, mp_sum, normalize, pixel_norm
-from fastdiff.ops._ext import LOAD_ERROR, LOADED as HAS_EXTENSION, force_isa, has_kernel, isa, kernels
+from fastdiff.ops._ext import LOAD_ERROR, force_isa, has_kernel, isa, kernels
+from fastdiff.ops._ext import LOADED as HAS_EXTENSION
 from fastdiff.ops._solver import solver_step
 from fastdiff.ops._weight import fan_in, mp_weight, weight_norm, weight_norm_, weight_norm_scale
-from fastdiff.ops._winograd import conv1x1, conv_epilogue, conv_path, mp_conv_fused, use_aten_conv, use_conv_path
-from fastdiff.ops._winograd import uses_winograd, winograd_weight
+from fastdiff.ops._winograd import (
+    conv1x1,
+    conv_epilogue,
+    conv_path,
+    mp_conv_fused,
+    use_aten_conv,
+    use_conv_path,
+    uses_winograd,
+    winograd_weight,
+)
 from fastdiff.ops.reference import solver_step_reference
 
 __all__ = [

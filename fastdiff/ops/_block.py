@@ -6,6 +6,8 @@ differentiate through ``mp_sum_clip_backward``, which recomputes the sum from ``
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastdiff.ops import reference
@@ -29,7 +31,7 @@ def mp_sum_clip(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, limit: float =
 def _check(op: str, a, b, t, limit) -> None:
     check_float(op, a=a, b=b)
     check_same(op, "a", a, "b", b)
-    check(limit == limit, op, "expected a clip limit (<= 0 for none), got NaN")
+    check(not math.isnan(limit), op, "expected a clip limit (<= 0 for none), got NaN")
     check_t(op, t)
 
 

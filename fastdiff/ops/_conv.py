@@ -12,8 +12,18 @@ from fastdiff import ops as _ops  # the package (partly initialized now): conv_e
 from fastdiff._runtime import is_compiling
 from fastdiff.ops import _winograd as _wg
 from fastdiff.ops import reference
-from fastdiff.ops._dispatch import EPS, call, channels_last, check, check_float, dense_like, gain_tensor, needs_grad
-from fastdiff.ops._dispatch import register, uses_kernel
+from fastdiff.ops._dispatch import (
+    EPS,
+    call,
+    channels_last,
+    check,
+    check_float,
+    dense_like,
+    gain_tensor,
+    needs_grad,
+    register,
+    uses_kernel,
+)
 from fastdiff.ops._weight import check_gain, mp_weight
 from fastdiff.ops._winograd import winograd_weight
 

@@ -7,6 +7,7 @@ formulas and autocast rules with the compiled extension.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.autograd.forward_ad as _fw_ad
@@ -209,4 +210,4 @@ def check_cond(op: str, y: torch.Tensor, c: torch.Tensor) -> None:
 
 
 def check_t(op: str, t: float) -> None:
-    check(t == t and abs(t) != float("inf"), op, f"expected a finite blend weight t, got {t}")
+    check(math.isfinite(t), op, f"expected a finite blend weight t, got {t}")

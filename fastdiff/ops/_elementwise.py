@@ -8,8 +8,21 @@ from __future__ import annotations
 import torch
 
 from fastdiff.ops import reference
-from fastdiff.ops._dispatch import EPS, call, check, check_channels, check_cond, check_float, check_same, check_t
-from fastdiff.ops._dispatch import channels_last, dense_like, register, shared_like, uses_kernel
+from fastdiff.ops._dispatch import (
+    EPS,
+    call,
+    channels_last,
+    check,
+    check_channels,
+    check_cond,
+    check_float,
+    check_same,
+    check_t,
+    dense_like,
+    register,
+    shared_like,
+    uses_kernel,
+)
 
 CLIP_LIMIT = reference.CLIP_LIMIT
 

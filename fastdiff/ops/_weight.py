@@ -11,8 +11,18 @@ import math
 import torch
 
 from fastdiff.ops import reference
-from fastdiff.ops._dispatch import EPS, call, check, check_channels, check_float, check_same, check_weight
-from fastdiff.ops._dispatch import gain_tensor, register, uses_kernel
+from fastdiff.ops._dispatch import (
+    EPS,
+    call,
+    check,
+    check_channels,
+    check_float,
+    check_same,
+    check_weight,
+    gain_tensor,
+    register,
+    uses_kernel,
+)
 from fastdiff.ops.reference import acc_dtype as _acc
 
 __all__ = ["weight_norm", "weight_norm_", "weight_norm_scale", "mp_weight", "fan_in"]
