@@ -55,7 +55,7 @@ def bench_case(c: int, r: int, n: int, rounds: int) -> dict:
     w = torch.randn(c, c, 3, 3, generator=g)
     cc = torch.randn(n, c, generator=g)
     w_hat = ops.mp_weight(w)
-    cache = (ops.winograd_weight(w), torch.ops.fastdiff.weight_norm_scale(w, ops.EPS))
+    cache = (ops.winograd_weight(w), ops.weight_norm_scale(w))
     with ops.use_conv_path("winograd"):
         impls = {
             "aten": lambda: F.conv2d(x, w_hat, padding=1),

@@ -182,7 +182,7 @@ def wrap_module(module: types.ModuleType, names=None, name: str | None = None) -
     return mirror
 
 
-ops = wrap_module(_ops, list(_ops.__all__) + ["solver_step_reference", "fan_in"], name="fastdiff.interop.ops")
+ops = wrap_module(_ops, name="fastdiff.interop.ops")
 
 
 @wrap

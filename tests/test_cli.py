@@ -204,3 +204,39 @@ def test_layering_argparse_and_commands():
             assert LAYERS[target] < LAYERS[pkg], f"{rel} imports {mod}: {target} is not below {pkg}"
         if pkg == "cli" and target == "cli" and rel != os.path.join("cli", "__init__.py"):
             assert mod == "fastdiff.cli.common", f"{rel} imports another command module ({mod})"
+
+
+def test_only_fastdiff_ops_touches_its_private_modules_and_the_custom_ops():
+    """Outside ``fastdiff/ops`` the library uses the public ``fastdiff.ops`` API only: no import of a private
+    ``fastdiff.ops._*`` module, no ``torch.ops.fastdiff`` call, no ``ops._name`` attribute (README.md,
+    Architecture)."""
+    import ast
+
+    import fastdiff
+
+    top = os.path.dirname(fastdiff.__file__)
+    bad = []
+    for folder, _, files in os.walk(top):
+        for name in files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, top)
+            if not name.endswith(".py") or rel.startswith("ops" + os.sep):
+                continue
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    bad += [f"{rel}: import {a.name}" for a in node.names if a.name.startswith("fastdiff.ops._")]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    if node.module.startswith("fastdiff.ops._"):
+                        bad.append(f"{rel}: from {node.module} import ...")
+                    elif node.module == "fastdiff.ops":
+                        bad += [f"{rel}: from fastdiff.ops import {a.name}" for a in node.names if a.name.startswith("_")]
+                elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+                    inner = node.value
+                    if isinstance(inner.value, ast.Name) and (inner.value.id, inner.attr, node.attr) == ("torch", "ops", "fastdiff"):
+                        bad.append(f"{rel}:{node.lineno}: torch.ops.fastdiff")
+                elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                    if node.value.id in ("ops", "_ops", "_fops") and node.attr.startswith("_") and not node.attr.startswith("__"):
+                        bad.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert bad == [], bad

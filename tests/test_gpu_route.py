@@ -1,7 +1,7 @@
 """The CUDA design of issue 23, checked on the CPU: the block epilogue ops (``mp_sum_clip``,
 ``mp_sum_clip_silu``), the q/k/v norm that feeds ``F.scaled_dot_product_attention`` and the attention's SDPA
 route, against the plain-PyTorch reference (forward, backward, odd shapes, channels_last, non-contiguous,
-dtypes, empty, NaN/Inf); and the network's GPU route (``fastdiff.ops._block.gpu_route``: channels-last end to
+dtypes, empty, NaN/Inf); and the network's GPU route (``fastdiff.ops.gpu_route``: channels-last end to
 end, SDPA attention, fused epilogues with the next block's mp_silu) run on the CPU by patching the switch.
 
 Every op runs on each device present (the CPU always, CUDA where available: the same checks then test the
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastdiff import ops
-from fastdiff.ops import _block
+from fastdiff.ops import _attention, _dispatch
 from fastdiff.ops import reference as R
 
 from conftest import max_rel_err, tiny_net
@@ -322,9 +322,11 @@ class TestSdpaRoute:
         qkv = make_qkv(1, 1, 64, 2, 2)
         assert ops.attention_impl(qkv, 1) == "kernel"  # CPU: our tiled kernel
         assert ops.attention_impl(make_qkv(1, 1, 32, 2, 2), 1) == "reference"
-        monkeypatch.setattr(_block, "gpu_route", lambda x: True)
-        assert ops.attention_impl(qkv, 1) == "sdpa"
-        assert ops.attention_impl(qkv.double(), 1) == "kernel"  # float64 keeps the tiled kernel
+        with ops.use_gpu_route():
+            assert ops.gpu_route(qkv)
+            assert ops.attention_impl(qkv, 1) == "sdpa"
+            assert ops.attention_impl(qkv.double(), 1) == "kernel"  # float64 keeps the tiled kernel
+        assert not ops.gpu_route(qkv)
         with pytest.raises(ValueError, match="impl"):
             ops.cosine_attention(qkv, 1, impl="flash")
         with pytest.raises(ValueError, match="64 channels per head"):
@@ -354,7 +356,7 @@ class TestNetworkGpuRoute:
         x, noise, labels = self._inputs(net)
         with torch.no_grad():
             want = net(x, noise, labels)
-            monkeypatch.setattr(_block, "gpu_route", lambda t: True)
+            monkeypatch.setattr(_dispatch, "_force_gpu", [True])
             calls = []
             real = ops.mp_sum_clip
             monkeypatch.setattr(ops, "mp_sum_clip", lambda *a, **k: calls.append(k.get("silu", False)) or real(*a, **k))
@@ -374,7 +376,7 @@ class TestNetworkGpuRoute:
         params = [p for n, p in net.named_parameters() if not n.startswith("logvar")]  # logvar: unused here
         loss = net(x, noise, labels).square().sum()
         want = torch.autograd.grad(loss, params)
-        monkeypatch.setattr(_block, "gpu_route", lambda t: True)
+        monkeypatch.setattr(_dispatch, "_force_gpu", [True])
         loss2 = net(x, noise, labels).square().sum()
         got = torch.autograd.grad(loss2, params)
         assert abs(loss2.item() - loss.item()) <= 1e-4 * abs(loss.item())
@@ -386,6 +388,7 @@ class TestNetworkGpuRoute:
         x, noise, labels = self._inputs(net)
         for name in ("mp_sum_clip", "attention_qkv_norm"):
             monkeypatch.setattr(ops, name, lambda *a, **k: pytest.fail("GPU route taken on the CPU"))
+        monkeypatch.setattr(_attention, "attention_qkv_norm", lambda *a, **k: pytest.fail("GPU route taken on the CPU"))
         with torch.no_grad():
             assert net(x, noise, labels).is_contiguous()
 

@@ -96,8 +96,8 @@ def test_weight_cache_invalidated_by_optimizer_step():
     conv.eval()
     with torch.no_grad():
         y1 = conv(x, gain=gain)
-        w_first = conv._cache[1]
-        assert conv(x, gain=gain) is not None and conv._cache[1] is w_first  # cache hit
+        (w_first,) = conv.cached_tensors()
+        assert conv(x, gain=gain) is not None and conv.cached_tensors()[0] is w_first  # cache hit
     assert rel_err(y1, expected()) < 1e-5
     # A training step (grad enabled: the cache is bypassed), then eval again: fresh weights.
     conv.train()
@@ -106,7 +106,7 @@ def test_weight_cache_invalidated_by_optimizer_step():
     conv.eval()
     with torch.no_grad():
         y2 = conv(x, gain=gain)
-    assert conv._cache[1] is not w_first
+    assert conv.cached_tensors()[0] is not w_first
     assert rel_err(y2, expected()) < 1e-5 and rel_err(y2, y1) > 1e-3
     # An in-place edit of the gain alone invalidates too.
     with torch.no_grad():
@@ -127,7 +127,43 @@ def test_weight_cache_invalidated_by_optimizer_step():
     conv(xg).sum().backward()
     assert xg.grad is not None
     # deepcopy does not carry the cache along
-    assert copy.deepcopy(conv)._cache is None
+    assert conv.cached_tensors() and copy.deepcopy(conv).cached_tensors() == []
+
+
+@pytest.mark.parametrize("shape", [(16, 16, (3, 3), (1, 16, 8, 8)), (6, 4, (3, 3), (2, 6, 5, 5)), (8, 4, (), (3, 8))])
+def test_mpconv_pickled_by_an_earlier_version_loads_and_runs(monkeypatch, shape):
+    """A module pickled before the caches moved to ``ops.MPConvWeights`` (state with ``_cache``, ``_wcache``,
+    ``_scache``, no ``_weights``) loads, runs and caches like a new one; a new pickle holds no cache."""
+    import pickle
+
+    cin, cout, kernel, xshape = shape
+    torch.manual_seed(3)
+    conv = fnn.MPConv(cin, cout, kernel).eval()
+    x = torch.randn(xshape)
+    with torch.no_grad():
+        want = conv(x, gain=0.7)
+    assert conv.cached_tensors()
+    assert "_weights" not in pickle.loads(pickle.dumps(conv)).__getstate__()
+
+    def old_getstate(self):
+        state = torch.nn.Module.__getstate__(self).copy()
+        del state["_weights"]
+        state.update(_cache=None, _wcache=None, _scache=None)
+        return state
+
+    with monkeypatch.context() as m:
+        m.setattr(fnn.MPConv, "__getstate__", old_getstate)
+        blob = pickle.dumps(conv)
+    old = pickle.loads(blob)
+    assert not any(k in old.__dict__ for k in ("_cache", "_wcache", "_scache")) and old.cached_tensors() == []
+    with torch.no_grad():
+        assert torch.equal(old(x, gain=0.7), want)
+        assert old.cached_tensors()
+        if kernel:
+            assert torch.equal(old.fused(x, 0.7, clip=0.5), ops.clip(want, 0.5))
+    old.train()
+    old(x).sum().backward()
+    assert old.weight.grad is not None
 
 
 # --- blocks against the plain implementation ------------------------------------------------------

@@ -674,3 +674,15 @@ def test_mp_silu_float32_is_within_a_few_ulp_everywhere(level):
     s = torch.sigmoid(xd)
     dwant = s * (1 + xd * (1 - s)) / 0.596
     assert (dgot - dwant).abs().max().item() <= 4e-6  # the gradient's s (1 + x (1 - s)) cancels a little
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_norm_scale(dtype):
+    """The public row factor of N(W): kernel and reference agree, and scaling each row by it is weight_norm."""
+    w = torch.randn(6, 4, 3, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    got = ops.weight_norm_scale(w)
+    with ops.use_reference():
+        want = ops.weight_norm_scale(w)
+    assert got.dtype == want.dtype == R.acc_dtype(dtype) and got.shape == (6,)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(w * got.to(dtype).reshape(-1, 1, 1, 1), R.weight_norm(w))

@@ -5,7 +5,7 @@ import torch
 
 from fastdiff import ops
 from fastdiff.ops import _ext
-from fastdiff.ops._solver import solver_step_reference
+from fastdiff.ops.reference import solver_step_reference
 
 HAS_CPU = _ext.has_kernel("solver_step", "cpu")
 HAS_CUDA = torch.cuda.is_available() and _ext.has_kernel("solver_step", "cuda")

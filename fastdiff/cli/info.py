@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastdiff import __version__, ops
-from fastdiff.ops import _ext, reference
+from fastdiff.ops import reference
 
 
 def add_arguments(parser) -> None:
@@ -122,12 +122,12 @@ def main(args) -> int:
 
     print(f"fastdiff {__version__}, torch {torch.__version__}")
     print(_build.describe())
-    if not _ext.LOADED:
-        print(f"compiled extension: NOT LOADED ({_ext.LOAD_ERROR}); using the reference ops")
+    if not ops.HAS_EXTENSION:
+        print(f"compiled extension: NOT LOADED ({ops.LOAD_ERROR}); using the reference ops")
     else:
         print("compiled extension: loaded")
-        print("CPU instruction set per kernel family: " + ", ".join(f"{k}: {v}" for k, v in _ext.isa().items()))
-        for op, devices in _ext.kernels().items():
+        print("CPU instruction set per kernel family: " + ", ".join(f"{k}: {v}" for k, v in ops.isa().items()))
+        for op, devices in ops.kernels().items():
             print(f"  {op:28s} {', '.join(devices) or 'composite'}")
     if args.preset:
         _print_conv_paths(args)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fastdiff._runtime import is_compiling as _is_compiling
 from fastdiff.nn.layers import MPConv, MPFourier, _ops, force_normalize_, resample
-from fastdiff.ops import _block
+from fastdiff import ops as _fops
 
 __all__ = ["Block", "UNet"]
 
@@ -60,12 +60,12 @@ class Block(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, x_silu: torch.Tensor | None = None,
                 return_silu: bool = False):
-        """The block on ``x``. GPU route (``fastdiff.ops._block.gpu_route``): ``x_silu``, when given, is
+        """The block on ``x``. GPU route (``fastdiff.ops.gpu_route``): ``x_silu``, when given, is
         ``mp_silu(x)`` made by the previous block's epilogue (only for a ``dec`` block with ``resample_mode
         'keep'``, whose residual branch starts with it), and ``return_silu=True`` returns ``(x, mp_silu(x))``
         from the one fused epilogue pass (``fastdiff.ops.mp_sum_clip``)."""
         ops = _ops()
-        gpu = _block.gpu_route(x)
+        gpu = _fops.gpu_route(x)
         x = resample(x, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
@@ -247,7 +247,7 @@ class UNet(torch.nn.Module):
         ops = _ops()
         # Encoder: a constant channel of ones is appended to the input.
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        gpu = _block.gpu_route(x)
+        gpu = _fops.gpu_route(x)
         if gpu and self.channels_last:  # GPU: channels-last end to end (cuDNN's layout; our kernels keep it)
             in_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
             x = x.contiguous(memory_format=torch.channels_last)

@@ -1,74 +1,66 @@
-"""Autograd formulas and fake (meta) kernels of the block-level fusions, and the switch that says where the
-GPU route of the network runs.
-
-- ``fastdiff::mp_sum_clip(a, b, t, limit)`` and ``mp_sum_clip_silu`` (the block epilogue: EDM2's residual
-  ``mp_sum`` (Eq. 88) and the activation clip in one pass, optionally with the next block's ``mp_silu``
-  (Eq. 81) as a second output); both differentiate through ``mp_sum_clip_backward``, which recomputes the
-  sum from ``a`` and ``b``.
-- ``fastdiff::attention_qkv_norm(qkv, num_heads, eps)`` (the pixel norm of q, k, v per head, written in the
-  ``[N, tokens, heads, dim]`` memory that ``F.scaled_dot_product_attention`` reads without a copy) and its
-  backward ``attention_qkv_norm_backward``.
-
-``gpu_route(x)`` is the one switch for the network's CUDA design (channels-last activations, SDPA attention,
-the fused epilogues): True on CUDA in eager mode. Tests patch it to run that route on the CPU.
+"""The block epilogue of the GPU route: ``mp_sum_clip`` (EDM2's residual ``mp_sum``, Eq. 88, and the
+activation clip in one pass, optionally with the next block's ``mp_silu``, Eq. 81, as a second output), with
+the fake kernels and autograd formulas of ``fastdiff::mp_sum_clip`` / ``mp_sum_clip_silu``; both
+differentiate through ``mp_sum_clip_backward``, which recomputes the sum from ``a`` and ``b``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from fastdiff._runtime import is_compiling as _is_compiling
-from fastdiff.ops import _ext
-from fastdiff.ops._register import _dense
+from fastdiff.ops import reference
+from fastdiff.ops._dispatch import call, check, check_float, check_same, check_t, register, shared_like, uses_kernel
 
-lib = "fastdiff::"
-
-
-def gpu_route(x: torch.Tensor) -> bool:
-    """Whether the network takes its GPU design for activation ``x``: CUDA, eager (under ``torch.compile`` the
-    reference ops are traced instead)."""
-    return x.device.type == "cuda" and not _is_compiling()
+__all__ = ["mp_sum_clip"]
 
 
-def _shared_like(ref: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """The output layout of the flat kernels (block_ops.h ``shared_layout``): ``ref``'s dense layout when every
-    input is dense with the same strides, else contiguous."""
-    ts = (ref, *others)
-    if all(_dense(t) for t in ts) and all(t.stride() == ref.stride() for t in ts):
-        return torch.empty_like(ref, memory_format=torch.preserve_format)
-    return torch.empty_like(ref, memory_format=torch.contiguous_format)
+def mp_sum_clip(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, limit: float = 0.0, silu: bool = False):
+    """The block epilogue ``clip(mp_sum(a, b, t), limit)`` in one pass (no clip for ``limit <= 0``); with
+    ``silu=True`` the pair ``(x, mp_silu(x))``: the residual and the next block's activation, one read of
+    ``a`` and ``b``. ``t`` must be finite."""
+    reference.mp_sum_weights(t)  # checks t
+    if uses_kernel("mp_sum_clip", a, b) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device:
+        if silu:
+            return tuple(call(torch.ops.fastdiff.mp_sum_clip_silu.default, a, b, float(t), float(limit)))
+        return call(torch.ops.fastdiff.mp_sum_clip.default, a, b, float(t), float(limit))
+    return reference.mp_sum_clip(a, b, t, limit, silu)
 
 
-def _qkv_out(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    n, c3, h, w = qkv.shape
-    return qkv.new_empty((n, h * w, num_heads, c3 // (3 * num_heads))).transpose(1, 2)
+def _check(op: str, a, b, t, limit) -> None:
+    check_float(op, a=a, b=b)
+    check_same(op, "a", a, "b", b)
+    check(not math.isnan(limit), op, "expected a clip limit (<= 0 for none), got NaN")
+    check_t(op, t)
 
 
+@register("mp_sum_clip", "mp_sum_clip_silu", "mp_sum_clip_backward")
 def _register() -> None:
-    ops = torch.ops.fastdiff
+    lib, ops = "fastdiff::", torch.ops.fastdiff
     reg = torch.library.register_fake
 
-    reg(lib + "mp_sum_clip")(lambda a, b, t, limit: _shared_like(a, b))
-    reg(lib + "mp_sum_clip_silu")(lambda a, b, t, limit: (_shared_like(a, b), _shared_like(a, b)))
+    @reg(lib + "mp_sum_clip")
+    def _(a, b, t, limit):
+        _check("mp_sum_clip", a, b, t, limit)
+        return shared_like(a, b)
+
+    @reg(lib + "mp_sum_clip_silu")
+    def _(a, b, t, limit):
+        _check("mp_sum_clip_silu", a, b, t, limit)
+        return shared_like(a, b), shared_like(a, b)
 
     @reg(lib + "mp_sum_clip_backward")
     def _(grad, grad_silu, a, b, t, limit):
+        op = "mp_sum_clip_backward"
+        _check(op, a, b, t, limit)
+        check_same(op, "grad", grad, "a", a)
+        if grad_silu is not None:
+            check_same(op, "grad_silu", grad_silu, "a", a)
         ts = (grad, b) if grad_silu is None else (grad, b, grad_silu)
-        return _shared_like(a, *ts), _shared_like(a, *ts)
+        return shared_like(a, *ts), shared_like(a, *ts)
 
-    @reg(lib + "attention_qkv_norm")
-    def _(qkv, num_heads, eps):
-        torch._check(qkv.dim() == 4, lambda: f"fastdiff.attention_qkv_norm: expected qkv [N, 3C, H, W], got {qkv.shape}")
-        torch._check(num_heads >= 1 and qkv.shape[1] % (3 * num_heads) == 0,
-                     lambda: f"fastdiff.attention_qkv_norm: expected a multiple of 3 * num_heads channels, got {qkv.shape[1]}")
-        return _qkv_out(qkv, num_heads), _qkv_out(qkv, num_heads), _qkv_out(qkv, num_heads)
-
-    @reg(lib + "attention_qkv_norm_backward")
-    def _(grad_q, grad_k, grad_v, qkv, num_heads, eps):
-        cl = not qkv.is_contiguous() and qkv.is_contiguous(memory_format=torch.channels_last)
-        return torch.empty_like(qkv, memory_format=torch.channels_last if cl else torch.contiguous_format)
-
-    # mp_sum_clip / mp_sum_clip_silu: a and b saved (the backward recomputes the sum and its clip mask).
+    # a and b saved (the backward recomputes the sum and its clip mask).
     def sc_setup(ctx, inputs, output):
         a, b, t, limit = inputs
         ctx.save_for_backward(a, b)
@@ -89,20 +81,3 @@ def _register() -> None:
         return da, db, None, None
 
     torch.library.register_autograd(lib + "mp_sum_clip_silu", scs_backward, setup_context=sc_setup)
-
-    # attention_qkv_norm: qkv saved; an unused output's gradient is zero.
-    def qn_setup(ctx, inputs, output):
-        qkv, num_heads, eps = inputs
-        ctx.save_for_backward(qkv)
-        ctx.num_heads, ctx.eps = num_heads, eps
-
-    def qn_backward(ctx, gq, gk, gv):
-        (qkv,) = ctx.saved_tensors
-        gs = [g if g is not None else _qkv_out(qkv, ctx.num_heads).zero_() for g in (gq, gk, gv)]
-        return ops.attention_qkv_norm_backward(*gs, qkv, ctx.num_heads, ctx.eps), None, None
-
-    torch.library.register_autograd(lib + "attention_qkv_norm", qn_backward, setup_context=qn_setup)
-
-
-if _ext.LOADED and hasattr(torch.ops.fastdiff, "mp_sum_clip"):
-    _register()

@@ -1,4 +1,5 @@
-"""The batched solver step: ``fastdiff.ops.solver_step`` (fused kernel) and its plain-PyTorch reference.
+"""The batched solver step: ``fastdiff.ops.solver_step`` (fused kernel) and the fake kernel of
+``fastdiff::solver_step``; its plain-PyTorch oracle is ``reference.solver_step_reference``.
 
 One sampler step for a whole batch, with per-sample noise levels (see the schema comment in
 ``csrc/ops.cpp``). Per sample ``n``::
@@ -18,55 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.ops import _ext
-from fastdiff.ops.reference import acc_dtype as _acc
-from fastdiff.ops._register import _dense
+from fastdiff.ops._dispatch import check, check_float, check_same, dense, register, uses_kernel
+from fastdiff.ops.reference import per_sample as _per_sample
+from fastdiff.ops.reference import solver_step_reference
 
 __all__ = ["solver_step", "solver_step_reference"]
-
-_OP = "fastdiff::solver_step"
-
-
-def _per_sample(v, n: int, like: torch.Tensor, name: str) -> torch.Tensor:
-    """A python number, 0-d or [N] tensor -> [N] tensor in the accumulation dtype on ``like``'s device."""
-    acc = _acc(like.dtype)
-    if isinstance(v, torch.Tensor):
-        if v.ndim == 0 or (v.ndim == 1 and v.numel() == 1):
-            return v.reshape(()).to(device=like.device, dtype=acc).expand(n).contiguous()
-        if v.ndim != 1 or v.shape[0] != n:
-            raise ValueError(
-                f"fastdiff.solver_step: expected '{name}' as a number or a tensor of shape [N] = [{n}], "
-                f"got {tuple(v.shape)}"
-            )
-        return v.to(device=like.device, dtype=acc)
-    return torch.full((n,), float(v), dtype=acc, device=like.device)
-
-
-def solver_step_reference(x, d1, d0=None, w=1.0, sigma_cur=None, sigma_next=None, d_prev=None, x_base=None):
-    """Plain-PyTorch version of :func:`solver_step` (the oracle of the tests; differentiable)."""
-    if sigma_cur is None or sigma_next is None:
-        raise ValueError("fastdiff.solver_step: sigma_cur and sigma_next are required")
-    if (d_prev is None) != (x_base is None):
-        raise ValueError("fastdiff.solver_step: 'd_prev' and 'x_base' go together (a Heun correction needs both)")
-    n = x.shape[0]
-    acc = _acc(x.dtype)
-    shape = (n,) + (1,) * (x.ndim - 1)
-    s_cur = _per_sample(sigma_cur, n, x, "sigma_cur").reshape(shape)
-    s_next = _per_sample(sigma_next, n, x, "sigma_next").reshape(shape)
-    if d0 is None:
-        D = d1.to(acc)
-    else:
-        g = d0.to(acc)
-        D = g + _per_sample(w, n, x, "w").reshape(shape) * (d1.to(acc) - g)
-    xa = x.to(acc)
-    h = s_next - s_cur
-    if d_prev is None:
-        d = (xa - D) / s_cur
-        x_next = xa + h * d
-    else:
-        d = (xa - D) / s_next
-        x_next = x_base.to(acc) + h * (0.5 * d_prev.to(acc) + 0.5 * d)
-    return x_next.to(x.dtype), d.to(x.dtype), D.to(x.dtype)
 
 
 def _check_no_grad(*tensors) -> None:
@@ -84,8 +41,6 @@ def solver_step(x, d1, d0=None, w=1.0, sigma_cur=None, sigma_next=None, d_prev=N
     ``w``, ``sigma_cur``, ``sigma_next`` are numbers or per-sample ``[N]`` tensors. Runs the compiled
     kernel when one fits (see :func:`fastdiff.ops.uses_kernel`), the reference otherwise.
     """
-    from fastdiff import ops  # the package imports this module at its end
-
     if sigma_cur is None or sigma_next is None:
         raise ValueError("fastdiff.solver_step: sigma_cur and sigma_next are required")
     _check_no_grad(x, d1, d0, d_prev, x_base, w, sigma_cur, sigma_next)
@@ -96,7 +51,7 @@ def solver_step(x, d1, d0=None, w=1.0, sigma_cur=None, sigma_next=None, d_prev=N
             isinstance(t, torch.Tensor) and t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
             for t in images
         )
-        and ops.uses_kernel("solver_step", *images)
+        and uses_kernel("solver_step", *images)
     )
     if not fits:
         return solver_step_reference(x, d1, d0, w, sigma_cur, sigma_next, d_prev, x_base)
@@ -111,18 +66,31 @@ def _out_like(x: torch.Tensor) -> torch.Tensor:
     """The kernel's output layout: x's own when dense and sample-major, else contiguous."""
     n = x.shape[0]
     m = x.numel() // n if n else 0
-    if x.numel() == 0 or (_dense(x) and (n <= 1 or x.stride(0) == m)):
+    if x.numel() == 0 or (dense(x) and (n <= 1 or x.stride(0) == m)):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _register_fake() -> None:
-    if not (_ext.LOADED and torch._C._dispatch_has_kernel(_OP)):
-        return
+def _check(x, d1, d0, w, sigma_cur, sigma_next, d_prev, x_base) -> None:
+    op = "solver_step"
+    check_float(op, x=x, d1=d1)
+    check(x.ndim >= 1, op, "expected x of shape [N, ...], got a 0-d tensor")
+    check_same(op, "x", x, "d1", d1)
+    check((d_prev is None) == (x_base is None), op, "'d_prev' and 'x_base' go together (a Heun correction needs both)")
+    for name, t in (("d0", d0), ("d_prev", d_prev), ("x_base", x_base)):
+        if t is not None:
+            check_same(op, "x", x, name, t)
+    n = x.shape[0]
+    for name, t in (("w", w), ("sigma_cur", sigma_cur), ("sigma_next", sigma_next)):
+        check_float(op, **{name: t})
+        check(t.ndim == 1 and t.shape[0] == n, op,
+              f"expected '{name}' of shape [N] = [{n}] (one value per sample), got {tuple(t.shape)}")
+        check(t.device == x.device, op, f"expected '{name}' on {x.device} like x, got {t.device}")
 
-    @torch.library.register_fake(_OP)
+
+@register("solver_step")
+def _register() -> None:
+    @torch.library.register_fake("fastdiff::solver_step")
     def _(x, d1, d0, w, sigma_cur, sigma_next, d_prev=None, x_base=None):
+        _check(x, d1, d0, w, sigma_cur, sigma_next, d_prev, x_base)
         return _out_like(x), _out_like(x), _out_like(x)
-
-
-_register_fake()

@@ -1,5 +1,5 @@
-"""The Winograd MP convolution: fake kernels, autograd, the per-shape choice Winograd vs ATen, and the
-fused block chain ``mp_conv_fused``.
+"""The CPU convolution kernels: the Winograd MP convolution (fake kernels, autograd, the per-shape choice
+Winograd vs ATen, the fused block chain ``mp_conv_fused``) and ``conv1x1`` on fastdiff's own GEMM.
 
 The kernels (csrc/cpu/winograd*.cpp) compute a 3x3, stride-1, padding-1 convolution by Winograd's minimal
 filtering F(4x4, 3x3) (Lavin & Gray 2016, Eq. 9 in 2-D nesting form: ``Y = A^T [U . V] A`` with
@@ -20,8 +20,13 @@ import os
 
 import torch
 
-from fastdiff.ops import _block, _ext, reference
-from fastdiff.ops._register import mp_weight_vjp
+from fastdiff.ops import _dispatch, _ext, reference
+from fastdiff.ops._dispatch import check, check_cond, check_float, check_same, register, uses_kernel
+from fastdiff.ops._dispatch import needs_grad as _needs_grad
+from fastdiff.ops._weight import mp_weight_vjp
+
+__all__ = ["winograd_weight", "conv1x1", "mp_conv_fused", "conv_epilogue", "conv_path", "use_conv_path", "use_aten_conv",
+           "uses_winograd"]
 
 lib = "fastdiff::"
 _ENV = os.environ.get("FASTDIFF_CONV", "").strip().lower()
@@ -49,20 +54,80 @@ def winograd_weight_grad_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
     return tiles >= 32 and tiles * 8 >= max(w.shape[0], w.shape[1])
 
 
+def winograd_weight(w: torch.Tensor) -> torch.Tensor:
+    """The F(4x4, 3x3) weight transform ``G g G^T`` of a 3x3 weight, ``[36, in_p, out_p]`` (no gradient)."""
+    if uses_kernel("winograd_weight", w) and w.dtype in (torch.float32, torch.float64):
+        return torch.ops.fastdiff.winograd_weight(w.detach())
+    return reference.winograd_weight(w.detach())
+
+
+def _check_f32_f64(op: str, **tensors) -> None:
+    for name, t in tensors.items():
+        check_float(op, **{name: t})
+        check(t.dtype in (torch.float32, torch.float64), op, f"expected '{name}' in float32 or float64, got {t.dtype}")
+
+
+def _check_w3x3(op: str, w) -> None:
+    check(w.ndim == 4 and w.shape[2] == 3 and w.shape[3] == 3 and w.shape[0] > 0 and w.shape[1] > 0, op,
+          f"expected a non-empty 3x3 weight [out, in, 3, 3], got shape {tuple(w.shape)}")
+
+
+@register("winograd_weight", "winograd_conv", "winograd_weight_grad", "conv1x1", "mp_conv_winograd")
 def _register() -> None:
     reg = torch.library.register_fake
-    reg(lib + "winograd_weight")(
-        lambda w: w.new_empty((36, -(-_round_up(w.shape[0]) // 32), _round_up(w.shape[1]), 32)))
+
+    @reg(lib + "winograd_weight")
+    def _(w):
+        _check_f32_f64("winograd_weight", w=w)
+        _check_w3x3("winograd_weight", w)
+        return w.new_empty((36, -(-_round_up(w.shape[0]) // 32), _round_up(w.shape[1]), 32))
 
     @reg(lib + "winograd_conv")
     def _(x, u, scale, silu_in=False, mod=None, res=None, t=0.5, clip=0.0):
-        return _cl_like(x, x.new_empty((x.shape[0], scale.shape[0], x.shape[2], x.shape[3])))
+        op = "winograd_conv"
+        _check_f32_f64(op, x=x, u=u)
+        check(x.ndim == 4, op, f"expected x of shape [N, C, H, W], got {tuple(x.shape)}")
+        check_same(op, "x", x, "u", u, same_shape=False)
+        check(scale.ndim == 1 and scale.shape[0] > 0, op, f"expected scale of shape [out_channels], got {tuple(scale.shape)}")
+        cinp, coutp = _round_up(x.shape[1]), _round_up(scale.shape[0])
+        check(u.ndim == 4 and tuple(u.shape) == (36, -(-coutp // 32), cinp, 32), op,
+              f"expected u = winograd_weight(w) of shape {(36, -(-coutp // 32), cinp, 32)} for {x.shape[1]} input "
+              f"and {scale.shape[0]} output channels, got {tuple(u.shape)}")
+        y = _cl_like(x, x.new_empty((x.shape[0], scale.shape[0], x.shape[2], x.shape[3])))
+        if mod is not None:
+            check_cond(op, y, mod)
+        if res is not None:
+            check_same(op, "res", res, "the output", y)
+        return y
 
-    reg(lib + "winograd_weight_grad")(lambda x, g: x.new_empty((g.shape[1], x.shape[1], 3, 3)))
-    reg(lib + "conv1x1")(lambda x, w: _cl_like(x, x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3]))))
+    @reg(lib + "winograd_weight_grad")
+    def _(x, g):
+        op = "winograd_weight_grad"
+        _check_f32_f64(op, x=x, grad=g)
+        check_same(op, "x", x, "grad", g, same_shape=False)
+        check(x.ndim == 4 and g.ndim == 4 and g.shape[0] == x.shape[0] and g.shape[2:] == x.shape[2:] and g.shape[1] > 0
+              and x.shape[1] > 0, op, f"expected x [N, C_in, H, W] and grad [N, C_out, H, W] (C_in, C_out > 0), got "
+              f"{tuple(x.shape)} and {tuple(g.shape)}")
+        return x.new_empty((g.shape[1], x.shape[1], 3, 3))
+
+    @reg(lib + "conv1x1")
+    def _(x, w):
+        op = "conv1x1"
+        check_float(op, x=x)
+        check_same(op, "x", x, "w", w, same_shape=False)
+        check(x.ndim == 4, op, f"expected x of shape [N, C, H, W], got {tuple(x.shape)}")
+        check((w.ndim == 2 or (w.ndim == 4 and w.shape[2] == 1 and w.shape[3] == 1)) and w.shape[1] == x.shape[1], op,
+              f"expected w of shape [out, {x.shape[1]}] or [out, {x.shape[1]}, 1, 1], got {tuple(w.shape)}")
+        return _cl_like(x, x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3])))
 
     @reg(lib + "mp_conv_winograd")
     def _(x, w, gain, eps):
+        op = "mp_conv_winograd"
+        _check_f32_f64(op, x=x)
+        check_float(op, w=w, gain=gain)
+        check(gain.numel() == 1, op, f"expected a scalar gain, got shape {tuple(gain.shape)}")
+        check(w.ndim == 4 and w.shape[2] == 3 and w.shape[3] == 3 and x.ndim == 4 and x.shape[1] == w.shape[1], op,
+              f"expected a 3x3 weight [out, C, 3, 3] and x [N, C, H, W], got {tuple(w.shape)} and {tuple(x.shape)}")
         return _cl_like(x, x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3])))
 
     def setup(ctx, inputs, output):
@@ -93,9 +158,6 @@ def _register() -> None:
 
     torch.library.register_autograd(lib + "mp_conv_winograd", backward, setup_context=setup)
 
-
-if _ext.LOADED and _ext.has_kernel("winograd_conv", "cpu"):
-    _register()
 
 
 # --- which path a convolution takes ---------------------------------------------------------------
@@ -183,12 +245,6 @@ def conv1x1(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     return reference.conv1x1(x, w_hat)
 
 
-def _needs_grad(*tensors) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
 def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool = False, c=None, res=None,
                   t: float = 0.5, clip: float = 0.0, eps: float = reference.EPS, cache=None) -> torch.Tensor:
     """The EDM2 block's chain around a 3x3 MP convolution, fused on the Winograd path::
@@ -212,7 +268,7 @@ def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool =
                 cache = (torch.ops.fastdiff.winograd_weight(w.to(x.dtype)), torch.ops.fastdiff.weight_norm_scale(w, eps))
             u, row = cache
             return winograd_eval(x, u, winograd_scale(row, gain, w), silu_in, c, res, t, clip)
-    y = torch.ops.fastdiff.mp_conv_winograd(ops.mp_silu(x) if silu_in else x, w, ops._gain_tensor(gain, w), eps)
+    y = torch.ops.fastdiff.mp_conv_winograd(ops.mp_silu(x) if silu_in else x, w, _dispatch.gain_tensor(gain, w), eps)
     return conv_epilogue(ops, y, c, res, t, clip)
 
 
@@ -242,7 +298,7 @@ def _chain(ops, x, w, gain, silu_in, c, res, t, clip):
 def conv_epilogue(ops, y, c=None, res=None, t: float = 0.5, clip: float = 0.0):
     """The block chain after a convolution with the op set ``ops`` (fastdiff.ops, or its reference under
     torch.compile): ``mp_silu(y * (1 + c))``, ``mp_sum(res, y, t)``, ``clip``, each where given."""
-    if ops is not reference and _block.gpu_route(y):  # GPU: c cast inside the kernel, sum + clip in one pass
+    if ops is not reference and _dispatch.gpu_route(y):  # GPU: c cast inside the kernel, sum + clip in one pass
         y = ops.mp_silu_modulate(y, c) if c is not None else y
         return ops.mp_sum_clip(res, y, t, clip) if res is not None else (ops.clip(y, clip) if clip else y)
     if c is not None:

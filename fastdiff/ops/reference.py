@@ -292,3 +292,48 @@ def cosine_attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     q, k, v = attention_qkv_norm(qkv, num_heads)
     o = F.scaled_dot_product_attention(q, k, v)
     return o.transpose(1, 2).reshape(n, h, w, c3 // 3).permute(0, 3, 1, 2)
+
+
+# --- the batched solver step ------------------------------------------------------------------------------
+
+
+def per_sample(v, n: int, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A python number, 0-d or [N] tensor -> [N] tensor in the accumulation dtype on ``like``'s device."""
+    acc = acc_dtype(like.dtype)
+    if isinstance(v, torch.Tensor):
+        if v.ndim == 0 or (v.ndim == 1 and v.numel() == 1):
+            return v.reshape(()).to(device=like.device, dtype=acc).expand(n).contiguous()
+        if v.ndim != 1 or v.shape[0] != n:
+            raise ValueError(
+                f"fastdiff.solver_step: expected '{name}' as a number or a tensor of shape [N] = [{n}], "
+                f"got {tuple(v.shape)}"
+            )
+        return v.to(device=like.device, dtype=acc)
+    return torch.full((n,), float(v), dtype=acc, device=like.device)
+
+
+def solver_step_reference(x, d1, d0=None, w=1.0, sigma_cur=None, sigma_next=None, d_prev=None, x_base=None):
+    """The batched guided Euler / Heun-correction step of ``fastdiff.ops.solver_step`` (differentiable)."""
+    if sigma_cur is None or sigma_next is None:
+        raise ValueError("fastdiff.solver_step: sigma_cur and sigma_next are required")
+    if (d_prev is None) != (x_base is None):
+        raise ValueError("fastdiff.solver_step: 'd_prev' and 'x_base' go together (a Heun correction needs both)")
+    n = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    shape = (n,) + (1,) * (x.ndim - 1)
+    s_cur = per_sample(sigma_cur, n, x, "sigma_cur").reshape(shape)
+    s_next = per_sample(sigma_next, n, x, "sigma_next").reshape(shape)
+    if d0 is None:
+        D = d1.to(acc)
+    else:
+        g = d0.to(acc)
+        D = g + per_sample(w, n, x, "w").reshape(shape) * (d1.to(acc) - g)
+    xa = x.to(acc)
+    h = s_next - s_cur
+    if d_prev is None:
+        d = (xa - D) / s_cur
+        x_next = xa + h * d
+    else:
+        d = (xa - D) / s_next
+        x_next = x_base.to(acc) + h * (0.5 * d_prev.to(acc) + 0.5 * d)
+    return x_next.to(x.dtype), d.to(x.dtype), D.to(x.dtype)
