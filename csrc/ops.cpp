@@ -4,25 +4,25 @@
 //
 // Where each op's code lives (glue = checks, layouts, threads or streams; loops = raw pointer code):
 //   op                               CPU glue -> loops                    CUDA glue -> kernels
-//   weight_norm*, scale_rows,        cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/reduce.cu
-//     scale_channels_                  (-> simd_*.cpp, see below)           (scale_*: cuda/elementwise.cu)
-//   mp_silu(_backward), mp_sum,      cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/elementwise.cu
+//   weight_norm*, scale_rows,        cpu/elementwise_cpu.cpp -> cpu/elementwise_kernels.cpp   cuda/elementwise_cuda.cpp -> cuda/reduce_kernels.cu
+//     scale_channels_                  (-> simd_*.cpp, see below)           (scale_*: cuda/elementwise_kernels.cu)
+//   mp_silu(_backward), mp_sum,      cpu/elementwise_cpu.cpp -> cpu/elementwise_kernels.cpp   cuda/elementwise_cuda.cpp -> cuda/elementwise_kernels.cu
 //     mp_cat, clip(_backward),
 //     mp_silu_modulate
-//   pixel_norm(_backward),           cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/reduce.cu
+//   pixel_norm(_backward),           cpu/elementwise_cpu.cpp -> cpu/elementwise_kernels.cpp   cuda/elementwise_cuda.cpp -> cuda/reduce_kernels.cu
 //     mp_silu_modulate_backward
 //   mp_weight, mp_conv(_backward)    composite.cpp (ATen conv/matmul + the ops above, any device)
-//   cosine_attention(_backward)      cpu/attention.cpp -> cpu/attention_kernels.cpp
-//                                                                         cuda/attention_cuda.cpp -> cuda/attention.cu
-//   mp_sum_clip(_silu)(_backward),   cpu/block_cpu.cpp                    cuda/block_cuda.cpp -> cuda/block.cu
+//   cosine_attention(_backward)      cpu/attention_cpu.cpp -> cpu/attention_kernels.cpp
+//                                                                         cuda/attention_cuda.cpp -> cuda/attention_kernels.cu
+//   mp_sum_clip(_silu)(_backward),   cpu/block_cpu.cpp                    cuda/block_cuda.cpp -> cuda/block_kernels.cu
 //     attention_qkv_norm(_backward)    (checks, layouts: block_ops.h)       (mp_silu_modulate's forward too)
-//   solver_step                      cpu/solver.cpp (+ simd loop)         cuda/solver_cuda.cpp -> cuda/solver.cu
+//   solver_step                      cpu/solver_cpu.cpp (+ simd loop)         cuda/solver_cuda.cpp -> cuda/solver_kernels.cu
 //   _isa (private)                   cpu/isa.cpp
 // Shared ATen-side helpers: common.h (checks, channel views, mp_sum/mp_cat weights), solver.h,
 // attention_checks.h; CUDA: cuda/launch.h (dtype tag, device guard + launch check), cuda/dtype.h,
-// cuda/device.cuh (device-side helpers). CPU loops: cpu/kernels.h declares them; float32/16/bf16 run
-// the AVX-512 or AVX2 code of cpu/simd_body.inc (compiled per ISA in cpu/simd_avx512.cpp and
-// cpu/simd_avx2.cpp), float64 and the baseline level the scalar loops of cpu/kernels.cpp; the level
+// cuda/device.cuh (device-side helpers). CPU loops: cpu/elementwise_kernels.h declares them; float32/16/bf16 run
+// the AVX-512 or AVX2 code of cpu/elementwise_simd.inc (compiled per ISA in cpu/elementwise_simd_avx512.cpp and
+// cpu/elementwise_simd_avx2.cpp), float64 and the baseline level the scalar loops of cpu/elementwise_kernels.cpp; the level
 // comes from cpu/isa.h.
 #include <Python.h>
 #include <torch/library.h>
@@ -73,7 +73,7 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("cosine_attention(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
   m.def("cosine_attention_backward(Tensor grad, Tensor qkv, Tensor y, Tensor lse, int num_heads) -> Tensor");
 
-  // --- block epilogue and the attention's SDPA route (csrc/block_ops.h; cpu/block_cpu.cpp, cuda/block.cu) ---
+  // --- block epilogue and the attention's SDPA route (csrc/block_ops.h; cpu/block_cpu.cpp, cuda/block_kernels.cu) ---
   // x = clip(mp_sum(a, b, t), limit) in one pass (no clip when limit <= 0); layout of a kept (dense).
   m.def("mp_sum_clip(Tensor a, Tensor b, float t, float limit) -> Tensor");
   // (x, mp_silu(x)) for the x above: the residual and the next block's activation in one pass.

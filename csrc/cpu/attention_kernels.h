@@ -1,5 +1,5 @@
 // Raw CPU loops of the fused EDM2 cosine attention (head dim 64), on plain pointers. They know nothing
-// of tensors; cpu/attention.cpp allocates the scratch buffers, splits the work across threads and calls
+// of tensors; cpu/attention_cpu.cpp allocates the scratch buffers, splits the work across threads and calls
 // them per tile. Templated on the storage type T (double, float, c10::Half, c10::BFloat16); everything is
 // computed in A = attn_acc_t<T> (double for double, float otherwise).
 //

@@ -8,7 +8,7 @@
 //
 // Two ways the kernels use it:
 //   - the elementwise and solver loops are written with intrinsics in per-ISA translation units
-//     (simd_avx2.cpp, simd_avx512.cpp; see simd.h) and picked per call from active_isa();
+//     (elementwise_simd_avx2.cpp, elementwise_simd_avx512.cpp; see elementwise_simd.h) and picked per call from active_isa();
 //   - the attention loops are one always-inline body compiled twice by FD_MULTIVERSION below (AVX2 and
 //     baseline), picked the same way.
 #pragma once

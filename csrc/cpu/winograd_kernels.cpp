@@ -1,11 +1,11 @@
-// The Winograd F(4x4, 3x3) transforms declared in winograd.h, on GCC vector extensions (32 bytes: 8
+// The Winograd F(4x4, 3x3) transforms declared in winograd_kernels.h, on GCC vector extensions (32 bytes: 8
 // floats or 4 doubles over channels), each built for AVX2+FMA and for the baseline (isa.h).
 //
 // Transform matrices (Lavin & Gray 2016, F(4x4, 3x3), interpolation points 0, +-1, +-2, inf):
 //   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
 //   G   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
 //   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
-#include "winograd.h"
+#include "winograd_kernels.h"
 #include "isa.h"
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// The Winograd per-point GEMMs (winograd_gemm.h) for AVX-512 F: 16-float vectors, 12 x 32 register
+// The Winograd per-point GEMMs (gemm.h) for AVX-512 F: 16-float vectors, 12 x 32 register
 // blocks (24 accumulators, 2 panel vectors and a broadcast in the 32 zmm registers); a column
 // remainder of 16 runs 1-vector blocks, one of 8 the 8-float form.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "winograd_gemm.h"
+#include "gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
@@ -27,7 +27,7 @@
 namespace fastdiff {
 namespace cpu {
 namespace winograd {
-#include "winograd_gemm.inc"
+#include "gemm.inc"
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff

@@ -1,7 +1,7 @@
 // Raw loops of the Winograd F(4x4, 3x3) convolution (Lavin & Gray 2016, "Fast Algorithms for
 // Convolutional Neural Networks", Sec. 4): Y = A^T [ (G g G^T) . (B^T d B) ] A per 4x4 output tile,
 // 6x6 input patch d, 3x3 filter g, 36 points per tile. The per-point products are GEMMs that the caller
-// (winograd.cpp) runs on winograd_gemm.h's micro-kernel; these loops are the transforms, written on
+// (winograd_cpu.cpp) runs on gemm.h's micro-kernel; these loops are the transforms, written on
 // 32-byte vectors over channels (8 floats or 4 doubles) and built for AVX2+FMA and the baseline with
 // the run-time dispatch of isa.h.
 //

@@ -1,12 +1,12 @@
-// The loops of simd.h for AVX2 + FMA + F16C (8 float lanes). Everything after the #pragma is compiled
-// for that instruction set; only standard headers and <immintrin.h> come before it (see simd.h).
+// The loops of elementwise_simd.h for AVX2 + FMA + F16C (8 float lanes). Everything after the #pragma is compiled
+// for that instruction set; only standard headers and <immintrin.h> come before it (see elementwise_simd.h).
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#include "simd.h"
+#include "elementwise_simd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma,f16c")
@@ -74,7 +74,7 @@ struct V {
   }
 };
 
-#include "simd_body.inc"
+#include "elementwise_simd.inc"
 
 }  // namespace
 

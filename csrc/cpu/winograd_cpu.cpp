@@ -1,7 +1,7 @@
 // CPU glue of the Winograd MP convolution (3x3, stride 1, padding 1) and of its weight gradient: checks,
 // layouts, tile chunks, scratch memory, threading (at::parallel_for over rows, chunks of tiles or, for
 // few tiles, output columns) and the 36 per-point GEMMs of each chunk on the micro-kernel of
-// winograd_gemm.inc (float32 with AVX2 or AVX-512; ATen's bmm for float64 and the baseline level). The
+// gemm.inc (float32 with AVX2 or AVX-512; ATen's bmm for float64 and the baseline level). The
 // transforms are the raw loops of winograd_kernels.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,8 +16,8 @@
 
 #include "../common.h"
 #include "isa.h"
-#include "winograd.h"
-#include "winograd_gemm.h"
+#include "winograd_kernels.h"
+#include "gemm.h"
 
 namespace fastdiff {
 namespace {
@@ -101,7 +101,7 @@ std::vector<at::Tensor> workspace(const std::vector<std::vector<int64_t>>& shape
 }
 
 // x ([N, C, H, W], contiguous or channels-last) into xt ([N, hp, wp, cinp]), the padded NHWC rows of
-// winograd.h, through mp_silu when `silu`; g's cin / cinp are x's channels.
+// winograd_kernels.h, through mp_silu when `silu`; g's cin / cinp are x's channels.
 template <typename T> void pack(const at::Tensor& x, bool channels_last, bool silu, const wg::Geometry& g, at::Tensor& xt) {
   const T* xp = x.const_data_ptr<T>();
   T* xtp = xt.mutable_data_ptr<T>();

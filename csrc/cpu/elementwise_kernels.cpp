@@ -1,10 +1,10 @@
-// Definitions of the raw CPU loops declared in kernels.h. float32, float16 and bfloat16 run the
-// explicitly vectorized loops of simd.h (AVX-512 or AVX2, by active_isa()); float64, and every type at
+// Definitions of the raw CPU loops declared in elementwise_kernels.h. float32, float16 and bfloat16 run the
+// explicitly vectorized loops of elementwise_simd.h (AVX-512 or AVX2, by active_isa()); float64, and every type at
 // the baseline level (no AVX2 on the CPU, or FASTDIFF_ISA=baseline), run the scalar loops below, which
 // compute the same formulas with the same limits at +-inf.
-#include "kernels.h"
+#include "elementwise_kernels.h"
 #include "isa.h"
-#include "simd.h"
+#include "elementwise_simd.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -20,7 +20,7 @@ namespace {
 
 constexpr double kSiluDiv = 0.596;  // A(kSiluDiv) is exact to each compute type
 
-// Scalar e^x for float, the same reduction and polynomial as simd_body.inc's vexp (see there):
+// Scalar e^x for float, the same reduction and polynomial as elementwise_simd.inc's vexp (see there):
 // branch-free, so the baseline build can still auto-vectorize it; -inf -> 0, +inf -> +inf, NaN -> NaN.
 FD_INLINE float exp_f(float x) {
   x = x < -104.0f ? -104.0f : x;
@@ -48,7 +48,7 @@ FD_INLINE float exp_f(float x) {
 }
 FD_INLINE double exp_f(double x) { return std::exp(x); }
 
-// sigmoid from t = e^-|x|, which never overflows (as simd_body.inc's vsigmoid).
+// sigmoid from t = e^-|x|, which never overflows (as elementwise_simd.inc's vsigmoid).
 template <typename A> FD_INLINE A sigmoid(A x) {
   const A t = exp_f(x < A(0) ? x : -x);
   return (x >= A(0) ? A(1) : t) / (A(1) + t);

@@ -1,6 +1,6 @@
-// The loops of simd.h for AVX-512 F/BW/VL/DQ (16 float lanes; F16C and FMA come with it). Everything
+// The loops of elementwise_simd.h for AVX-512 F/BW/VL/DQ (16 float lanes; F16C and FMA come with it). Everything
 // after the #pragma is compiled for that instruction set; only standard headers and <immintrin.h> come
-// before it (see simd.h).
+// before it (see elementwise_simd.h).
 // GCC 12 warns falsely about the _mm512_undefined_* inside its own intrinsics headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "simd.h"
+#include "elementwise_simd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
@@ -77,7 +77,7 @@ struct V {
   }
 };
 
-#include "simd_body.inc"
+#include "elementwise_simd.inc"
 
 }  // namespace
 

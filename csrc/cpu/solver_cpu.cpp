@@ -1,6 +1,6 @@
 // CPU kernel of fastdiff::solver_step (schema and meaning in csrc/ops.cpp): one pass over the batch
 // forms the guided D, the derivative and the Euler or Heun update. float32/float16/bfloat16 run the
-// vectorized loop of simd.h (AVX-512 or AVX2, by active_isa()); float64 and the baseline level run the
+// vectorized loop of elementwise_simd.h (AVX-512 or AVX2, by active_isa()); float64 and the baseline level run the
 // scalar loop below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,7 +11,7 @@
 
 #include "../solver.h"
 #include "isa.h"
-#include "simd.h"
+#include "elementwise_simd.h"
 
 namespace fastdiff {
 namespace cpu {

@@ -1,5 +1,5 @@
 // The 1x1 MP convolution's product y[i] = W x[i] ([out, in] @ [in, H W] per sample) on the register-blocked
-// micro-kernel of winograd_gemm.inc (float32, AVX2 / AVX-512), samples and column blocks over threads.
+// micro-kernel of gemm.inc (float32, AVX2 / AVX-512), samples and column blocks over threads.
 // It stands in for ATen's 1x1 convolution in eval mode (MPConv with a cached effective weight): at EDM2's
 // attention and skip shapes that ran at 45-100 GFLOP/s (oneDNN at 2 threads, the im2col path at 1), the
 // micro-kernel at 100-110 in cache. float64, channels-last inputs, maps whose H W is not a multiple of 8
@@ -11,7 +11,7 @@
 #include <algorithm>
 
 #include "../common.h"
-#include "winograd_gemm.h"
+#include "gemm.h"
 
 namespace fastdiff {
 namespace {

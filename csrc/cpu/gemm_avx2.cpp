@@ -1,10 +1,10 @@
-// The Winograd per-point GEMMs (winograd_gemm.h) for AVX2 + FMA: 8-float vectors, 6 x 16 register
+// The Winograd per-point GEMMs (gemm.h) for AVX2 + FMA: 8-float vectors, 6 x 16 register
 // blocks (12 accumulators, 2 panel vectors and a broadcast in the 16 ymm registers).
 #include <immintrin.h>
 
 #include <cstdint>
 
-#include "winograd_gemm.h"
+#include "gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma")
@@ -22,7 +22,7 @@
 namespace fastdiff {
 namespace cpu {
 namespace winograd {
-#include "winograd_gemm.inc"
+#include "gemm.inc"
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
