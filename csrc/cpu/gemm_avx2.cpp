@@ -1,4 +1,4 @@
-// The Winograd per-point GEMMs (gemm.h) for AVX2 + FMA: 8-float vectors, 6 x 16 register
+// The GEMM micro-kernel and its products (gemm.h) for AVX2 + FMA: 8-float vectors, 6 x 16 register
 // blocks (12 accumulators, 2 panel vectors and a broadcast in the 16 ymm registers).
 #include <immintrin.h>
 
@@ -21,18 +21,14 @@
 
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
 #include "gemm.inc"
-}  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
 
 #else
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
 const GemmKernels* gemm_kernels_avx2() { return nullptr; }
-}  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
 #endif

@@ -1,4 +1,4 @@
-// The Winograd per-point GEMMs (gemm.h) for AVX-512 F: 16-float vectors, 12 x 32 register
+// The GEMM micro-kernel and its products (gemm.h) for AVX-512 F: 16-float vectors, 12 x 32 register
 // blocks (24 accumulators, 2 panel vectors and a broadcast in the 32 zmm registers); a column
 // remainder of 16 runs 1-vector blocks, one of 8 the 8-float form.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -26,18 +26,14 @@
 
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
 #include "gemm.inc"
-}  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
 
 #else
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
 const GemmKernels* gemm_kernels_avx512() { return nullptr; }
-}  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
 #endif
