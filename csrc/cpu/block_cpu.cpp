@@ -1,6 +1,7 @@
 // CPU kernels of the block-level fusions: the epilogue mp_sum + clip (+ mp_silu) and the q/k/v pixel
-// norm of the attention's SDPA route. Plain loops with the CUDA kernels' index maths (block.cu), so the
-// CPU tests check that maths too; arithmetic in float (double for double), rounded once per output.
+// norm of the attention's SDPA route. Plain loops with the CUDA kernels' index maths (cuda/block_kernels.cu), so
+// the CPU tests check that maths too; arithmetic in float (double for double), rounded once per output;
+// mp_silu is vmath.h's scalar form.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -12,22 +13,13 @@
 #include <tuple>
 
 #include "../block_ops.h"
+#include "vmath.h"
 
 namespace fastdiff {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
-template <typename A> A silu_cpu(A x) {
-  if (x == -std::numeric_limits<A>::infinity()) return A(0);
-  return x / (A(1) + std::exp(-x));
-}
-template <typename A> A silu_grad_cpu(A x) {
-  if (x == -std::numeric_limits<A>::infinity()) return A(0);
-  if (x == std::numeric_limits<A>::infinity()) return A(1);
-  const A s = A(1) / (A(1) + std::exp(-x));
-  return s * (A(1) + x * (A(1) - s));
-}
 template <typename A> A clip_cpu(A v, A lim, bool on) {
   if (!on) return v;
   v = v < -lim ? -lim : v;
@@ -51,13 +43,13 @@ std::tuple<at::Tensor, at::Tensor> sum_clip_impl(const at::Tensor& a_in, const a
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
     scalar_t* xp = x.mutable_data_ptr<scalar_t>();
     scalar_t* sp = silu ? s.mutable_data_ptr<scalar_t>() : nullptr;
-    const A wa = A(p.wa), wb = A(p.wb), lim = A(p.limit), div = A(1) / A(0.596);
+    const A wa = A(p.wa), wb = A(p.wb), lim = A(p.limit);
     const bool on = p.limit > 0;
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; i++) {
         const scalar_t xv = scalar_t(clip_cpu(wa * A(ap[i]) + wb * A(bp[i]), lim, on));
         xp[i] = xv;
-        if (sp != nullptr) sp[i] = scalar_t(silu_cpu(A(xv)) * div);
+        if (sp != nullptr) sp[i] = scalar_t(cpu::mp_silu_scalar(A(xv)));
       }
     });
   });
@@ -89,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> mp_sum_clip_backward_cpu(const at::Tensor& gr
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
     scalar_t* dap = da.mutable_data_ptr<scalar_t>();
     scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
-    const A wa = A(p.wa), wb = A(p.wb), lim = A(p.limit), div = A(1) / A(0.596);
+    const A wa = A(p.wa), wb = A(p.wb), lim = A(p.limit);
     const bool on = p.limit > 0;
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; i++) {
@@ -98,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> mp_sum_clip_backward_cpu(const at::Tensor& gr
         A gv = A(0);
         if (!on || (xs >= -lim && xs <= lim)) {
           gv = A(gp[i]);
-          if (gsp != nullptr) gv += A(gsp[i]) * silu_grad_cpu(A(scalar_t(clip_cpu(x0, lim, on)))) * div;
+          if (gsp != nullptr) gv += A(gsp[i]) * cpu::mp_silu_grad_scalar(A(scalar_t(clip_cpu(x0, lim, on))));
         }
         dap[i] = scalar_t(wa * gv);
         dbp[i] = scalar_t(wb * gv);

@@ -52,5 +52,9 @@ const Table* table_avx2(Dtype dt);
 const Table* table_avx512(Dtype dt);
 
 }  // namespace simd
+
+// The table for storage type T (float, c10::Half, c10::BFloat16; double has none) at the active level
+// (isa.h's select_table), or nullptr where the scalar loops of elementwise_kernels.cpp run.
+template <typename T> const simd::Table* simd_table();
 }  // namespace cpu
 }  // namespace fastdiff

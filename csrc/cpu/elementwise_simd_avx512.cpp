@@ -9,13 +9,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "elementwise_simd.h"
+#include "isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define FD_SIMD_INLINE inline __attribute__((always_inline))
+#include "vmath.h"
 
 namespace fastdiff {
 namespace cpu {
@@ -48,10 +51,6 @@ struct V {
   }
 
   static FD_SIMD_INLINE F set1(float v) { return _mm512_set1_ps(v); }
-  static FD_SIMD_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static FD_SIMD_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-  static FD_SIMD_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static FD_SIMD_INLINE F div(F a, F b) { return _mm512_div_ps(a, b); }
   static FD_SIMD_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static FD_SIMD_INLINE F min_(F a, F b) { return _mm512_min_ps(a, b); }
   static FD_SIMD_INLINE F max_(F a, F b) { return _mm512_max_ps(a, b); }

@@ -6,19 +6,33 @@
 // FASTDIFF_ISA=avx512|avx2|baseline lowers it (never above what the CPU has), and the private op
 // fastdiff::_isa switches it at run time for tests. No global -march flag is used anywhere.
 //
-// Two ways the kernels use it:
-//   - the elementwise and solver loops are written with intrinsics in per-ISA translation units
-//     (elementwise_simd_avx2.cpp, elementwise_simd_avx512.cpp; see elementwise_simd.h) and picked per call from active_isa();
-//   - the attention loops are one always-inline body compiled twice by FD_MULTIVERSION below (AVX2 and
-//     baseline), picked the same way.
+// One dispatch mechanism, per-ISA tables. A kernel family writes its loops once, as always-inline code
+// in `<family>.inc`, and ends the .inc with a table (a struct of function pointers) of its entry points.
+// Each instruction set has a translation unit `<family>_<isa>.cpp` that includes standard headers (and,
+// where the loops store c10::Half / c10::BFloat16, c10/util/Half.h and BFloat16.h) first, then switches
+// the target with `#pragma GCC target(...)`, then includes the .inc inside an anonymous namespace and
+// exports the table through one named function. Functions defined before the pragma keep the baseline
+// target, and everything after it has internal linkage, so no inline function of a shared header is
+// ever emitted with wider instructions than the baseline (the ODR trap of per-ISA files). The caller
+// picks a table per call with select_table() below: the active level's table, or the next lower one
+// that exists.
+//
+//   family                   .inc (loops)               per-ISA units                 levels
+//   elementwise + solver     elementwise_simd.inc       elementwise_simd_{avx2,avx512} avx512, avx2 (the
+//                                                                                   baseline and float64: the
+//                                                                                   scalar loops of
+//                                                                                   elementwise_kernels.cpp)
+//   GEMM (Winograd, 1x1)     gemm.inc                   gemm_{avx2,avx512}            avx512, avx2 (below:
+//                                                                                   ATen's BLAS)
+//   cosine attention         attention_kernels.inc      attention_kernels_{avx2,baseline}  avx2, baseline
+//   Winograd transforms      winograd_kernels.inc       winograd_kernels_{avx2,baseline}   avx2, baseline
+// e^x, the sigmoid and mp_silu are written once, in vmath.h, for every family and level.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FD_X86 1
-#define FD_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define FD_X86 0
-#define FD_TARGET_AVX2
 #endif
 
 #define FD_INLINE inline __attribute__((always_inline))
@@ -36,20 +50,16 @@ Isa active_isa();
 // Sets the level (capped at host_isa()); returns the level now active.
 Isa set_active_isa(Isa isa);
 
-inline bool use_avx2() { return active_isa() >= Isa::kAvx2; }
+// The table of the active level among a family's per-ISA tables, falling back to the next lower level
+// where a table is null (a unit the compiler could not build, or a level the family has no code for);
+// null when none is left (the caller then runs its portable fallback).
+template <typename Table>
+const Table* select_table(const Table* avx512, const Table* avx2, const Table* baseline) {
+  const Isa isa = active_isa();
+  if (isa >= Isa::kAvx512 && avx512 != nullptr) return avx512;
+  if (isa >= Isa::kAvx2 && avx2 != nullptr) return avx2;
+  return baseline;
+}
 
 }  // namespace cpu
 }  // namespace fastdiff
-
-// Defines `template <typename T> RET PUBLIC PARAMS` that runs `BODY<T> ARGS` compiled for AVX2+FMA when
-// the active level allows it, and the baseline build otherwise.
-#define FD_MULTIVERSION(RET, PUBLIC, BODY, PARAMS, ARGS)                                             \
-  namespace {                                                                                        \
-  template <typename T> FD_TARGET_AVX2 __attribute__((noinline)) RET PUBLIC##_avx2 PARAMS {          \
-    return BODY<T> ARGS;                                                                             \
-  }                                                                                                  \
-  template <typename T> __attribute__((noinline)) RET PUBLIC##_base PARAMS { return BODY<T> ARGS; } \
-  }                                                                                                  \
-  template <typename T> RET PUBLIC PARAMS {                                                          \
-    return ::fastdiff::cpu::use_avx2() ? PUBLIC##_avx2<T> ARGS : PUBLIC##_base<T> ARGS;              \
-  }

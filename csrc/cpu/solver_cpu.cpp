@@ -75,18 +75,8 @@ constexpr int64_t kSolverGrain = 16384;
 
 // The vectorized loop for storage type T at the active level, or nullptr for the scalar one.
 template <typename T> cpu::simd::SolverFn solver_simd(bool guided, bool heun) {
-  if constexpr (std::is_same<T, double>::value) {
-    return nullptr;
-  } else {
-    const cpu::simd::Dtype dt = std::is_same<T, float>::value       ? cpu::simd::kF32
-                                : std::is_same<T, c10::Half>::value ? cpu::simd::kF16
-                                                                    : cpu::simd::kBF16;
-    const cpu::Isa isa = cpu::active_isa();
-    const cpu::simd::Table* t = isa == cpu::Isa::kAvx512 ? cpu::simd::table_avx512(dt)
-                                : isa == cpu::Isa::kAvx2 ? cpu::simd::table_avx2(dt)
-                                                         : nullptr;
-    return t != nullptr ? t->solver[guided][heun] : nullptr;
-  }
+  const cpu::simd::Table* t = cpu::simd_table<T>();
+  return t != nullptr ? t->solver[guided][heun] : nullptr;
 }
 
 template <typename T, bool GUIDED, bool HEUN> void solver_cpu_impl(solver::Step& s) {
