@@ -6,27 +6,25 @@
 // FASTDIFF_ISA=avx512|avx2|baseline lowers it (never above what the CPU has), and the private op
 // fastdiff::_isa switches it at run time for tests. No global -march flag is used anywhere.
 //
-// One dispatch mechanism, per-ISA tables. A kernel family writes its loops once, as always-inline code
-// in `<family>.inc`, and ends the .inc with a table (a struct of function pointers) of its entry points.
-// Each instruction set has a translation unit `<family>_<isa>.cpp` that includes standard headers (and,
-// where the loops store c10::Half / c10::BFloat16, c10/util/Half.h and BFloat16.h) first, then switches
-// the target with `#pragma GCC target(...)`, then includes the .inc inside an anonymous namespace and
-// exports the table through one named function. Functions defined before the pragma keep the baseline
-// target, and everything after it has internal linkage, so no inline function of a shared header is
-// ever emitted with wider instructions than the baseline (the ODR trap of per-ISA files). The caller
-// picks a table per call with select_table() below: the active level's table, or the next lower one
-// that exists.
+// One dispatch mechanism: per-ISA tables. A kernel family writes its loops once, as always-inline code in
+// `<family>.inc` (helpers in an anonymous namespace, so each unit compiles its own copy), ending with a
+// table (a struct of function pointers) of its entry points. Each instruction set has a translation unit
+// `<family>_<isa>.cpp` that includes standard headers (and, where the loops store c10::Half /
+// c10::BFloat16, c10/util/Half.h and BFloat16.h) first, then switches the target with
+// `#pragma GCC target(...)`, then includes vmath.h and the .inc and so defines its table function. Functions
+// defined before the pragma keep the baseline target and everything after it has internal linkage (but
+// the table function), so no inline function of a shared header is ever emitted with wider instructions
+// than the baseline (the ODR trap of per-ISA files). Callers pick a table per call with select_table()
+// below: the active level's table, or the next lower one that exists.
 //
-//   family                   .inc (loops)               per-ISA units                 levels
-//   elementwise + solver     elementwise_simd.inc       elementwise_simd_{avx2,avx512} avx512, avx2 (the
-//                                                                                   baseline and float64: the
-//                                                                                   scalar loops of
-//                                                                                   elementwise_kernels.cpp)
-//   GEMM (Winograd, 1x1)     gemm.inc                   gemm_{avx2,avx512}            avx512, avx2 (below:
-//                                                                                   ATen's BLAS)
-//   cosine attention         attention_kernels.inc      attention_kernels_{avx2,baseline}  avx2, baseline
-//   Winograd transforms      winograd_kernels.inc       winograd_kernels_{avx2,baseline}   avx2, baseline
-// e^x, the sigmoid and mp_silu are written once, in vmath.h, for every family and level.
+//   family               loops (.inc)            per-ISA units                       table, selector
+//   elementwise, solver  elementwise_simd.inc    elementwise_simd_{avx2,avx512}.cpp  simd::Table, simd_table<T>()
+//   GEMM micro-kernel    gemm.inc                gemm_{avx2,avx512}.cpp              GemmKernels, gemm_kernels()
+//   cosine attention     attention_kernels.inc   attention_kernels_{avx2,baseline}   AttnKernels, attention_kernels<T>()
+//   Winograd transforms  winograd_kernels.inc    winograd_kernels_{avx2,baseline}    TransformKernels, transform_kernels<T>()
+// Below AVX2 the elementwise and solver loops run the scalar loops of elementwise_kernels.cpp / solver_cpu.cpp
+// (float64 always does), and the GEMMs ATen's BLAS. e^x, the sigmoid and mp_silu are written once, in
+// vmath.h, with the vector style of the CPU code (GCC vector types and operators, a policy for the rest).
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)

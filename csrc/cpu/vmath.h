@@ -22,7 +22,7 @@
 
 #include "isa.h"
 
-#pragma GCC diagnostic push
+// Vector-typed helpers are always inlined, so the ABI note about passing AVX vectors does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #pragma GCC diagnostic ignored "-Wignored-attributes"  // __m256 / __m512 as template arguments
 
@@ -159,5 +159,3 @@ FD_INLINE double mp_silu_grad_scalar(double x) { return vmp_silu_grad<ScalarD>(x
 }  // namespace
 }  // namespace cpu
 }  // namespace fastdiff
-
-#pragma GCC diagnostic pop
