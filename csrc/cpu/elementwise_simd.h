@@ -1,9 +1,8 @@
 // Interface of the explicitly vectorized CPU loops (float32, float16 and bfloat16 storage, float32
-// arithmetic). Each instruction set has its own translation unit that includes elementwise_simd.inc once:
-// elementwise_simd_avx2.cpp (AVX2+FMA+F16C, 8 lanes) and elementwise_simd_avx512.cpp (AVX-512 F/BW/VL/DQ, 16 lanes). Those files
-// include no c10/ATen header, so no inline function of a shared header is ever compiled there with
-// wider instructions than the baseline (an ODR trap of per-ISA files). elementwise_kernels.cpp and solver_cpu.cpp pick
-// a table per call from active_isa() (isa.h); float64 and the baseline level run the scalar loops.
+// arithmetic). Each instruction set has its own translation unit that includes elementwise_simd.inc once
+// (isa.h): elementwise_simd_avx2.cpp (AVX2+FMA+F16C, 8 lanes) and elementwise_simd_avx512.cpp (AVX-512
+// F/BW/VL/DQ, 16 lanes). elementwise_kernels.cpp and solver_cpu.cpp get the active table from
+// simd_table<T>() (select_table, isa.h); float64 and the baseline level run the scalar loops.
 //
 // The meaning of each entry is that of the function of the same name in elementwise_kernels.h (storage pointers
 // passed as void*, scalars and factor arrays as float).

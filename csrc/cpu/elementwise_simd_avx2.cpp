@@ -1,5 +1,6 @@
 // The loops of elementwise_simd.h for AVX2 + FMA + F16C (8 float lanes). Everything after the #pragma is compiled
-// for that instruction set; only standard headers and <immintrin.h> come before it (see elementwise_simd.h).
+// for that instruction set; only standard headers, <immintrin.h> and plain declarations come before it
+// (isa.h).
 #include <immintrin.h>
 
 #include <cmath>

@@ -1,6 +1,6 @@
 // The loops of elementwise_simd.h for AVX-512 F/BW/VL/DQ (16 float lanes; F16C and FMA come with it). Everything
 // after the #pragma is compiled for that instruction set; only standard headers and <immintrin.h> come
-// before it (see elementwise_simd.h).
+// before it, with plain declarations (isa.h).
 // GCC 12 warns falsely about the _mm512_undefined_* inside its own intrinsics headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
