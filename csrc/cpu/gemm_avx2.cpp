@@ -9,7 +9,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma")
 #pragma GCC diagnostic ignored "-Wpsabi"
-#define FD_GEMM_INLINE inline __attribute__((always_inline))
 #define FD_GEMM_TABLE gemm_kernels_avx2
 #define VW 256
 #ifndef MR_W

@@ -12,7 +12,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 #pragma GCC diagnostic ignored "-Wpsabi"
-#define FD_GEMM_INLINE inline __attribute__((always_inline))
 #define FD_GEMM_TABLE gemm_kernels_avx512
 #define FD_GEMM_HAVE_512 1
 #define VW 512
