@@ -69,7 +69,7 @@ void check_conv_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   }
 }
 
-// A 1x1 convolution that fastdiff's own GEMM micro-kernel takes (fastdiff::conv1x1, csrc/cpu/conv1x1.cpp):
+// A 1x1 convolution that fastdiff's own GEMM micro-kernel takes (fastdiff::conv1x1, csrc/cpu/conv1x1_cpu.cpp):
 // CPU, float32, contiguous, H W a multiple of 8, at least 8 channels each side. Measured against ATen's
 // oneDNN / im2col paths at the EDM2 blocks' attention and skip shapes: forward 1.1-7x, backward 1.1-8x.
 bool own_1x1(const at::Tensor& x, const at::Tensor& w) {

@@ -1,29 +1,53 @@
-// Every fastdiff op's schema, in one place. Kernels register themselves per backend in
-// cpu/*.cpp and cuda/*.cpp; device-agnostic compositions live in composite.cpp. Autograd and fake
-// (meta) kernels are registered from Python (fastdiff/ops/_register.py).
+// Every fastdiff op's schema, in one place. Kernels register themselves per backend in the glue files
+// below (m.impl); device-agnostic compositions live in composite.cpp. Autograd and fake (meta) kernels are
+// registered from Python (fastdiff/ops).
 //
-// Where each op's code lives (glue = checks, layouts, threads or streams; loops = raw pointer code):
-//   op                               CPU glue -> loops                    CUDA glue -> kernels
-//   weight_norm*, scale_rows,        cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/reduce.cu
-//     scale_channels_                  (-> simd_*.cpp, see below)           (scale_*: cuda/elementwise.cu)
-//   mp_silu(_backward), mp_sum,      cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/elementwise.cu
-//     mp_cat, clip(_backward),
-//     mp_silu_modulate
-//   pixel_norm(_backward),           cpu/ops_cpu.cpp -> cpu/kernels.cpp   cuda/ops_cuda.cpp -> cuda/reduce.cu
-//     mp_silu_modulate_backward
-//   mp_weight, mp_conv(_backward)    composite.cpp (ATen conv/matmul + the ops above, any device)
-//   cosine_attention(_backward)      cpu/attention.cpp -> cpu/attention_kernels.cpp
-//                                                                         cuda/attention_cuda.cpp -> cuda/attention.cu
-//   mp_sum_clip(_silu)(_backward),   cpu/block_cpu.cpp                    cuda/block_cuda.cpp -> cuda/block.cu
-//     attention_qkv_norm(_backward)    (checks, layouts: block_ops.h)       (mp_silu_modulate's forward too)
-//   solver_step                      cpu/solver.cpp (+ simd loop)         cuda/solver_cuda.cpp -> cuda/solver.cu
-//   _isa (private)                   cpu/isa.cpp
-// Shared ATen-side helpers: common.h (checks, channel views, mp_sum/mp_cat weights), solver.h,
-// attention_checks.h; CUDA: cuda/launch.h (dtype tag, device guard + launch check), cuda/dtype.h,
-// cuda/device.cuh (device-side helpers). CPU loops: cpu/kernels.h declares them; float32/16/bf16 run
-// the AVX-512 or AVX2 code of cpu/simd_body.inc (compiled per ISA in cpu/simd_avx512.cpp and
-// cpu/simd_avx2.cpp), float64 and the baseline level the scalar loops of cpu/kernels.cpp; the level
-// comes from cpu/isa.h.
+// File names (csrc/cpu and csrc/cuda alike): <family>_cpu.cpp / <family>_cuda.cpp are glue (checks,
+// layouts, allocation, threads or streams, m.impl); <family>_kernels.* are the raw loops / kernels on
+// plain pointers (.h / .cuh declare them; CPU .inc bodies are compiled per instruction set by
+// <family>_<isa>.cpp, see cpu/isa.h). Shared: common.h (checks, channel views, mp_sum/mp_cat weights),
+// solver.h, attention_checks.h, block_ops.h; cpu/isa.h (instruction-set tables), cpu/vmath.h (exp, mp_silu),
+// cpu/gemm.h (GEMM micro-kernel), cpu/workspace.h (scratch); cuda/launch.h, cuda/dtype.h, cuda/device.cuh.
+//
+// Op map (tests/test_csrc_layout.py checks it against the m.def / m.impl calls): schema | CPU glue >
+// loops (under csrc/cpu/) | CUDA glue > kernels (under csrc/cuda/; '-': none) | Python wrapper
+// (fastdiff.ops.<name>).
+//   weight_norm_scale           | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > reduce_kernels.cu      | mp_weight
+//   scale_rows                  | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > elementwise_kernels.cu | mp_weight
+//   scale_channels_             | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > elementwise_kernels.cu | mp_conv
+//   weight_norm_backward        | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > reduce_kernels.cu      | weight_norm
+//   weight_norm                 | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > reduce_kernels.cu      | weight_norm
+//   weight_norm_                | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > reduce_kernels.cu      | weight_norm_
+//   mp_weight                   | ../composite.cpp                              | ../composite.cpp                              | mp_weight
+//   mp_conv                     | ../composite.cpp                              | ../composite.cpp                              | mp_conv
+//   mp_conv_backward            | ../composite.cpp                              | ../composite.cpp                              | mp_conv
+//   mp_silu                     | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > elementwise_kernels.cu | mp_silu
+//   mp_silu_backward            | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > elementwise_kernels.cu | mp_silu
+//   mp_sum                      | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > elementwise_kernels.cu | mp_sum
+//   mp_cat                      | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > elementwise_kernels.cu | mp_cat
+//   pixel_norm                  | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > reduce_kernels.cu      | pixel_norm
+//   pixel_norm_backward         | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > reduce_kernels.cu      | pixel_norm
+//   mp_silu_modulate            | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > block_kernels.cu       | mp_silu_modulate
+//   mp_silu_modulate_backward   | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > reduce_kernels.cu      | mp_silu_modulate
+//   clip                        | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > elementwise_kernels.cu | clip
+//   clip_backward               | elementwise_cpu.cpp > elementwise_kernels.cpp | elementwise_cuda.cpp > elementwise_kernels.cu | clip
+//   cosine_attention            | attention_cpu.cpp > attention_kernels.inc     | attention_cuda.cpp > attention_kernels.cu     | cosine_attention
+//   cosine_attention_backward   | attention_cpu.cpp > attention_kernels.inc     | attention_cuda.cpp > attention_kernels.cu     | cosine_attention
+//   mp_sum_clip                 | block_cpu.cpp                                 | block_cuda.cpp > block_kernels.cu             | mp_sum_clip
+//   mp_sum_clip_silu            | block_cpu.cpp                                 | block_cuda.cpp > block_kernels.cu             | mp_sum_clip
+//   mp_sum_clip_backward        | block_cpu.cpp                                 | block_cuda.cpp > block_kernels.cu             | mp_sum_clip
+//   attention_qkv_norm          | block_cpu.cpp                                 | block_cuda.cpp > block_kernels.cu             | attention_qkv_norm
+//   attention_qkv_norm_backward | block_cpu.cpp                                 | block_cuda.cpp > block_kernels.cu             | attention_qkv_norm
+//   solver_step                 | solver_cpu.cpp > elementwise_simd.inc         | solver_cuda.cpp > solver_kernels.cu           | solver_step
+//   winograd_weight             | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | winograd_weight
+//   winograd_conv               | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused
+//   mp_conv_winograd            | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused
+//   winograd_weight_grad        | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused
+//   conv1x1                     | conv1x1_cpu.cpp > gemm.inc                    | -                                             | conv1x1
+//   _isa (private)              | isa.cpp                                       | -                                             | _ext.isa
+// (cpu/elementwise_kernels.cpp runs the per-ISA loops of cpu/elementwise_simd.inc for float32/16/bf16 and
+// its own scalar loops for float64 and the baseline level; the Winograd glue runs its products on
+// cpu/gemm.inc.)
 #include <Python.h>
 #include <torch/library.h>
 
@@ -73,7 +97,7 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def("cosine_attention(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
   m.def("cosine_attention_backward(Tensor grad, Tensor qkv, Tensor y, Tensor lse, int num_heads) -> Tensor");
 
-  // --- block epilogue and the attention's SDPA route (csrc/block_ops.h; cpu/block_cpu.cpp, cuda/block.cu) ---
+  // --- block epilogue and the attention's SDPA route (csrc/block_ops.h; cpu/block_cpu.cpp, cuda/block_kernels.cu) ---
   // x = clip(mp_sum(a, b, t), limit) in one pass (no clip when limit <= 0); layout of a kept (dense).
   m.def("mp_sum_clip(Tensor a, Tensor b, float t, float limit) -> Tensor");
   // (x, mp_silu(x)) for the x above: the residual and the next block's activation in one pass.

@@ -53,7 +53,7 @@ def test_sdist_holds_every_compiled_and_included_file_and_no_build_record(tmp_pa
     check = _load("_check_sdist", os.path.join(ROOT, "tools", "check_sdist.py"))
     closure, unresolved = check.include_closure(check.compiled_sources(ROOT), ROOT)
     assert unresolved == []
-    assert {"csrc/common.h", "csrc/attention_checks.h", "csrc/cpu/simd_body.inc", "csrc/cuda/dtype.h"} <= closure
+    assert {"csrc/common.h", "csrc/attention_checks.h", "csrc/cpu/elementwise_simd.inc", "csrc/cuda/dtype.h"} <= closure
     # A copy of the tree as a build leaves it (a build record, an .so), packed by setup.py's own sdist.
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "build", "dist", ".venv*")

@@ -121,7 +121,7 @@ def _skip_without(isa: str) -> None:
         pytest.skip("this CPU has no AVX2")
 
 
-# float32 shapes that reach every edge of the per-point GEMM micro-kernel (csrc/cpu/winograd_gemm.inc):
+# float32 shapes that reach every edge of the per-point GEMM micro-kernel (csrc/cpu/gemm.inc):
 # tile counts that are not a multiple of the register block rows (1, 5, 13, 27 tiles), padded output
 # channels 8, 16 and 24 past a multiple of 32 (the 1-vector and 8-float column remainders), and input
 # channels past one K block (256 rows for AVX-512, 512 for AVX2) so later blocks accumulate.

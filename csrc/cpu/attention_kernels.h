@@ -1,6 +1,7 @@
 // Raw CPU loops of the fused EDM2 cosine attention (head dim 64), on plain pointers. They know nothing
-// of tensors; cpu/attention.cpp allocates the scratch buffers, splits the work across threads and calls
-// them per tile. Templated on the storage type T (double, float, c10::Half, c10::BFloat16); everything is
+// of tensors; cpu/attention_cpu.cpp allocates the scratch buffers, splits the work across threads and calls
+// them per tile. The loops are attention_kernels.inc, compiled per instruction set into a table
+// (AttnKernels below; isa.h): AVX2 + FMA and the baseline; the functions below call the active one. Templated on the storage type T (double, float, c10::Half, c10::BFloat16); everything is
 // computed in A = attn_acc_t<T> (double for double, float otherwise).
 //
 // Pointer conventions, for one (batch n, head h):
@@ -15,6 +16,8 @@
 #pragma once
 #include <cstdint>
 #include <type_traits>
+
+#include "isa.h"
 
 namespace fastdiff {
 namespace cpu {
@@ -33,24 +36,54 @@ inline int64_t attn_pad(int64_t n) { return (n + kAttnPad - 1) / kAttnPad * kAtt
 constexpr int64_t kAttnFwdWork = kAttnBQ * kAttnDim * 2 + kAttnBQ * kAttnBK + 2 * kAttnBQ;
 constexpr int64_t kAttnBwdWork = 2 * kAttnBQ * kAttnBK + 2 * kAttnBK * kAttnDim + 4 * kAttnBK;
 
+// One instruction set's entry points (the meaning of each: the function of the same name below).
+template <typename T> struct AttnKernels {
+  using A = attn_acc_t<T>;
+  void (*fwd_prep)(const T* xh, int64_t HW, int64_t p0, int64_t p1, A* kt, int64_t ldk, A* v);
+  void (*fwd_tile)(const T* xh, int64_t HW, int64_t q0, int64_t nq, const A* kt, int64_t ldk, const A* v, T* yh,
+                   A* lse, A* work);
+  void (*bwd_prep)(const T* xh, const T* gh, const T* yh, int64_t HW, int64_t p0, int64_t p1, A* qs, A* kn, A* kt,
+                   A* vt, int64_t ldk, A* dy, A* D);
+  void (*bwd_kv_tile)(const T* xh, int64_t HW, int64_t k0, int64_t nk, const A* qs, const A* kt, const A* vt,
+                      int64_t ldk, const A* dy, const A* D, const A* lse, T* gxh, A* work);
+  void (*bwd_q_tile)(const T* xh, int64_t HW, int64_t q0, int64_t nq, const A* qs, const A* kn, const A* kt,
+                     const A* vt, int64_t ldk, const A* dy, const A* D, const A* lse, T* gxh, A* work);
+  void (*bwd_head)(const T* xh, int64_t HW, const A* qs, const A* kn, const A* kt, const A* vt, int64_t ldk,
+                   const A* dy, const A* D, const A* lse, T* gxh, A* dq, A* work);
+};
+
+// The per-ISA tables (attention_kernels_avx2.cpp, attention_kernels_baseline.cpp; the AVX2 one null where
+// the compiler could not build it), and the active one.
+template <typename T> const AttnKernels<T>* attention_kernels_avx2();
+template <typename T> const AttnKernels<T>* attention_kernels_baseline();
+template <typename T> const AttnKernels<T>* attention_kernels() {
+  return select_table<AttnKernels<T>>(nullptr, attention_kernels_avx2<T>(), attention_kernels_baseline<T>());
+}
+
 // Forward, phase 1: normalize k and v of pixels [p0, p1) into kt (channel-major) and v (pixel-major).
 // The call with p1 == HW also zeroes kt's padding columns.
 template <typename T>
 void attn_fwd_prep(const T* xh, int64_t HW, int64_t p0, int64_t p1, attn_acc_t<T>* kt, int64_t ldk,
-                   attn_acc_t<T>* v);
+                   attn_acc_t<T>* v) {
+  attention_kernels<T>()->fwd_prep(xh, HW, p0, p1, kt, ldk, v);
+}
 
 // Forward, phase 2: queries [q0, q0 + nq) (nq <= kAttnBQ) against all keys; writes y and lse.
 template <typename T>
 void attn_fwd_tile(const T* xh, int64_t HW, int64_t q0, int64_t nq, const attn_acc_t<T>* kt,
                    int64_t ldk, const attn_acc_t<T>* v, T* yh, attn_acc_t<T>* lse,
-                   attn_acc_t<T>* work);
+                   attn_acc_t<T>* work) {
+  attention_kernels<T>()->fwd_tile(xh, HW, q0, nq, kt, ldk, v, yh, lse, work);
+}
 
 // Backward, phase 1, pixels [p0, p1): qs = qn / 8 (pixel-major), kn (pixel-major), kt and vt
 // (channel-major), dy (pixel-major, A) and D_i = <dY_i, Y_i>.
 template <typename T>
 void attn_bwd_prep(const T* xh, const T* gh, const T* yh, int64_t HW, int64_t p0, int64_t p1,
                    attn_acc_t<T>* qs, attn_acc_t<T>* kn, attn_acc_t<T>* kt, attn_acc_t<T>* vt,
-                   int64_t ldk, attn_acc_t<T>* dy, attn_acc_t<T>* D);
+                   int64_t ldk, attn_acc_t<T>* dy, attn_acc_t<T>* D) {
+  attention_kernels<T>()->bwd_prep(xh, gh, yh, HW, p0, p1, qs, kn, kt, vt, ldk, dy, D);
+}
 
 // Backward, key-tile pass: keys [k0, k0 + nk) (nk <= kAttnBK) against all queries; writes the k and v
 // rows of grad_qkv (head base gxh) for these pixels, through the pixel norms.
@@ -58,14 +91,18 @@ template <typename T>
 void attn_bwd_kv_tile(const T* xh, int64_t HW, int64_t k0, int64_t nk, const attn_acc_t<T>* qs,
                       const attn_acc_t<T>* kt, const attn_acc_t<T>* vt, int64_t ldk,
                       const attn_acc_t<T>* dy, const attn_acc_t<T>* D, const attn_acc_t<T>* lse,
-                      T* gxh, attn_acc_t<T>* work);
+                      T* gxh, attn_acc_t<T>* work) {
+  attention_kernels<T>()->bwd_kv_tile(xh, HW, k0, nk, qs, kt, vt, ldk, dy, D, lse, gxh, work);
+}
 
 // Backward, query-tile pass: queries [q0, q0 + nq) against all keys; writes the q rows of grad_qkv.
 template <typename T>
 void attn_bwd_q_tile(const T* xh, int64_t HW, int64_t q0, int64_t nq, const attn_acc_t<T>* qs,
                      const attn_acc_t<T>* kn, const attn_acc_t<T>* kt, const attn_acc_t<T>* vt,
                      int64_t ldk, const attn_acc_t<T>* dy, const attn_acc_t<T>* D,
-                     const attn_acc_t<T>* lse, T* gxh, attn_acc_t<T>* work);
+                     const attn_acc_t<T>* lse, T* gxh, attn_acc_t<T>* work) {
+  attention_kernels<T>()->bwd_q_tile(xh, HW, q0, nq, qs, kn, kt, vt, ldk, dy, D, lse, gxh, work);
+}
 
 // Backward of a whole head in one call (both passes fused; dq: HW * 64 elements of scratch). Bitwise
 // the same result as the two tile passes; used when there are enough heads to keep every thread busy.
@@ -73,7 +110,9 @@ template <typename T>
 void attn_bwd_head(const T* xh, int64_t HW, const attn_acc_t<T>* qs, const attn_acc_t<T>* kn,
                    const attn_acc_t<T>* kt, const attn_acc_t<T>* vt, int64_t ldk, const attn_acc_t<T>* dy,
                    const attn_acc_t<T>* D, const attn_acc_t<T>* lse, T* gxh, attn_acc_t<T>* dq,
-                   attn_acc_t<T>* work);
+                   attn_acc_t<T>* work) {
+  attention_kernels<T>()->bwd_head(xh, HW, qs, kn, kt, vt, ldk, dy, D, lse, gxh, dq, work);
+}
 
 }  // namespace cpu
 }  // namespace fastdiff

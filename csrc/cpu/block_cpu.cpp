@@ -1,33 +1,26 @@
 // CPU kernels of the block-level fusions: the epilogue mp_sum + clip (+ mp_silu) and the q/k/v pixel
-// norm of the attention's SDPA route. Plain loops with the CUDA kernels' index maths (block.cu), so the
-// CPU tests check that maths too; arithmetic in float (double for double), rounded once per output.
+// norm of the attention's SDPA route. Plain loops with the CUDA kernels' index maths (cuda/block_kernels.cu), so
+// the CPU tests check that maths too; arithmetic in float (double for double), rounded once per output;
+// mp_silu and its derivative run the mp_silu ops' own loops (elementwise_kernels.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
 
 #include "../block_ops.h"
+#include "elementwise_kernels.h"
 
 namespace fastdiff {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
 
-template <typename A> A silu_cpu(A x) {
-  if (x == -std::numeric_limits<A>::infinity()) return A(0);
-  return x / (A(1) + std::exp(-x));
-}
-template <typename A> A silu_grad_cpu(A x) {
-  if (x == -std::numeric_limits<A>::infinity()) return A(0);
-  if (x == std::numeric_limits<A>::infinity()) return A(1);
-  const A s = A(1) / (A(1) + std::exp(-x));
-  return s * (A(1) + x * (A(1) - s));
-}
 template <typename A> A clip_cpu(A v, A lim, bool on) {
   if (!on) return v;
   v = v < -lim ? -lim : v;
@@ -51,14 +44,11 @@ std::tuple<at::Tensor, at::Tensor> sum_clip_impl(const at::Tensor& a_in, const a
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
     scalar_t* xp = x.mutable_data_ptr<scalar_t>();
     scalar_t* sp = silu ? s.mutable_data_ptr<scalar_t>() : nullptr;
-    const A wa = A(p.wa), wb = A(p.wb), lim = A(p.limit), div = A(1) / A(0.596);
+    const A wa = A(p.wa), wb = A(p.wb), lim = A(p.limit);
     const bool on = p.limit > 0;
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++) {
-        const scalar_t xv = scalar_t(clip_cpu(wa * A(ap[i]) + wb * A(bp[i]), lim, on));
-        xp[i] = xv;
-        if (sp != nullptr) sp[i] = scalar_t(silu_cpu(A(xv)) * div);
-      }
+      for (int64_t i = i0; i < i1; i++) xp[i] = scalar_t(clip_cpu(wa * A(ap[i]) + wb * A(bp[i]), lim, on));
+      if (sp != nullptr) cpu::mp_silu(xp + i0, sp + i0, i1 - i0);  // the mp_silu op's own loop, on x as stored
     });
   });
   return {x, s};
@@ -89,19 +79,28 @@ std::tuple<at::Tensor, at::Tensor> mp_sum_clip_backward_cpu(const at::Tensor& gr
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
     scalar_t* dap = da.mutable_data_ptr<scalar_t>();
     scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
-    const A wa = A(p.wa), wb = A(p.wb), lim = A(p.limit), div = A(1) / A(0.596);
+    const A wa = A(p.wa), wb = A(p.wb), lim = A(p.limit);
     const bool on = p.limit > 0;
     at::parallel_for(0, a.numel(), kGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++) {
-        const A x0 = wa * A(ap[i]) + wb * A(bp[i]);
-        const A xs = A(scalar_t(x0));  // the sum as stored: the clip of clip(mp_sum(a, b)) decides on it
-        A gv = A(0);
-        if (!on || (xs >= -lim && xs <= lim)) {
-          gv = A(gp[i]);
-          if (gsp != nullptr) gv += A(gsp[i]) * silu_grad_cpu(A(scalar_t(clip_cpu(x0, lim, on)))) * div;
+      constexpr int64_t kRun = 256;
+      A xr[kRun], gs[kRun];  // per run: x as stored, then grad_silu mp_silu'(x) (the mp_silu_backward op's loop)
+      for (int64_t r0 = i0; r0 < i1; r0 += kRun) {
+        const int64_t nr = std::min(kRun, i1 - r0);
+        if (gsp != nullptr) {
+          for (int64_t j = 0; j < nr; j++) {
+            xr[j] = A(scalar_t(clip_cpu(wa * A(ap[r0 + j]) + wb * A(bp[r0 + j]), lim, on)));
+            gs[j] = A(gsp[r0 + j]);
+          }
+          cpu::mp_silu_bwd(gs, xr, gs, nr);
         }
-        dap[i] = scalar_t(wa * gv);
-        dbp[i] = scalar_t(wb * gv);
+        for (int64_t j = 0; j < nr; j++) {
+          const int64_t i = r0 + j;
+          const A xs = A(scalar_t(wa * A(ap[i]) + wb * A(bp[i])));  // the sum as stored decides the clip
+          A gv = A(0);
+          if (!on || (xs >= -lim && xs <= lim)) gv = gsp != nullptr ? A(gp[i]) + gs[j] : A(gp[i]);
+          dap[i] = scalar_t(wa * gv);
+          dbp[i] = scalar_t(wb * gv);
+        }
       }
     });
   });

@@ -1,5 +1,5 @@
 // CUDA glue of the fused cosine attention: checks, layouts, outputs, stream, launch-error checks and
-// registration. The kernels are in attention.cu (no ATen there).
+// registration. The kernels are in attention_kernels.cu (no ATen there).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -8,7 +8,7 @@
 
 #include "../attention_checks.h"
 #include "../common.h"
-#include "attention_cuda.h"
+#include "attention_kernels.cuh"
 #include "launch.h"
 
 namespace fastdiff {

@@ -1,4 +1,4 @@
-// CUDA glue of the block-level fusions (kernels in block.cu): checks and layouts from ../block_ops.h,
+// CUDA glue of the block-level fusions (kernels in block_kernels.cu): checks and layouts from ../block_ops.h,
 // allocation, stream, launch checks and registration.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -94,7 +94,7 @@ at::Tensor attention_qkv_norm_backward_cuda(const at::Tensor& gq_in, const at::T
 
 }  // namespace
 
-// The modulation's forward with c read in its own dtype inside the kernel (ops_cuda.cpp registers it).
+// The modulation's forward with c read in its own dtype inside the kernel (elementwise_cuda.cpp registers it).
 at::Tensor mp_silu_modulate_cond_cuda(const at::Tensor& y_in, const at::Tensor& c_in) {
   const char* op = "mp_silu_modulate";
   check_float(y_in, op, "y");

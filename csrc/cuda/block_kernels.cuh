@@ -1,7 +1,7 @@
-// Plain CUDA launchers of the block-level fusions (block.cu): the block epilogue mp_sum + clip (+ the
+// Plain CUDA launchers of the block-level fusions (block_kernels.cu): the block epilogue mp_sum + clip (+ the
 // next mp_silu), the modulation with its conditioning cast inside the kernel, and the q/k/v
 // normalization that feeds scaled_dot_product_attention. Raw pointers, sizes, a dtype tag and a
-// stream, as kernels.cuh; cuda/block_cuda.cpp does the checks, layouts and allocation.
+// stream, as elementwise_kernels.cuh; cuda/block_cuda.cpp does the checks, layouts and allocation.
 #pragma once
 #include <cuda_runtime.h>
 

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "kernels.cuh"
+#include "elementwise_kernels.cuh"
 
 namespace fastdiff {
 namespace cuda {

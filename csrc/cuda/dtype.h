@@ -1,4 +1,4 @@
-// The storage-dtype tag every CUDA launcher takes (kernels.cuh, solver.cuh, attention_cuda.h). Plain
+// The storage-dtype tag every CUDA launcher takes (elementwise_kernels.cuh, solver_kernels.cuh, attention_kernels.cuh). Plain
 // C++, so the .cu files need no ATen header; launch.h converts an at::ScalarType to it.
 #pragma once
 

@@ -1,4 +1,4 @@
-// What every CUDA glue file (ops_cuda.cpp, block_cuda.cpp, solver_cuda.cpp, attention_cuda.cpp) needs around
+// What every CUDA glue file (elementwise_cuda.cpp, block_cuda.cpp, solver_cuda.cpp, attention_cuda.cpp) needs around
 // a raw launcher: the dtype tag of a tensor, the device check, and one call that makes the tensor's device current, passes its
 // current stream to the launcher and checks the launch.
 #pragma once

@@ -1,10 +1,10 @@
-// CUDA glue of fastdiff::solver_step: checks and layouts (csrc/solver.h), then the kernel in solver.cu.
+// CUDA glue of fastdiff::solver_step: checks and layouts (csrc/solver.h), then the kernel in solver_kernels.cu.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "../solver.h"
 #include "launch.h"
-#include "solver.cuh"
+#include "solver_kernels.cuh"
 
 namespace fastdiff {
 namespace {

@@ -1,4 +1,4 @@
-// Launchers of the CUDA cosine attention kernels (attention.cu), called from attention_cuda.cpp.
+// Launchers of the CUDA cosine attention kernels (attention_kernels.cu), called from attention_cuda.cpp.
 // Raw pointers only, so the .cu file needs no ATen headers. A (the lse / D dtype) is double for float64
 // and float otherwise.
 #pragma once

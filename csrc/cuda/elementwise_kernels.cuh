@@ -1,5 +1,5 @@
 // Plain CUDA launchers for the fastdiff MP ops. They take raw device pointers, sizes, a dtype tag and
-// a stream, and know nothing of tensors: cuda/ops_cuda.cpp does the checks, layouts and allocation.
+// a stream, and know nothing of tensors: cuda/elementwise_cuda.cpp does the checks, layouts and allocation.
 // Storage types are double, float, half, bfloat16; arithmetic is in float (double for double), and
 // every "acc" pointer below points to float (double when the storage dtype is double).
 // Launchers return after enqueueing; the caller checks the launch (launch.h). Zero sizes are no-ops.

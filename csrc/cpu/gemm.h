@@ -1,9 +1,10 @@
-// The 36 per-point products of the Winograd convolution, M[k] = V[k] @ U[k] (k = 0 .. 35), and those of
-// its weight gradient, on our own register-blocked FMA micro-kernel (float32), one translation unit per
-// instruction set: winograd_gemm_avx2.cpp (8-float vectors) and winograd_gemm_avx512.cpp (16-float vectors), each
-// including winograd_gemm.inc once after its `#pragma GCC target` (no c10/ATen header there, as in
-// simd.h). Layouts of winograd.h: V [nt][36][cinp], U [36][ns][cinp][32] (panels of 32 output
-// channels), M [nt][36][coutp]; cinp and coutp are multiples of winograd::kLanes.
+// The register-blocked FMA GEMM micro-kernel (float32) and the products built on it: the 36 per-point
+// products of the Winograd convolution, M[k] = V[k] @ U[k] (k = 0 .. 35), those of its weight gradient,
+// and the plain product of the 1x1 convolution (conv1x1_cpu.cpp). One translation unit per instruction
+// set (isa.h): gemm_avx2.cpp (8-float vectors) and gemm_avx512.cpp (16-float vectors), each including
+// gemm.inc once after its `#pragma GCC target`. Winograd layouts (winograd_kernels.h): V [nt][36][cinp],
+// U [36][ns][cinp][32] (panels of 32 output channels), M [nt][36][coutp]; cinp and coutp are multiples
+// of winograd::kLanes.
 //
 // Why not ATen's bmm: at EDM2 shapes (tens of tiles per chunk, 64-768 channels) the BLAS packs both
 // operands and zero-fills the output for each of the 36 small products; here U[k]'s panels are read in
@@ -11,11 +12,12 @@
 #pragma once
 #include <cstdint>
 
+#include "isa.h"
+
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
 
-// The kernels of one instruction set. Layouts of winograd.h throughout.
+// The kernels of one instruction set. Layouts of winograd_kernels.h throughout.
 struct GemmKernels {
   // M[:, k] = V[:, k] U[k] for the nt tiles of a chunk, output columns [n0, n1) of [0, coutp) (n0 a
   // multiple of 32, n1 of 8), so that threads can share one chunk's products.
@@ -26,7 +28,7 @@ struct GemmKernels {
   void (*wgrad)(const float* v, const float* gt, float* du, int64_t nt, int64_t cinp, int64_t coutp, int64_t k0,
                 int64_t k1);
   // One plain product C[m][n] = A[m][k] B[k][n] (row-major, leading dimensions lda / ldb / ldc; n a
-  // multiple of 8): the 1x1 MP convolution (conv1x1.cpp), y[i] = W x[i] per sample.
+  // multiple of 8): the 1x1 MP convolution (conv1x1_cpu.cpp), y[i] = W x[i] per sample.
   void (*plain)(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
                 int64_t n, int64_t k);
 };
@@ -36,8 +38,9 @@ const GemmKernels* gemm_kernels_avx2();
 const GemmKernels* gemm_kernels_avx512();
 
 // The table of the active instruction set (isa.h), or null below AVX2 (callers then use ATen's BLAS).
-const GemmKernels* gemm_kernels();
+inline const GemmKernels* gemm_kernels() {
+  return select_table<GemmKernels>(gemm_kernels_avx512(), gemm_kernels_avx2(), nullptr);
+}
 
-}  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff

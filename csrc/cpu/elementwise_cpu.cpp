@@ -1,5 +1,5 @@
 // CPU implementations of the fastdiff ops: checks, layouts, threading (at::parallel_for), and calls
-// into the raw loops of kernels.cpp.
+// into the raw loops of elementwise_kernels.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "../common.h"
-#include "kernels.h"
+#include "elementwise_kernels.h"
 
 namespace fastdiff {
 namespace {

@@ -5,7 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "solver.cuh"
+#include "solver_kernels.cuh"
 
 namespace fastdiff {
 namespace cuda {

@@ -1,7 +1,7 @@
 // Raw CPU inner loops on plain pointers, templated on the storage type T (double, float, c10::Half,
 // c10::BFloat16) and computing in acc_t<T> (double for double, float otherwise). They know nothing of
-// tensors; cpu/ops_cpu.cpp splits work across threads and calls them on contiguous runs. float32/16/bf16
-// run the AVX-512 or AVX2 loops of simd.h, float64 and the baseline level scalar loops, by the level of
+// tensors; cpu/elementwise_cpu.cpp splits work across threads and calls them on contiguous runs. float32/16/bf16
+// run the AVX-512 or AVX2 loops of elementwise_simd.h, float64 and the baseline level scalar loops, by the level of
 // isa.h (the CPU's features, lowered by FASTDIFF_ISA); no global -march.
 #pragma once
 #include <cstdint>

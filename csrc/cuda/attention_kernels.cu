@@ -13,7 +13,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "attention_cuda.h"
+#include "attention_kernels.cuh"
 
 namespace fastdiff {
 namespace cuda {

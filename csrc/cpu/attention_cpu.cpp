@@ -1,5 +1,6 @@
 // CPU glue of the fused EDM2 cosine attention: input checks, scratch buffers, threading
-// (at::parallel_for over batch x heads x tiles) and registration. The loops are in attention_kernels.cpp.
+// (at::parallel_for over batch x heads x tiles) and registration. The loops are attention_kernels.inc,
+// compiled per instruction set (attention_kernels.h).
 //
 // Forward:  phase 1 normalizes k and v of every (n, head) once into float scratch (O(HW * 64) per head);
 //           phase 2 runs query tiles against all key tiles (scores tile by tile, never HW x HW).

@@ -1,11 +1,10 @@
 // Interface of the explicitly vectorized CPU loops (float32, float16 and bfloat16 storage, float32
-// arithmetic). Each instruction set has its own translation unit that includes simd_body.inc once:
-// simd_avx2.cpp (AVX2+FMA+F16C, 8 lanes) and simd_avx512.cpp (AVX-512 F/BW/VL/DQ, 16 lanes). Those files
-// include no c10/ATen header, so no inline function of a shared header is ever compiled there with
-// wider instructions than the baseline (an ODR trap of per-ISA files). kernels.cpp and solver.cpp pick
-// a table per call from active_isa() (isa.h); float64 and the baseline level run the scalar loops.
+// arithmetic). Each instruction set has its own translation unit that includes elementwise_simd.inc once
+// (isa.h): elementwise_simd_avx2.cpp (AVX2+FMA+F16C, 8 lanes) and elementwise_simd_avx512.cpp (AVX-512
+// F/BW/VL/DQ, 16 lanes). elementwise_kernels.cpp and solver_cpu.cpp get the active table from
+// simd_table<T>() (select_table, isa.h); float64 and the baseline level run the scalar loops.
 //
-// The meaning of each entry is that of the function of the same name in kernels.h (storage pointers
+// The meaning of each entry is that of the function of the same name in elementwise_kernels.h (storage pointers
 // passed as void*, scalars and factor arrays as float).
 #pragma once
 #include <cstdint>
@@ -44,7 +43,7 @@ struct Table {
   void (*dot_acc)(const void* g, const void* x, float* acc, int64_t n);
   void (*norm_bwd)(const void* g, const void* x, const float* s, const float* k, int64_t step, void* dx,
                    int64_t n);
-  // solver_step's loop, indexed [guided][heun] (see cpu/solver.cpp).
+  // solver_step's loop, indexed [guided][heun] (see cpu/solver_cpu.cpp).
   SolverFn solver[2][2];
 };
 
@@ -52,5 +51,9 @@ const Table* table_avx2(Dtype dt);
 const Table* table_avx512(Dtype dt);
 
 }  // namespace simd
+
+// The table for storage type T (float, c10::Half, c10::BFloat16; double has none) at the active level
+// (isa.h's select_table), or nullptr where the scalar loops of elementwise_kernels.cpp run.
+template <typename T> const simd::Table* simd_table();
 }  // namespace cpu
 }  // namespace fastdiff

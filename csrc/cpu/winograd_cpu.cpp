@@ -1,8 +1,8 @@
 // CPU glue of the Winograd MP convolution (3x3, stride 1, padding 1) and of its weight gradient: checks,
 // layouts, tile chunks, scratch memory, threading (at::parallel_for over rows, chunks of tiles or, for
 // few tiles, output columns) and the 36 per-point GEMMs of each chunk on the micro-kernel of
-// winograd_gemm.inc (float32 with AVX2 or AVX-512; ATen's bmm for float64 and the baseline level). The
-// transforms are the raw loops of winograd_kernels.cpp.
+// gemm.inc (float32 with AVX2 or AVX-512; ATen's bmm for float64 and the baseline level). The
+// transforms are the raw loops of winograd_kernels.inc; scratch memory comes from workspace.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -16,8 +16,9 @@
 
 #include "../common.h"
 #include "isa.h"
-#include "winograd.h"
-#include "winograd_gemm.h"
+#include "winograd_kernels.h"
+#include "gemm.h"
+#include "workspace.h"
 
 namespace fastdiff {
 namespace {
@@ -53,7 +54,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
   return u;
 }
 
-const wg::GemmKernels* float_kernels(at::ScalarType st) { return st == at::kFloat ? wg::gemm_kernels() : nullptr; }
+const cpu::GemmKernels* float_kernels(at::ScalarType st) { return st == at::kFloat ? cpu::gemm_kernels() : nullptr; }
 
 // A [rows] vector (rows <= padded) in `dtype`, zero-padded to `padded`, contiguous (v itself when it is
 // that already: the common case, channel counts being multiples of 8).
@@ -64,44 +65,8 @@ at::Tensor padded_vector(const at::Tensor& v, int64_t padded, at::ScalarType dty
   return out;
 }
 
-// Tensors of the given shapes for one call's scratch buffers (the packed input, the transform-domain
-// chunks), carved out of a block each thread keeps and grows between calls, up to 64 MiB in all (beyond
-// that, fresh tensors). Fresh multi-MiB buffers on every call cost page faults, and glibc's moving mmap
-// threshold made that cost come and go: one 8x64x16x16 convolution measured 0.5 ms or 1.4 ms by heap state.
-std::vector<at::Tensor> workspace(const std::vector<std::vector<int64_t>>& shapes, const at::TensorOptions& opt) {
-  struct Block {
-    void* p = nullptr;
-    size_t n = 0;
-    ~Block() { std::free(p); }
-  };
-  thread_local Block block;
-  const size_t elem = opt.dtype().itemsize();
-  std::vector<size_t> offsets;
-  size_t total = 0;
-  for (const auto& s : shapes) {
-    size_t n = elem;
-    for (int64_t d : s) n *= size_t(d);
-    offsets.push_back(total);
-    total += (n + 63) / 64 * 64;
-  }
-  std::vector<at::Tensor> out;
-  if (total > (size_t(64) << 20)) {
-    for (const auto& s : shapes) out.push_back(at::empty(s, opt));
-    return out;
-  }
-  if (block.n < total) {
-    std::free(block.p);
-    block.n = (total + 4095) / 4096 * 4096;
-    block.p = std::aligned_alloc(4096, block.n);
-    TORCH_CHECK(block.p != nullptr, "fastdiff.winograd: could not allocate ", block.n, " bytes of scratch memory");
-  }
-  for (size_t i = 0; i < shapes.size(); i++)
-    out.push_back(at::from_blob(static_cast<char*>(block.p) + offsets[i], shapes[i], opt));
-  return out;
-}
-
 // x ([N, C, H, W], contiguous or channels-last) into xt ([N, hp, wp, cinp]), the padded NHWC rows of
-// winograd.h, through mp_silu when `silu`; g's cin / cinp are x's channels.
+// winograd_kernels.h, through mp_silu when `silu`; g's cin / cinp are x's channels.
 template <typename T> void pack(const at::Tensor& x, bool channels_last, bool silu, const wg::Geometry& g, at::Tensor& xt) {
   const T* xp = x.const_data_ptr<T>();
   T* xtp = xt.mutable_data_ptr<T>();
@@ -182,7 +147,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // least one chunk per thread; each thread runs whole chunks (transform, 36 GEMMs, output transform) on
     // its own buffers, so a convolution is two parallel regions however many chunks it has.
     const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
-    const wg::GemmKernels* kern = float_kernels(st);
+    const cpu::GemmKernels* kern = float_kernels(st);
     const auto gemm = kern != nullptr ? kern->point : nullptr;
     T* yp = y.mutable_data_ptr<T>();
     // Few tiles (an 8x8 or 16x16 map at batch 1): one chunk whose products the threads share by output
@@ -195,7 +160,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
         if (serial) f(0, n);
         else at::parallel_for(0, n, 1, f);
       };
-      auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {tiles, 36, g.cinp}, {tiles, 36, g.coutp}}, x.options());
+      auto ws = cpu::workspace({{g.n, g.hp, g.wp, g.cinp}, {tiles, 36, g.cinp}, {tiles, 36, g.coutp}}, x.options());
       pack<T>(x, cl, silu_in, g, ws[0]);
       const T* xtc = ws[0].const_data_ptr<T>();
       T* vp = ws[1].mutable_data_ptr<T>();
@@ -214,7 +179,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // The fallback's BLAS takes U as rows [36][cinp][coutp].
     const at::Tensor u_rows = gemm != nullptr ? at::Tensor()
         : u.permute({0, 2, 1, 3}).reshape({36, g.cinp, -1}).narrow(2, 0, g.coutp).contiguous();
-    auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {slots, chunk, 36, g.cinp}, {slots, chunk, 36, g.coutp}},
+    auto ws = cpu::workspace({{g.n, g.hp, g.wp, g.cinp}, {slots, chunk, 36, g.cinp}, {slots, chunk, 36, g.coutp}},
                         x.options());
     at::Tensor &xt = ws[0], &v = ws[1], &m = ws[2];
     pack<T>(x, cl, silu_in, g, xt);
@@ -270,14 +235,14 @@ at::Tensor winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& gr
     const int64_t tiles = g.tiles();
     const int64_t chunk = std::min(tiles, max_chunk(g, sizeof(T)));
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
-    auto ws = workspace({{g.n, g.hp, g.wp, g.cinp}, {g.n, g.hp, g.wp, g.coutp}, {chunk, 36, g.cinp},
+    auto ws = cpu::workspace({{g.n, g.hp, g.wp, g.cinp}, {g.n, g.hp, g.wp, g.coutp}, {chunk, 36, g.cinp},
                          {chunk, 36, g.coutp}, {36, g.cinp, g.coutp}},
                         x.options());
     at::Tensor &xt = ws[0], &gt_rows = ws[1], &v = ws[2], &gtb = ws[3], &du = ws[4];
     pack<T>(x, xcl, false, g, xt);
     pack<T>(gy, gcl, false, go, gt_rows);
     du.zero_();
-    const wg::GemmKernels* kern = float_kernels(x.scalar_type());
+    const cpu::GemmKernels* kern = float_kernels(x.scalar_type());
     const auto gemm = kern != nullptr ? kern->wgrad : nullptr;
     const T* xtp = xt.const_data_ptr<T>();
     const T* gp = gt_rows.const_data_ptr<T>();
@@ -311,21 +276,6 @@ at::Tensor winograd_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& gr
 template <typename Sig> c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
-
-}  // namespace
-
-namespace cpu {
-namespace winograd {
-const GemmKernels* gemm_kernels() {
-  const Isa isa = active_isa();
-  if (isa >= Isa::kAvx512 && gemm_kernels_avx512() != nullptr) return gemm_kernels_avx512();
-  if (isa >= Isa::kAvx2) return gemm_kernels_avx2();
-  return nullptr;
-}
-}  // namespace winograd
-}  // namespace cpu
-
-namespace {
 
 // MP convolution on the Winograd path: conv2d(x, gain N(w) / sqrt(fan_in), padding 1), the per-row factor
 // applied in the output transform.

@@ -1,9 +1,10 @@
 // Raw loops of the Winograd F(4x4, 3x3) convolution (Lavin & Gray 2016, "Fast Algorithms for
 // Convolutional Neural Networks", Sec. 4): Y = A^T [ (G g G^T) . (B^T d B) ] A per 4x4 output tile,
 // 6x6 input patch d, 3x3 filter g, 36 points per tile. The per-point products are GEMMs that the caller
-// (winograd.cpp) runs on winograd_gemm.h's micro-kernel; these loops are the transforms, written on
-// 32-byte vectors over channels (8 floats or 4 doubles) and built for AVX2+FMA and the baseline with
-// the run-time dispatch of isa.h.
+// (winograd_cpu.cpp) runs on gemm.h's micro-kernel; these loops are the transforms, written on
+// 32-byte vectors over channels (8 floats or 4 doubles) in winograd_kernels.inc and compiled per
+// instruction set into a table (TransformKernels below; isa.h): AVX2 + FMA and the baseline. The
+// functions below call the active one.
 //
 // Layouts (channel counts padded to a multiple of kLanes with zeros):
 //   xt  [N][hp][wp][cp]          the input, zero-padded by one pixel (and up to whole tiles), NHWC
@@ -13,6 +14,8 @@
 //   M   [tiles][36][coutp]       M[:, k] = V[:, k] @ U[k] (rows 36 cinp / 36 coutp apart)
 #pragma once
 #include <cstdint>
+
+#include "isa.h"
 
 namespace fastdiff {
 namespace cpu {
@@ -46,20 +49,47 @@ template <typename T> struct Epilogue {
   T wa = 0, wb = 1, clip = 0;
 };
 
+// One instruction set's transforms (the meaning of each: the function of the same name below).
+template <typename T> struct TransformKernels {
+  void (*pack_input)(const T* x, bool channels_last, bool silu, const Geometry& g, T* xt, int64_t r0, int64_t r1);
+  void (*input_transform)(const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* v);
+  void (*output_transform)(const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, const Epilogue<T>& ep,
+                           bool channels_last, T* y);
+  void (*weight_transform)(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
+  void (*grad_transform)(const T* gp, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* gt);
+  void (*weight_grad_transform)(const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1);
+};
+
+// The per-ISA tables (winograd_kernels_avx2.cpp, winograd_kernels_baseline.cpp; the AVX2 one null where
+// the compiler could not build it), and the active one.
+template <typename T> const TransformKernels<T>* transform_kernels_avx2();
+template <typename T> const TransformKernels<T>* transform_kernels_baseline();
+template <typename T> const TransformKernels<T>* transform_kernels() {
+  return select_table<TransformKernels<T>>(nullptr, transform_kernels_avx2<T>(), transform_kernels_baseline<T>());
+}
+
 // Rows [r0, r1) of the N * hp rows of xt from x ([N, C, H, W] channels-first, or channels-last),
 // applying mp_silu when `silu`.
 template <typename T>
-void pack_input(const T* x, bool channels_last, bool silu, const Geometry& g, T* xt, int64_t r0, int64_t r1);
+void pack_input(const T* x, bool channels_last, bool silu, const Geometry& g, T* xt, int64_t r0, int64_t r1) {
+  transform_kernels<T>()->pack_input(x, channels_last, silu, g, xt, r0, r1);
+}
 // V[t - t0][k][:] for tiles t in [ta, tb), tile index t = (n * th + ty) * tw + tx.
 template <typename T>
-void input_transform(const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* v);
+void input_transform(const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* v) {
+  transform_kernels<T>()->input_transform(xt, g, t0, ta, tb, v);
+}
 // Output elements of tiles [ta, tb) from M (rows t - t0), through the epilogue, into y.
 template <typename T>
 void output_transform(const T* m, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, const Epilogue<T>& ep,
-                      bool channels_last, T* y);
+                      bool channels_last, T* y) {
+  transform_kernels<T>()->output_transform(m, g, t0, ta, tb, ep, channels_last, y);
+}
 // U from w [cout][cin][3][3] (contiguous) for padded input channels [c0, c1) of [0, cinp) (rows past cin
 // and columns past cout, up to whole strips, written as zeros).
-template <typename T> void weight_transform(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
+template <typename T> void weight_transform(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1) {
+  transform_kernels<T>()->weight_transform(w, g, u, c0, c1);
+}
 
 // The weight gradient (Lavin & Gray 2016, Sec. 5: the same algorithm on the transposed problem): with
 // Gt = A g A^T the 6x6 transform of each 4x4 tile of the output gradient g and V the input's transform,
@@ -67,9 +97,13 @@ template <typename T> void weight_transform(const T* w, const Geometry& g, T* u,
 // Gt[t - t0][k][:] for tiles [ta, tb) from the output gradient packed like xt (pack_input with the
 // output's channels: [N][hp][wp][coutp], one pixel of zeros in front).
 template <typename T>
-void grad_transform(const T* gp, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* gt);
+void grad_transform(const T* gp, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* gt) {
+  transform_kernels<T>()->grad_transform(gp, g, t0, ta, tb, gt);
+}
 // dW [cout][cin][3][3] (contiguous) from dU [36][cinp][coutp] for input channels [c0, c1) of [0, cin).
-template <typename T> void weight_grad_transform(const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1);
+template <typename T> void weight_grad_transform(const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1) {
+  transform_kernels<T>()->weight_grad_transform(du, g, dw, c0, c1);
+}
 
 }  // namespace winograd
 }  // namespace cpu

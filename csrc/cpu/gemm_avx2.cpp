@@ -1,15 +1,14 @@
-// The Winograd per-point GEMMs (winograd_gemm.h) for AVX2 + FMA: 8-float vectors, 6 x 16 register
+// The GEMM micro-kernel and its products (gemm.h) for AVX2 + FMA: 8-float vectors, 6 x 16 register
 // blocks (12 accumulators, 2 panel vectors and a broadcast in the 16 ymm registers).
 #include <immintrin.h>
 
 #include <cstdint>
 
-#include "winograd_gemm.h"
+#include "gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma")
 #pragma GCC diagnostic ignored "-Wpsabi"
-#define FD_GEMM_INLINE inline __attribute__((always_inline))
 #define FD_GEMM_TABLE gemm_kernels_avx2
 #define VW 256
 #ifndef MR_W
@@ -21,18 +20,14 @@
 
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
-#include "winograd_gemm.inc"
-}  // namespace winograd
+#include "gemm.inc"
 }  // namespace cpu
 }  // namespace fastdiff
 
 #else
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
 const GemmKernels* gemm_kernels_avx2() { return nullptr; }
-}  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
 #endif

@@ -1,5 +1,5 @@
 // The 1x1 MP convolution's product y[i] = W x[i] ([out, in] @ [in, H W] per sample) on the register-blocked
-// micro-kernel of winograd_gemm.inc (float32, AVX2 / AVX-512), samples and column blocks over threads.
+// micro-kernel of gemm.inc (float32, AVX2 / AVX-512), samples and column blocks over threads.
 // It stands in for ATen's 1x1 convolution in eval mode (MPConv with a cached effective weight): at EDM2's
 // attention and skip shapes that ran at 45-100 GFLOP/s (oneDNN at 2 threads, the im2col path at 1), the
 // micro-kernel at 100-110 in cache. float64, channels-last inputs, maps whose H W is not a multiple of 8
@@ -11,12 +11,11 @@
 #include <algorithm>
 
 #include "../common.h"
-#include "winograd_gemm.h"
+#include "gemm.h"
 
 namespace fastdiff {
 namespace {
 
-namespace wg = cpu::winograd;
 at::Tensor conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& w_in) {
   const char* op = "conv1x1";
   check_float(x_in, op, "x");
@@ -29,7 +28,7 @@ at::Tensor conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& w_in) {
   const int64_t n = x_in.size(0), cin = x_in.size(1), h = x_in.size(2), wd = x_in.size(3), hw = h * wd;
   const int64_t cout = w_in.size(0);
   const at::Tensor w = w_in.reshape({cout, cin}).contiguous();
-  const wg::GemmKernels* kern = x_in.scalar_type() == at::kFloat ? wg::gemm_kernels() : nullptr;
+  const cpu::GemmKernels* kern = x_in.scalar_type() == at::kFloat ? cpu::gemm_kernels() : nullptr;
   const auto gemm = kern != nullptr ? kern->plain : nullptr;
   const bool channels_last = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (gemm == nullptr || hw % 8 != 0 || channels_last || x_in.numel() == 0 || cin == 0) {

@@ -1,4 +1,4 @@
-// The Winograd per-point GEMMs (winograd_gemm.h) for AVX-512 F: 16-float vectors, 12 x 32 register
+// The GEMM micro-kernel and its products (gemm.h) for AVX-512 F: 16-float vectors, 12 x 32 register
 // blocks (24 accumulators, 2 panel vectors and a broadcast in the 32 zmm registers); a column
 // remainder of 16 runs 1-vector blocks, one of 8 the 8-float form.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -7,12 +7,11 @@
 
 #include <cstdint>
 
-#include "winograd_gemm.h"
+#include "gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 #pragma GCC diagnostic ignored "-Wpsabi"
-#define FD_GEMM_INLINE inline __attribute__((always_inline))
 #define FD_GEMM_TABLE gemm_kernels_avx512
 #define FD_GEMM_HAVE_512 1
 #define VW 512
@@ -26,18 +25,14 @@
 
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
-#include "winograd_gemm.inc"
-}  // namespace winograd
+#include "gemm.inc"
 }  // namespace cpu
 }  // namespace fastdiff
 
 #else
 namespace fastdiff {
 namespace cpu {
-namespace winograd {
 const GemmKernels* gemm_kernels_avx512() { return nullptr; }
-}  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
 #endif

@@ -1,5 +1,5 @@
 // CUDA implementations of the fastdiff ops: the same checks, layouts, output dtypes and maths as
-// cpu/ops_cpu.cpp, with the raw launchers of kernels.cuh doing the work on the current stream.
+// cpu/elementwise_cpu.cpp, with the raw launchers of elementwise_kernels.cuh doing the work on the current stream.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "../common.h"
-#include "kernels.cuh"
+#include "elementwise_kernels.cuh"
 #include "launch.h"
 
 namespace fastdiff {

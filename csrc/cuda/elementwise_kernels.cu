@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "device.cuh"
-#include "kernels.cuh"
+#include "elementwise_kernels.cuh"
 
 namespace fastdiff {
 namespace cuda {

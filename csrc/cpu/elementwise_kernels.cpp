@@ -1,10 +1,11 @@
-// Definitions of the raw CPU loops declared in kernels.h. float32, float16 and bfloat16 run the
-// explicitly vectorized loops of simd.h (AVX-512 or AVX2, by active_isa()); float64, and every type at
+// Definitions of the raw CPU loops declared in elementwise_kernels.h. float32, float16 and bfloat16 run the
+// explicitly vectorized loops of elementwise_simd.h (AVX-512 or AVX2, by active_isa()); float64, and every type at
 // the baseline level (no AVX2 on the CPU, or FASTDIFF_ISA=baseline), run the scalar loops below, which
 // compute the same formulas with the same limits at +-inf.
-#include "kernels.h"
+#include "elementwise_kernels.h"
 #include "isa.h"
-#include "simd.h"
+#include "elementwise_simd.h"
+#include "vmath.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -18,68 +19,16 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr double kSiluDiv = 0.596;  // A(kSiluDiv) is exact to each compute type
-
-// Scalar e^x for float, the same reduction and polynomial as simd_body.inc's vexp (see there):
-// branch-free, so the baseline build can still auto-vectorize it; -inf -> 0, +inf -> +inf, NaN -> NaN.
-FD_INLINE float exp_f(float x) {
-  x = x < -104.0f ? -104.0f : x;
-  x = x > 89.0f ? 89.0f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504088896341f + shifter;
-  const float fk = t - shifter;
-  int32_t k;
-  std::memcpy(&k, &t, sizeof(k));
-  k -= 0x4B400000;  // the bits of the shifter: what remains is round(x / ln2)
-  const float r = x - fk * 0.693359375f + fk * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t k1 = k >> 1, k2 = k - k1;
-  const int32_t b1 = (k1 + 127) << 23, b2 = (k2 + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &b1, sizeof(s1));
-  std::memcpy(&s2, &b2, sizeof(s2));
-  return p * s1 * s2;
-}
-FD_INLINE double exp_f(double x) { return std::exp(x); }
-
-// sigmoid from t = e^-|x|, which never overflows (as simd_body.inc's vsigmoid).
-template <typename A> FD_INLINE A sigmoid(A x) {
-  const A t = exp_f(x < A(0) ? x : -x);
-  return (x >= A(0) ? A(1) : t) / (A(1) + t);
-}
-constexpr float kInf = std::numeric_limits<float>::infinity();
-// silu(x) = x sigmoid(x), with its limit 0 at x = -inf (where the product is -inf * 0).
-template <typename A> FD_INLINE A silu(A x) { return x == A(-kInf) ? A(0) : x * sigmoid(x); }
-// silu'(x) = s (1 + x (1 - s)), with its limits 1 at +inf and 0 at -inf.
-template <typename A> FD_INLINE A silu_grad(A x) {
-  A s = sigmoid(x);
-  A d = s * (A(1) + x * (A(1) - s));
-  d = x == A(kInf) ? A(1) : d;
-  return x == A(-kInf) ? A(0) : d;
-}
 template <typename T> FD_INLINE acc_t<T> ld(T v) { return static_cast<acc_t<T>>(v); }
 
 }  // namespace
 
 template <typename T> FD_INLINE void impl_mp_silu(const T* x, T* y, int64_t n) {
-  using A = acc_t<T>;
-  const A inv = A(1) / A(kSiluDiv);
-  for (int64_t i = 0; i < n; i++) {
-    A v = ld(x[i]);
-    y[i] = static_cast<T>(silu(v) * inv);
-  }
+  for (int64_t i = 0; i < n; i++) y[i] = static_cast<T>(mp_silu_scalar(ld(x[i])));
 }
 
 template <typename T> FD_INLINE void impl_mp_silu_bwd(const T* g, const T* x, T* dx, int64_t n) {
-  using A = acc_t<T>;
-  const A inv = A(1) / A(kSiluDiv);
-  for (int64_t i = 0; i < n; i++) dx[i] = static_cast<T>(ld(g[i]) * silu_grad(ld(x[i])) * inv);
+  for (int64_t i = 0; i < n; i++) dx[i] = static_cast<T>(ld(g[i]) * mp_silu_grad_scalar(ld(x[i])));
 }
 
 template <typename T> FD_INLINE void impl_axpby(const T* a, const T* b, T* y, int64_t n, double wa, double wb) {
@@ -122,38 +71,29 @@ template <typename T> FD_INLINE void impl_clip_bwd(const T* g, const T* x, T* dx
 }
 
 template <typename T> FD_INLINE void impl_modulate(const T* y, const acc_t<T>* m, int64_t m_step, T* out, int64_t n) {
-  using A = acc_t<T>;
-  const A inv = A(1) / A(kSiluDiv);
   if (m_step == 0) {
-    const A f = m[0];
-    for (int64_t i = 0; i < n; i++) {
-      A z = ld(y[i]) * f;
-      out[i] = static_cast<T>(silu(z) * inv);
-    }
+    const acc_t<T> f = m[0];
+    for (int64_t i = 0; i < n; i++) out[i] = static_cast<T>(mp_silu_scalar(ld(y[i]) * f));
   } else {
-    for (int64_t i = 0; i < n; i++) {
-      A z = ld(y[i]) * m[i];
-      out[i] = static_cast<T>(silu(z) * inv);
-    }
+    for (int64_t i = 0; i < n; i++) out[i] = static_cast<T>(mp_silu_scalar(ld(y[i]) * m[i]));
   }
 }
 
 template <typename T> FD_INLINE acc_t<T> impl_modulate_bwd(const T* g, const T* y, const acc_t<T>* m, int64_t m_step, T* dy, acc_t<T>* dm, int64_t n) {
   using A = acc_t<T>;
-  const A inv = A(1) / A(kSiluDiv);
   A total = 0;
   if (m_step == 0) {
     const A f = m[0];
     for (int64_t i = 0; i < n; i++) {
       A yv = ld(y[i]);
-      A gz = ld(g[i]) * silu_grad(yv * f) * inv;
+      A gz = ld(g[i]) * mp_silu_grad_scalar(yv * f);
       dy[i] = static_cast<T>(gz * f);
       total += gz * yv;
     }
   } else {
     for (int64_t i = 0; i < n; i++) {
       A yv = ld(y[i]);
-      A gz = ld(g[i]) * silu_grad(yv * m[i]) * inv;
+      A gz = ld(g[i]) * mp_silu_grad_scalar(yv * m[i]);
       dy[i] = static_cast<T>(gz * m[i]);
       dm[i] += gz * yv;
     }
@@ -205,11 +145,7 @@ template <typename T> const simd::Table* simd_table() {
     const simd::Dtype dt = std::is_same<T, float>::value       ? simd::kF32
                            : std::is_same<T, c10::Half>::value ? simd::kF16
                                                                : simd::kBF16;
-    switch (active_isa()) {
-      case Isa::kAvx512: return simd::table_avx512(dt);
-      case Isa::kAvx2: return simd::table_avx2(dt);
-      default: return nullptr;
-    }
+    return select_table<simd::Table>(simd::table_avx512(dt), simd::table_avx2(dt), nullptr);
   }
 }
 
@@ -276,6 +212,7 @@ void norm_bwd(const T* g, const T* x, const acc_t<T>* s, const acc_t<T>* k, int6
 }
 
 #define FD_INSTANTIATE(T)                                                                        \
+  template const simd::Table* simd_table<T>();                                                   \
   template void mp_silu<T>(const T*, T*, int64_t);                                               \
   template void mp_silu_bwd<T>(const T*, const T*, T*, int64_t);                                 \
   template void axpby<T>(const T*, const T*, T*, int64_t, double, double);                        \

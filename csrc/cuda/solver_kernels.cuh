@@ -1,5 +1,5 @@
 // Launcher of the CUDA kernel of fastdiff::solver_step (meaning in csrc/ops.cpp). Plain types only, so
-// that solver.cu needs no ATen headers; the ATen glue is solver_cuda.cpp.
+// that solver_kernels.cu needs no ATen headers; the ATen glue is solver_cuda.cpp.
 #pragma once
 #include <cuda_runtime.h>
 

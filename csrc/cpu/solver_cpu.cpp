@@ -1,6 +1,6 @@
 // CPU kernel of fastdiff::solver_step (schema and meaning in csrc/ops.cpp): one pass over the batch
 // forms the guided D, the derivative and the Euler or Heun update. float32/float16/bfloat16 run the
-// vectorized loop of simd.h (AVX-512 or AVX2, by active_isa()); float64 and the baseline level run the
+// vectorized loop of elementwise_simd.h (AVX-512 or AVX2, by active_isa()); float64 and the baseline level run the
 // scalar loop below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,7 +11,7 @@
 
 #include "../solver.h"
 #include "isa.h"
-#include "simd.h"
+#include "elementwise_simd.h"
 
 namespace fastdiff {
 namespace cpu {
@@ -75,18 +75,8 @@ constexpr int64_t kSolverGrain = 16384;
 
 // The vectorized loop for storage type T at the active level, or nullptr for the scalar one.
 template <typename T> cpu::simd::SolverFn solver_simd(bool guided, bool heun) {
-  if constexpr (std::is_same<T, double>::value) {
-    return nullptr;
-  } else {
-    const cpu::simd::Dtype dt = std::is_same<T, float>::value       ? cpu::simd::kF32
-                                : std::is_same<T, c10::Half>::value ? cpu::simd::kF16
-                                                                    : cpu::simd::kBF16;
-    const cpu::Isa isa = cpu::active_isa();
-    const cpu::simd::Table* t = isa == cpu::Isa::kAvx512 ? cpu::simd::table_avx512(dt)
-                                : isa == cpu::Isa::kAvx2 ? cpu::simd::table_avx2(dt)
-                                                         : nullptr;
-    return t != nullptr ? t->solver[guided][heun] : nullptr;
-  }
+  const cpu::simd::Table* t = cpu::simd_table<T>();
+  return t != nullptr ? t->solver[guided][heun] : nullptr;
 }
 
 template <typename T, bool GUIDED, bool HEUN> void solver_cpu_impl(solver::Step& s) {
