@@ -398,6 +398,8 @@ FD_INSTANTIATE(float)
 FD_INSTANTIATE(double)
 #undef FD_INSTANTIATE
 
+#include "winograd_tiles.inc"  // F(2x2, 3x3) and F(6x6, 3x3) (winograd_tiles.h), on the helpers above
+
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace fastdiff
