@@ -251,3 +251,25 @@ def test_eval_path_uses_the_chosen_tile(kind, monkeypatch):
     want = direct(x, wt, scale, *args)
     assert ((got.double() - want).norm() / want.norm()).item() < 2e-6
     assert ((got.double() - f4.double()).norm() / f4.double().norm()).item() < 4e-6
+
+
+@requires_tiles
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_weight_takes_the_streaming_kernels(tile, threads):
+    """A transformed weight over 12 MiB (here 512 -> 520 channels: 38 MiB at F(4x4)) runs on the
+    prefetching GEMM table (winograd_gemm_avx2_pf.cpp) where AVX2 is the level, with chunks of at least
+    64 tiles; the result is the same convolution."""
+    n, cin, cout, h, w = 1, 512, 520, 9, 7
+    x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 3, 3, dtype=torch.float32, seed=2)
+    scale, res = (rnd(cout, seed=5).abs() + 0.5).float(), rnd(n, cout, h, w, dtype=torch.float32, seed=4)
+    u = torch.ops.fastdiff.winograd_weight(wt) if tile == 4 else torch.ops.fastdiff.winograd_weight_tile(wt, tile)
+    assert u.numel() * 4 > 12 << 20
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.fastdiff.winograd_conv(x, u, scale, True, None, res, 0.4, 0.0)
+    finally:
+        torch.set_num_threads(old)
+    want = direct(x, wt, scale, silu_in=True, res=res, t=0.4)
+    assert ((got.double() - want).norm() / want.norm()).item() < 2e-6 * (cin / 64) ** 0.5

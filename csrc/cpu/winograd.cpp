@@ -190,6 +190,8 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // its own buffers, so a convolution is two parallel regions however many chunks it has.
     const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
     const wg::GemmKernels* kern = float_kernels(st);
+    if (kern != nullptr && points * g.cinp * g.coutp * int64_t(sizeof(T)) > (int64_t(12) << 20))
+      kern = wg::streaming_kernels();  // U beyond the last-level cache: the table that prefetches it
     const auto gemm = kern != nullptr ? kern->point : nullptr;
     T* yp = y.mutable_data_ptr<T>();
     // The transforms of U's tile: winograd.h's F(4x4), or winograd_tiles.h's F(2x2) / F(6x6).

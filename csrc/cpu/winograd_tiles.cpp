@@ -8,11 +8,17 @@
 #include <algorithm>
 
 #include "../common.h"
+#include "isa.h"
 #include "winograd_tiles.h"
 
 namespace fastdiff {
 namespace cpu {
 namespace winograd {
+
+const GemmKernels* streaming_kernels() {
+  if (active_isa() == Isa::kAvx2 && gemm_kernels_avx2_prefetch() != nullptr) return gemm_kernels_avx2_prefetch();
+  return gemm_kernels();
+}
 
 void tile_point_gemms(const GemmKernels* kern, int64_t points, const float* v, const float* u, float* m, int64_t nt,
                       int64_t cinp, int64_t coutp, int64_t n0, int64_t n1) {

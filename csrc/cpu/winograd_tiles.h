@@ -30,6 +30,13 @@ void tile_output_transform(int m, const T* mm, const Geometry& g, int64_t t0, in
                            const Epilogue<T>& ep, bool channels_last, T* y);
 template <typename T> void tile_weight_transform(int m, const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
 
+// The AVX2 table with software prefetch of U (winograd_gemm_avx2_pf.cpp), or null where not built.
+const GemmKernels* gemm_kernels_avx2_prefetch();
+// The kernels for products that stream a transformed weight larger than the last-level cache: the
+// prefetching AVX2 table when AVX2 is the active level (the AVX-512 table prefetches already), else
+// gemm_kernels().
+const GemmKernels* streaming_kernels();
+
 // M[:, k] = V[:, k] U[k] for the P points (float32 on `kern`'s plain product), columns [n0, n1).
 void tile_point_gemms(const GemmKernels* kern, int64_t points, const float* v, const float* u, float* m, int64_t nt,
                       int64_t cinp, int64_t coutp, int64_t n0, int64_t n1);
