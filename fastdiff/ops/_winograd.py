@@ -8,7 +8,8 @@ weight gradient by the same algorithm on the transposed problem (``dU = sum over
 ``dW = G^T dU G``, ``winograd_weight_grad``). ``winograd_conv`` fuses
 the EDM2 block's elementwise chain around it (EDM2 Alg. 1 / Fig. 21, the residual branch): ``mp_silu`` of
 the input, the MP weight factor per output channel, then ``mp_silu(y * (1 + c))`` or ``mp_sum(x, y, t)``
-and ``clip``. Only the CPU has these kernels; elsewhere (CUDA keeps cuDNN) the chain runs unfused.
+and ``clip``. Only the CPU has these kernels; elsewhere (CUDA keeps cuDNN) the chain runs unfused. In eval
+the forward also runs on F(2x2, 3x3) tiles where ``winograd_tile`` picks them (few tiles, large weights).
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     if cin < 16 and tiles < 16:
         return "aten", f"{cin} input channels < 16 and {tiles} tiles < 16"
     # Few tiles need no rule of their own: the transformed weight is streamed in contiguous panels.
+    if _tile(cin, cout, height, width, batch, dtype, _TILES_ENV) == 2:
+        return "winograd", f"{tiles} tiles of 4x4; F(2x2) tiles in eval (winograd_tile)"
     return "winograd", f"{tiles} tiles of 4x4"
 
 
