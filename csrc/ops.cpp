@@ -40,6 +40,7 @@
 //   attention_qkv_norm_backward | block_cpu.cpp                                 | block_cuda.cpp > block_kernels.cu             | attention_qkv_norm
 //   solver_step                 | solver_cpu.cpp > elementwise_simd.inc         | solver_cuda.cpp > solver_kernels.cu           | solver_step
 //   winograd_weight             | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | winograd_weight
+//   winograd_weight_tile        | winograd_cpu.cpp > winograd_tiles_kernels.inc | -                                             | mp_conv_fused
 //   winograd_conv               | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused
 //   mp_conv_winograd            | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused
 //   winograd_weight_grad        | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused
@@ -136,6 +137,10 @@ TORCH_LIBRARY(fastdiff, m) {
   // zero-padded to multiples of 8 (output channels up to whole panels), in w's dtype. Cached in eval
   // mode (no normalization: the MP factor is the `scale` of winograd_conv).
   m.def("winograd_weight(Tensor w) -> Tensor");
+  // The F(2x2, 3x3) (tile 2: 16 points) or F(6x6, 3x3) (tile 6: 64 points) weight transform, laid out like
+  // winograd_weight's ([points, ceil(out_p / 32), in_p, 32]); winograd_conv takes any of the three and
+  // tiles the output accordingly.
+  m.def("winograd_weight_tile(Tensor w, int tile) -> Tensor");
   // The fused conv: y = conv2d(silu_in ? mp_silu(x) : x, weight) * scale[o] per output channel o, with
   // u = winograd_weight(weight); then y = mp_silu(y * (1 + mod)) if mod ([N, out]) is given, then
   // y = mp_sum(res, y, t) if res (shaped like y) is given, then clip(y, clip) if clip > 0. Output laid

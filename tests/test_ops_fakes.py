@@ -79,6 +79,7 @@ CASES = {
                     [((t(2, 3), t(2, 3), None, t(2), t(3), t(2), None, None), "one value per sample"),
                      ((t(2, 3), t(2, 3), None, t(2), t(2), t(2), t(2, 3), None), "go together")]),
     "winograd_weight": ((t(8, 8, 3, 3),), [((t(8, 8, 1, 1),), "3x3 weight"), ((t(8, 8, 3, 3, dtype=torch.float16),), "float32 or float64")]),
+    "winograd_weight_tile": ((t(8, 8, 3, 3), 2), [((t(8, 8, 3, 3), 4), "tile 2 or 6"), ((t(8, 8, 1, 1), 6), "3x3 weight")]),
     "winograd_conv": ((t(1, 8, 4, 4), u_of(8, 8), t(8)), [((t(1, 12, 4, 4), u_of(8, 8), t(8)), "expected u"),
                                                           ((t(1, 8, 4, 4), u_of(8, 8), t(8, 1)), "scale of shape")]),
     "winograd_weight_grad": ((t(1, 8, 4, 4), t(1, 8, 4, 4)), [((t(1, 8, 4, 4), t(1, 8, 4, 3)), "grad [N, C_out, H, W]")]),

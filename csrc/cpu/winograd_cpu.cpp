@@ -16,8 +16,8 @@
 
 #include "../common.h"
 #include "isa.h"
-#include "winograd_kernels.h"
 #include "gemm.h"
+#include "winograd_kernels.h"
 #include "workspace.h"
 
 namespace fastdiff {
@@ -54,6 +54,43 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
   return u;
 }
 
+// [(tile + 2)^2, ceil(out_p / 32), in_p, 32] in w's dtype (float32 or float64): winograd_weight's layout
+// for the F(2x2) (tile 2) or F(6x6) (tile 6) transform.
+at::Tensor winograd_weight_tile_cpu(const at::Tensor& w_in, int64_t tile) {
+  check_winograd_dtype(w_in, "winograd_weight_tile", "w");
+  TORCH_CHECK(tile == 2 || tile == 6, "fastdiff.winograd_weight_tile: expected tile 2 or 6 (F(2x2, 3x3) or ",
+              "F(6x6, 3x3); winograd_weight is F(4x4, 3x3)), got ", tile);
+  TORCH_CHECK(w_in.dim() == 4 && w_in.size(2) == 3 && w_in.size(3) == 3 && w_in.size(0) > 0 && w_in.size(1) > 0,
+              "fastdiff.winograd_weight_tile: expected a non-empty 3x3 weight [out, in, 3, 3], got shape ",
+              w_in.sizes());
+  at::Tensor w = w_in.contiguous();
+  wg::Geometry g{};
+  g.cout = w.size(0), g.cin = w.size(1), g.coutp = wg::round_up(g.cout), g.cinp = wg::round_up(g.cin);
+  at::Tensor u = at::empty({(tile + 2) * (tile + 2), wg::strips(g.coutp), g.cinp, wg::kStrip}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "winograd_weight_tile", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* up = u.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.cinp, std::max<int64_t>(1, 4096 / g.coutp), [&](int64_t b, int64_t e) {
+      wg::tile_weight_transform<scalar_t>(int(tile), wp, g, up, b, e);
+    });
+  });
+  return u;
+}
+
+// M[:, k] = V[:, k] U[k] for the P points of a chunk of nt tiles (float32), output columns [n0, n1): the
+// micro-kernel's own 36-point loop for F(4x4), its plain product per point and strip for the other tiles.
+void point_gemms(const cpu::GemmKernels* kern, int64_t points, const float* v, const float* u, float* m, int64_t nt,
+                 int64_t cinp, int64_t coutp, int64_t n0, int64_t n1) {
+  if (points == 36) return kern->point(v, u, m, nt, cinp, coutp, n0, n1);
+  const int64_t ns = wg::strips(coutp);
+  for (int64_t k = 0; k < points; k++)
+    for (int64_t s = n0 / wg::kStrip; s * wg::kStrip < n1; s++) {
+      const int64_t width = std::min<int64_t>(wg::kStrip, n1 - wg::kStrip * s);
+      kern->plain(v + k * cinp, points * cinp, u + (k * ns + s) * cinp * wg::kStrip, wg::kStrip,
+                  m + k * coutp + wg::kStrip * s, points * coutp, nt, width, cinp);
+    }
+}
+
 const cpu::GemmKernels* float_kernels(at::ScalarType st) { return st == at::kFloat ? cpu::gemm_kernels() : nullptr; }
 
 // A [rows] vector (rows <= padded) in `dtype`, zero-padded to `padded`, contiguous (v itself when it is
@@ -77,15 +114,19 @@ template <typename T> void pack(const at::Tensor& x, bool channels_last, bool si
 
 // The most tiles per chunk: transform-domain buffers (V and M, or V and Gt) of about 0.5 MiB each stay
 // in L2 (measured: 0.5 MiB beat 2 MiB, 0.25 similar), and at least 32 tiles.
-int64_t max_chunk(const wg::Geometry& g, int64_t elem_size) {
-  return std::max<int64_t>(32, (int64_t(512) << 10) / (36 * std::max(g.cinp, g.coutp) * elem_size));
+int64_t max_chunk(const wg::Geometry& g, int64_t elem_size, int64_t points = 36) {
+  return std::max<int64_t>(32, (int64_t(512) << 10) / (points * std::max(g.cinp, g.coutp) * elem_size));
 }
 
 // Tiles per chunk of the convolution: at most max_chunk, and the same number of chunks for every thread
 // (3 chunks on 2 threads had one thread do 7 times the other's tiles).
-int64_t chunk_tiles(const wg::Geometry& g, int64_t elem_size) {
+int64_t chunk_tiles(const wg::Geometry& g, int64_t elem_size, int64_t points = 36) {
   const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
-  const int64_t most = max_chunk(g, elem_size);
+  // A transformed weight too large for the last-level cache (over 12 MiB) is read from memory once per
+  // chunk, so chunks of at least 64 tiles there (AMD Zen 2, 16 MiB L3, 1 thread, interleaved on a loaded
+  // host: 1.15-1.3x for 384-768 channels on 32x32 and 64x64 maps; 32 stays better for a 5 MiB weight).
+  const bool big_u = points * g.cinp * g.coutp * elem_size > (int64_t(12) << 20);
+  const int64_t most = std::max<int64_t>(big_u ? 64 : 32, max_chunk(g, elem_size, points));
   const int64_t per_thread = (tiles + threads - 1) / threads;
   const int64_t chunks_each = (per_thread + most - 1) / most;
   return std::max<int64_t>(1, (per_thread + chunks_each - 1) / chunks_each);
@@ -105,11 +146,13 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
   wg::Geometry g{};
   g.n = x_in.size(0), g.cin = x_in.size(1), g.h = x_in.size(2), g.w = x_in.size(3);
   g.cout = scale.size(0), g.cinp = wg::round_up(g.cin), g.coutp = wg::round_up(g.cout);
-  TORCH_CHECK(u.dim() == 4 && u.size(0) == 36 && u.size(1) == wg::strips(g.coutp) && u.size(2) == g.cinp &&
-                  u.size(3) == wg::kStrip,
-              "fastdiff.winograd_conv: expected u of shape [36, ", wg::strips(g.coutp), ", ", g.cinp, ", ", wg::kStrip,
-              "] (winograd_weight of a [", g.cout, ", ", g.cin, ", 3, 3] weight), got ", u.sizes());
-  g.th = (g.h + 3) / 4, g.tw = (g.w + 3) / 4, g.hp = 4 * g.th + 2, g.wp = 4 * g.tw + 2;
+  // U's point count picks the tile: 36 F(4x4, 3x3), 16 F(2x2), 64 F(6x6) (winograd_kernels.h, tile_of_points).
+  const int64_t points = u.dim() == 4 ? u.size(0) : 0, tile = wg::tile_of_points(points);
+  TORCH_CHECK(tile > 0 && u.size(1) == wg::strips(g.coutp) && u.size(2) == g.cinp && u.size(3) == wg::kStrip,
+              "fastdiff.winograd_conv: expected u of shape [36 (or 16 / 64), ", wg::strips(g.coutp), ", ", g.cinp, ", ",
+              wg::kStrip, "] (winograd_weight or winograd_weight_tile of a [", g.cout, ", ", g.cin,
+              ", 3, 3] weight), got ", u.sizes());
+  g.th = (g.h + tile - 1) / tile, g.tw = (g.w + tile - 1) / tile, g.hp = tile * g.th + 2, g.wp = tile * g.tw + 2;
 
   const bool cl = is_channels_last(x_in);
   at::Tensor x = cl ? x_in : x_in.contiguous();
@@ -148,38 +191,51 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // its own buffers, so a convolution is two parallel regions however many chunks it has.
     const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
     const cpu::GemmKernels* kern = float_kernels(st);
+    if (kern != nullptr && points * g.cinp * g.coutp * int64_t(sizeof(T)) > (int64_t(12) << 20))
+      kern = cpu::streaming_gemm_kernels();  // U beyond the last-level cache: the table that prefetches it
     const auto gemm = kern != nullptr ? kern->point : nullptr;
     T* yp = y.mutable_data_ptr<T>();
+    // The transforms of U's tile: F(4x4) or, by the tile_* functions, F(2x2) / F(6x6) (winograd_kernels.h).
+    auto in_tf = [tile](const T* xt, const wg::Geometry& gg, int64_t t0, int64_t ta, int64_t tb, T* v) {
+      if (tile == 4) wg::input_transform<T>(xt, gg, t0, ta, tb, v);
+      else wg::tile_input_transform<T>(int(tile), xt, gg, t0, ta, tb, v);
+    };
+    auto out_tf = [tile](const T* m, const wg::Geometry& gg, int64_t t0, int64_t ta, int64_t tb,
+                         const wg::Epilogue<T>& e, bool chl, T* out) {
+      if (tile == 4) wg::output_transform<T>(m, gg, t0, ta, tb, e, chl, out);
+      else wg::tile_output_transform<T>(int(tile), m, gg, t0, ta, tb, e, chl, out);
+    };
     // Few tiles (an 8x8 or 16x16 map at batch 1): one chunk whose products the threads share by output
     // columns, so the transformed weight (which then dominates the time) is streamed once, not per thread;
     // below 4M multiply-adds (e.g. 128 channels on an 8x8 map) all on one thread, which measured faster
     // than three parallel regions (idle AMD Zen 4, 2 threads: 0.26 ms split, 0.19 ms on one thread).
     if (threads > 1 && gemm != nullptr && tiles <= 64 && g.coutp >= 64) {
-      const bool serial = 36 * tiles * g.cinp * g.coutp < int64_t(4) << 20;
+      const bool serial = points * tiles * g.cinp * g.coutp < int64_t(4) << 20;
       auto par = [serial](int64_t n, const std::function<void(int64_t, int64_t)>& f) {
         if (serial) f(0, n);
         else at::parallel_for(0, n, 1, f);
       };
-      auto ws = cpu::workspace({{g.n, g.hp, g.wp, g.cinp}, {tiles, 36, g.cinp}, {tiles, 36, g.coutp}}, x.options());
+      auto ws = cpu::workspace({{g.n, g.hp, g.wp, g.cinp}, {tiles, points, g.cinp}, {tiles, points, g.coutp}}, x.options());
       pack<T>(x, cl, silu_in, g, ws[0]);
       const T* xtc = ws[0].const_data_ptr<T>();
       T* vp = ws[1].mutable_data_ptr<T>();
       T* mp = ws[2].mutable_data_ptr<T>();
-      par(tiles, [&](int64_t b, int64_t e) { wg::input_transform<T>(xtc, g, 0, b, e, vp); });
+      par(tiles, [&](int64_t b, int64_t e) { in_tf(xtc, g, 0, b, e, vp); });
       par(g.coutp / 32 + (g.coutp % 32 != 0), [&](int64_t b, int64_t e) {
-        gemm(reinterpret_cast<const float*>(vp), reinterpret_cast<const float*>(u.const_data_ptr<T>()),
-             reinterpret_cast<float*>(mp), tiles, g.cinp, g.coutp, 32 * b, std::min(g.coutp, 32 * e));
+        point_gemms(kern, points, reinterpret_cast<const float*>(vp),
+                             reinterpret_cast<const float*>(u.const_data_ptr<T>()), reinterpret_cast<float*>(mp),
+                             tiles, g.cinp, g.coutp, 32 * b, std::min(g.coutp, 32 * e));
       });
-      par(tiles, [&](int64_t b, int64_t e) { wg::output_transform<T>(mp, g, 0, b, e, ep, cl, yp); });
+      par(tiles, [&](int64_t b, int64_t e) { out_tf(mp, g, 0, b, e, ep, cl, yp); });
       return;
     }
-    const int64_t chunk = chunk_tiles(g, sizeof(T));
+    const int64_t chunk = chunk_tiles(g, sizeof(T), points);
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
     const int64_t slots = std::min<int64_t>(threads, nchunks);
     // The fallback's BLAS takes U as rows [36][cinp][coutp].
     const at::Tensor u_rows = gemm != nullptr ? at::Tensor()
-        : u.permute({0, 2, 1, 3}).reshape({36, g.cinp, -1}).narrow(2, 0, g.coutp).contiguous();
-    auto ws = cpu::workspace({{g.n, g.hp, g.wp, g.cinp}, {slots, chunk, 36, g.cinp}, {slots, chunk, 36, g.coutp}},
+        : u.permute({0, 2, 1, 3}).reshape({points, g.cinp, -1}).narrow(2, 0, g.coutp).contiguous();
+    auto ws = cpu::workspace({{g.n, g.hp, g.wp, g.cinp}, {slots, chunk, points, g.cinp}, {slots, chunk, points, g.coutp}},
                         x.options());
     at::Tensor &xt = ws[0], &v = ws[1], &m = ws[2];
     pack<T>(x, cl, silu_in, g, xt);
@@ -191,14 +247,15 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
       T* mp = ms.mutable_data_ptr<T>();
       for (int64_t ci = b; ci < e; ci++) {
         const int64_t t0 = ci * chunk, t1 = std::min(tiles, t0 + chunk), nt = t1 - t0;
-        wg::input_transform<T>(xtc, g, t0, t0, t1, vp);
+        in_tf(xtc, g, t0, t0, t1, vp);
         if (gemm != nullptr) {
-          gemm(reinterpret_cast<const float*>(vp), reinterpret_cast<const float*>(u.const_data_ptr<T>()),
-               reinterpret_cast<float*>(mp), nt, g.cinp, g.coutp, 0, g.coutp);
+          point_gemms(kern, points, reinterpret_cast<const float*>(vp),
+                               reinterpret_cast<const float*>(u.const_data_ptr<T>()), reinterpret_cast<float*>(mp), nt,
+                               g.cinp, g.coutp, 0, g.coutp);
         } else {  // float64, or no AVX2: ATen's bmm on [36, nt, c] views of the tile-major buffers
           ms.narrow(0, 0, nt).transpose(0, 1).copy_(at::bmm(vs.narrow(0, 0, nt).transpose(0, 1), u_rows));
         }
-        wg::output_transform<T>(mp, g, t0, t0, t1, ep, cl, yp);
+        out_tf(mp, g, t0, t0, t1, ep, cl, yp);
       }
     });
   });
@@ -298,6 +355,7 @@ at::Tensor mp_conv_winograd_cpu(const at::Tensor& x, const at::Tensor& w, const 
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
+  m.impl("winograd_weight_tile", &winograd_weight_tile_cpu);
   m.impl("winograd_conv", &winograd_conv_cpu);
   m.impl("mp_conv_winograd", &mp_conv_winograd_cpu);
   m.impl("winograd_weight_grad", &winograd_weight_grad_cpu);

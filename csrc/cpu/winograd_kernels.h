@@ -58,6 +58,10 @@ template <typename T> struct TransformKernels {
   void (*weight_transform)(const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
   void (*grad_transform)(const T* gp, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* gt);
   void (*weight_grad_transform)(const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1);
+  void (*tile_input_transform)(int m, const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* v);
+  void (*tile_output_transform)(int m, const T* mm, const Geometry& g, int64_t t0, int64_t ta, int64_t tb,
+                                const Epilogue<T>& ep, bool channels_last, T* y);
+  void (*tile_weight_transform)(int m, const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1);
 };
 
 // The per-ISA tables (winograd_kernels_avx2.cpp, winograd_kernels_baseline.cpp; the AVX2 one null where
@@ -103,6 +107,32 @@ void grad_transform(const T* gp, const Geometry& g, int64_t t0, int64_t ta, int6
 // dW [cout][cin][3][3] (contiguous) from dU [36][cinp][coutp] for input channels [c0, c1) of [0, cin).
 template <typename T> void weight_grad_transform(const T* du, const Geometry& g, T* dw, int64_t c0, int64_t c1) {
   transform_kernels<T>()->weight_grad_transform(du, g, dw, c0, c1);
+}
+
+// The other tile sizes beside F(4x4, 3x3): F(2x2, 3x3) (4x4 input patches, 16 points) and F(6x6, 3x3)
+// (8x8 patches, 64 points), Lavin & Gray 2016, Sec. 4 (Eq. 9 nested in 2-D), in winograd_tiles_kernels.inc.
+// Same layouts as above with P = (m + 2)^2 points instead of 36 for an m x m output tile (hp = m th + 2,
+// wp = m tw + 2, th and tw = ceil(h / m), ceil(w / m)): V [tiles][P][cinp], U [P][ns][cinp][32],
+// M [tiles][P][coutp]. At batch 1 the small maps (8x8: 4 tiles of 4x4) read the whole transformed weight
+// (P / 9 times the 3x3 weight) from memory for a few tiles' products, so F(2x2)'s 16 points beat F(4x4)'s
+// 36 there; F(6x6) does 21% fewer multiplies per output than F(4x4) on large maps. Forward only.
+
+// Output tile side of a U with `points` points: 2 (16), 4 (36) or 6 (64); 0 for anything else.
+inline int64_t tile_of_points(int64_t points) {
+  return points == 16 ? 2 : points == 36 ? 4 : points == 64 ? 6 : 0;
+}
+// input_transform, output_transform and weight_transform for an m x m tile (m = 2 or 6).
+template <typename T>
+void tile_input_transform(int m, const T* xt, const Geometry& g, int64_t t0, int64_t ta, int64_t tb, T* v) {
+  transform_kernels<T>()->tile_input_transform(m, xt, g, t0, ta, tb, v);
+}
+template <typename T>
+void tile_output_transform(int m, const T* mm, const Geometry& g, int64_t t0, int64_t ta, int64_t tb,
+                           const Epilogue<T>& ep, bool channels_last, T* y) {
+  transform_kernels<T>()->tile_output_transform(m, mm, g, t0, ta, tb, ep, channels_last, y);
+}
+template <typename T> void tile_weight_transform(int m, const T* w, const Geometry& g, T* u, int64_t c0, int64_t c1) {
+  transform_kernels<T>()->tile_weight_transform(m, w, g, u, c0, c1);
 }
 
 }  // namespace winograd

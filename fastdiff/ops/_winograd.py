@@ -8,7 +8,8 @@ weight gradient by the same algorithm on the transposed problem (``dU = sum over
 ``dW = G^T dU G``, ``winograd_weight_grad``). ``winograd_conv`` fuses
 the EDM2 block's elementwise chain around it (EDM2 Alg. 1 / Fig. 21, the residual branch): ``mp_silu`` of
 the input, the MP weight factor per output channel, then ``mp_silu(y * (1 + c))`` or ``mp_sum(x, y, t)``
-and ``clip``. Only the CPU has these kernels; elsewhere (CUDA keeps cuDNN) the chain runs unfused.
+and ``clip``. Only the CPU has these kernels; elsewhere (CUDA keeps cuDNN) the chain runs unfused. In eval
+the forward also runs on F(2x2, 3x3) tiles where ``winograd_tile`` picks them (few tiles, large weights).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ _ENV = os.environ.get("FASTDIFF_CONV", "").strip().lower()
 if _ENV not in ("", "auto", "aten", "winograd"):
     raise ValueError(f"FASTDIFF_CONV: expected 'aten', 'winograd' or 'auto', got {_ENV!r}")
 _FORCE = [_ENV if _ENV in ("aten", "winograd") else None]  # a plain list so torch.compile can read it
-_LANES = 8  # channel padding of the transformed weight (winograd.h kLanes)
+_LANES = 8  # channel padding of the transformed weight (winograd_kernels.h kLanes)
+_TILES_ENV = os.environ.get("FASTDIFF_WINOGRAD_TILES", "").strip().lower()
+if _TILES_ENV not in ("", "auto", "4"):
+    raise ValueError(f"FASTDIFF_WINOGRAD_TILES: expected 'auto' or '4' (F(4x4) tiles only), got {_TILES_ENV!r}")
 
 
 def _round_up(c: int) -> int:
@@ -72,7 +76,8 @@ def _check_w3x3(op: str, w) -> None:
           f"expected a non-empty 3x3 weight [out, in, 3, 3], got shape {tuple(w.shape)}")
 
 
-@register("winograd_weight", "winograd_conv", "winograd_weight_grad", "conv1x1", "mp_conv_winograd")
+@register("winograd_weight", "winograd_weight_tile", "winograd_conv", "winograd_weight_grad", "conv1x1",
+          "mp_conv_winograd")
 def _register() -> None:
     reg = torch.library.register_fake
 
@@ -82,6 +87,13 @@ def _register() -> None:
         _check_w3x3("winograd_weight", w)
         return w.new_empty((36, -(-_round_up(w.shape[0]) // 32), _round_up(w.shape[1]), 32))
 
+    @reg(lib + "winograd_weight_tile")
+    def _(w, tile):
+        _check_f32_f64("winograd_weight_tile", w=w)
+        check(tile in (2, 6), "winograd_weight_tile", f"expected tile 2 or 6 (F(2x2, 3x3) or F(6x6, 3x3)), got {tile}")
+        _check_w3x3("winograd_weight_tile", w)
+        return w.new_empty(((tile + 2) ** 2, -(-_round_up(w.shape[0]) // 32), _round_up(w.shape[1]), 32))
+
     @reg(lib + "winograd_conv")
     def _(x, u, scale, silu_in=False, mod=None, res=None, t=0.5, clip=0.0):
         op = "winograd_conv"
@@ -90,9 +102,9 @@ def _register() -> None:
         check_same(op, "x", x, "u", u, same_shape=False)
         check(scale.ndim == 1 and scale.shape[0] > 0, op, f"expected scale of shape [out_channels], got {tuple(scale.shape)}")
         cinp, coutp = _round_up(x.shape[1]), _round_up(scale.shape[0])
-        check(u.ndim == 4 and tuple(u.shape) == (36, -(-coutp // 32), cinp, 32), op,
-              f"expected u = winograd_weight(w) of shape {(36, -(-coutp // 32), cinp, 32)} for {x.shape[1]} input "
-              f"and {scale.shape[0]} output channels, got {tuple(u.shape)}")
+        check(u.ndim == 4 and u.shape[0] in (16, 36, 64) and tuple(u.shape[1:]) == (-(-coutp // 32), cinp, 32), op,
+              f"expected u = winograd_weight(w) of shape {(36, -(-coutp // 32), cinp, 32)} (or winograd_weight_tile's "
+              f"16 / 64 points) for {x.shape[1]} input and {scale.shape[0]} output channels, got {tuple(u.shape)}")
         y = _cl_like(x, x.new_empty((x.shape[0], scale.shape[0], x.shape[2], x.shape[3])))
         if mod is not None:
             check_cond(op, y, mod)
@@ -216,6 +228,8 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     if cin < 16 and tiles < 16:
         return "aten", f"{cin} input channels < 16 and {tiles} tiles < 16"
     # Few tiles need no rule of their own: the transformed weight is streamed in contiguous panels.
+    if _tile(cin, cout, height, width, batch, dtype, _TILES_ENV) == 2:
+        return "winograd", f"{tiles} tiles of 4x4; F(2x2) tiles in eval (winograd_tile)"
     return "winograd", f"{tiles} tiles of 4x4"
 
 
@@ -281,13 +295,62 @@ def winograd_scale(row: torch.Tensor, gain, w: torch.Tensor) -> torch.Tensor:
 def winograd_eval(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in: bool = False, c=None, res=None,
                   t: float = 0.5, clip: float = 0.0) -> torch.Tensor:
     """The fused chain in one ``winograd_conv`` call, below autograd (the caller has checked that no gradient
-    is needed and that the Winograd kernel applies)."""
+    is needed and that the Winograd kernel applies). ``u`` is the F(4x4) ``winograd_weight``; where
+    ``winograd_tile`` picks another tile for this shape, its transform (``retile``, kept on ``u``) runs."""
     with torch._C._AutoDispatchBelowAutograd():
+        if u.shape[0] == 36 and x.ndim == 4:
+            tile = _tile(x.shape[1], scale.shape[0], x.shape[2], x.shape[3], x.shape[0], x.dtype, _TILES_ENV)
+            if tile != 4:
+                u = retile(u, tile)
         if c is not None and c.dtype != x.dtype:
             c = c.to(x.dtype)
         if res is not None and res.dtype != x.dtype:
             res = res.to(x.dtype)
         return torch.ops.fastdiff.winograd_conv(x, u, scale, silu_in, c, res, float(t), float(clip))
+
+
+def winograd_tile(cin: int, cout: int, height: int, width: int, batch: int = 1, dtype=torch.float32) -> int:
+    """The output tile side of the eval-mode Winograd convolution: 4 (F(4x4, 3x3), the default), or 2
+    (F(2x2, 3x3), 16 points instead of 36) where few 4x4 tiles (batch 1-2 of an 8x8 map) meet many
+    channels: there the products read the whole transformed weight from memory for a few rows each, and
+    F(2x2)'s is 16 / 36 the size (measured crossovers: BENCHMARKS.md, "Winograd tile sizes").
+    ``FASTDIFF_WINOGRAD_TILES=4`` keeps F(4x4) everywhere. The training path is F(4x4) throughout."""
+    return _tile(cin, cout, height, width, batch, dtype, _TILES_ENV)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tile(cin, cout, h, w, n, dtype, env) -> int:
+    if env == "4" or dtype != torch.float32 or not _ext.has_kernel("winograd_weight_tile", "cpu"):
+        return 4
+    tiles4 = n * -(-h // 4) * -(-w // 4)
+    if tiles4 <= 8 and min(cin, cout) >= 256:
+        return 2
+    return 4
+
+
+# P with P G = I for F(4x4)'s G (rows 0, 1 - 2 and 5 of G are multiples of the unit rows), so that
+# g = P U P^T recovers the 3x3 filter from its F(4x4) transform U = G g G^T.
+_P4 = ((4.0, 0, 0, 0, 0, 0), (0, -3.0, 3.0, 0, 0, 0), (0, 0, 0, 0, 0, 1.0))
+
+
+def retile(u: torch.Tensor, tile: int) -> torch.Tensor:
+    """The F(tile x tile, 3x3) transform (``winograd_weight_tile``) of the filter whose F(4x4) transform is
+    ``u`` (``winograd_weight``'s layout ``[36, strips, in_p, 32]``), recovered from ``u`` as ``P U P^T``
+    (float64; exact up to rounding) so that callers that cache only ``u`` need nothing else. Kept on ``u``
+    itself (keyed on its version counter): computed once per transformed weight."""
+    memo = getattr(u, "_fd_retiled", None)
+    if memo is not None and memo[0] == u._version and tile in memo[1]:
+        return memo[1][tile]
+    p = torch.tensor(_P4, dtype=torch.float64, device=u.device)
+    ns, cinp = u.shape[1], u.shape[2]
+    g = torch.einsum("ai,bj,ijsck->abskc", p, p, u.reshape(6, 6, ns, cinp, 32).to(torch.float64))
+    w = g.reshape(3, 3, ns * 32, cinp).permute(2, 3, 0, 1).to(u.dtype).contiguous()
+    out = torch.ops.fastdiff.winograd_weight_tile(w, tile)
+    if memo is None or memo[0] != u._version:
+        memo = (u._version, {})
+        u._fd_retiled = memo
+    memo[1][tile] = out
+    return out
 
 
 def _chain(ops, x, w, gain, silu_in, c, res, t, clip):
