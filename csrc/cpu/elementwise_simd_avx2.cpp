@@ -65,6 +65,7 @@ struct V {
   static FD_INLINE M le(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
   static FD_INLINE M mand(M a, M b) { return _mm256_and_ps(a, b); }
   static FD_INLINE F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, m); }
+  static FD_INLINE bool any(M m) { return _mm256_movemask_ps(m) != 0; }
   static FD_INLINE float hsum(F a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -66,6 +66,7 @@ struct V {
   static FD_INLINE M le(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
   static FD_INLINE M mand(M a, M b) { return static_cast<M>(a & b); }
   static FD_INLINE F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }
+  static FD_INLINE bool any(M m) { return m != 0; }
   static FD_INLINE float hsum(F a) {
     const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));

@@ -66,6 +66,16 @@ template <typename FT, typename IT> struct Portable {
   static FD_INLINE M le(F a, F b) { return a <= b; }
   static FD_INLINE M mand(M a, M b) { return a & b; }
   static FD_INLINE F select(M m, F a, F b) { return m ? a : b; }
+  static FD_INLINE bool any(M m) {
+    if constexpr (std::is_arithmetic<F>::value) {
+      return m;
+    } else {
+      uint64_t w[sizeof(M) / 8], acc = 0;
+      std::memcpy(w, &m, sizeof(M));
+      for (int i = 0; i < int(sizeof(M) / 8); i++) acc |= w[i];
+      return acc != 0;
+    }
+  }
 };
 
 // The float lane type of F (F itself for a scalar).
@@ -81,8 +91,10 @@ template <> struct lane_of<double> { using type = double; };
 // 2^(k/2) 2^(k - k/2), each a normal float, so results down to the subnormal range (x > -103.97) and up to
 // overflow (x > 88.72 gives +inf) come out right. Clamping x to [-104, 89] first keeps k in range;
 // -inf gives 0, +inf gives +inf, NaN stays NaN (the clamps pass a NaN operand through). About 1 ulp.
+// kSubnormal false: for callers that never need e^x below e^-87 (vmp_silu_above_floor): x is clamped to -87
+// instead and 2^k applied as one factor (k <= 127 then; x above 88.72 must not reach it).
 // float64 lanes use std::exp lane by lane.
-template <typename V> FD_INLINE typename V::F vexp(typename V::F x) {
+template <typename V, bool kSubnormal = true> FD_INLINE typename V::F vexp(typename V::F x) {
   using F = typename V::F;
   if constexpr (std::is_same<typename lane_of<F>::type, double>::value) {
     if constexpr (std::is_arithmetic<F>::value) {
@@ -94,7 +106,7 @@ template <typename V> FD_INLINE typename V::F vexp(typename V::F x) {
     }
   } else {
     using I = typename V::I;
-    x = V::max_(V::set1(-104.0f), x);
+    x = V::max_(V::set1(kSubnormal ? -104.0f : -87.0f), x);
     x = V::min_(V::set1(89.0f), x);
     const F kf = V::round(x * V::set1(1.44269504088896341f));
     F r = V::fma(kf, V::set1(-0.693359375f), x);
@@ -107,6 +119,7 @@ template <typename V> FD_INLINE typename V::F vexp(typename V::F x) {
     p = V::fma(p, r, V::set1(5.0000001201e-1f));
     p = V::fma(p, r * r, r + V::set1(1.0f));
     const I k = V::cvt(kf);
+    if constexpr (!kSubnormal) return p * V::as_float(V::slli(V::iadd(k, V::iset1(127)), 23));
     const I k1 = V::srai(k, 1);
     const I k2 = V::isub(k, k1);
     const F s1 = V::as_float(V::slli(V::iadd(k1, V::iset1(127)), 23));
@@ -132,8 +145,34 @@ template <typename V> FD_INLINE typename V::F vinv_silu_div() {
 
 // mp_silu(x) = silu(x) / 0.596 = x sigmoid(x) / 0.596; the limit 0 at x = -inf (where the product is
 // -inf * 0).
+// Below this, e^-x may overflow and silu(x) = x e^x / (1 + e^x) is subnormal: vmp_silu's careful form.
+constexpr float kSiluFastFloor = -87.0f;
+
+// mp_silu(x) = x / ((1 + e^-x) 0.596) for lanes all above kSiluFastFloor (or NaN, which stays NaN): e^-x is
+// finite there, so no limit needs care. About 3 ulp.
+template <typename V> FD_INLINE typename V::F vmp_silu_above_floor(typename V::F x) {
+  using F = typename V::F;
+  return (x * vinv_silu_div<V>()) / (vexp<V, false>(F{} - x) + V::set1(1.0f));
+}
+
+// mp_silu for the fused epilogues of the convolutions: vmp_silu_above_floor of max(x, kSiluFastFloor), so no
+// branch at all: the same values as vmp_silu above -87, and below it (-inf included) the value at -87,
+// -2.4e-36, instead of the subnormal tail (an absolute difference under 2.4e-36). NaN stays NaN.
+template <typename V> FD_INLINE typename V::F vmp_silu_floored(typename V::F x) {
+  return vmp_silu_above_floor<V>(V::max_(V::set1(kSiluFastFloor), x));
+}
+
+// Whether any lane of x is at or below kSiluFastFloor (then vmp_silu takes its careful form).
+template <typename V> FD_INLINE bool silu_needs_tail(typename V::F x) {
+  return V::any(V::le(x, V::set1(kSiluFastFloor)));
+}
+
+// mp_silu(x) = silu(x) / 0.596 = x sigmoid(x) / 0.596: vmp_silu_above_floor where every lane allows it (the
+// common case), else x sigmoid(x) with sigmoid from e^-|x|, which keeps the subnormal values of silu down
+// to x = -104 and the limit 0 at x = -inf (where the product is -inf * 0).
 template <typename V> FD_INLINE typename V::F vmp_silu(typename V::F x) {
   using F = typename V::F;
+  if (!silu_needs_tail<V>(x)) return vmp_silu_above_floor<V>(x);
   const F y = (x * vsigmoid<V>(x)) * vinv_silu_div<V>();
   return V::select(V::eq(x, F{} - INFINITY), F{}, y);
 }
