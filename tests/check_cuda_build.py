@@ -23,7 +23,7 @@ except ImportError:
 
 
 # CPU-only by design: the Winograd MP convolution (fastdiff.ops.conv_path picks ATen / cuDNN on CUDA).
-CPU_ONLY = {"winograd_weight", "winograd_conv", "mp_conv_winograd", "winograd_weight_grad", "conv1x1"}
+CPU_ONLY = {"winograd_weight", "winograd_weight_tile", "winograd_conv", "mp_conv_winograd", "winograd_weight_grad", "conv1x1"}
 # The GPU route's own ops (issue 23): named here too, so a build that lost them fails even if their CPU
 # kernels went missing as well.
 GPU_ROUTE = {"mp_sum_clip", "mp_sum_clip_silu", "mp_sum_clip_backward", "attention_qkv_norm",
