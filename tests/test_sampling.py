@@ -544,7 +544,9 @@ def test_tsg_reaches_the_noise_embedding_of_fastdiff_networks():
                      generators=rng.seed_generators(range(2)))
     assert seen == [torch.Size([2, net.unet.emb_noise.out_channels])] and torch.equal(d, d_id)
     assert not torch.allclose(d, d_big)
-    torch.testing.assert_close(tsg0, plain, atol=1e-5, rtol=1e-5)
+    # scale 0 runs the network on 2 + 2 samples per call where plain runs 2: other batch sizes take other
+    # kernel paths (Winograd chunks, the convolution selector), so the two agree to float rounding, not bitwise
+    torch.testing.assert_close(tsg0, plain, atol=5e-5, rtol=1e-4)
     assert not torch.allclose(tsg, plain, atol=1e-3)
 
 
