@@ -40,7 +40,7 @@
 //   attention_qkv_norm_backward | block_cpu.cpp                                 | block_cuda.cpp > block_kernels.cu             | attention_qkv_norm
 //   solver_step                 | solver_cpu.cpp > elementwise_simd.inc         | solver_cuda.cpp > solver_kernels.cu           | solver_step
 //   winograd_weight             | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | winograd_weight
-//   winograd_weight_tile        | winograd_cpu.cpp > winograd_tiles_kernels.inc | -                                             | mp_conv_fused
+//   winograd_weight_tile        | winograd_cpu.cpp > winograd_tiles_kernels.inc | -                                             | winograd_weight
 //   winograd_conv               | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused
 //   mp_conv_winograd            | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused
 //   winograd_weight_grad        | winograd_cpu.cpp > winograd_kernels.inc       | -                                             | mp_conv_fused

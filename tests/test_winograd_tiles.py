@@ -1,6 +1,6 @@
 """The F(2x2, 3x3) and F(6x6, 3x3) Winograd tiles (csrc/cpu/winograd_tiles_kernels.inc): the weight transform, the
 fused convolution with every epilogue against the direct convolution, the GEMM edges on every ISA, the
-thread split, non-finite inputs, the F(4x4) -> other tile conversion of ``ops._winograd.retile`` and the
+thread split, non-finite inputs, the per-tile transforms of ``ops.MPConvWeights`` and the
 tile choice of ``winograd_tile``."""
 
 from __future__ import annotations
@@ -210,17 +210,22 @@ def test_fake_kernel_matches_real_output():
 
 @requires_tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_retile_recovers_the_filter_and_is_kept_on_u(dtype):
+def test_layer_cache_keeps_each_tiles_transform(dtype):
+    """MPConvWeights makes each tile's transform from the weight once, beside the F(4x4) one, with one row
+    scale for all, and makes them again after an in-place change of the weight."""
     wt = rnd(37, 19, 3, 3, dtype=dtype, seed=7)
-    u = torch.ops.fastdiff.winograd_weight(wt)
+    cache = ops.MPConvWeights()
+    u4, row = cache.winograd_weight(wt)
+    assert torch.equal(u4, torch.ops.fastdiff.winograd_weight(wt))
     for tile in (2, 6):
-        got = W.retile(u, tile)
-        want = torch.ops.fastdiff.winograd_weight_tile(wt, tile)
-        assert got.shape == want.shape
-        assert rel(got, want) < (1e-14 if dtype == torch.float64 else 3e-7)
-        assert W.retile(u, tile) is got  # memoized
-    u.mul_(2)  # a new version: recomputed, not the stale transform
-    assert rel(W.retile(u, 2), 2 * torch.ops.fastdiff.winograd_weight_tile(wt, 2)) < 1e-6
+        got, row_t = cache.winograd_weight(wt, tile=tile)
+        assert torch.equal(got, torch.ops.fastdiff.winograd_weight_tile(wt, tile)) and row_t is row
+        assert cache.winograd_weight(wt, tile=tile)[0] is got  # memoized
+    assert cache.winograd_weight(wt)[0] is u4
+    assert len(cache.tensors()) == 4  # the row scale and three transforms
+    with torch.no_grad():
+        wt.mul_(2)  # a new version: recomputed, not the stale transform
+    assert torch.equal(cache.winograd_weight(wt, tile=2)[0], torch.ops.fastdiff.winograd_weight_tile(wt, 2))
 
 
 @requires_tiles
@@ -237,17 +242,22 @@ def test_tile_choice():
 @requires_tiles
 @pytest.mark.parametrize("kind", list(EPILOGUES))
 def test_eval_path_uses_the_chosen_tile(kind, monkeypatch):
-    """winograd_eval (the networks' eval path) runs F(2x2) where winograd_tile picks it, from the cached
-    F(4x4) transform, and agrees with the F(4x4) result."""
+    """The layers' eval path (MPConvWeights.run) runs F(2x2) where winograd_tile picks it, with the F(2x2)
+    transform made and kept by the layer's cache, and agrees with the F(4x4) result."""
     n, c, h = 1, 256, 8
     x, wt = rnd(n, c, h, h, dtype=torch.float32, seed=1), rnd(c, c, 3, 3, dtype=torch.float32, seed=2, scale=0.02)
-    u, scale = torch.ops.fastdiff.winograd_weight(wt), torch.ones(c)
     args = _args(kind, n, c, h, h, torch.float32)
     assert W.winograd_tile(c, c, h, h, n) == 2
-    got = W.winograd_eval(x, u, scale, *args)
-    assert W.retile(u, 2) is u._fd_retiled[1][2]  # the F(2x2) transform was made and kept
+    cache = ops.MPConvWeights()
+    with torch.no_grad():
+        layer = cache.run(x, wt, 1.0, False, *args)
+    assert [u.shape[0] for u in cache.tensors() if u.ndim == 4] == [16]  # the F(2x2) transform was made and kept
+    u2, row = cache.winograd_weight(wt, tile=2)
+    assert torch.equal(layer, W.winograd_eval(x, u2, W.winograd_scale(row, 1.0, wt), *args))
+    scale = torch.ones(c)
+    got = W.winograd_eval(x, u2, scale, *args)
     monkeypatch.setattr(W, "_TILES_ENV", "4")
-    f4 = W.winograd_eval(x, u, scale, *args)
+    f4 = W.winograd_eval(x, torch.ops.fastdiff.winograd_weight(wt), scale, *args)
     want = direct(x, wt, scale, *args)
     assert ((got.double() - want).norm() / want.norm()).item() < 2e-6
     assert ((got.double() - f4.double()).norm() / f4.double().norm()).item() < 4e-6

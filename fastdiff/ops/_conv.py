@@ -152,7 +152,7 @@ class MPConvWeights:
 
     def __init__(self):
         self._hat = None  # (key, effective weight)
-        self._wino = None  # (key, (Winograd weight transform, row scale))
+        self._wino = None  # (key, row scale, {tile: Winograd weight transform})
         self._scale = None  # ((row scale, gain key), the output transform's per-channel factor)
 
     def clear(self) -> None:
@@ -164,7 +164,8 @@ class MPConvWeights:
         if self._hat is not None:
             out.append(self._hat[1])
         if self._wino is not None:
-            out.extend(self._wino[1])
+            out.append(self._wino[1])
+            out.extend(self._wino[2].values())
         if self._scale is not None:
             out.append(self._scale[1])
         return out
@@ -191,21 +192,23 @@ class MPConvWeights:
         self._hat = (key, w_hat)
         return w_hat
 
-    def winograd_weight(self, w: torch.Tensor, dtype: torch.dtype | None = None):
-        """The cached ``(winograd_weight(W), weight_norm_scale(W))`` pair of the Winograd path (no gradient). It
-        holds the un-normalized weight's transform: the MP factor ``gain * s_o / sqrt(fan_in)`` is applied per
-        output channel in the fused output transform, so a gain change needs no new transform."""
+    def winograd_weight(self, w: torch.Tensor, dtype: torch.dtype | None = None, tile: int = 4):
+        """The cached ``(winograd_weight(W, tile), weight_norm_scale(W))`` pair of the Winograd path (no
+        gradient; each tile's transform made once, on first use). It holds the un-normalized weight's
+        transform: the MP factor ``gain * s_o / sqrt(fan_in)`` is applied per output channel in the fused
+        output transform, so a gain change needs no new transform."""
         dtype = dtype or w.dtype
         key = (w._version, w.data_ptr(), w.device, dtype)
         cache = self._wino
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        with torch.inference_mode(False), torch.no_grad():
-            wd = w.detach()
-            # (Only reached where the Winograd kernels exist: the row scale is always the kernel's.)
-            pair = (winograd_weight(wd.to(dtype)), torch.ops.fastdiff.weight_norm_scale(wd, EPS))
-        self._wino = (key, pair)
-        return pair
+        if cache is None or cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                # (Only reached where the Winograd kernels exist: the row scale is always the kernel's.)
+                cache = self._wino = (key, torch.ops.fastdiff.weight_norm_scale(w.detach(), EPS), {})
+        u = cache[2].get(tile)
+        if u is None:
+            with torch.inference_mode(False), torch.no_grad():
+                u = cache[2][tile] = winograd_weight(w.detach().to(dtype), tile)
+        return u, cache[1]
 
     def winograd_scale(self, w: torch.Tensor, row: torch.Tensor, gain) -> torch.Tensor:
         """The cached per-output-channel factor ``gain * row / sqrt(fan_in)`` of the fused output transform."""
@@ -231,7 +234,8 @@ class MPConvWeights:
             if uses_kernel("winograd_conv", x) and not needs_grad(x, c, res):
                 # No gradient: straight to the kernel with the cached transform and factor, without
                 # mp_conv_fused's per-call checks.
-                u, row = self.winograd_weight(w, x.dtype)
+                tile = _wg.winograd_tile(x.shape[1], w.shape[0], x.shape[2], x.shape[3], x.shape[0], x.dtype)
+                u, row = self.winograd_weight(w, x.dtype, tile)
                 return _wg.winograd_eval(x, u, self.winograd_scale(w, row, gain), silu_in, c, res, t, clip)
             cache = self.winograd_weight(w, x.dtype)
             return _wg.mp_conv_fused(x, w, gain, silu_in=silu_in, c=c, res=res, t=t, clip=clip, cache=cache)

@@ -58,8 +58,11 @@ def winograd_weight_grad_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
     return tiles >= 32 and tiles * 8 >= max(w.shape[0], w.shape[1])
 
 
-def winograd_weight(w: torch.Tensor) -> torch.Tensor:
-    """The F(4x4, 3x3) weight transform ``G g G^T`` of a 3x3 weight, ``[36, in_p, out_p]`` (no gradient)."""
+def winograd_weight(w: torch.Tensor, tile: int = 4) -> torch.Tensor:
+    """The F(tile x tile, 3x3) weight transform ``G g G^T`` of a 3x3 weight (no gradient): F(4x4),
+    ``[36, strips, in_p, 32]``, or where ``tile`` is 2 / 6 (kernel only) F(2x2) / F(6x6) with 16 / 64 points."""
+    if tile != 4:
+        return torch.ops.fastdiff.winograd_weight_tile(w.detach(), tile)
     if uses_kernel("winograd_weight", w) and w.dtype in (torch.float32, torch.float64):
         return torch.ops.fastdiff.winograd_weight(w.detach())
     return reference.winograd_weight(w.detach())
@@ -269,7 +272,7 @@ def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool =
         y = clip(y, clip)          if clip > 0
 
     Without a gradient the whole chain is one ``winograd_conv`` call (``cache``: the ``(u, row_scale)`` pair
-    of ``winograd_weight(w)`` and ``weight_norm_scale(w)``, e.g. cached by ``MPConv`` in eval mode); with a
+    of ``winograd_weight(w, tile)`` and ``weight_norm_scale(w)``, e.g. cached by ``MPConvWeights``); with a
     gradient the convolution is the differentiable ``mp_conv_winograd`` and the rest the fused elementwise
     ops. Shapes the selector gives to ATen (``conv_path``) run the same chain on ``ops.mp_conv``."""
     from fastdiff import ops
@@ -279,7 +282,8 @@ def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool =
     if not _needs_grad(x, w, gain, c, res):
         with torch._C._AutoDispatchBelowAutograd():
             if cache is None:
-                cache = (torch.ops.fastdiff.winograd_weight(w.to(x.dtype)), torch.ops.fastdiff.weight_norm_scale(w, eps))
+                tile = winograd_tile(x.shape[1], w.shape[0], x.shape[2], x.shape[3], x.shape[0], x.dtype)
+                cache = (winograd_weight(w.to(x.dtype), tile), torch.ops.fastdiff.weight_norm_scale(w, eps))
             u, row = cache
             return winograd_eval(x, u, winograd_scale(row, gain, w), silu_in, c, res, t, clip)
     y = torch.ops.fastdiff.mp_conv_winograd(ops.mp_silu(x) if silu_in else x, w, _dispatch.gain_tensor(gain, w), eps)
@@ -295,13 +299,9 @@ def winograd_scale(row: torch.Tensor, gain, w: torch.Tensor) -> torch.Tensor:
 def winograd_eval(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in: bool = False, c=None, res=None,
                   t: float = 0.5, clip: float = 0.0) -> torch.Tensor:
     """The fused chain in one ``winograd_conv`` call, below autograd (the caller has checked that no gradient
-    is needed and that the Winograd kernel applies). ``u`` is the F(4x4) ``winograd_weight``; where
-    ``winograd_tile`` picks another tile for this shape, its transform (``retile``, kept on ``u``) runs."""
+    is needed and that the Winograd kernel applies). ``u``: ``winograd_weight(w, tile)`` for the tile
+    ``winograd_tile`` picks for this shape (the kernel tiles the output by ``u``'s point count)."""
     with torch._C._AutoDispatchBelowAutograd():
-        if u.shape[0] == 36 and x.ndim == 4:
-            tile = _tile(x.shape[1], scale.shape[0], x.shape[2], x.shape[3], x.shape[0], x.dtype, _TILES_ENV)
-            if tile != 4:
-                u = retile(u, tile)
         if c is not None and c.dtype != x.dtype:
             c = c.to(x.dtype)
         if res is not None and res.dtype != x.dtype:
@@ -326,31 +326,6 @@ def _tile(cin, cout, h, w, n, dtype, env) -> int:
     if tiles4 <= 8 and min(cin, cout) >= 256:
         return 2
     return 4
-
-
-# P with P G = I for F(4x4)'s G (rows 0, 1 - 2 and 5 of G are multiples of the unit rows), so that
-# g = P U P^T recovers the 3x3 filter from its F(4x4) transform U = G g G^T.
-_P4 = ((4.0, 0, 0, 0, 0, 0), (0, -3.0, 3.0, 0, 0, 0), (0, 0, 0, 0, 0, 1.0))
-
-
-def retile(u: torch.Tensor, tile: int) -> torch.Tensor:
-    """The F(tile x tile, 3x3) transform (``winograd_weight_tile``) of the filter whose F(4x4) transform is
-    ``u`` (``winograd_weight``'s layout ``[36, strips, in_p, 32]``), recovered from ``u`` as ``P U P^T``
-    (float64; exact up to rounding) so that callers that cache only ``u`` need nothing else. Kept on ``u``
-    itself (keyed on its version counter): computed once per transformed weight."""
-    memo = getattr(u, "_fd_retiled", None)
-    if memo is not None and memo[0] == u._version and tile in memo[1]:
-        return memo[1][tile]
-    p = torch.tensor(_P4, dtype=torch.float64, device=u.device)
-    ns, cinp = u.shape[1], u.shape[2]
-    g = torch.einsum("ai,bj,ijsck->abskc", p, p, u.reshape(6, 6, ns, cinp, 32).to(torch.float64))
-    w = g.reshape(3, 3, ns * 32, cinp).permute(2, 3, 0, 1).to(u.dtype).contiguous()
-    out = torch.ops.fastdiff.winograd_weight_tile(w, tile)
-    if memo is None or memo[0] != u._version:
-        memo = (u._version, {})
-        u._fd_retiled = memo
-    memo[1][tile] = out
-    return out
 
 
 def _chain(ops, x, w, gain, silu_in, c, res, t, clip):
