@@ -55,13 +55,13 @@ def bench_case(c: int, r: int, n: int, rounds: int) -> dict:
     w = torch.randn(c, c, 3, 3, generator=g)
     cc = torch.randn(n, c, generator=g)
     w_hat = ops.mp_weight(w)
-    cache = (ops.winograd_weight(w), ops.weight_norm_scale(w))
+    layer = ops.MPConvWeights()  # the eval-mode caches of an MPConv: transform (of the tile chosen), factor
     with ops.use_conv_path("winograd"):
         impls = {
             "aten": lambda: F.conv2d(x, w_hat, padding=1),
-            "winograd": lambda: ops.mp_conv_fused(x, w, cache=cache),
+            "winograd": lambda: layer.run(x, w),
             "chain_aten": lambda: ops.mp_silu_modulate(F.conv2d(ops.mp_silu(x), w_hat, padding=1), cc),
-            "chain_fused": lambda: ops.mp_conv_fused(x, w, silu_in=True, c=cc, cache=cache),
+            "chain_fused": lambda: layer.run(x, w, silu_in=True, c=cc),
             # Training's weight gradient: ATen's convolution_backward (weight only) vs the Winograd form.
             "wgrad_aten": lambda: torch.ops.aten.convolution_backward(
                 x, x, w_hat, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]),

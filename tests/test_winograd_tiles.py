@@ -17,10 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HAS = ops.HAS_EXTENSION and ops._ext.has_kernel("winograd_weight_tile", "cpu")
 requires_tiles = pytest.mark.skipif(not HAS, reason="Winograd tile kernels not built")
 
-# G of F(2x2, 3x3) and F(6x6, 3x3) (Lavin & Gray 2016), for the reference weight transform.
-G = {2: [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
-     6: [[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9], [1 / 90, 1 / 45, 2 / 45],
-         [1 / 90, -1 / 45, 2 / 45], [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]]}
 
 
 def rnd(*shape, dtype=torch.float64, seed=0, scale=1.0):
@@ -57,9 +53,12 @@ def test_weight_transform_matches_reference(tile, cin, cout, dtype):
     assert got.shape == (p, -(-coutp // 32), cinp, 32) and got.dtype == dtype
     rows = got.permute(0, 2, 1, 3).reshape(p, cinp, -1)  # [points, in_p, out (whole panels)]
     assert torch.all(rows[:, cin:] == 0) and torch.all(rows[:, :, cout:] == 0)
-    g = torch.tensor(G[tile], dtype=torch.float64)
-    want = torch.einsum("ia,ocab,jb->ijco", g, w.double(), g).reshape(p, cin, cout)
-    assert rel(rows[:, :cin, :cout], want) < (1e-15 if dtype == torch.float64 else 1e-6)
+    want = R.winograd_weight(w.double(), tile)
+    assert want.shape == got.shape
+    assert rel(got, want) < (1e-15 if dtype == torch.float64 else 1e-6)
+    assert torch.equal(W.winograd_weight(w, tile), got)
+    with ops.use_reference():  # without the kernel: the reference, in w's dtype
+        assert torch.equal(W.winograd_weight(w, tile), want.to(dtype))
 
 
 SHAPES = [(1, 3, 5, 1, 1), (2, 5, 7, 5, 7), (1, 9, 16, 8, 8), (3, 17, 11, 13, 6), (1, 8, 40, 14, 15)]

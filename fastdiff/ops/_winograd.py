@@ -60,12 +60,12 @@ def winograd_weight_grad_pays(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def winograd_weight(w: torch.Tensor, tile: int = 4) -> torch.Tensor:
     """The F(tile x tile, 3x3) weight transform ``G g G^T`` of a 3x3 weight (no gradient): F(4x4),
-    ``[36, strips, in_p, 32]``, or where ``tile`` is 2 / 6 (kernel only) F(2x2) / F(6x6) with 16 / 64 points."""
-    if tile != 4:
-        return torch.ops.fastdiff.winograd_weight_tile(w.detach(), tile)
-    if uses_kernel("winograd_weight", w) and w.dtype in (torch.float32, torch.float64):
-        return torch.ops.fastdiff.winograd_weight(w.detach())
-    return reference.winograd_weight(w.detach())
+    ``[36, strips, in_p, 32]``, or for ``tile`` 2 / 6 F(2x2) / F(6x6) with 16 / 64 points."""
+    op = "winograd_weight" if tile == 4 else "winograd_weight_tile"
+    if uses_kernel(op, w) and w.dtype in (torch.float32, torch.float64):
+        return torch.ops.fastdiff.winograd_weight(w.detach()) if tile == 4 else \
+            torch.ops.fastdiff.winograd_weight_tile(w.detach(), tile)
+    return reference.winograd_weight(w.detach(), tile)
 
 
 def _check_f32_f64(op: str, **tensors) -> None:
@@ -272,7 +272,8 @@ def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool =
         y = clip(y, clip)          if clip > 0
 
     Without a gradient the whole chain is one ``winograd_conv`` call (``cache``: the ``(u, row_scale)`` pair
-    of ``winograd_weight(w, tile)`` and ``weight_norm_scale(w)``, e.g. cached by ``MPConvWeights``); with a
+    of ``winograd_weight(w, tile)`` and ``weight_norm_scale(w)``: the tile of ``u`` runs; without it, the
+    tile ``winograd_tile`` picks; ``MPConvWeights.run`` caches both for a layer); with a
     gradient the convolution is the differentiable ``mp_conv_winograd`` and the rest the fused elementwise
     ops. Shapes the selector gives to ATen (``conv_path``) run the same chain on ``ops.mp_conv``."""
     from fastdiff import ops

@@ -173,23 +173,32 @@ WINOGRAD_BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
 WINOGRAD_G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
 WINOGRAD_AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+# G of the other tile sizes the CPU kernels run in eval, F(2x2, 3x3) and F(6x6, 3x3) (Lavin & Gray 2016,
+# Sec. 4: interpolation points 0, +-1, inf and 0, +-1, +-2, +-1/2, inf), by output tile side.
+WINOGRAD_TILE_G = {
+    2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+    4: WINOGRAD_G,
+    6: [[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9], [1 / 90, 1 / 45, 2 / 45],
+        [1 / 90, -1 / 45, 2 / 45], [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]],
+}
 
 
 def _pad8(c: int) -> int:
     return (c + 7) // 8 * 8
 
 
-def winograd_weight(w: torch.Tensor) -> torch.Tensor:
-    """``U = G g G^T`` of a 3x3 weight ``[out, in, 3, 3]`` as ``[36, strips, in_p, 32]``: per transform point,
-    panels of 32 output channels (channels zero-padded to multiples of 8, output channels up to whole
-    panels), computed in float64 and returned in ``w``'s dtype. ``winograd_weight_rows`` gives the
-    ``[36, in_p, out_p]`` matrix."""
-    g = torch.tensor(WINOGRAD_G, dtype=torch.float64, device=w.device)
+def winograd_weight(w: torch.Tensor, tile: int = 4) -> torch.Tensor:
+    """``U = G g G^T`` of a 3x3 weight ``[out, in, 3, 3]`` for F(tile x tile, 3x3) (``tile`` 2, 4 or 6:
+    P = 16, 36 or 64 points) as ``[P, strips, in_p, 32]``: per transform point, panels of 32 output channels
+    (channels zero-padded to multiples of 8, output channels up to whole panels), computed in float64 and
+    returned in ``w``'s dtype. ``winograd_weight_rows`` gives the F(4x4) ``[36, in_p, out_p]`` matrix."""
+    g = torch.tensor(WINOGRAD_TILE_G[tile], dtype=torch.float64, device=w.device)
+    p = g.shape[0] ** 2
     u = torch.einsum("ia,ocab,jb->ijco", g, w.double(), g)
     strips = -(-_pad8(w.shape[0]) // 32)
-    out = torch.zeros(36, _pad8(w.shape[1]), strips * 32, dtype=torch.float64, device=w.device)
-    out[:, : w.shape[1], : w.shape[0]] = u.reshape(36, w.shape[1], w.shape[0])
-    return out.reshape(36, out.shape[1], strips, 32).permute(0, 2, 1, 3).contiguous().to(w.dtype)
+    out = torch.zeros(p, _pad8(w.shape[1]), strips * 32, dtype=torch.float64, device=w.device)
+    out[:, : w.shape[1], : w.shape[0]] = u.reshape(p, w.shape[1], w.shape[0])
+    return out.reshape(p, out.shape[1], strips, 32).permute(0, 2, 1, 3).contiguous().to(w.dtype)
 
 
 def winograd_weight_rows(u: torch.Tensor, out_channels: int) -> torch.Tensor:
