@@ -212,7 +212,10 @@ def test_weight_grad_edge_cases():
 @requires_wg
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 @pytest.mark.parametrize("shape", [(1, 8, 8, 4, 4), (2, 40, 24, 9, 8), (3, 33, 13, 4, 6), (1, 264, 40, 8, 8),
-                                   (8, 64, 192, 8, 8), (1, 128, 384, 16, 16), (2, 5, 7, 3, 3)])
+                                   (8, 64, 192, 8, 8), (1, 128, 384, 16, 16), (2, 5, 7, 3, 3),
+                                   # maps of >= 256 pixels go through the copied [in][64] column panels: a last
+                                   # panel of 40 columns, and two column blocks (2 threads) at batch 1
+                                   (2, 24, 40, 20, 18), (1, 16, 24, 24, 24)])
 def test_conv1x1_matches_conv2d_every_isa(shape, isa):
     _skip_without(isa)
     n, cin, cout, h, w = shape

@@ -9,9 +9,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "../common.h"
 #include "gemm.h"
+#include "workspace.h"
 
 namespace fastdiff {
 namespace {
@@ -45,10 +47,32 @@ at::Tensor conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& w_in) {
   const float* wp = w.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
+  // x's rows are H W floats apart: on a 32x32 or 64x64 map a power of two of 4-16 KiB, so the column strip
+  // the micro-kernel keeps in L1 (all input channels, 16 columns) falls into one or a few cache sets and
+  // is read from L3 at every row block (45-57 GFLOP/s on EDM2's 1x1 shapes there, against 80-90 on 8x8 /
+  // 16x16 maps). Wider maps copy kPanel columns at a time into a contiguous [in][kPanel] panel first.
+  constexpr int64_t kPanel = 64;
+  const bool packed = hw >= 256;
+  const int64_t slots = std::min<int64_t>(threads, n * nblocks);
+  at::Tensor panels = packed ? cpu::workspace({{slots, cin, kPanel}}, x.options())[0] : at::Tensor();
   at::parallel_for(0, n * nblocks, 1, [&](int64_t b, int64_t e) {
+    float* panel = packed ? panels.mutable_data_ptr<float>() +
+                                std::min<int64_t>(at::get_thread_num(), slots - 1) * cin * kPanel
+                          : nullptr;
     for (int64_t item = b; item < e; item++) {
       const int64_t i = item / nblocks, c0 = (item % nblocks) * block, nc = std::min(block, hw - c0);
-      gemm(wp, cin, xp + i * cin * hw + c0, hw, yp + i * cout * hw + c0, hw, cout, nc, cin);
+      const float* xi = xp + i * cin * hw;
+      float* yi = yp + i * cout * hw;
+      if (!packed) {
+        gemm(wp, cin, xi + c0, hw, yi + c0, hw, cout, nc, cin);
+        continue;
+      }
+      for (int64_t j = c0; j < c0 + nc; j += kPanel) {
+        const int64_t width = std::min(kPanel, c0 + nc - j);  // a multiple of 8, as hw is
+        for (int64_t k = 0; k < cin; k++)
+          std::memcpy(panel + k * kPanel, xi + k * hw + j, width * sizeof(float));
+        gemm(wp, cin, panel, kPanel, yi + j, hw, cout, width, cin);
+      }
     }
   });
   return y;
