@@ -122,11 +122,13 @@ int64_t max_chunk(const wg::Geometry& g, int64_t elem_size, int64_t points = 36)
 // (3 chunks on 2 threads had one thread do 7 times the other's tiles).
 int64_t chunk_tiles(const wg::Geometry& g, int64_t elem_size, int64_t points = 36) {
   const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
-  // A transformed weight too large for the last-level cache (over 12 MiB) is read from memory once per
-  // chunk, so chunks of at least 64 tiles there (AMD Zen 2, 16 MiB L3, 1 thread, interleaved on a loaded
-  // host: 1.15-1.3x for 384-768 channels on 32x32 and 64x64 maps; 32 stays better for a 5 MiB weight).
-  const bool big_u = points * g.cinp * g.coutp * elem_size > (int64_t(12) << 20);
-  const int64_t most = std::max<int64_t>(big_u ? 64 : 32, max_chunk(g, elem_size, points));
+  // A transformed weight that does not stay in the last-level cache beside the packed input and the chunks
+  // (over 8 MiB) is read from memory once per chunk, so larger chunks there (AMD Zen 2, 16 MiB L3,
+  // interleaved): 64 tiles against 32 gave 1.15-1.3x for 384-768 channels on 32x32 and 64x64 maps, 128
+  // against 64 another 1.05x (1 thread) / 1.1-1.15x (2 threads) for 384 -> 192 channels on a 64x64 map, 1.03x
+  // for 384 -> 384, even elsewhere; 32 stays better for a 5 MiB weight.
+  const bool big_u = points * g.cinp * g.coutp * elem_size > (int64_t(8) << 20);
+  const int64_t most = std::max<int64_t>(big_u ? 128 : 32, max_chunk(g, elem_size, points));
   const int64_t per_thread = (tiles + threads - 1) / threads;
   const int64_t chunks_each = (per_thread + most - 1) / most;
   return std::max<int64_t>(1, (per_thread + chunks_each - 1) / chunks_each);
