@@ -247,22 +247,33 @@ def test_conv1x1_edge_cases():
 
 
 @requires_wg
-@pytest.mark.parametrize("shape", [(1, 64, 64, 8, 8), (1, 40, 72, 16, 16), (3, 16, 96, 8, 7), (2, 24, 24, 8, 8)])
-def test_winograd_conv_threads_share_a_small_chunk(shape):
-    """With 2 threads and at most 64 tiles the threads split one chunk's products by output columns (the
-    few-tile path); the result equals the 1-thread one up to summation order."""
+@pytest.mark.parametrize("shape", [
+    (1, 64, 64, 8, 8), (1, 40, 72, 16, 16), (3, 16, 96, 8, 7), (2, 24, 24, 8, 8),  # under 4M multiply-adds: 1 thread
+    (1, 64, 64, 32, 32), (1, 128, 80, 16, 12),  # <= 64 tiles, weight under 4 MiB: tiles split over the threads
+    (1, 352, 384, 8, 8), (1, 256, 264, 12, 9),  # <= 64 tiles, weight of 4 MiB or more: output columns split
+    (1, 256, 264, 52, 48),  # 156 tiles, weight over 8 MiB: chunks of at least 128 tiles
+])
+def test_winograd_conv_same_bits_at_any_thread_count(shape):
+    """1 and 2 threads give the same bits on every route of the forward (one thread below 4M multiply-adds, the
+    tile chunks, the few-tile output-column split, the large-weight chunks): each output sums its products in
+    an order fixed by the shape alone."""
     n, cin, cout, h, w = shape
     x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 3, 3, dtype=torch.float32, seed=2)
     u, scale, res = torch.ops.fastdiff.winograd_weight(wt), torch.ones(cout), rnd(n, cout, h, w, dtype=torch.float32)
     c = rnd(n, cout, dtype=torch.float32, seed=3)
-    one = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
+        torch.set_num_threads(2)
         two = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
     finally:
         torch.set_num_threads(old)
-    assert rel(two, one) < 1e-6
+    assert torch.equal(one, two)
+    if cin * h * w <= 64 * 16 * 16:  # and the value, against the direct convolution, where that is quick
+        # (un-normalized weights: outputs up to ~30 before the clip, F(4x4)'s float32 rounding on them ~1e-4)
+        want = R.mp_silu_modulate(F.conv2d(R.mp_silu(x.double()), wt.double(), padding=1), c.double())
+        assert rel(one, R.mp_sum(res.double(), want, 0.3).clamp(-0.9, 0.9)) < 1e-3
 
 
 @requires_wg
