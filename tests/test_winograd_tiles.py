@@ -267,8 +267,8 @@ def test_eval_path_uses_the_chosen_tile(kind, monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_large_weight_takes_the_streaming_kernels(tile, threads):
     """A transformed weight over 12 MiB (here 512 -> 520 channels: 38 MiB at F(4x4)) runs on the
-    prefetching GEMM table (gemm_prefetch_avx2.cpp) where AVX2 is the level, with chunks of at least
-    64 tiles; the result is the same convolution."""
+    prefetching GEMM table (gemm_prefetch_avx2.cpp) where AVX2 is the level (its 6 tiles on the few-tile
+    route: products split by output columns at 2 threads); the result is the same convolution."""
     n, cin, cout, h, w = 1, 512, 520, 9, 7
     x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 3, 3, dtype=torch.float32, seed=2)
     scale, res = (rnd(cout, seed=5).abs() + 0.5).float(), rnd(n, cout, h, w, dtype=torch.float32, seed=4)
