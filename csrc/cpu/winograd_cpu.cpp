@@ -213,11 +213,11 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // thread, which measured faster than three parallel regions (idle AMD Zen 4, 2 threads: 0.26 ms split,
     // 0.19 ms on one thread). A smaller weight is read from the cache by each thread at little cost, and
     // the chunks below (tiles split over the threads) scale better: AMD Zen 2, 2 threads, interleaved, 64
-    // channels on a 32x32 map 0.44 -> 0.29 ms (the column split was slower than 1 thread's 0.42), 128 on
-    // 16x16 0.46 -> 0.39, 128 -> 64 on 32x32 0.65 -> 0.53; 576 on 16x16 (12 MiB) stays split: 3.5 vs 4.9 ms.
+    // channels on a 32x32 map 0.44 -> 0.28 ms (the column split was slower than 1 thread's 0.42), 128 on
+    // 16x16 0.46 -> 0.40, 128 -> 64 on 32x32 0.64 -> 0.54; 576 on 16x16 (12 MiB) stays split: 3.5 vs 4.7-5.1 ms.
     const bool serial = points * tiles * g.cinp * g.coutp < int64_t(4) << 20;
-    const bool big_u = points * g.cinp * g.coutp * int64_t(sizeof(T)) >= int64_t(4) << 20;
-    if (threads > 1 && gemm != nullptr && tiles <= 64 && g.coutp >= 64 && (serial || big_u)) {
+    const bool large_weight = points * g.cinp * g.coutp * int64_t(sizeof(T)) >= int64_t(4) << 20;
+    if (threads > 1 && gemm != nullptr && tiles <= 64 && g.coutp >= 64 && (serial || large_weight)) {
       auto par = [serial](int64_t n, const std::function<void(int64_t, int64_t)>& f) {
         if (serial) f(0, n);
         else at::parallel_for(0, n, 1, f);
