@@ -22,6 +22,7 @@ from fastdiff.ops._dispatch import (
     gain_tensor,
     needs_grad,
     register,
+    save_conv_inputs,
     uses_kernel,
 )
 from fastdiff.ops._weight import check_gain, mp_weight
@@ -87,18 +88,13 @@ def _register() -> None:
             torch.empty_like(gain) if output_mask[2] else None,
         )
 
-    def conv_setup(ctx, inputs, output):
-        x, w, gain, eps = inputs
-        ctx.save_for_backward(x, w, gain)
-        ctx.eps = eps
-
     def conv_backward(ctx, g):
         x, w, gain = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
         dx, dw, dgain = ops.mp_conv_backward(g, x, w, gain, ctx.eps, mask)
         return dx, dw, dgain, None
 
-    torch.library.register_autograd(lib + "mp_conv", conv_backward, setup_context=conv_setup)
+    torch.library.register_autograd(lib + "mp_conv", conv_backward, setup_context=save_conv_inputs)
 
     # Autocast: the activation is cast to the autocast dtype, the weight keeps its own dtype (a float32 master
     # weight is normalized in float32 and cast inside the op, as EDM2 does), the output is in the autocast

@@ -46,6 +46,14 @@ def register(*ops: str):
     return run
 
 
+def save_conv_inputs(ctx, inputs, output) -> None:
+    """The autograd ``setup_context`` of the MP convolutions ``mp_conv`` and ``mp_conv_winograd``, whose
+    inputs are ``(x, w, gain, eps)``: the three tensors saved, ``eps`` on ``ctx``."""
+    x, w, gain, eps = inputs
+    ctx.save_for_backward(x, w, gain)
+    ctx.eps = eps
+
+
 # --- kernel or reference ------------------------------------------------------------------------------
 
 

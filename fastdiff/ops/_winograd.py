@@ -145,11 +145,6 @@ def _register() -> None:
               f"expected a 3x3 weight [out, C, 3, 3] and x [N, C, H, W], got {tuple(w.shape)} and {tuple(x.shape)}")
         return _cl_like(x, x.new_empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3])))
 
-    def setup(ctx, inputs, output):
-        x, w, gain, eps = inputs
-        ctx.save_for_backward(x, w, gain)
-        ctx.eps = eps
-
     def backward(ctx, g):
         x, w, gain = ctx.saved_tensors
         ops = torch.ops.fastdiff
@@ -171,7 +166,7 @@ def _register() -> None:
             dw, dgain = mp_weight_vjp(ops.winograd_weight_grad(x, g), w, gain, ctx.eps, *ctx.needs_input_grad[1:3])
         return dx, dw, dgain, None
 
-    torch.library.register_autograd(lib + "mp_conv_winograd", backward, setup_context=setup)
+    torch.library.register_autograd(lib + "mp_conv_winograd", backward, setup_context=_dispatch.save_conv_inputs)
 
 
 
