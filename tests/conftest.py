@@ -82,8 +82,15 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """``max |got - want| / max |want|`` (in float64): the worst element against the tensor's scale."""
-    scale = max(want.abs().max().item(), 1e-12)
+    scale = max(want.double().abs().max().item(), 1e-30)
     return (got.double() - want.double()).abs().max().item() / scale
+
+
+def rnd(*shape, dtype=torch.float64, seed=0, scale=1.0) -> torch.Tensor:
+    """Standard normal values of ``shape`` from the generator seeded with ``seed`` (drawn in float64, then
+    cast to ``dtype``, so every dtype sees the same numbers), times ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
 def cli_args(module, *argv):

@@ -14,19 +14,11 @@ import torch.nn.functional as F
 from fastdiff import ops
 from fastdiff.ops import reference as R
 
+from conftest import max_rel_err as rel, rnd
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 HAS = ops.HAS_EXTENSION and ops._ext.has_kernel("winograd_conv", "cpu")
 requires_wg = pytest.mark.skipif(not HAS, reason="Winograd kernels not built")
-
-
-def rnd(*shape, dtype=torch.float64, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def chain64(x, w, gain=1.0, silu_in=False, c=None, res=None, t=0.5, clip=0.0):
