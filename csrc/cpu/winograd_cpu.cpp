@@ -193,7 +193,8 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // its own buffers, so a convolution is two parallel regions however many chunks it has.
     const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
     const cpu::GemmKernels* kern = float_kernels(st);
-    if (kern != nullptr && points * g.cinp * g.coutp * int64_t(sizeof(T)) > (int64_t(12) << 20))
+    const int64_t u_bytes = points * g.cinp * g.coutp * int64_t(sizeof(T));  // the transformed weight's size
+    if (kern != nullptr && u_bytes > (int64_t(12) << 20))
       kern = cpu::streaming_gemm_kernels();  // U beyond the last-level cache: the table that prefetches it
     const auto gemm = kern != nullptr ? kern->point : nullptr;
     T* yp = y.mutable_data_ptr<T>();
@@ -216,8 +217,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // channels on a 32x32 map 0.44 -> 0.28 ms (the column split was slower than 1 thread's 0.42), 128 on
     // 16x16 0.46 -> 0.40, 128 -> 64 on 32x32 0.64 -> 0.54; 576 on 16x16 (12 MiB) stays split: 3.5 vs 4.7-5.1 ms.
     const bool serial = points * tiles * g.cinp * g.coutp < int64_t(4) << 20;
-    const bool large_weight = points * g.cinp * g.coutp * int64_t(sizeof(T)) >= int64_t(4) << 20;
-    if (threads > 1 && gemm != nullptr && tiles <= 64 && g.coutp >= 64 && (serial || large_weight)) {
+    if (threads > 1 && gemm != nullptr && tiles <= 64 && g.coutp >= 64 && (serial || u_bytes >= int64_t(4) << 20)) {
       auto par = [serial](int64_t n, const std::function<void(int64_t, int64_t)>& f) {
         if (serial) f(0, n);
         else at::parallel_for(0, n, 1, f);
