@@ -14,6 +14,7 @@ from fastdiff.ops import _winograd as W
 from fastdiff.ops import reference as R
 
 from conftest import max_rel_err as rel, rnd
+from test_winograd import EPILOGUES, _epilogue_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HAS = ops.HAS_EXTENSION and ops._ext.has_kernel("winograd_weight_tile", "cpu")
@@ -53,19 +54,12 @@ def test_weight_transform_matches_reference(tile, cin, cout, dtype):
 
 
 SHAPES = [(1, 3, 5, 1, 1), (2, 5, 7, 5, 7), (1, 9, 16, 8, 8), (3, 17, 11, 13, 6), (1, 8, 40, 14, 15)]
-EPILOGUES = {
-    "plain": dict(),
-    "silu_mod": dict(silu_in=True, c=True),
-    "sum_clip": dict(res=True, t=0.3, clip=1.5),
-    "all": dict(silu_in=True, c=True, res=True, t=0.7, clip=0.8),
-}
 
 
 def _args(kind, n, cout, h, w, dtype):
-    kw = dict(EPILOGUES[kind])
-    c = rnd(n, cout, dtype=dtype, seed=3) if kw.get("c") else None
-    res = rnd(n, cout, h, w, dtype=dtype, seed=4) if kw.get("res") else None
-    return (kw.get("silu_in", False), c, res, kw.get("t", 0.5), kw.get("clip", 0.0))
+    """winograd_conv's epilogue arguments (silu_in, c, res, t, clip) for test_winograd's EPILOGUES[kind]."""
+    kw = _epilogue_args(kind, n, cout, h, w, dtype)
+    return (kw.get("silu_in", False), kw.get("c"), kw.get("res"), kw.get("t", 0.5), kw.get("clip", 0.0))
 
 
 @requires_tiles
