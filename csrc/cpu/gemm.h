@@ -43,13 +43,14 @@ inline const GemmKernels* gemm_kernels() {
 }
 
 // A second AVX2 table with software prefetch of the B panels 32 rows ahead (gemm_prefetch_avx2.cpp), or
-// null where not built: for Winograd products that stream a transformed weight larger than the last-level
-// cache. Measured on AMD Zen 2 (AVX2 its best level, about 14 GB/s from memory per core), 1 thread: 1.2-1.7x
-// for 576 channels on 16x16 and 768 on 8x8 at batch 1, but 1.3-2x slower for the 1x1 convolution (whose B
-// rows are a whole feature map apart) and slightly slower for small weights, hence a table of its own.
+// null where not built: for the Winograd products, whose B (a transformed weight) comes from memory on each
+// call. Measured on AMD Zen 2 (AVX2 its best level, about 14 GB/s from memory per core), 1 thread: 1.2-1.7x
+// for 576 channels on 16x16 and 768 on 8x8 at batch 1, 1.1-1.3x for 128-256 channels' cold weights, the
+// same for cache-resident ones; but 1.3-2x slower for the 1x1 convolution (whose B rows are a whole feature
+// map apart), hence a table of its own.
 const GemmKernels* gemm_kernels_avx2_prefetch();
 
-// The kernels for products that stream a B larger than the last-level cache: the prefetching AVX2 table
+// The kernels for products that stream B from memory: the prefetching AVX2 table
 // when AVX2 is the active level (the AVX-512 table prefetches already), else gemm_kernels().
 inline const GemmKernels* streaming_gemm_kernels() {
   const GemmKernels* pf = gemm_kernels_avx2_prefetch();

@@ -1,6 +1,6 @@
 // The GEMM micro-kernel (gemm.h) for AVX2 + FMA a second time, with the software prefetch of the B panels
 // 32 rows ahead (FD_GEMM_PREFETCH in gemm.inc): the table gemm_kernels_avx2_prefetch, which gemm.h's
-// streaming_gemm_kernels picks for products whose B is larger than the last-level cache.
+// streaming_gemm_kernels picks for the Winograd products (B a transformed weight read from memory).
 #include <immintrin.h>
 
 #include <cstdint>
