@@ -216,7 +216,9 @@ def test_layer_cache_keeps_each_tiles_transform(dtype):
 def test_tile_choice():
     assert W.winograd_tile(768, 768, 8, 8, 1) == 2  # 4 tiles of 4x4, a 21 MiB weight: F(2x2)
     assert W.winograd_tile(512, 256, 8, 8, 2) == 2
-    assert W.winograd_tile(128, 128, 8, 8, 1) == 4  # small weight (L3-resident): F(4x4)
+    assert W.winograd_tile(128, 128, 8, 8, 1) == 2  # batch 1: 4 tiles, the products wait on the weight
+    assert W.winograd_tile(128, 128, 8, 8, 2) == 4  # 8 tiles and a 2.4 MiB weight: F(4x4)
+    assert W.winograd_tile(64, 64, 8, 8, 1) == 4  # small weight: F(4x4)
     assert W.winograd_tile(768, 768, 8, 8, 8) == 4  # 32 tiles: compute-bound, F(4x4)
     assert W.winograd_tile(768, 768, 16, 16, 1) == 4
     assert W.winograd_tile(768, 768, 8, 8, 1, torch.float64) == 4

@@ -307,9 +307,9 @@ def winograd_eval(x: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, silu_in
 
 def winograd_tile(cin: int, cout: int, height: int, width: int, batch: int = 1, dtype=torch.float32) -> int:
     """The output tile side of the eval-mode Winograd convolution: 4 (F(4x4, 3x3), the default); 2
-    (F(2x2, 3x3), 16 points instead of 36) where few 4x4 tiles (batch 1-2 of an 8x8 map) meet many
-    channels: there the products read the whole transformed weight from memory for a few rows each, and
-    F(2x2)'s is 16 / 36 the size; or 6 (F(6x6, 3x3), 64 points per 36 outputs against F(4x4)'s 36 per 16,
+    (F(2x2, 3x3), 16 points instead of 36) where few 4x4 tiles meet many channels (batch 1-2 of an 8x8
+    map with 256 or more, batch 1 with 128 or more): there the products read the whole transformed weight
+    from memory for a few rows each, and F(2x2)'s is 16 / 36 the size; or 6 (F(6x6, 3x3), 64 points per 36 outputs against F(4x4)'s 36 per 16,
     Lavin & Gray 2016) where its tiles cover the map with at least 10% fewer products than F(4x4)'s (a
     64x64 map: 11 x 11 tiles of 64 points against 16 x 16 of 36, 16% fewer; 32x32 and 16x16 maps come out
     even) and the channels are many enough (``cin * cout >= 256 * 256``) for the products, not its larger
@@ -323,7 +323,7 @@ def _tile(cin, cout, h, w, n, dtype, env) -> int:
     if env == "4" or dtype != torch.float32 or not _ext.has_kernel("winograd_weight_tile", "cpu"):
         return 4
     tiles4 = n * -(-h // 4) * -(-w // 4)
-    if tiles4 <= 8 and min(cin, cout) >= 256:
+    if (tiles4 <= 8 and min(cin, cout) >= 256) or (tiles4 <= 4 and min(cin, cout) >= 128):
         return 2
     points6 = n * -(-h // 6) * -(-w // 6) * 64
     if cin * cout >= 256 * 256 and 10 * points6 <= 9 * tiles4 * 36:
