@@ -130,6 +130,70 @@ def test_weight_cache_invalidated_by_optimizer_step():
     assert conv.cached_tensors() and copy.deepcopy(conv).cached_tensors() == []
 
 
+def _fresh_run(layer, *args, **kw):
+    """The layer's output computed by a copy with empty caches (the slow path: route, caches, kernel)."""
+    other = copy.deepcopy(layer)
+    return other.fused(*args, **kw) if kw or len(args) > 1 else other(*args)
+
+
+@pytest.mark.parametrize("kernel,xshape", [((3, 3), (1, 16, 8, 8)), ((1, 1), (1, 16, 8, 8)), ((), (3, 16))])
+def test_eval_plan_gives_the_slow_paths_result_and_follows_every_change(kernel, xshape):
+    """Without grad mode an MP layer keeps its last route as a plan (MPConvWeights.run): the next call with the
+    same input shape, dtype, layout, weight version and gain skips the routing. Every output equals the slow
+    path's bit for bit, and each change of what the route depends on takes the slow path again."""
+    torch.manual_seed(4)
+    layer = fnn.MPConv(16, 24, kernel).eval()
+    x = torch.randn(xshape)
+    expect_kind = {(3, 3): "winograd", (1, 1): "conv1x1", (): "weight"}[kernel]
+    if expect_kind != "weight" and not ops.has_kernel("winograd_conv", "cpu"):
+        expect_kind = "weight"
+    with torch.no_grad():
+        y1 = layer(x)
+        plan = layer._weights._plan
+        assert plan is not None and plan[1] == expect_kind
+        y2 = layer(x)  # the plan
+        assert layer._weights._plan is plan and torch.equal(y1, y2)
+        assert torch.equal(y2, _fresh_run(layer, x))
+        ref = F.linear(x, ops.reference.mp_weight(layer.weight)) if kernel == () else \
+            F.conv2d(x, ops.reference.mp_weight(layer.weight), padding=kernel[0] // 2)
+        assert rel_err(y2, ref) < 1e-5
+        if kernel == (3, 3):  # the fused chain's arguments are per call, not part of the plan
+            c, res = torch.randn(1, 24), torch.randn(1, 24, 8, 8)
+            for kw in (dict(silu_in=True, c=c), dict(res=res, t=0.3, clip=0.5), dict()):
+                assert torch.equal(layer.fused(x, **kw), _fresh_run(layer, x, **kw))
+            assert layer._weights._plan is plan
+        else:  # a chain around a plain layer takes the slow path
+            got = layer.fused(x, silu_in=True)
+            assert torch.equal(got, _fresh_run(layer, x, silu_in=True))
+        # another gain, batch, layout or an in-place edit of the weight: the slow path, and a new plan
+        assert rel_err(layer(x, gain=0.5), 0.5 * y1) < 1e-6
+        x3 = torch.cat([x, -x])
+        assert rel_err(layer(x3)[: x.shape[0]], layer(x)) < 1e-6
+        if len(xshape) == 4:
+            xcl = x.contiguous(memory_format=torch.channels_last)
+            assert rel_err(layer(xcl), y1) < 1e-6
+        layer.weight.add_(torch.randn_like(layer.weight))
+        y4 = layer(x)
+        assert rel_err(y4, y1) > 1e-2 and torch.equal(y4, _fresh_run(layer, x))
+        assert layer._weights._plan[0] != plan[0]
+        # the global switches (the reference ops, ATen's convolution) reroute a Winograd layer: other bits
+        wino = expect_kind == "winograd"
+        with ops.use_reference():
+            yr = layer(x)
+        assert rel_err(yr, y4) < 1e-5 and not (wino and torch.equal(yr, y4))
+        with ops.use_conv_path("aten"):
+            ya = layer(x)
+        assert rel_err(ya, y4) < 1e-5 and not (wino and torch.equal(ya, y4))
+        assert layer._weights._plan[1] == "weight"  # ATen's convolution (the 1x1 kernel too is off)
+        assert torch.equal(layer(x), y4)
+    # grad mode: no plan is used or made; the gradient flows
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    layer.clear_weight_cache()
+    assert layer._weights._plan is None
+
+
 @pytest.mark.parametrize("shape", [(16, 16, (3, 3), (1, 16, 8, 8)), (6, 4, (3, 3), (2, 6, 5, 5)), (8, 4, (), (3, 8))])
 def test_mpconv_pickled_by_an_earlier_version_loads_and_runs(monkeypatch, shape):
     """A module pickled before the caches moved to ``ops.MPConvWeights`` (state with ``_cache``, ``_wcache``,

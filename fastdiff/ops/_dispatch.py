@@ -80,6 +80,12 @@ def uses_kernel(op: str, *tensors: torch.Tensor) -> bool:
     return _KERNELS.get((op, tensors[0].device.type), False)
 
 
+def route_state() -> tuple:
+    """The global switches ``uses_kernel`` reads (reference forced by the environment or ``force_reference``,
+    forward-mode AD): a memo of a routing decision is valid while these are unchanged."""
+    return _ext.FORCE_REFERENCE, _force[0], _fw_ad._current_level
+
+
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 

@@ -249,12 +249,17 @@ def conv1x1(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, w_hat)`` for a 1x1 effective weight without a gradient: fastdiff's own GEMM micro-kernel
     (torch.ops.fastdiff.conv1x1) on the CPU in float32, where it measured faster than ATen's 1x1 convolution
     (BENCHMARKS.md, "Winograd selector crossovers"), ATen elsewhere."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and w_hat.dtype == torch.float32 and x.ndim == 4
-            and x.shape[2] * x.shape[3] % 8 == 0 and min(w_hat.shape[0], w_hat.shape[1]) >= 8 and x.is_contiguous()
-            and _FORCE[0] != "aten" and _ext.has_kernel("conv1x1", "cpu") and not _needs_grad(x, w_hat)):
+    if conv1x1_takes_kernel(x, w_hat):
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.fastdiff.conv1x1(x, w_hat)
     return reference.conv1x1(x, w_hat)
+
+
+def conv1x1_takes_kernel(x: torch.Tensor, w_hat: torch.Tensor) -> bool:
+    """Whether ``conv1x1(x, w_hat)`` runs fastdiff's kernel (else ATen)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and w_hat.dtype == torch.float32 and x.ndim == 4
+            and x.shape[2] * x.shape[3] % 8 == 0 and min(w_hat.shape[0], w_hat.shape[1]) >= 8 and x.is_contiguous()
+            and _FORCE[0] != "aten" and _ext.has_kernel("conv1x1", "cpu") and not _needs_grad(x, w_hat))
 
 
 def mp_conv_fused(x: torch.Tensor, w: torch.Tensor, gain=1.0, *, silu_in: bool = False, c=None, res=None,
