@@ -200,7 +200,7 @@ class MPConvWeights:
             w_hat = mp_weight(w.detach(), g, dtype=dtype)
             if w_hat.ndim == 4 and w_hat.is_cuda:  # cuDNN runs channels-last: convert once, not per call
                 w_hat = w_hat.contiguous(memory_format=torch.channels_last)
-        self._hat = (key, w_hat)
+        self._hat, self._plan = (key, w_hat), None  # a plan never holds what the caches no longer do
         return w_hat
 
     def winograd_weight(self, w: torch.Tensor, dtype: torch.dtype | None = None, tile: int = 4):
@@ -215,6 +215,7 @@ class MPConvWeights:
             with torch.inference_mode(False), torch.no_grad():
                 # (Only reached where the Winograd kernels exist: the row scale is always the kernel's.)
                 cache = self._wino = (key, torch.ops.fastdiff.weight_norm_scale(w.detach(), EPS), {})
+                self._plan = None
         u = cache[2].get(tile)
         if u is None:
             with torch.inference_mode(False), torch.no_grad():
@@ -229,6 +230,7 @@ class MPConvWeights:
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor, reusable anywhere
                 g = gain.detach().clone() if isinstance(gain, torch.Tensor) else gain
                 sc = self._scale = ((row, gkey), _wg.winograd_scale(row, g, w))
+                self._plan = None
         return sc[1]
 
     def run(self, x: torch.Tensor, w: torch.Tensor, gain=1.0, training: bool = False, silu_in: bool = False, c=None,

@@ -314,12 +314,13 @@ def winograd_tile(cin: int, cout: int, height: int, width: int, batch: int = 1, 
     """The output tile side of the eval-mode Winograd convolution: 4 (F(4x4, 3x3), the default); 2
     (F(2x2, 3x3), 16 points instead of 36) where few 4x4 tiles meet many channels (batch 1-2 of an 8x8
     map with 256 or more, batch 1 with 128 or more): there the products read the whole transformed weight
-    from memory for a few rows each, and F(2x2)'s is 16 / 36 the size; or 6 (F(6x6, 3x3), 64 points per 36 outputs against F(4x4)'s 36 per 16,
-    Lavin & Gray 2016) where its tiles cover the map with at least 10% fewer products than F(4x4)'s (a
-    64x64 map: 11 x 11 tiles of 64 points against 16 x 16 of 36, 16% fewer; 32x32 and 16x16 maps come out
-    even) and the channels are many enough (``cin * cout >= 256 * 256``) for the products, not its larger
-    transforms, to dominate. Measured crossovers: BENCHMARKS.md, "Winograd tile sizes".
-    ``FASTDIFF_WINOGRAD_TILES=4`` keeps F(4x4) everywhere. The training path is F(4x4) throughout."""
+    from memory for a few rows each, and F(2x2)'s is 16 / 36 the size; or 6 (F(6x6, 3x3), 64 points per
+    36 outputs against F(4x4)'s 36 per 16, Lavin & Gray 2016) where its tiles cover the map with at least
+    10% fewer products than F(4x4)'s (a 64x64 map: 11 x 11 tiles of 64 points against 16 x 16 of 36, 16%
+    fewer; 32x32 and 16x16 maps come out even) and the channels are many enough (``cin * cout >= 256 *
+    256``) for the products, not its larger transforms, to dominate. Measured crossovers: BENCHMARKS.md,
+    "Winograd tile sizes" and "Cold weights, F(6x6) and the layer plan". ``FASTDIFF_WINOGRAD_TILES=4``
+    keeps F(4x4) everywhere. The training path is F(4x4) throughout."""
     return _tile(cin, cout, height, width, batch, dtype, _TILES_ENV)
 
 
