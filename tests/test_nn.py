@@ -16,7 +16,7 @@ from fastdiff import ops
 from fastdiff.bench import plain_edm2 as plain
 from fastdiff.diffusion import EDM2Loss, loss_weight, precond_coefficients
 from fastdiff.io import load_network, save_network
-from fastdiff.nn.layers import _upsample_nearest2x_copy
+from fastdiff.nn.layers import _downsample_box2x_adds, _upsample_nearest2x_copy
 
 from conftest import randomize_gains as randomize, rel_err, tiny_net as tiny
 
@@ -41,9 +41,31 @@ def test_resample_equals_filter_definition(mode, channels_last):
     assert torch.allclose(fnn.resample(x, mode), plain.box_filter(x, mode), atol=1e-6, rtol=1e-6)
     if mode == "up":  # the copy form (CPU without grad; under torch.compile, an inductor workaround): same values
         assert torch.equal(_upsample_nearest2x_copy(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    if mode == "down":  # the adds form (CPU without grad): the same bits as ATen's pooling
+        assert torch.equal(_downsample_box2x_adds(x), F.avg_pool2d(x, 2))
     assert fnn.resample(x, "keep") is x
     with pytest.raises(ValueError, match="mode"):
         fnn.resample(x, "sideways")
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 32, 32), (3, 7, 6, 10), (2, 3, 2, 2), (0, 4, 8, 8)])
+def test_downsample_adds_form_equals_avg_pool_bits(shape):
+    """resample(x, "down") without a gradient takes the three-adds form: the same bits as F.avg_pool2d for
+    contiguous, channels-last and strided inputs, Inf / NaN included; odd sizes and gradients take ATen's."""
+    x = torch.randn(shape) * 10
+    if x.numel():
+        x.view(-1)[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    for v in (x, x.contiguous(memory_format=torch.channels_last), torch.cat([x, x], 3)[..., ::2]):
+        with torch.no_grad():
+            got = fnn.resample(v, "down")
+        want = F.avg_pool2d(v, 2)
+        assert got.shape == want.shape and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+        assert torch.equal(got.isnan(), want.isnan())
+    odd = torch.randn(1, 3, 5, 7)
+    assert torch.equal(fnn.resample(odd, "down"), F.avg_pool2d(odd, 2))
+    xg = torch.randn(1, 3, 4, 4, requires_grad=True)
+    fnn.resample(xg, "down").sum().backward()
+    assert torch.equal(xg.grad, torch.full_like(xg, 0.25))
 
 
 # --- MPConv / MPFourier ----------------------------------------------------------------------------
