@@ -120,15 +120,15 @@ int64_t max_chunk(const wg::Geometry& g, int64_t elem_size, int64_t points = 36)
 
 // Tiles per chunk of the convolution: at most max_chunk, and the same number of chunks for every thread
 // (3 chunks on 2 threads had one thread do 7 times the other's tiles).
-int64_t chunk_tiles(const wg::Geometry& g, int64_t elem_size, int64_t points = 36) {
+// u_bytes: the transformed weight's size.
+int64_t chunk_tiles(const wg::Geometry& g, int64_t elem_size, int64_t points, int64_t u_bytes) {
   const int64_t tiles = g.tiles(), threads = std::max(1, at::get_num_threads());
   // A transformed weight that does not stay in the last-level cache beside the packed input and the chunks
   // (over 8 MiB) is read from memory once per chunk, so larger chunks there (AMD Zen 2, 16 MiB L3,
   // interleaved): 64 tiles against 32 gave 1.15-1.3x for 384-768 channels on 32x32 and 64x64 maps, 128
   // against 64 another 1.05x (1 thread) / 1.1-1.15x (2 threads) for 384 -> 192 channels on a 64x64 map, 1.03x
   // for 384 -> 384, even elsewhere; 32 stays better for a 5 MiB weight.
-  const bool big_u = points * g.cinp * g.coutp * elem_size > (int64_t(8) << 20);
-  const int64_t most = std::max<int64_t>(big_u ? 128 : 32, max_chunk(g, elem_size, points));
+  const int64_t most = std::max<int64_t>(u_bytes > (int64_t(8) << 20) ? 128 : 32, max_chunk(g, elem_size, points));
   const int64_t per_thread = (tiles + threads - 1) / threads;
   const int64_t chunks_each = (per_thread + most - 1) / most;
   return std::max<int64_t>(1, (per_thread + chunks_each - 1) / chunks_each);
@@ -216,8 +216,9 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
     // whose products the threads share by output columns, so the weight (which then dominates the time) is
     // streamed once, not per thread; below 4M multiply-adds (e.g. 128 channels on an 8x8 map) all on one
     // thread, which measured faster than three parallel regions (idle AMD Zen 4, 2 threads: 0.26 ms split,
-    // 0.19 ms on one thread). A smaller weight is read from the cache by each thread at little cost, and
-    // the chunks below (tiles split over the threads) scale better: AMD Zen 2, 2 threads, interleaved, 64
+    // 0.19 ms on one thread). A smaller weight costs each thread little to read, even from memory (128
+    // channels on 16x16, cold: 0.27 ms in tile chunks, 0.31-0.39 split), and the chunks below (tiles split
+    // over the threads) scale better: AMD Zen 2, 2 threads, interleaved, 64
     // channels on a 32x32 map 0.44 -> 0.28 ms (the column split was slower than 1 thread's 0.42), 128 on
     // 16x16 0.46 -> 0.40, 128 -> 64 on 32x32 0.64 -> 0.54; 576 on 16x16 (12 MiB) stays split: 3.5 vs 4.7-5.1 ms.
     const bool serial = points * tiles * g.cinp * g.coutp < int64_t(4) << 20;
@@ -240,7 +241,7 @@ at::Tensor winograd_conv_cpu(const at::Tensor& x_in, const at::Tensor& u_in, con
       par(tiles, [&](int64_t b, int64_t e) { out_tf(mp, g, 0, b, e, ep, cl, yp); });
       return;
     }
-    const int64_t chunk = chunk_tiles(g, sizeof(T), points);
+    const int64_t chunk = chunk_tiles(g, sizeof(T), points, u_bytes);
     const int64_t nchunks = (tiles + chunk - 1) / chunk;
     const int64_t slots = std::min<int64_t>(threads, nchunks);
     // The fallback's BLAS takes U as rows [36][cinp][coutp].

@@ -165,21 +165,21 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
 
     ``down``: depthwise 2x2 box average with stride 2 (== ``avg_pool2d(x, 2)``). ``up``: depthwise transposed
     conv with the same filter times 4 and stride 2, i.e. every pixel copied to a 2x2 patch (== nearest
-    upsampling). Both are computed with the cheap equivalent; tests check them against the filter form.
+    upsampling). Both are computed with the cheap equivalent (on a CPU map without a gradient, strided adds /
+    broadcast copies, the same bits as ATen's pooling / interpolation); tests check them against the filter form.
     """
     if mode == "keep":
         return x
+    if mode not in ("down", "up"):
+        raise ValueError(f"resample: expected mode 'keep', 'down' or 'up', got {mode!r}")
+    compiling = _is_compiling()
+    # The cheap forms' domain: a CPU map without a gradient to take (ATen's kernels elsewhere).
+    cpu_eval = (not compiling and x.ndim == 4 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and x.requires_grad))
     if mode == "down":
-        no_grad = not (torch.is_grad_enabled() and x.requires_grad)
-        if (not _is_compiling() and no_grad and x.ndim == 4 and x.device.type == "cpu" and x.shape[2] % 2 == 0
-                and x.shape[3] % 2 == 0):
+        if cpu_eval and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0:
             return _downsample_box2x_adds(x)
         return F.avg_pool2d(x, 2)
-    if mode == "up":
-        if _is_compiling():
-            return _upsample_nearest2x_copy(x)
-        no_grad = not (torch.is_grad_enabled() and x.requires_grad)
-        if x.ndim == 4 and x.device.type == "cpu" and x.is_contiguous() and no_grad:
-            return _upsample_nearest2x_copy(x)
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    raise ValueError(f"resample: expected mode 'keep', 'down' or 'up', got {mode!r}")
+    if compiling or (cpu_eval and x.is_contiguous()):
+        return _upsample_nearest2x_copy(x)
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")

@@ -239,17 +239,17 @@ class MPConvWeights:
         on the path described above. ``training``: the layer is in training mode (never cached; the forced
         weight normalization is the caller's)."""
         plan = self._plan
-        if plan is not None and not training and not torch.is_grad_enabled() and not is_compiling():
-            kind = plan[1]
-            if kind == "winograd":  # the fused Winograd kernel with the cached transform and output factor
-                if _plan_key(x, w, gain) == plan[0]:
-                    return _wg.winograd_eval(x, plan[2], plan[3], silu_in, c, res, t, clip)
-            elif not (silu_in or c is not None or res is not None or clip) and _plan_key(x, w, gain) == plan[0]:
-                if kind == "conv1x1":  # the 1x1 kernel on the cached effective weight
-                    with torch._C._AutoDispatchBelowAutograd():
-                        return torch.ops.fastdiff.conv1x1(x, plan[2])
-                return _apply_weight(x, plan[2])
         compiling = is_compiling()
+        # A plan of the fused Winograd kernel takes any chain; the others are plain layers (no chain around them).
+        if (plan is not None and not training and not compiling and not torch.is_grad_enabled()
+                and (plan[1] == "winograd" or not (silu_in or c is not None or res is not None or clip))
+                and _plan_key(x, w, gain) == plan[0]):
+            if plan[1] == "winograd":  # the cached transform and output factor
+                return _wg.winograd_eval(x, plan[2], plan[3], silu_in, c, res, t, clip)
+            if plan[1] == "conv1x1":  # the 1x1 kernel on the cached effective weight, without conv1x1's checks
+                with torch._C._AutoDispatchBelowAutograd():
+                    return torch.ops.fastdiff.conv1x1(x, plan[2])
+            return _apply_weight(x, plan[2])
         cached = not (training or compiling or (torch.is_grad_enabled() and (
             w.requires_grad or (isinstance(gain, torch.Tensor) and gain.requires_grad))))
         if not compiling and w.ndim == 4 and _wg.uses_winograd(x, w):
