@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import ops
+from fastdiff.nn.layers import resample
 from fastdiff.ops import reference as R
 
 # (batch, channels, resolution) at EDM2-S levels; batch 32 only where it stays affordable on 2 cores.
@@ -121,6 +122,10 @@ def cases(shape, dtype=torch.float32):
         ("mp_silu_modulate_backward", fd.mp_silu_modulate_backward,
          aten_backward(aten_mp_silu_modulate, x, cm), (gr, x, cm), 3 * nb),
         ("solver_step (guided Euler)", lambda *a: ops.solver_step(*a), aten_solver_step, (x, b, gr, w, s, sn), 6 * nb),
+        # EDM2's 2x resampling: fastdiff.nn's cheap forms (strided adds, broadcast copies) vs ATen's kernels
+        ("resample down", lambda x: resample(x, "down"), lambda x: F.avg_pool2d(x, 2), (x,), nb + nb // 4),
+        ("resample up", lambda x: resample(x, "up"), lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"),
+         (x,), 5 * nb),
     ]
 
 
