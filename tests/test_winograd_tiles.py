@@ -233,6 +233,10 @@ def test_tile_choice():
     assert W.winograd_tile(768, 768, 16, 16, 4) == 4
     assert W.winograd_tile(384, 192, 64, 64, 1, torch.float64) == 4
     assert W._tile(384, 192, 64, 64, 1, torch.float32, "4") == 4
+    # the selector's reason (fastdiff info's table) names the eval tile
+    assert W.conv_path(384, 192, 64, 64, 1)[1].endswith("F(6x6) tiles in eval (winograd_tile)")
+    assert W.conv_path(768, 768, 8, 8, 1)[1].endswith("F(2x2) tiles in eval (winograd_tile)")
+    assert W.conv_path(128, 128, 32, 32, 1)[1] == "64 tiles of 4x4"
 
 
 @requires_tiles

@@ -226,8 +226,9 @@ def conv_path(cin: int, cout: int, height: int, width: int, batch: int = 1, dtyp
     if cin < 16 and tiles < 16:
         return "aten", f"{cin} input channels < 16 and {tiles} tiles < 16"
     # Few tiles need no rule of their own: the transformed weight is streamed in contiguous panels.
-    if _tile(cin, cout, height, width, batch, dtype, _TILES_ENV) == 2:
-        return "winograd", f"{tiles} tiles of 4x4; F(2x2) tiles in eval (winograd_tile)"
+    tile = _tile(cin, cout, height, width, batch, dtype, _TILES_ENV)
+    if tile != 4:
+        return "winograd", f"{tiles} tiles of 4x4; F({tile}x{tile}) tiles in eval (winograd_tile)"
     return "winograd", f"{tiles} tiles of 4x4"
 
 
