@@ -45,11 +45,35 @@ def test_interleaved_timing_counts_every_round():
     def b():
         calls["b"] += 1
 
-    times = time_interleaved({"a": a, "b": b}, Device("cpu", "cpu"), warmup=1, rounds=3, block_s=0)
+    times = time_interleaved({"a": a, "b": b}, Device("cpu", "cpu"), warmup=1, rounds=3, block_s=0, settle_s=0)
     assert [len(t) for t in times.values()] == [3, 3]
     assert calls["a"] == calls["b"] == 1 + 1 + 3  # warm-up, the calibration call, three rounds
     s = summarize([3.0, 1.0, 2.0])
     assert s["median_s"] == 2.0 and s["min_s"] == 1.0 and s["samples"] == 3
+
+
+def test_cpu_turns_pause_and_rewarm_before_each_block():
+    """On the CPU each timed block follows a pause (other implementations' spinning thread pools settle) and one
+    untimed call of its own; a single implementation, or CUDA, gets neither by default."""
+    import time
+
+    log = []
+    fns = {name: (lambda name=name: log.append((name, time.perf_counter()))) for name in ("a", "b")}
+    times = time_interleaved(fns, Device("cpu", "cpu"), warmup=1, rounds=3, block_s=0, settle_s=0.01)
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert [n for n, _ in log].count("a") == 1 + 1 + 2 * 3  # warm-up, calibration, (re-warm + timed) x 3
+    rounds = log[4:]  # after both implementations' warm-up and calibration calls
+    assert [n for n, _ in rounds] == ["a", "a", "b", "b"] * 3
+    gaps = [t1 - t0 for (n0, t0), (n1, t1) in zip(rounds, rounds[1:]) if n0 != n1]
+    assert len(gaps) == 5 and min(gaps) >= 0.01  # every switch of implementation waits settle_s
+    calls = []
+    time_interleaved({"a": lambda: calls.append(1)}, Device("cpu", "cpu"), warmup=1, rounds=3, block_s=0)
+    assert len(calls) == 1 + 1 + 3
+    # Short calls: a block lasts at least the pause (about 10 calls of 1 ms for a 10 ms pause), not 1 ms.
+    sleepy = {name: (lambda name=name: (calls.append(name), time.sleep(1e-3))) for name in ("a", "b")}
+    calls.clear()
+    time_interleaved(sleepy, Device("cpu", "cpu"), warmup=1, rounds=3, block_s=1e-3, settle_s=0.01)
+    assert 1 + 1 + 3 * (1 + 4) <= calls.count("a") <= 1 + 1 + 3 * (1 + 10)
 
 
 def test_record_speedup_and_percent_of_peak():

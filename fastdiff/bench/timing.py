@@ -5,6 +5,14 @@ Timing: every implementation of a case is warmed up, then the implementations ar
 robin), so that a change of load or clock on the machine hits them alike. On CUDA a timed call is bracketed
 by CUDA events after a synchronize; on the CPU by ``time.perf_counter``. Very short calls are repeated
 ``inner`` times inside one timed block (chosen so a block lasts about a millisecond) and reported per call.
+
+On the CPU each block starts after a short pause (``settle_s``) and, for calls under 50 ms, one untimed call:
+thread pools keep spinning for milliseconds after a call (libgomp's default spin, ONNX Runtime's and
+OpenVINO's pools), and without the pause the spinning threads of one implementation eat into the next one's
+cores in the turn order. Measured on a 2-core host, small EDM2 network at batch 1 on 2 threads: ONNX Runtime
+43 -> 33 ms and OpenVINO 46 -> 32 ms with the pause; fastdiff unchanged. The untimed call wakes the
+implementation's own sleeping threads, so a block measures back-to-back calls, as in a sampling loop; blocks
+then last at least as long as the pause.
 """
 
 from __future__ import annotations
@@ -127,22 +135,37 @@ def _block_seconds(fn: Callable, inner: int, dev: Device) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+SETTLE_S = 0.02  # CPU pause before each timed block (module doc); libgomp spins ~6 ms after a call on Zen 2
+REWARM_BELOW_S = 0.05  # calls shorter than this get one untimed call after the pause
+
+
 def time_interleaved(fns: dict[str, Callable], dev: Device, *, warmup: int = 2, rounds: int = 10,
-                     min_time: float = 0.0, max_time: float = 60.0, block_s: float = 1e-3) -> dict[str, list[float]]:
+                     min_time: float = 0.0, max_time: float = 60.0, block_s: float = 1e-3,
+                     settle_s: float | None = None) -> dict[str, list[float]]:
     """Seconds per call for each of ``fns``, timed in turns: ``rounds`` rounds at least (and until each has
     run ``min_time`` seconds in total), stopping early once ``max_time`` seconds have passed after two
-    rounds. Returns ``{name: [seconds per call, one per round]}``."""
-    inner = {}
+    rounds. ``settle_s``: the pause before each block (default ``SETTLE_S`` on the CPU with more than one
+    implementation, else 0). Returns ``{name: [seconds per call, one per round]}``."""
+    if settle_s is None:
+        settle_s = SETTLE_S if not dev.is_cuda and len(fns) > 1 else 0.0
+    if settle_s > 0 and block_s > 0:  # blocks at least as long as the pause, so it costs at most half the time
+        block_s = max(block_s, settle_s)
+    inner, rewarm = {}, {}
     for name, fn in fns.items():
         for _ in range(max(warmup, 1)):
             fn()
         one = _block_seconds(fn, 1, dev)
         inner[name] = max(1, min(1000, math.ceil(block_s / max(one, 1e-9))))
+        rewarm[name] = settle_s > 0 and one < REWARM_BELOW_S
     times: dict[str, list[float]] = {name: [] for name in fns}
     t_start = time.perf_counter()
     done = 0
     while True:
         for name, fn in fns.items():
+            if settle_s > 0:
+                time.sleep(settle_s)
+                if rewarm[name]:
+                    fn()
             times[name].append(_block_seconds(fn, inner[name], dev))
         done += 1
         elapsed = time.perf_counter() - t_start
