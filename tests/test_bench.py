@@ -54,7 +54,7 @@ def test_interleaved_timing_counts_every_round():
 
 def test_cpu_turns_pause_and_rewarm_before_each_block():
     """On the CPU each timed block follows a pause (other implementations' spinning thread pools settle) and one
-    untimed call of its own; a single implementation, or CUDA, gets neither by default."""
+    untimed call of its own; a single implementation gets neither by default."""
     import time
 
     log = []

@@ -10,7 +10,7 @@ On the CPU each block starts after a short pause (``settle_s``) and, for calls u
 thread pools keep spinning for milliseconds after a call (libgomp's default spin, ONNX Runtime's and
 OpenVINO's pools), and without the pause the spinning threads of one implementation eat into the next one's
 cores in the turn order. Measured on a 2-core host, small EDM2 network at batch 1 on 2 threads: ONNX Runtime
-43 -> 33 ms and OpenVINO 46 -> 32 ms with the pause; fastdiff unchanged. The untimed call wakes the
+43 -> 33 ms and OpenVINO 46 -> 32 ms with a 50 ms pause; fastdiff unchanged. The untimed call wakes the
 implementation's own sleeping threads, so a block measures back-to-back calls, as in a sampling loop; blocks
 then last at least as long as the pause.
 """
@@ -135,7 +135,7 @@ def _block_seconds(fn: Callable, inner: int, dev: Device) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-SETTLE_S = 0.02  # CPU pause before each timed block (module doc); libgomp spins ~6 ms after a call on Zen 2
+SETTLE_S = 0.02  # CPU pause before each timed block (module doc); libgomp's default spin lasts milliseconds
 REWARM_BELOW_S = 0.05  # calls shorter than this get one untimed call after the pause
 
 
