@@ -9,6 +9,7 @@ A process started without torchrun's environment (``WORLD_SIZE`` unset or 1) run
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -85,6 +86,10 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
 
 def shutdown_distributed(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
+        # Objects that hold the group (a DistributedDataParallel reducer caught in a reference cycle) go first:
+        # one left to the interpreter's exit outlives the group, and a gloo rank once aborted there in CI
+        # ("terminate called without an active exception", after its last checkpoint).
+        gc.collect()
         dist.destroy_process_group()
 
 

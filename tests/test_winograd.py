@@ -225,6 +225,29 @@ def test_conv1x1_matches_conv2d_every_isa(shape, isa):
 
 
 @requires_wg
+@pytest.mark.parametrize("shape", [
+    (1, 96, 200, 8, 8), (1, 64, 100, 4, 4), (1, 40, 96, 2, 4),  # one map of <= 64 pixels: output-channel blocks
+    (1, 64, 64, 8, 8), (2, 64, 128, 8, 8), (1, 64, 128, 16, 16),  # fewer channels, samples, the column panels
+])
+def test_conv1x1_same_bits_at_any_thread_count(shape):
+    """1 and 2 threads give the same bits on every route of the 1x1 product (one 8x8 map split by output
+    channels, by samples, by column blocks), and the value of the double-precision convolution."""
+    n, cin, cout, h, w = shape
+    x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 1, 1, dtype=torch.float32, seed=2)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fastdiff.conv1x1(x, wt)
+        torch.set_num_threads(2)
+        two = torch.ops.fastdiff.conv1x1(x, wt)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+    want = F.conv2d(x.double(), wt.double())
+    assert ((two.double() - want).norm() / want.norm()).item() < 1e-6
+
+
+@requires_wg
 def test_conv1x1_edge_cases():
     x, wt = rnd(2, 16, 4, 4, dtype=torch.float32), rnd(8, 16, 1, 1, dtype=torch.float32)
     x[1, 3, 2, 2] = float("nan")

@@ -1,5 +1,6 @@
 // The 1x1 MP convolution's product y[i] = W x[i] ([out, in] @ [in, H W] per sample) on the register-blocked
-// micro-kernel of gemm.inc (float32, AVX2 / AVX-512), samples and column blocks over threads.
+// micro-kernel of gemm.inc (float32, AVX2 / AVX-512), samples and column blocks over threads (one 8x8 map:
+// blocks of output channels).
 // It stands in for ATen's 1x1 convolution in eval mode (MPConv with a cached effective weight): at EDM2's
 // attention and skip shapes that ran at 45-100 GFLOP/s (oneDNN at 2 threads, the im2col path at 1), the
 // micro-kernel at 100-110 in cache. float64, channels-last inputs, maps whose H W is not a multiple of 8
@@ -39,14 +40,30 @@ at::Tensor conv1x1_cpu(const at::Tensor& x_in, const at::Tensor& w_in) {
   }
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({n, cout, h, wd}, x.options());
-  // Column blocks (multiples of 32 pixels) so that every thread has work even at batch 1.
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((threads + n - 1) / n, hw / 32));
-  const int64_t block = (hw / parts + 31) / 32 * 32;
-  const int64_t nblocks = (hw + block - 1) / block;
   const float* wp = w.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
+  if (threads > 1 && n == 1 && hw <= 64 && cout >= 48 * threads) {
+    // One small map (8x8 at batch 1): the threads share the output channels (row blocks of W, multiples of
+    // the micro-kernel's 6 rows), so each reads its part of the weight once; split by columns, each thread
+    // streamed all of it for 32 pixels. Same products, same sums: the same bits. AMD Zen 2, 2 threads, a
+    // weight made cold by 7 others, interleaved: 768 -> 2304 channels 1.61 -> 1.32 ms, 768 -> 768 0.50 ->
+    // 0.42, 1536 -> 768 0.96 -> 0.85; hot 1.0-1.07x. On 16x16 maps (rows 1 KiB apart, the packed path
+    // below) this order was 1.1-1.15x slower.
+    const int64_t per = (cout / threads + 5) / 6 * 6;
+    at::parallel_for(0, (cout + per - 1) / per, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; p++) {
+        const int64_t r0 = p * per;
+        gemm(wp + r0 * cin, cin, xp, hw, yp + r0 * hw, hw, std::min(per, cout - r0), hw, cin);
+      }
+    });
+    return y;
+  }
+  // Column blocks (multiples of 32 pixels) so that every thread has work even at batch 1.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>((threads + n - 1) / n, hw / 32));
+  const int64_t block = (hw / parts + 31) / 32 * 32;
+  const int64_t nblocks = (hw + block - 1) / block;
   // x's rows are H W floats apart: on a 32x32 or 64x64 map a power of two of 4-16 KiB, so the column strip
   // the micro-kernel keeps in L1 (all input channels, 16 columns) falls into one or a few cache sets and
   // is read from L3 at every row block (45-57 GFLOP/s on EDM2's 1x1 shapes there, against 80-90 on 8x8 /
