@@ -26,16 +26,21 @@ import torch
 CASES = ("small-32:1", "small-32:8", "edm2-img64-s:1", "edm2-img512-s:1")
 
 
-def mm_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
+def _best_seconds(fn, reps: int) -> float:
+    """The fastest of ``reps`` timed calls of ``fn``, after one untimed call."""
+    fn()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
+    return best
+
+
+def mm_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), reps) / 1e9
 
 
 def kernel_gflops(threads: int, reps: int = 5) -> float | None:
@@ -48,14 +53,7 @@ def kernel_gflops(threads: int, reps: int = 5) -> float | None:
     x, w = torch.randn(16, 512, 8, 8), torch.randn(512, 512)
     if not uses_kernel("conv1x1", x):
         return None
-    op = torch.ops.fastdiff.conv1x1
-    op(x, w)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        op(x, w)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 512 * 512 * 16 * 8 * 8 / best / 1e9
+    return 2 * 512 * 512 * 16 * 8 * 8 / _best_seconds(lambda: torch.ops.fastdiff.conv1x1(x, w), reps) / 1e9
 
 
 def main(argv=None) -> int:

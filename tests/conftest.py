@@ -75,6 +75,16 @@ def tiny_net(seed: int = 0, preset: str = "tiny-16", **overrides) -> torch.nn.Mo
     return randomize_gains(fnn.build(preset, **overrides), seed)
 
 
+def on_threads(threads: int, fn, *args):
+    """``fn(*args)`` with torch on ``threads`` threads (the previous count restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(old)
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """``||got - want|| / ||want||`` (Frobenius norms, in float64)."""
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastdiff import ops
 from fastdiff.ops import reference as R
 
-from conftest import max_rel_err as rel, rnd
+from conftest import max_rel_err as rel, on_threads, rnd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HAS = ops.HAS_EXTENSION and ops._ext.has_kernel("winograd_conv", "cpu")
@@ -176,12 +176,7 @@ def test_weight_grad_does_not_depend_on_the_thread_count(shape):
     n, cin, cout, h, w = shape
     x, g = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(n, cout, h, w, dtype=torch.float32, seed=2)
     one = torch.ops.fastdiff.winograd_weight_grad(x, g)
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        two = torch.ops.fastdiff.winograd_weight_grad(x, g)
-    finally:
-        torch.set_num_threads(old)
+    two = on_threads(2, torch.ops.fastdiff.winograd_weight_grad, x, g)
     assert torch.equal(one, two)
 
 
@@ -234,14 +229,7 @@ def test_conv1x1_same_bits_at_any_thread_count(shape):
     channels, by samples, by column blocks), and the value of the double-precision convolution."""
     n, cin, cout, h, w = shape
     x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 1, 1, dtype=torch.float32, seed=2)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.fastdiff.conv1x1(x, wt)
-        torch.set_num_threads(2)
-        two = torch.ops.fastdiff.conv1x1(x, wt)
-    finally:
-        torch.set_num_threads(old)
+    one, two = (on_threads(t, torch.ops.fastdiff.conv1x1, x, wt) for t in (1, 2))
     assert torch.equal(one, two)
     want = F.conv2d(x.double(), wt.double())
     assert ((two.double() - want).norm() / want.norm()).item() < 1e-6
@@ -276,14 +264,7 @@ def test_winograd_conv_same_bits_at_any_thread_count(shape):
     x, wt = rnd(n, cin, h, w, dtype=torch.float32, seed=1), rnd(cout, cin, 3, 3, dtype=torch.float32, seed=2)
     u, scale, res = torch.ops.fastdiff.winograd_weight(wt), torch.ones(cout), rnd(n, cout, h, w, dtype=torch.float32)
     c = rnd(n, cout, dtype=torch.float32, seed=3)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
-        torch.set_num_threads(2)
-        two = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
-    finally:
-        torch.set_num_threads(old)
+    one, two = (on_threads(t, torch.ops.fastdiff.winograd_conv, x, u, scale, True, c, res, 0.3, 0.9) for t in (1, 2))
     assert torch.equal(one, two)
     if cin * h * w <= 64 * 16 * 16:  # and the value, against the direct convolution, where that is quick
         # (un-normalized weights: outputs up to ~30 before the clip, F(4x4)'s float32 rounding on them ~1e-4)

@@ -13,7 +13,7 @@ from fastdiff import ops
 from fastdiff.ops import _winograd as W
 from fastdiff.ops import reference as R
 
-from conftest import max_rel_err as rel, rnd
+from conftest import max_rel_err as rel, on_threads, rnd
 from test_winograd import EPILOGUES, _epilogue_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,12 +134,7 @@ def test_threads_agree(tile, shape):
     u, scale = torch.ops.fastdiff.winograd_weight_tile(wt, tile), torch.ones(cout)
     res, c = rnd(n, cout, h, w, dtype=torch.float32), rnd(n, cout, dtype=torch.float32, seed=3)
     one = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        two = torch.ops.fastdiff.winograd_conv(x, u, scale, True, c, res, 0.3, 0.9)
-    finally:
-        torch.set_num_threads(old)
+    two = on_threads(2, torch.ops.fastdiff.winograd_conv, x, u, scale, True, c, res, 0.3, 0.9)
     assert rel(two, one) < 1e-6
 
 
@@ -277,11 +272,6 @@ def test_large_weight_takes_the_streaming_kernels(tile, threads):
     scale, res = (rnd(cout, seed=5).abs() + 0.5).float(), rnd(n, cout, h, w, dtype=torch.float32, seed=4)
     u = torch.ops.fastdiff.winograd_weight(wt) if tile == 4 else torch.ops.fastdiff.winograd_weight_tile(wt, tile)
     assert u.numel() * 4 > 12 << 20
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = torch.ops.fastdiff.winograd_conv(x, u, scale, True, None, res, 0.4, 0.0)
-    finally:
-        torch.set_num_threads(old)
+    got = on_threads(threads, torch.ops.fastdiff.winograd_conv, x, u, scale, True, None, res, 0.4, 0.0)
     want = direct(x, wt, scale, silu_in=True, res=res, t=0.4)
     assert ((got.double() - want).norm() / want.norm()).item() < 2e-6 * (cin / 64) ** 0.5
