@@ -36,17 +36,27 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def blas_gflops(rounds: int) -> float:
+    """GFLOP/s of ``torch.mm`` (the BLAS) on 2048x2048 float32 matrices, best of ``rounds``."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    return 2 * 2048**3 / min(_time(lambda: torch.mm(a, b)) for _ in range(rounds)) / 1e9
+
+
+def own_gemm_gflops(x: torch.Tensor, a: torch.Tensor, rounds: int) -> float | None:
+    """GFLOP/s of fastdiff's micro-kernel on the product ``a @ x[i]`` (``fastdiff::conv1x1`` of ``x`` [N, in, H,
+    W] with ``a`` [out, in]), best of ``rounds``; None without the kernel."""
+    if not (ops.HAS_EXTENSION and ops._ext.has_kernel("conv1x1", "cpu")):
+        return None
+    torch.ops.fastdiff.conv1x1(x, a)
+    flops = 2 * a.shape[0] * x.numel()
+    return flops / min(_time(lambda: torch.ops.fastdiff.conv1x1(x, a)) for _ in range(rounds)) / 1e9
+
+
 def gemm_peak(rounds: int) -> tuple[float, float | None]:
     """GFLOP/s of a 2048^3 product: ``torch.mm`` (the BLAS) and fastdiff's micro-kernel (as a 1x1 conv)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    blas = 2 * 2048**3 / min(_time(lambda: torch.mm(a, b)) for _ in range(rounds)) / 1e9
-    if not (ops.HAS_EXTENSION and ops._ext.has_kernel("conv1x1", "cpu")):
-        return blas, None
-    x = b.reshape(1, 2048, 32, 64)
-    torch.ops.fastdiff.conv1x1(x, a)
-    own = 2 * 2048**3 / min(_time(lambda: torch.ops.fastdiff.conv1x1(x, a)) for _ in range(rounds)) / 1e9
-    return blas, own
+    return blas_gflops(rounds), own_gemm_gflops(b.reshape(1, 2048, 32, 64), a, rounds)
 
 
 def bench_case(c: int, r: int, n: int, rounds: int) -> dict:

@@ -3,8 +3,10 @@
 Every case is ``fastdiff bench network --peers onnxruntime,openvino`` (fastdiff.bench.suites.network_cases):
 the four implementations on the same weights and inputs, timed in turns in this one process, float32, each
 checked against the plain network. Per thread count, ``torch.mm`` on 2048x2048 float32 matrices and
-fastdiff's own 1x1 product in cache (``kernel_gflops``) give the GEMM yardsticks that GFLOP/s are read against
-(FLOPs: torch's FLOP counter on the plain network, i.e. the direct-convolution count).
+fastdiff's own micro-kernel in cache (a 512 -> 512 1x1 convolution over sixteen 8x8 maps, where it reaches the
+core's FMA rate: on AMD Zen 2 MKL's product runs at about 3/4 of it) give the GEMM yardsticks that GFLOP/s are
+read against (``bench_conv.blas_gflops`` / ``own_gemm_gflops``; FLOPs: torch's FLOP counter on the plain
+network, i.e. the direct-convolution count).
 
     PYTHONPATH=. python benchmarks/peers_table.py                       # the issue's cases, 1 and 2 threads
     PYTHONPATH=. python benchmarks/peers_table.py --cases small-32:1 --threads 1 --json out.json
@@ -19,41 +21,10 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
 CASES = ("small-32:1", "small-32:8", "edm2-img64-s:1", "edm2-img512-s:1")
-
-
-def _best_seconds(fn, reps: int) -> float:
-    """The fastest of ``reps`` timed calls of ``fn``, after one untimed call."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def mm_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / _best_seconds(lambda: torch.mm(a, b), reps) / 1e9
-
-
-def kernel_gflops(threads: int, reps: int = 5) -> float | None:
-    """fastdiff's own register-blocked product (the 1x1 convolution's, in cache: 512 -> 512 channels on sixteen
-    8x8 maps) in GFLOP/s: a second yardstick, since torch.mm's BLAS need not reach the core's FMA peak (on
-    AMD Zen 2 MKL's 2048^3 product runs at about 3/4 of it). None without the compiled kernel."""
-    from fastdiff.ops import uses_kernel
-
-    torch.set_num_threads(threads)
-    x, w = torch.randn(16, 512, 8, 8), torch.randn(512, 512)
-    if not uses_kernel("conv1x1", x):
-        return None
-    return 2 * 512 * 512 * 16 * 8 * 8 / _best_seconds(lambda: torch.ops.fastdiff.conv1x1(x, w), reps) / 1e9
 
 
 def main(argv=None) -> int:
@@ -66,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-time", type=float, default=120.0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+
+    from bench_conv import blas_gflops, own_gemm_gflops  # this folder, first on the path as a script
 
     from fastdiff.bench import device_info, format_case, run_case
     from fastdiff.bench.peers import missing, parse_peers
@@ -87,8 +60,9 @@ def main(argv=None) -> int:
               "cores costs whole time slices (10-50x at 2 threads here): OMP_WAIT_POLICY=PASSIVE avoids that\n")
     rows, records = [], []
     for th in threads:
-        peak = mm_gflops(th)
-        own = kernel_gflops(th)
+        torch.set_num_threads(th)
+        peak = blas_gflops(rounds=5)
+        own = own_gemm_gflops(torch.randn(16, 512, 8, 8), torch.randn(512, 512), rounds=5)
         own_s = f"; fastdiff's 1x1 product (512 -> 512, 16 x 8 x 8, in cache): {own:.0f}" if own else ""
         print(f"torch.mm 2048^3 float32, {th} thread(s): {peak:.0f} GFLOP/s{own_s}\n", flush=True)
         for preset, batch in cases:
